@@ -1,0 +1,72 @@
+"""Exact evaluation under DDP: every image counted once, on any number of ranks.
+
+Each rank takes a strided share of the images (no padding, unlike
+DistributedSampler), then the loss sum, the counts and the confusion matrix
+are summed over ranks, so the result equals a single-process evaluation.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import dist
+from .data import normalize
+
+
+def autocast_for(device: torch.device, amp: str):
+    """bf16 autocast on CUDA when amp is auto/bf16; plain fp32 elsewhere."""
+    if device.type == "cuda" and amp in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and amp == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
+             std: Sequence[float], num_classes: int, batch_size: int = 1024, amp: str = "auto",
+             channels_last: bool = False) -> dict[str, Any]:
+    """Loss, accuracy and confusion matrix of `model` on uint8 `images` (N, 3, H, W), summed over ranks.
+
+    `model` must be the plain module (not the DDP wrapper): ranks may run a different
+    number of batches, and DDP's forward would wait for the others.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    share = torch.arange(dist.rank(), len(labels), dist.world_size())
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # (true, pred)
+    for start in range(0, len(share), batch_size):
+        idx = share[start:start + batch_size]
+        x = normalize(images[idx.to(images.device)].to(device, non_blocking=True), mean, std)  # (B, 3, H, W)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = labels[idx.to(labels.device)].to(device, non_blocking=True)
+        with autocast_for(device, amp):
+            logits = model(x)  # (B, K)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        confusion.view(-1).index_add_(0, y * num_classes + logits.argmax(1),
+                                      torch.ones_like(y))
+    dist.all_reduce_sum(loss_sum)
+    dist.all_reduce_sum(confusion)
+    model.train(was_training)
+    n = int(confusion.sum())
+    correct = int(confusion.diag().sum())
+    return {"n": n, "loss": float(loss_sum) / max(n, 1), "accuracy": correct / max(n, 1),
+            "confusion": confusion.cpu()}
+
+
+def summarize(result: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
+    """JSON-ready summary: overall and per-class accuracy, the confusion matrix (rows = true class)."""
+    confusion = result["confusion"]
+    per_class_n = confusion.sum(1)
+    per_class = {c: (float(confusion[i, i]) / float(per_class_n[i]) if per_class_n[i] else None)
+                 for i, c in enumerate(classes)}
+    return {"n": result["n"], "loss": result["loss"], "accuracy": result["accuracy"],
+            "per_class_accuracy": per_class, "per_class_n": per_class_n.tolist(),
+            "classes": list(classes), "confusion": confusion.tolist()}

@@ -1,0 +1,194 @@
+"""submitit executors, cluster profiles and the training job.
+
+`--cluster slurm` submits with sbatch (one task per GPU, or `nproc` CPU tasks for
+gloo), `local` runs the same tasks as subprocesses here, `debug` runs in this
+process. Jobs receive configs and paths, never models.
+"""
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from .config import LaunchConfig, TrainConfig
+
+log = logging.getLogger("hpcviz")
+
+CLUSTERS = ("auto", "slurm", "local", "debug")
+REPO = Path(__file__).resolve().parents[1]
+PROFILE_DIR = REPO / "slurm" / "profiles"
+PROFILE_KEYS = {"partition": "", "account": "", "qos": "", "constraint": "", "gpu_request": "gpus-per-node",
+                "cpus_per_task": "0", "mem_gb": "0", "time_min": "60", "signal_delay_s": "90",
+                "max_num_timeout": "20", "setup": ""}
+
+
+class LaunchError(RuntimeError):
+    """A job could not be submitted, or it failed."""
+
+
+def detect_cluster(requested: str) -> str:
+    """auto -> slurm when sbatch is on PATH, else local."""
+    if requested not in CLUSTERS:
+        raise LaunchError(f"--cluster {requested!r}: not one of {', '.join(CLUSTERS)}; hint: --cluster local runs here")
+    if requested == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    if requested == "slurm" and not shutil.which("sbatch"):
+        raise LaunchError("--cluster slurm: sbatch is not on PATH; hint: run on a SLURM login node, or --cluster local")
+    return requested
+
+
+def read_profile(name: str) -> dict[str, str]:
+    """A cluster profile: slurm/profiles/<name>.ini, or a path to an .ini; '' = $HPCVIZ_PROFILE or 'default'."""
+    name = name or os.environ.get("HPCVIZ_PROFILE", "default")
+    path = Path(name) if name.endswith(".ini") or os.sep in name else PROFILE_DIR / f"{name}.ini"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.ini"))
+        raise LaunchError(f"--profile {name}: no file {path}; valid profiles: {', '.join(known) or 'none'}; "
+                          "hint: copy slurm/profiles/default.ini and edit it")
+    parser = configparser.ConfigParser()
+    parser.read(path)
+    section = dict(parser["slurm"]) if parser.has_section("slurm") else {}
+    unknown = sorted(set(section) - set(PROFILE_KEYS))
+    if unknown:
+        raise LaunchError(f"profile {path}: unknown keys {unknown}; valid keys: {', '.join(PROFILE_KEYS)}")
+    if section.get("gpu_request", "gpus-per-node") not in ("gpus-per-node", "gres"):
+        raise LaunchError(f"profile {path}: gpu_request must be gpus-per-node or gres")
+    return {**PROFILE_KEYS, **section}
+
+
+def precheck_data(spec: str, download: bool = False) -> None:
+    """Cheap checks of --data on the submitting machine, so a typo fails here, not in the queue."""
+    from .data import DATA_FORMS, DataError
+    kind, _, rest = spec.partition(":")
+    if kind == "builtin":
+        if rest and not rest.isdigit():
+            raise DataError(f"--data {spec}: N in builtin:N must be a whole number of images per class, e.g. builtin:500")
+        return
+    path = Path(rest if kind in ("cifar10", "cifar10-test") else spec)
+    if kind in ("cifar10", "cifar10-test") and download:
+        return
+    if not path.exists():
+        raise DataError(f"--data {spec}: {path} does not exist; valid forms: {DATA_FORMS}; "
+                        "hint: check the path (it must be visible from the compute nodes too)")
+
+
+def tasks_per_node(launch: LaunchConfig) -> int:
+    return launch.gpus if launch.gpus > 0 else max(1, launch.nproc)
+
+
+def make_executor(launch: LaunchConfig, folder: Path, job_name: str) -> submitit.Executor:
+    """An executor for `launch.cluster` (already resolved), logging into `folder`."""
+    prof = read_profile(launch.profile)
+    cluster = detect_cluster(launch.cluster)
+    if cluster == "debug" and (tasks_per_node(launch) > 1 or launch.nodes > 1):
+        raise LaunchError("--cluster debug runs one process in this one; hint: use --cluster local for --nproc/--gpus > 1")
+    if cluster != "slurm":
+        _check_local_gpus(launch.gpus)
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster,
+                               slurm_max_num_timeout=int(prof["max_num_timeout"]))
+    params: dict[str, Any] = dict(name=job_name, nodes=launch.nodes, tasks_per_node=tasks_per_node(launch),
+                                  timeout_min=launch.time_min or int(prof["time_min"]))
+    cpus = launch.cpus_per_task or int(prof["cpus_per_task"])
+    if cpus:
+        params["cpus_per_task"] = cpus
+    if cluster == "slurm":
+        params.update(_slurm_params(launch, prof))
+    elif cluster == "local" and launch.gpus:
+        params["gpus_per_node"] = launch.gpus
+    ex.update_parameters(**params)
+    return ex
+
+
+def _slurm_params(launch: LaunchConfig, prof: dict[str, str]) -> dict[str, Any]:
+    params: dict[str, Any] = {"slurm_signal_delay_s": int(prof["signal_delay_s"])}
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(launch, key) or prof[key]
+        if value:
+            params[f"slurm_{key}"] = value
+    mem = launch.mem_gb or int(prof["mem_gb"])
+    if mem:
+        params["mem_gb"] = mem
+    if launch.gpus:  # GPU options only when asked: clusters without GRES reject them
+        if prof["gpu_request"] == "gres":
+            params["slurm_gres"] = f"gpu:{launch.gpus}"
+        else:
+            params["gpus_per_node"] = launch.gpus
+    if prof["setup"].strip():
+        params["slurm_setup"] = [line for line in prof["setup"].splitlines() if line.strip()]
+    if launch.extra:
+        params["slurm_additional_parameters"] = dict(launch.extra)
+    return params
+
+
+def _check_local_gpus(gpus: int) -> None:
+    if gpus <= 0:
+        return
+    import torch
+    have = torch.cuda.device_count()
+    if gpus > have:
+        raise LaunchError(f"--gpus {gpus}: this machine has {have} GPU(s); hint: use --gpus {have} "
+                          f"{'or --nproc N for CPU processes' if not have else ''}".rstrip())
+
+
+class TrainJob:
+    """The submitted callable: trains, and on a time-limit/preemption signal saves and requeues itself."""
+
+    def __call__(self, cfg: TrainConfig) -> dict[str, Any]:
+        from .train import train  # imported in the job, so the launcher stays light
+        result = train(cfg)
+        if result.get("status") == "stopped" and result.get("signal") == signal.SIGUSR2:
+            # our handler only set a flag; now that the state is saved, hand the signal to
+            # submitit's own handler, which calls self.checkpoint() and requeues the job
+            signal.raise_signal(signal.SIGUSR2)
+        return result
+
+    def checkpoint(self, cfg: TrainConfig) -> submitit.helpers.DelayedSubmission:
+        # continue from the run's last checkpoint when the job comes back
+        return submitit.helpers.DelayedSubmission(TrainJob(), dataclasses.replace(cfg, resume="auto"))
+
+
+def submit_train(cfg: TrainConfig, launch: LaunchConfig) -> submitit.Job:
+    folder = Path(cfg.run_dir) / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    ex = make_executor(launch, folder, f"hpcviz-train-{Path(cfg.run_dir).name}")
+    try:
+        return ex.submit(TrainJob(), cfg)
+    except Exception as e:  # submitit wraps sbatch's refusal in several types
+        first = str(e).strip().splitlines()
+        raise LaunchError(f"submission refused: {first[-1] if first else type(e).__name__}; "
+                          "hint: check --gpus/--partition/--account against `sinfo` and the profile") from None
+
+
+def log_tail(job: submitit.Job, lines: int = 30) -> str:
+    """The last lines of the job's stderr and stdout, for error messages."""
+    out = []
+    for path in (job.paths.stderr, job.paths.stdout):
+        try:
+            text = Path(str(path).replace("%t", "0")).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        out += [f"--- {path} (last {lines} lines)"] + text[-lines:]
+    return "\n".join(out)
+
+
+def wait_result(job: submitit.Job) -> Any:
+    """Block until the job ends; a failure becomes a LaunchError carrying the log tail."""
+    try:
+        results = job.results()
+    except Exception as e:  # FailedJobError, UncompletedJobError, or the job's own exception
+        reason = str(e).strip().splitlines()
+        brief = next((l for l in reversed(reason) if l.strip() and not l.startswith(" ")), type(e).__name__)
+        raise LaunchError(f"job {job.job_id} failed: {brief}\n{log_tail(job)}") from None
+    digests = {r.get("weights_sha256") for r in results if isinstance(r, dict)} - {None}
+    if len(digests) > 1:  # every rank returns a digest of its weights: DDP must keep them identical
+        raise LaunchError(f"job {job.job_id}: the {len(results)} ranks ended with different weights; "
+                          "hint: report this with the job's logs")
+    return results[0]
+

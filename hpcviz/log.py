@@ -1,0 +1,57 @@
+"""One logger: rich on a terminal, plain timestamped lines in scheduler logs; only rank 0 talks."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from . import dist
+
+LOGGER = "hpcviz"
+
+
+def setup_logging(verbose: bool = False) -> logging.Logger:
+    """Configure the 'hpcviz' logger for this process (idempotent). Ranks other than 0 only warn."""
+    logger = logging.getLogger(LOGGER)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+        handler: logging.Handler = RichHandler(show_path=False, log_time_format="%H:%M:%S")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {dist.rank()}] %(levelname)s %(message)s",
+                                               "%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    if dist.is_main():
+        logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    else:
+        logger.setLevel(logging.WARNING)
+    return logger
+
+
+class StepProgress:
+    """Progress over the steps of an epoch: a rich bar on a terminal, a line every `every` steps otherwise."""
+
+    def __init__(self, total: int, title: str, every: int = 50) -> None:
+        self.total, self.title, self.every = total, title, max(1, every)
+        self.start = time.perf_counter()
+        self.bar = None
+        if dist.is_main() and sys.stderr.isatty():
+            from rich.progress import Progress
+            self.bar = Progress(transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(title, total=total)
+
+    def update(self, step: int, text: str = "") -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, description=f"{self.title} {text}")
+        elif dist.is_main() and (step % self.every == 0 or step == self.total):
+            rate = step / max(time.perf_counter() - self.start, 1e-9)
+            logging.getLogger(LOGGER).info("%s step %d/%d %s (%.1f steps/s)", self.title, step, self.total, text, rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,391 @@
+"""Training: DDP over 1..N processes, data resident on the device, bit-exact resume.
+
+Every random draw is a function of (seed, epoch, step, rank): the order of the
+training images comes from a generator seeded by (seed, epoch), augmentation
+from one seeded by (seed, epoch, step, rank). A checkpoint therefore only needs
+the weights, the optimizer state and the position (epoch, step); resuming from
+it, after a crash, a requeue or a time limit, gives bit-identical weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import __version__, checkpoint, dist
+from .config import ConfigError, TrainConfig, config_to_dict
+from .data import ImageSet, augment, channel_stats, fingerprint, load_images, normalize, split_indices
+from .evaluate import autocast_for, evaluate, summarize
+from .log import StepProgress, setup_logging
+from .models import build_model, load_init
+
+log = logging.getLogger("hpcviz")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, an incompatible checkpoint)."""
+
+
+@dataclass
+class Split:
+    train_x: torch.Tensor   # (Nt, 3, H, W) uint8 on the device
+    train_y: torch.Tensor   # (Nt,) int64
+    val_x: torch.Tensor     # (Nv, 3, H, W) uint8
+    val_y: torch.Tensor     # (Nv,) int64
+    classes: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    fingerprint: str
+
+
+def prepare_data(cfg: TrainConfig, device: torch.device) -> Split:
+    """Load the source, carve the seeded validation split, compute normalisation on the train part."""
+    ds: ImageSet = load_images(cfg.data, cfg.image_size, download=cfg.download, skip_bad=cfg.skip_bad)
+    train_idx, val_idx = split_indices(ds.labels, cfg.val_fraction, seed=0)  # split seed fixed: comparable runs
+    mean, std = channel_stats(ds.images[train_idx])
+    return Split(ds.images[train_idx].to(device), ds.labels[train_idx].to(device),
+                 ds.images[val_idx].to(device), ds.labels[val_idx].to(device),
+                 ds.classes, mean, std, fingerprint(ds))
+
+
+def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Learning rate at `step`: linear warm-up from lr/10, then one-cycle (linear to 0), cosine, or constant."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
+    if step < warmup:
+        return cfg.lr * (0.1 + 0.9 * step / warmup)
+    frac = (step - warmup) / max(1, total_steps - warmup)
+    if cfg.schedule == "onecycle":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with weight decay on conv/linear weights only: decaying BN scales and biases only hurts."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def seeded(*parts: int) -> torch.Generator:
+    """A CPU generator whose stream is a function of `parts` only."""
+    g = torch.Generator()
+    g.manual_seed(hash_ints(*parts))
+    return g
+
+
+def hash_ints(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+class StopRequest:
+    """Signal handler that only sets a flag; the loop agrees on a step across ranks, then stops there."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+        for s in signals:
+            try:
+                self.previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. a debug executor): no signal handling
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        self.previous = {}
+
+
+def _set_threads(device: torch.device) -> None:
+    # N gloo processes on one node must share its cores, not each take all of them
+    if device.type == "cpu" and dist.local_world_size() > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // dist.local_world_size()))
+
+
+def build_for_training(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(raw model, model to call for training: DDP-wrapped and/or compiled)."""
+    torch.manual_seed(hash_ints(cfg.seed, 0xC0DE))
+    raw = build_model(cfg.arch, num_classes, cfg.stem)
+    if cfg.init:
+        load_init(raw, torch.load(cfg.init, map_location="cpu", weights_only=True))
+    raw = raw.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    model: nn.Module = raw
+    if dist.world_size() > 1:
+        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    return raw, model
+
+
+class Meters:
+    """Running sums of one epoch's training loss and accuracy (checkpointed, so resumed epochs report exactly)."""
+
+    def __init__(self, state: dict[str, float] | None = None) -> None:
+        s = state or {}
+        self.loss_sum, self.correct, self.n = s.get("loss_sum", 0.0), s.get("correct", 0.0), s.get("n", 0.0)
+        self._pending: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        # kept on the device; summed at the epoch's end or a checkpoint, so the step never syncs
+        self._pending.append(torch.stack([loss.detach().double() * len(y),
+                                          (logits.detach().argmax(1) == y).sum().double(),
+                                          torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)]))
+
+    def state(self) -> dict[str, float]:
+        if self._pending:
+            total = torch.stack(self._pending).sum(0).tolist()
+            self.loss_sum, self.correct, self.n = self.loss_sum + total[0], self.correct + total[1], self.n + total[2]
+            self._pending = []
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "n": self.n}
+
+    def global_means(self, device: torch.device) -> tuple[float, float]:
+        s = self.state()
+        t = dist.all_reduce_sum(torch.tensor([s["loss_sum"], s["correct"], s["n"]], dtype=torch.float64, device=device))
+        return float(t[0] / t[2].clamp(min=1)), float(t[1] / t[2].clamp(min=1))
+
+
+@dataclass
+class Position:
+    epoch: int = 0   # epoch being run (0-based)
+    step: int = 0    # next step inside it
+
+
+def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, split: Split, cfg: TrainConfig,
+                    pos: Position, steps_per_epoch: int, meters: Meters, stop: StopRequest,
+                    save: Callable[[Position, Meters], None]) -> bool:
+    """Run the steps of `pos.epoch` from `pos.step`; False if all ranks agreed to stop early (state saved)."""
+    device = split.train_x.device
+    total_steps = steps_per_epoch * cfg.epochs
+    local_b = cfg.batch_size // dist.world_size()
+    perm = torch.randperm(len(split.train_y), generator=seeded(cfg.seed, pos.epoch))  # (Nt,) same on all ranks
+    check_every = 1 if device.type == "cpu" else 10  # a check syncs the GPU: not every step there
+    progress = StepProgress(steps_per_epoch, f"epoch {pos.epoch + 1}/{cfg.epochs}", cfg.log_every)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    try:
+        for step in range(pos.step, steps_per_epoch):
+            lr = lr_at(pos.epoch * steps_per_epoch + step, total_steps, steps_per_epoch, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            mine = perm[step * cfg.batch_size + dist.rank() * local_b:][:local_b].to(device)  # (b,)
+            x = split.train_x[mine]  # (b, 3, H, W) uint8
+            if cfg.augment:
+                x = augment(x, seeded(cfg.seed, pos.epoch, step, dist.rank()))
+            x = normalize(x, split.mean, split.std)
+            if device.type == "cuda" and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = split.train_y[mine]
+            with autocast_for(device, cfg.amp):
+                logits = model(x)  # (b, K)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            meters.add(loss, logits, y)
+            bad |= ~torch.isfinite(loss)
+            pos.step = step + 1
+            due_save = cfg.checkpoint_every > 0 and pos.step % cfg.checkpoint_every == 0
+            if pos.step % check_every == 0 or pos.step == steps_per_epoch or due_save:
+                nonfinite, stopping = dist.any_ranks([bool(bad), stop.signum is not None], device)
+                if nonfinite:
+                    raise TrainingError(f"loss is not finite at epoch {pos.epoch + 1}, step {pos.step} "
+                                        f"(lr {lr:g}); nothing was saved from this epoch; hint: lower --lr "
+                                        "or --warmup-epochs longer, then --resume from the last checkpoint")
+                if stopping and pos.step < steps_per_epoch:
+                    save(pos, meters)
+                    return False
+                if due_save and pos.step < steps_per_epoch:
+                    save(pos, meters)
+            if pos.step % cfg.log_every == 0:
+                progress.update(pos.step, f"loss {float(loss):.3f} lr {lr:.4g}")
+            else:
+                progress.update(pos.step)
+    finally:
+        progress.close()
+    return True
+
+
+def _restart_count() -> int:
+    # SLURM sets it when a job was requeued (preemption, time limit): then always continue
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def load_resume_state(cfg: TrainConfig, num_classes: int) -> dict[str, Any] | None:
+    """The checkpoint to continue from, or None for a fresh run; refuses to overwrite an existing run."""
+    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    if cfg.resume in ("", "auto"):
+        found = checkpoint.find_checkpoint(ckpt_dir)
+        if found is None:
+            return None
+        if cfg.resume == "" and _restart_count() == 0:
+            raise checkpoint.CheckpointError(
+                f"--run {cfg.run_dir} already holds a checkpoint ({found}); hint: pass --resume to continue it, "
+                "or choose a new --run (nothing was overwritten)")
+        path: Path | str = found
+    else:
+        path = cfg.resume
+    state = checkpoint.load_checkpoint(path)
+    old = state["config"]
+    mine = (cfg.arch, cfg.resolved_stem(), num_classes)
+    theirs = (old["arch"], old.get("stem") or build_stem_of(old), len(state["classes"]))
+    if mine != theirs:
+        raise checkpoint.CheckpointError(
+            f"--resume {path}: checkpoint is arch {theirs[0]} stem {theirs[1]} with {theirs[2]} classes, this run "
+            f"is arch {mine[0]} stem {mine[1]} with {mine[2]} classes; hint: resume with the same --arch/--stem/--data")
+    return state
+
+
+def build_stem_of(config: dict[str, Any]) -> str:
+    return TrainConfig(arch=config["arch"], stem=config.get("stem", "")).resolved_stem()
+
+
+def _state(raw: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, split: Split,
+           pos: Position, meters: Meters) -> dict[str, Any]:
+    return {"model": raw.state_dict(), "optimizer": opt.state_dict(), "epoch": pos.epoch, "step": pos.step,
+            "meters": meters.state(), "config": config_to_dict(cfg), "classes": list(split.classes),
+            "mean": list(split.mean), "std": list(split.std), "data_fingerprint": split.fingerprint,
+            "world_size": dist.world_size(), "hpcviz_version": __version__, "torch_version": str(torch.__version__)}
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or continue) the run in cfg.run_dir; returns the final evaluation, or how it stopped."""
+    cfg.validate()
+    device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    dist.init(device_type)
+    setup_logging()
+    stop = StopRequest()
+    try:
+        return _train(cfg, dist.pick_device(cfg.device), stop)
+    finally:
+        stop.restore()
+        dist.cleanup()
+
+
+def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> dict[str, Any]:
+    run = Path(cfg.run_dir)
+    _set_threads(device)
+    if cfg.batch_size % dist.world_size():
+        raise ConfigError(f"--batch-size {cfg.batch_size}: must be divisible by the {dist.world_size()} processes; "
+                          f"hint: use {cfg.batch_size - cfg.batch_size % dist.world_size()}")
+    split = prepare_data(cfg, device)
+    steps_per_epoch = len(split.train_y) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {len(split.train_y)} training images; "
+                          "hint: use a smaller --batch-size or more data")
+    resume = load_resume_state(cfg, len(split.classes))
+    raw, model = build_for_training(cfg, len(split.classes), device)
+    opt = make_optimizer(raw, cfg)
+    pos, meters = Position(), Meters()
+    if resume is not None:
+        raw.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        pos, meters = Position(resume["epoch"], resume["step"]), Meters(resume["meters"])
+        log.info("resumed from %s at epoch %d step %d", resume["path"], pos.epoch + 1, pos.step)
+    if dist.is_main():
+        _start_run_files(cfg, split, device, resume is not None, pos)
+
+    def save(p: Position, m: Meters) -> None:
+        state = _state(raw, opt, cfg, split, p, m)  # every rank: meters.state() must run everywhere
+        if dist.is_main():
+            checkpoint.save_checkpoint(state, run / "checkpoints")
+        dist.barrier()
+
+    log.info("training %s (%s stem) on %d images of %d classes, %d steps/epoch, %d process(es) on %s",
+             cfg.arch, cfg.resolved_stem(), len(split.train_y), len(split.classes), steps_per_epoch,
+             dist.world_size(), device)
+    while pos.epoch < cfg.epochs:
+        t0 = time.perf_counter()
+        images_before = meters.state()["n"]
+        if not train_one_epoch(model, opt, split, cfg, pos, steps_per_epoch, meters, stop, save):
+            log.warning("stopping at epoch %d step %d on signal %s: checkpoint saved", pos.epoch + 1, pos.step,
+                        signal.Signals(stop.signum).name if stop.signum else "?")
+            if dist.is_main():
+                checkpoint.update_manifest(run, "train", status="stopped", epoch=pos.epoch, step=pos.step)
+            return {"status": "stopped", "epoch": pos.epoch, "step": pos.step, "signal": stop.signum}
+        train_s = time.perf_counter() - t0
+        dist.broadcast_buffers(raw)
+        _end_epoch(cfg, raw, split, pos, meters, train_s, images_before, opt)
+        pos, meters = Position(pos.epoch + 1, 0), Meters()
+        save(pos, meters)
+    return _final_eval(cfg, raw, split)
+
+
+def _start_run_files(cfg: TrainConfig, split: Split, device: torch.device, resumed: bool, pos: Position) -> None:
+    run = Path(cfg.run_dir)
+    (run / "logs").mkdir(parents=True, exist_ok=True)
+    checkpoint.update_json(run / "config.json", "train", config_to_dict(cfg))
+    checkpoint.update_manifest(run, "train", status="running", host=os.uname().nodename,
+                               world_size=dist.world_size(), device=str(device), hpcviz_version=__version__,
+                               torch_version=str(torch.__version__), dataset_fingerprint=split.fingerprint,
+                               classes=list(split.classes), restarts=_restart_count())
+    # epochs at or after the resume point will be written again: drop them so none appears twice
+    kept = [r for r in checkpoint.read_metrics(run) if resumed and r["epoch"] <= pos.epoch]
+    checkpoint.write_metrics(run, kept)
+
+
+def _end_epoch(cfg: TrainConfig, raw: nn.Module, split: Split, pos: Position, meters: Meters,
+               train_s: float, images_before: float, opt: torch.optim.Optimizer) -> None:
+    train_loss, train_acc = meters.global_means(split.train_x.device)
+    val = evaluate(raw, split.val_x, split.val_y, split.mean, split.std, len(split.classes),
+                   cfg.eval_batch_size, cfg.amp, cfg.channels_last and split.val_x.is_cuda)
+    images = (meters.state()["n"] - images_before) * dist.world_size()
+    record = {"epoch": pos.epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
+              "val_acc": val["accuracy"], "lr": opt.param_groups[0]["lr"], "images_per_s": images / train_s,
+              "epoch_s": train_s, "time": time.time()}
+    if dist.is_main():
+        checkpoint.append_metrics(cfg.run_dir, record)
+    log.info("epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  %.0f img/s", pos.epoch + 1,
+             cfg.epochs, train_loss, 100 * train_acc, val["loss"], 100 * val["accuracy"], record["images_per_s"])
+
+
+def _final_eval(cfg: TrainConfig, raw: nn.Module, split: Split) -> dict[str, Any]:
+    run = Path(cfg.run_dir)
+    cl = cfg.channels_last and split.val_x.is_cuda
+    val = summarize(evaluate(raw, split.val_x, split.val_y, split.mean, split.std, len(split.classes),
+                             cfg.eval_batch_size, cfg.amp, cl), split.classes)
+    train_res = evaluate(raw, split.train_x, split.train_y, split.mean, split.std, len(split.classes),
+                         cfg.eval_batch_size, cfg.amp, cl)
+    ckpt = checkpoint.find_checkpoint(run / "checkpoints") if dist.is_main() else None
+    result = {"split": "val", **val, "train_accuracy": train_res["accuracy"], "train_n": train_res["n"],
+              "checkpoint": str(ckpt) if ckpt else None,
+              "checkpoint_sha256": checkpoint.sha256_file(ckpt) if ckpt else None,
+              "data": cfg.data, "data_fingerprint": split.fingerprint, "config": config_to_dict(cfg)}
+    if dist.is_main():
+        checkpoint.write_json(run / "eval.json", result)
+        checkpoint.update_manifest(run, "train", status="done", val_accuracy=val["accuracy"],
+                                   train_accuracy=train_res["accuracy"])
+        log.info("done: val accuracy %.2f%%, train accuracy %.2f%%; %s", 100 * val["accuracy"],
+                 100 * train_res["accuracy"], run / "eval.json")
+    return {"status": "done", "val_accuracy": val["accuracy"], "train_accuracy": train_res["accuracy"],
+            "run_dir": str(run), "rank": dist.rank(), "weights_sha256": weights_digest(raw)}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over every tensor of the state dict: equal digests = bit-identical weights (ranks, reruns)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

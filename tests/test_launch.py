@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hpcviz import checkpoint
+from hpcviz.config import LaunchConfig
+from hpcviz.launch import LaunchError, make_executor, read_profile
+
+from conftest import ROOT
+
+TINY = ["--arch", "resnet20", "--data", "builtin:20", "--image-size", "16", "--batch-size", "32",
+        "--eval-batch-size", "64", "--epochs", "2", "--lr", "0.05", "--device", "cpu"]
+
+
+def launch(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "launch_train.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_two_gloo_processes_stay_in_sync(tmp_path):
+    run = tmp_path / "ddp"
+    r = launch(*TINY, "--cluster", "local", "--nproc", "2", "--run", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "done:" in r.stdout
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["train"]["world_size"] == 2 and manifest["train"]["status"] == "done"
+    # each rank returned a digest of its weights; the launcher refuses if they differ: check them here too
+    import pickle
+    digests = set()
+    for rank in (0, 1):
+        [res] = [p for p in (run / "logs").glob(f"*_{rank}_result.pkl")]
+        outcome, value = pickle.loads(res.read_bytes())
+        assert outcome == "success"
+        digests.add(value["weights_sha256"])
+    assert len(digests) == 1
+    state = checkpoint.load_checkpoint(run / "checkpoints")
+    assert state["world_size"] == 2
+    assert len(checkpoint.read_metrics(run)) == 2
+    assert list((run / "logs").glob("*_0_log.err"))  # scheduler logs live in the run
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "resnet19"], "invalid choice: 'resnet19'"),
+    (["--data", "/no/such/dir"], "--data /no/such/dir: /no/such/dir does not exist"),
+    (["--data", "builtin:many"], "builtin:N must be a whole number"),
+    (["--gpus", "64", "--cluster", "local", "--device", "auto"], "--gpus 64: this machine has"),
+    (["--cluster", "moon"], "--cluster 'moon': not one of auto, slurm, local, debug"),
+    (["--lr", "-1", "--cluster", "local"], "--lr -1.0: must be positive"),
+    (["--profile", "nope", "--cluster", "local"], "--profile nope: no file"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    r = launch(*TINY, "--run", str(tmp_path / "bad"), *args, timeout=60)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert message in r.stderr and len([l for l in lines if "error" in l]) == 1, r.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_resume_refusal_leaves_the_run_intact(tmp_path):
+    run = tmp_path / "r"
+    assert launch(*TINY, "--cluster", "debug", "--epochs", "1", "--run", str(run)).returncode == 0
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    r = launch(*TINY, "--cluster", "local", "--run", str(run))
+    assert r.returncode == 2 and "pass --resume" in r.stderr
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    r = launch(*TINY, "--cluster", "local", "--run", str(run), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["epoch"] for m in checkpoint.read_metrics(run)] == [1, 2]
+
+
+def test_profiles(tmp_path):
+    prof = read_profile("default")
+    assert prof["gpu_request"] == "gpus-per-node"
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[slurm]\npartiton = gpu\n")
+    with pytest.raises(LaunchError, match="unknown keys \\['partiton'\\]"):
+        read_profile(str(bad))
+    gres = tmp_path / "gres.ini"
+    gres.write_text("[slurm]\ngpu_request = gres\npartition = gpu\naccount = lab\n")
+    ex = make_executor(LaunchConfig(cluster="slurm", gpus=4, profile=str(gres)), tmp_path, "t") \
+        if __import__("shutil").which("sbatch") else None
+    if ex is not None:
+        params = ex._executor.parameters
+        assert params["gres"] == "gpu:4" and params["partition"] == "gpu" and params["account"] == "lab"
+        assert params["ntasks_per_node"] == 4
