@@ -49,7 +49,7 @@ class TrainConfig:
     seed: int = 0                     # one seed for split, init, order and augmentation
     device: str = "auto"              # auto | cpu | cuda
     amp: str = "auto"                 # auto = bf16 autocast on CUDA, fp32 on CPU
-    channels_last: bool = True        # on CUDA only
+    channels_last: bool = True        # NHWC memory layout (faster on GPUs and on CPUs with oneDNN)
     compile: bool = False             # torch.compile the model
     eval_batch_size: int = 1024       # images per rank per evaluation step
     log_every: int = 50               # steps between progress lines in log files

@@ -21,7 +21,7 @@ from .config import LaunchConfig, TrainConfig
 
 log = logging.getLogger("hpcviz")
 
-CLUSTERS = ("auto", "slurm", "local", "debug")
+CLUSTERS = ("auto", "slurm", "local", "debug", "inline")
 REPO = Path(__file__).resolve().parents[1]
 PROFILE_DIR = REPO / "slurm" / "profiles"
 PROFILE_KEYS = {"partition": "", "account": "", "qos": "", "constraint": "", "gpu_request": "gpus-per-node",
@@ -34,7 +34,8 @@ class LaunchError(RuntimeError):
 
 
 def detect_cluster(requested: str) -> str:
-    """auto -> slurm when sbatch is on PATH, else local."""
+    """auto -> slurm when sbatch is on PATH, else local. inline = run in this process as one
+    rank of whatever started it (srun in slurm/train.sbatch, torchrun), submitting nothing."""
     if requested not in CLUSTERS:
         raise LaunchError(f"--cluster {requested!r}: not one of {', '.join(CLUSTERS)}; hint: --cluster local runs here")
     if requested == "auto":
@@ -87,6 +88,8 @@ def make_executor(launch: LaunchConfig, folder: Path, job_name: str) -> submitit
     """An executor for `launch.cluster` (already resolved), logging into `folder`."""
     prof = read_profile(launch.profile)
     cluster = detect_cluster(launch.cluster)
+    if cluster == "inline":
+        raise LaunchError("--cluster inline runs in this process and submits nothing; hint: use it under srun")
     if cluster == "debug" and (tasks_per_node(launch) > 1 or launch.nodes > 1):
         raise LaunchError("--cluster debug runs one process in this one; hint: use --cluster local for --nproc/--gpus > 1")
     if cluster != "slurm":
@@ -137,17 +140,30 @@ def _check_local_gpus(gpus: int) -> None:
                           f"{'or --nproc N for CPU processes' if not have else ''}".rstrip())
 
 
+EXIT_STOPPED = 3  # a run that saved and stopped on a signal; slurm/train.sbatch requeues on it
+
+
 class TrainJob:
-    """The submitted callable: trains, and on a time-limit/preemption signal saves and requeues itself."""
+    """The submitted callable: trains; on a time-limit or preemption signal it saves and leaves.
+
+    On SIGUSR2 (submitit's time-limit warning) rank 0 hands the signal back to submitit's own
+    handler once the state is saved, which calls `checkpoint()` and requeues the job. On SIGTERM
+    (preemption, `scontrol requeue`, scancel) every rank exits without a result, so submitit's
+    client keeps waiting while SLURM requeues the job, and the rerun continues the run.
+    """
+
+    def __init__(self, requeue_via_submitit: bool = True) -> None:
+        self.requeue_via_submitit = requeue_via_submitit
 
     def __call__(self, cfg: TrainConfig) -> dict[str, Any]:
+        from . import dist
         from .train import train  # imported in the job, so the launcher stays light
         result = train(cfg)
-        if result.get("status") == "stopped" and result.get("signal") == signal.SIGUSR2:
-            # our handler only set a flag; now that the state is saved, hand the signal to
-            # submitit's own handler, which calls self.checkpoint() and requeues the job
-            signal.raise_signal(signal.SIGUSR2)
-        return result
+        if result.get("status") != "stopped":
+            return result
+        if self.requeue_via_submitit and result.get("signal") == signal.SIGUSR2 and dist.rank() == 0:
+            signal.raise_signal(signal.SIGUSR2)  # submitit: checkpoint() + scontrol requeue + exit
+        raise SystemExit(EXIT_STOPPED)  # no result pickle: the job is not over
 
     def checkpoint(self, cfg: TrainConfig) -> submitit.helpers.DelayedSubmission:
         # continue from the run's last checkpoint when the job comes back
@@ -178,10 +194,21 @@ def log_tail(job: submitit.Job, lines: int = 30) -> str:
     return "\n".join(out)
 
 
-def wait_result(job: submitit.Job) -> Any:
-    """Block until the job ends; a failure becomes a LaunchError carrying the log tail."""
+def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: bool = False) -> Any:
+    """Block until the job ends; a failure becomes a LaunchError carrying the log tail.
+
+    SLURM jobs are watched through hpcviz.jobstate (sacct, else squeue/scontrol, else the
+    run's files), so the wait ends whatever happened to the job.
+    """
+    from .jobstate import JobFailed, wait_for_job
     try:
-        results = job.results()
+        if isinstance(job, submitit.SlurmJob):
+            ntasks = tasks_per_node(launch) * launch.nodes if launch else 1
+            results = wait_for_job(str(job.job_id), job.paths.folder, ntasks, follow=follow)
+        else:
+            results = job.results()
+    except JobFailed as e:
+        raise LaunchError(str(e)) from None
     except Exception as e:  # FailedJobError, UncompletedJobError, or the job's own exception
         reason = str(e).strip().splitlines()
         brief = next((l for l in reversed(reason) if l.strip() and not l.startswith(" ")), type(e).__name__)
@@ -191,4 +218,3 @@ def wait_result(job: submitit.Job) -> Any:
         raise LaunchError(f"job {job.job_id}: the {len(results)} ranks ended with different weights; "
                           "hint: report this with the job's logs")
     return results[0]
-

@@ -130,7 +130,7 @@ def build_for_training(cfg: TrainConfig, num_classes: int, device: torch.device)
     if cfg.init:
         load_init(raw, torch.load(cfg.init, map_location="cpu", weights_only=True))
     raw = raw.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if cfg.channels_last:  # faster on GPUs (tensor cores) and, with oneDNN, several times on CPUs
         raw = raw.to(memory_format=torch.channels_last)
     model: nn.Module = raw
     if dist.world_size() > 1:
@@ -194,7 +194,7 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, split: Split, 
             if cfg.augment:
                 x = augment(x, seeded(cfg.seed, pos.epoch, step, dist.rank()))
             x = normalize(x, split.mean, split.std)
-            if device.type == "cuda" and cfg.channels_last:
+            if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = split.train_y[mine]
             with autocast_for(device, cfg.amp):
@@ -349,7 +349,7 @@ def _end_epoch(cfg: TrainConfig, raw: nn.Module, split: Split, pos: Position, me
                train_s: float, images_before: float, opt: torch.optim.Optimizer) -> None:
     train_loss, train_acc = meters.global_means(split.train_x.device)
     val = evaluate(raw, split.val_x, split.val_y, split.mean, split.std, len(split.classes),
-                   cfg.eval_batch_size, cfg.amp, cfg.channels_last and split.val_x.is_cuda)
+                   cfg.eval_batch_size, cfg.amp, cfg.channels_last)
     images = (meters.state()["n"] - images_before) * dist.world_size()
     record = {"epoch": pos.epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
               "val_acc": val["accuracy"], "lr": opt.param_groups[0]["lr"], "images_per_s": images / train_s,
@@ -362,7 +362,7 @@ def _end_epoch(cfg: TrainConfig, raw: nn.Module, split: Split, pos: Position, me
 
 def _final_eval(cfg: TrainConfig, raw: nn.Module, split: Split) -> dict[str, Any]:
     run = Path(cfg.run_dir)
-    cl = cfg.channels_last and split.val_x.is_cuda
+    cl = cfg.channels_last
     val = summarize(evaluate(raw, split.val_x, split.val_y, split.mean, split.std, len(split.classes),
                              cfg.eval_batch_size, cfg.amp, cl), split.classes)
     train_res = evaluate(raw, split.train_x, split.train_y, split.mean, split.std, len(split.classes),

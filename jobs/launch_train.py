@@ -60,7 +60,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
 
 def add_launch_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("launch")
-    g.add_argument("--cluster", default="auto", help="auto | slurm | local | debug (auto = slurm where sbatch exists)")
+    g.add_argument("--cluster", default="auto",
+                   help="auto | slurm | local | debug | inline (auto = slurm where sbatch exists; inline = be one "
+                        "rank of srun/torchrun, as in slurm/train.sbatch)")
     g.add_argument("--gpus", type=int, default=0, help="GPUs per node, one task each (0 = CPU)")
     g.add_argument("--nproc", type=int, default=1, help="CPU processes per node when --gpus 0 (gloo)")
     g.add_argument("--nodes", type=int, default=1)
@@ -97,13 +99,18 @@ def build_configs(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     from hpcviz import checkpoint
-    from hpcviz.launch import LaunchError, detect_cluster, precheck_data, submit_train, wait_result
+    from hpcviz.launch import TrainJob, LaunchError, detect_cluster, precheck_data, submit_train, wait_result
     from hpcviz.log import setup_logging
     setup_logging()
     try:
         cfg, launch = build_configs(args)
         launch.cluster = detect_cluster(launch.cluster)
         precheck_data(cfg.data, cfg.download)
+        if launch.cluster == "inline":  # one rank of srun/torchrun: train here, exit 3 if stopped on a signal
+            result = TrainJob(requeue_via_submitit=False)(cfg)
+            if result.get("rank", 0) == 0:
+                print(f"done: {cfg.run_dir} (val accuracy {100 * result['val_accuracy']:.2f}%)")
+            return 0
         if launch.cluster != "debug" and not cfg.resume:
             # refuse here, before anything is queued; the job checks again
             found = checkpoint.find_checkpoint(Path(cfg.run_dir) / "checkpoints")
@@ -112,14 +119,14 @@ def main(args: argparse.Namespace) -> int:
                                                  "hint: pass --resume to continue it, or choose a new --run")
         if launch.cluster != "debug":
             cfg.resume = cfg.resume or "auto"  # a requeued job continues where it stopped
+        checkpoint.update_manifest(cfg.run_dir, "train", status="submitted", cluster=launch.cluster)
         job = submit_train(cfg, launch)
-        checkpoint.update_manifest(cfg.run_dir, "train", job_id=str(job.job_id), cluster=launch.cluster,
-                                   status="submitted")
+        checkpoint.update_manifest(cfg.run_dir, "train", job_id=str(job.job_id))
         if launch.cluster == "slurm" and not launch.wait:
             print(f"submitted job {job.job_id}\n  run dir: {cfg.run_dir}\n  follow:  tail -f {job.paths.stdout}"
                   f"\n  or:      squeue -j {job.job_id}")
             return 0
-        result = wait_result(job)
+        result = wait_result(job, launch, follow=launch.wait)
         print(f"{result.get('status', 'done')}: {cfg.run_dir} "
               f"(val accuracy {100 * result.get('val_accuracy', float('nan')):.2f}%)")
         return 0

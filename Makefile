@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first
+# (a virtual environment in .venv, idempotent: a second run only checks a stamp file).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.hpcviz-installed
+DEMO_RUN ?= results/demo
+
+.PHONY: setup demo test clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+		{ echo "error: $(PYTHON) is older than 3.10; hint: make PYTHON=python3.11"; exit 2; }
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
+		{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null; \
+		  else echo "error: python venv is missing; hint: sudo apt-get install python3-venv"; exit 2; fi; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# Train a ResNet-20 on the built-in data set here on the CPU (a few minutes on 2 cores).
+# A second `make demo` continues the same run (nothing is overwritten); `make clean-demo` starts afresh.
+demo: setup
+	$(PY) jobs/launch_train.py --cluster local --run $(DEMO_RUN) --resume \
+		--arch resnet20 --data builtin --epochs 15 --batch-size 128 --lr 0.2
+	@echo "run: $(DEMO_RUN) (metrics.jsonl, eval.json, checkpoints/last.pt)"
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-demo:
+	rm -rf $(DEMO_RUN)

@@ -1,0 +1,122 @@
+"""Benchmarks: each reports a ratio against a baseline measured in the same run.
+
+train: the project's training step (data resident on the device as uint8, batched
+augmentation, channels_last, bf16 autocast on GPU) vs a plain eager fp32 loop in the
+style of torchvision's references (a DataLoader over the same images with per-sample
+transforms, the same model, batch and optimizer), then time-to-accuracy on a split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from . import dist
+from .config import TrainConfig
+from .data import normalize
+from .models import build_model
+from .train import Meters, Position, Split, StopRequest, make_optimizer, prepare_data, train_one_epoch
+
+
+class _UInt8Images(Dataset):
+    """Per-sample random crop (pad 4) + flip + normalise, as torchvision's references do."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std) -> None:
+        import torchvision.transforms.v2 as T
+        self.images, self.labels = images, labels
+        self.tf = T.Compose([T.RandomCrop(images.shape[-1], padding=4), T.RandomHorizontalFlip(),
+                             T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.tf(self.images[i]), self.labels[i]
+
+
+def _subset(split: Split, n: int) -> Split:
+    return dataclasses.replace(split, train_x=split.train_x[:n], train_y=split.train_y[:n])
+
+
+def time_project_steps(cfg: TrainConfig, split: Split, steps: int, warmup: int = 3) -> float:
+    """Images/s of the project's own training step (train_one_epoch over `steps` batches)."""
+    device = split.train_x.device
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, len(split.classes), cfg.stem).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    run = torch.compile(model) if cfg.compile else model
+    opt = make_optimizer(model, cfg)
+    stop = StopRequest(signals=())
+    no_save = lambda *a: None  # noqa: E731
+    c = dataclasses.replace(cfg, epochs=1, log_every=10 ** 9)
+    train_one_epoch(run, opt, _subset(split, warmup * cfg.batch_size), c, Position(), warmup, Meters(), stop, no_save)
+    _sync(device)
+    t0 = time.perf_counter()
+    train_one_epoch(run, opt, _subset(split, steps * cfg.batch_size), c, Position(), steps, Meters(), stop, no_save)
+    _sync(device)
+    return steps * cfg.batch_size / (time.perf_counter() - t0)
+
+
+def time_plain_loop(cfg: TrainConfig, split: Split, steps: int, warmup: int = 3, workers: int = 2) -> float:
+    """Images/s of a plain eager fp32 loop: DataLoader + per-sample transforms, NCHW, no autocast."""
+    device = split.train_x.device
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, len(split.classes), cfg.stem).to(device)
+    opt = make_optimizer(model, cfg)
+    n = (steps + warmup) * cfg.batch_size
+    ds = _UInt8Images(split.train_x[:n].cpu(), split.train_y[:n].cpu(), split.mean, split.std)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    it = iter(loader)
+    t0 = 0.0
+    for i in range(steps + warmup):
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        x, y = next(it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return steps * cfg.batch_size / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train_throughput(cfg: TrainConfig, steps: int, workers: int) -> dict[str, Any]:
+    device = dist.pick_device(cfg.device)
+    split = prepare_data(cfg, device)
+    ours = time_project_steps(cfg, split, steps)
+    plain = time_plain_loop(cfg, split, steps, workers=workers)
+    return {"arch": cfg.arch, "stem": cfg.resolved_stem(), "device": str(device), "batch_size": cfg.batch_size,
+            "steps": steps, "project_images_per_s": ours, "plain_images_per_s": plain, "ratio": ours / plain,
+            "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
+
+
+def time_to_accuracy(cfg: TrainConfig, target: float) -> dict[str, Any]:
+    """Train cfg (its own schedule) and report the first epoch whose val accuracy reaches `target`."""
+    from .checkpoint import read_metrics
+    from .train import train
+    t0 = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - t0
+    metrics = read_metrics(cfg.run_dir)
+    hit = next((m for m in metrics if m["val_acc"] >= target), None)
+    train_s = sum(m["epoch_s"] for m in metrics[: hit["epoch"]]) if hit else None
+    start = metrics[0]["time"] - metrics[0]["epoch_s"]  # wall clock when the first epoch began
+    return {"target": target, "reached": hit is not None, "epoch": hit["epoch"] if hit else None,
+            "train_minutes_to_target": train_s / 60 if train_s else None,
+            "wall_minutes_to_target": (hit["time"] - start) / 60 if hit else None, "wall_minutes_total": wall / 60,
+            "best_val_acc": max(m["val_acc"] for m in metrics), "final_val_acc": result.get("val_accuracy"),
+            "epochs": cfg.epochs, "arch": cfg.arch, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "device": cfg.device, "data": cfg.data, "run_dir": cfg.run_dir}

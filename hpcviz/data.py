@@ -1,0 +1,414 @@
+"""Image sets for hpcviz: load (`--data SPEC`, see DATA_FORMS), split, normalise and augment.
+
+A set is held in memory as one (N, 3, H, W) uint8 tensor (CIFAR-10: 150 MB), so training indexes
+batches directly and moves uint8 (4x less traffic than float32) to the GPU, where `augment` and
+`normalize` run batched. FILE.h5 is the packed form written by jobs/pack_data.py (hpcviz.store).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from types import ModuleType
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DataError", "ImageSet", "DATA_FORMS", "BUILTIN_CLASSES", "IMAGE_EXTENSIONS", "load_images",
+           "make_builtin", "resize_images", "split_indices", "channel_stats", "normalize", "augment",
+           "fingerprint"]
+
+log = logging.getLogger("hpcviz")
+
+DATA_FORMS = "builtin | builtin:N_PER_CLASS | cifar10:DIR | cifar10-test:DIR | DIR (ImageFolder) | FILE.h5 (packed)"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+BUILTIN_CLASSES = ("circle", "square", "triangle", "cross", "ring",
+                   "h_stripes", "v_stripes", "checker", "dots", "gradient")
+_TV_DECODES = (".jpg", ".jpeg", ".png")  # torchvision.io decodes these ~3x faster than PIL
+
+
+class DataError(ValueError):
+    """A --data spec (or a file it points at) cannot be turned into an ImageSet."""
+
+
+def _error(spec: str, problem: str, hint: str) -> DataError:
+    return DataError(f"--data {spec}: {problem}; valid forms: {DATA_FORMS}; hint: {hint}")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: torch.Tensor      # (N, 3, H, W) uint8, CPU, contiguous
+    labels: torch.Tensor      # (N,) int64
+    classes: tuple[str, ...]  # class names, index = label
+    source: str               # the spec it was loaded from
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _make_set(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], source: str,
+              image_size: int | None) -> ImageSet:
+    if image_size is not None:
+        images = resize_images(images, image_size)
+    return ImageSet(images.contiguous(), labels.to(torch.int64).contiguous(), tuple(classes), source)
+
+
+def load_images(spec: str, image_size: int | None = None, *, download: bool = False,
+                skip_bad: bool = False, seed: int = 0) -> ImageSet:
+    """Load the image set named by `spec` (one of DATA_FORMS), resized to `image_size` if given.
+
+    `seed` only affects ``builtin``; `download` only ``cifar10*``; `skip_bad` only ImageFolder.
+    """
+    if image_size is not None and image_size < 1:
+        raise _error(spec, f"--image-size {image_size} must be a positive integer", "e.g. --image-size 32")
+    if spec == "builtin" or spec.startswith("builtin:"):
+        n_text = spec.partition(":")[2] or "500"
+        if not n_text.isdigit() or int(n_text) < 1:
+            raise _error(spec, f"N_PER_CLASS {n_text!r} is not a positive integer", "e.g. builtin:500")
+        return replace(make_builtin(int(n_text), image_size or 32, seed), source=spec)
+    for prefix, train in (("cifar10:", True), ("cifar10-test:", False)):
+        if spec.startswith(prefix):
+            images, labels, classes = _load_cifar10(spec, spec[len(prefix):] or ".", train, download)
+            return _make_set(images, labels, classes, spec, image_size)
+    if spec.lower().endswith((".h5", ".hdf5")):
+        return _load_packed(spec, image_size)
+    if os.path.isdir(spec):
+        images, labels, classes = _load_image_folder(spec, image_size, skip_bad)
+        return _make_set(images, labels, classes, spec, image_size)
+    problem = "no such directory" if not os.path.exists(spec) else "not a directory or a .h5 file"
+    raise _error(spec, problem, "check the path, or use --data builtin for the embedded set")
+
+
+# ----------------------------------------------------------------------------- builtin
+def _builtin_params(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Per-image random parameters, (n,) each; unit image coordinates, x right, y down."""
+    def uni(lo: float, hi: float) -> np.ndarray:
+        return lo + (hi - lo) * rng.random(n)
+    q = {"r": uni(0.14, 0.36)}
+    q["cx"], q["cy"] = q["r"] + (1 - 2 * q["r"]) * rng.random(n), q["r"] + (1 - 2 * q["r"]) * rng.random(n)
+    tilt = uni(-0.6, 0.6)  # rotation as a (cos, sin) pair built with sqrt only: no libm, same bytes everywhere
+    q["c"], q["s"] = 1 / np.sqrt(1 + tilt * tilt), tilt / np.sqrt(1 + tilt * tilt)
+    ga, gb = uni(-1, 1), uni(-1, 1)
+    gnorm = np.maximum(np.sqrt(ga * ga + gb * gb), 0.1)
+    q["ga"], q["gb"] = ga / gnorm, gb / gnorm
+    q["p"], q["phase"] = uni(0.12, 0.28), rng.random(n)
+    q["w"], q["h"] = uni(0.45, 1.0), uni(0.45, 1.0)
+    q["x0"], q["y0"] = (1 - q["w"]) * rng.random(n), (1 - q["h"]) * rng.random(n)
+    q["bg"] = rng.integers(0, 256, (n, 3)).astype(np.float64)
+    q["fg"] = (q["bg"] + rng.integers(32, 225, (n, 3))) % 256  # every channel differs by >= 32 levels
+    q["noise"] = rng.integers(0, 65, n)
+    return q
+
+
+def _builtin_mask(name: str, x: np.ndarray, y: np.ndarray, q: dict[str, np.ndarray]) -> np.ndarray:
+    """Foreground weight in [0, 1], (k, S, S), for k images of one class; q values are (k, 1, 1)."""
+    dx, dy, r, c, s = x - q["cx"], y - q["cy"], q["r"], q["c"], q["s"]
+    u, v = c * dx + s * dy, c * dy - s * dx  # shape frame: rotated about the centre
+    rx, ry = x - q["x0"], y - q["y0"]
+    tu, tv = (c * rx + s * ry) / q["p"] + q["phase"], (c * ry - s * rx) / q["p"] + q["phase"]
+    region = (rx >= 0) & (rx <= q["w"]) & (ry >= 0) & (ry <= q["h"])  # textures fill a random box
+    if name == "circle":
+        m = dx * dx + dy * dy <= r * r
+    elif name == "square":
+        m = (np.abs(u) <= 0.8 * r) & (np.abs(v) <= 0.8 * r)
+    elif name == "triangle":  # apex up, base at v = r/2
+        m = (v <= 0.5 * r) & (np.abs(u) <= 0.577 * (v + r))
+    elif name == "cross":
+        m = ((np.abs(u) <= 0.3 * r) & (np.abs(v) <= r)) | ((np.abs(v) <= 0.3 * r) & (np.abs(u) <= r))
+    elif name == "ring":
+        d2 = dx * dx + dy * dy
+        m = (d2 <= r * r) & (d2 >= 0.36 * r * r)
+    elif name == "h_stripes":
+        m = region & (np.floor(tv) % 2 == 0)
+    elif name == "v_stripes":
+        m = region & (np.floor(tu) % 2 == 0)
+    elif name == "checker":
+        m = region & ((np.floor(tu) + np.floor(tv)) % 2 == 0)
+    elif name == "dots":
+        du, dv = tu % 1 - 0.5, tv % 1 - 0.5
+        m = region & (du * du + dv * dv <= 0.09)
+    else:  # gradient: a smooth ramp from bg to fg along a random direction, no edges at all
+        return np.clip((x - 0.5) * q["ga"] + (y - 0.5) * q["gb"] + 0.5, 0.0, 1.0)
+    return m.astype(np.float64)
+
+
+def make_builtin(n_per_class: int = 500, image_size: int = 32, seed: int = 0) -> ImageSet:
+    """Procedural 10-class set, `n_per_class` images per class, drawn directly at `image_size`.
+
+    Classes (BUILTIN_CLASSES): circle, square, triangle, cross, ring (shapes of random centre,
+    radius 0.14-0.36 of the image, tilt up to +-31 deg); h_stripes, v_stripes, checker, dots
+    (textures of random period, phase and tilt filling a random box covering 20-100 % of the
+    image); gradient (a linear ramp in a random direction). Colours of shape and background
+    are random with >= 32 levels of difference per channel; uniform integer noise of random
+    amplitude 0-64 is added. Labels are shuffled, classes exactly balanced. Only integer draws,
+    + - * / and sqrt are used, so the bytes are identical for the same seed on every machine.
+    """
+    if n_per_class < 1 or image_size < 1:
+        raise DataError(f"make_builtin: n_per_class={n_per_class} and image_size={image_size} must be >= 1; "
+                        f"valid forms: {DATA_FORMS}; hint: use e.g. builtin:500")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    n, size = n_per_class * len(BUILTIN_CLASSES), image_size
+    labels = rng.permutation(np.repeat(np.arange(len(BUILTIN_CLASSES)), n_per_class))  # (N,)
+    q = _builtin_params(rng, n)
+    grid = (np.arange(size, dtype=np.float64) + 0.5) / size  # pixel centres
+    x, y = grid[None, None, :], grid[None, :, None]  # (1, 1, S), (1, S, 1)
+    images = np.empty((n, 3, size, size), np.uint8)
+    chunk = max(1, 2 ** 20 // (size * size))  # bounds the float64 temporaries to ~100 MB at any size
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        mask = np.empty((hi - lo, size, size))  # (k, S, S)
+        for label, name in enumerate(BUILTIN_CLASSES):
+            sel = np.flatnonzero(labels[lo:hi] == label)
+            if sel.size:
+                mask[sel] = _builtin_mask(name, x, y, {k: v[lo:hi][sel, None, None] for k, v in q.items()
+                                                       if v.ndim == 1})
+        bg, fg = q["bg"][lo:hi, None, None, :], q["fg"][lo:hi, None, None, :]  # (k, 1, 1, 3)
+        amp = q["noise"][lo:hi, None, None, None]
+        noise = rng.integers(-amp, amp + 1, (hi - lo, size, size, 3))  # (k, S, S, 3)
+        pixels = np.rint(bg + (fg - bg) * mask[..., None]) + noise
+        images[lo:hi] = np.clip(pixels, 0, 255).astype(np.uint8).transpose(0, 3, 1, 2)
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
+                    BUILTIN_CLASSES, f"builtin:{n_per_class}")
+
+
+# ----------------------------------------------------------------------------- cifar10
+def _read_cifar_pickle(spec: str, path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")  # the batches were pickled by Python 2
+    except FileNotFoundError:
+        raise _error(spec, f"missing {path}", "pass --download to fetch CIFAR-10 into DIR, or point DIR at "
+                     "the folder that contains cifar-10-batches-py") from None
+    except Exception as e:  # unpickling garbage raises anything from EOFError to UnpicklingError
+        raise _error(spec, f"cannot read {path} ({type(e).__name__})", "delete it and pass --download") from e
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _load_cifar10(spec: str, root: str, train: bool,
+                  download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """CIFAR-10 as ((N,3,32,32) uint8, (N,) labels, classes).
+
+    With `download`, torchvision fetches and md5-verifies the files. Without it we read the
+    torchvision file layout ourselves, without md5 checks: that gives one-line errors naming
+    the missing file, and lets tests use small fake batches.
+    """
+    from torchvision.datasets import CIFAR10
+    if download:
+        try:
+            ds = CIFAR10(root, train=train, download=True)
+        except Exception as e:  # URLError, md5 mismatch, disk full...
+            raise _error(spec, f"download into {root} failed ({type(e).__name__}: {e})",
+                         "check network access, or download elsewhere and copy cifar-10-batches-py") from e
+        data, targets, classes = np.asarray(ds.data), ds.targets, list(ds.classes)  # data: (N, 32, 32, 3)
+        return torch.from_numpy(data.transpose(0, 3, 1, 2).copy()), torch.as_tensor(targets), classes
+    folder = os.path.join(root, CIFAR10.base_folder)
+    names = [name for name, _md5 in (CIFAR10.train_list if train else CIFAR10.test_list)]
+    batches = [_read_cifar_pickle(spec, os.path.join(folder, name)) for name in names]
+    meta = _read_cifar_pickle(spec, os.path.join(folder, CIFAR10.meta["filename"]))
+    try:
+        data = np.concatenate([np.asarray(b["data"], np.uint8).reshape(-1, 3, 32, 32) for b in batches])
+        labels = np.concatenate([np.asarray(b.get("labels", b.get("fine_labels")), np.int64) for b in batches])
+        classes = [str(c) for c in meta[CIFAR10.meta["key"]]]
+    except (KeyError, ValueError, TypeError) as e:
+        raise _error(spec, f"unexpected contents in {folder} ({type(e).__name__}: {e})",
+                     "delete the folder and pass --download") from e
+    if labels.shape[0] != data.shape[0] or labels.min() < 0 or labels.max() >= len(classes):
+        raise _error(spec, f"labels in {folder} do not match the images or classes", "re-download it")
+    return torch.from_numpy(data), torch.from_numpy(labels), classes
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+def _list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes sorted like torchvision's ImageFolder, and (path, label) for every image file."""
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise _error(root, "no class subfolders", "lay images out as DIR/<class>/<image>.jpg")
+    samples = []
+    for label, name in enumerate(classes):
+        found = []
+        for dirpath, _dirs, files in os.walk(os.path.join(root, name), followlinks=True):
+            found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found:
+            raise _error(root, f"class folder {os.path.join(root, name)} has no images "
+                         f"({', '.join(IMAGE_EXTENSIONS)})", "remove the folder or add images to it")
+        samples += [(path, label) for path in sorted(found)]
+    return classes, samples
+
+
+def _decode(path: str, tvio: ModuleType | None) -> np.ndarray | None:
+    """(H, W, 3) uint8 RGB, or None if unreadable. `tvio`: torchvision.io, ~3x faster than PIL on JPEG/PNG."""
+    if tvio is not None and path.lower().endswith(_TV_DECODES):
+        try:
+            with open(path, "rb") as f:
+                raw = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            img = tvio.decode_image(raw, mode=tvio.ImageReadMode.RGB)  # (3, H, W)
+            if img.dtype == torch.uint8:  # else a 16-bit PNG: PIL maps it to 8 bits below
+                return img.permute(1, 2, 0).numpy()
+        except (RuntimeError, ValueError, OSError):
+            pass  # fall through: PIL reads some files libjpeg/libpng reject (CMYK JPEG...)
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return None
+
+
+def _flush_resizes(decoded: list[torch.Tensor], pending: dict[tuple[int, int], list[int]], size: int) -> int:
+    """Resize pending images in place in `decoded`, one batch per input size (~10x faster than one by one)."""
+    for idx in pending.values():
+        batch = resize_images(torch.stack([decoded[i] for i in idx]), size)  # (b, 3, size, size)
+        for i, img in zip(idx, batch):
+            decoded[i] = img
+    pending.clear()
+    return 0
+
+
+def _load_image_folder(spec: str, image_size: int | None,
+                       skip_bad: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    classes, samples = _list_image_folder(spec)
+    decoded, labels, bad = [], [], []
+    pending: dict[tuple[int, int], list[int]] = {}  # input size -> indices into decoded awaiting resize
+    n_pending = 0
+    import torchvision.io as tvio  # its decoders are deprecated since 0.29: use them while they exist
+    tvio = tvio if hasattr(tvio, "decode_image") and hasattr(tvio, "ImageReadMode") else None
+    with warnings.catch_warnings():  # torchvision >= 0.29 warns on every decode call
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+        for path, label in samples:
+            img = _decode(path, tvio)
+            if img is None:
+                if not skip_bad:
+                    raise _error(spec, f"cannot decode {path}", "pass --skip-bad to skip unreadable files")
+                bad.append(path)
+                continue
+            decoded.append(torch.from_numpy(img).permute(2, 0, 1))  # (3, H, W)
+            labels.append(label)
+            if image_size is not None and img.shape[:2] != (image_size, image_size):
+                pending.setdefault(img.shape[:2], []).append(len(decoded) - 1)
+                n_pending += 1
+                if n_pending >= 1024:  # bounds memory when the originals are large photos
+                    n_pending = _flush_resizes(decoded, pending, image_size)
+    _flush_resizes(decoded, pending, image_size or 0)
+    if bad:
+        log.warning("--data %s: skipped %d unreadable file(s): %s%s", spec, len(bad),
+                    ", ".join(bad[:5]), " ..." if len(bad) > 5 else "")
+    if not decoded:
+        raise _error(spec, "no readable images", "check the files")
+    sizes = sorted({tuple(img.shape[1:]) for img in decoded})
+    if len(sizes) > 1:
+        raise _error(spec, f"images have {len(sizes)} different sizes (e.g. {sizes[0]} and {sizes[-1]})",
+                     "pass --image-size S to resize all to S x S")
+    return torch.stack(decoded), torch.tensor(labels, dtype=torch.int64), classes  # (N, 3, H, W)
+
+
+# ----------------------------------------------------------------------------- packed
+def _load_packed(spec: str, image_size: int | None) -> ImageSet:
+    from hpcviz.store import StoreError, read_packed
+    if not os.path.isfile(spec):
+        raise _error(spec, "no such file", "check the path, or write it with python jobs/pack_data.py --out FILE.h5")
+    try:
+        images, labels, classes, _attrs = read_packed(spec)
+    except StoreError as e:  # callers catch DataError for every --data problem
+        raise DataError(f"--data {e}") from e
+    return _make_set(torch.from_numpy(images), torch.from_numpy(labels), classes, spec, image_size)
+
+
+# ----------------------------------------------------------------------------- tensor stages
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size), antialiased bilinear; no-op if already that size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8, device=images.device)
+    step = max(1, 2 ** 22 // (images.shape[1:].numel() + 3 * size * size))  # chunk: bounded float32 temporaries
+    for lo in range(0, images.shape[0], step):
+        x = images[lo:lo + step].float()  # (b, 3, H, W)
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[lo:lo + step] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified, deterministic (train, val) split: sorted int64 index tensors, disjoint, covering all.
+
+    Each class contributes round(n_c * val_fraction) images to val (at least one stays in train).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"split_indices: val_fraction={val_fraction} must be in [0, 1); hint: e.g. 0.1")
+    y = labels.cpu().numpy()
+    rng = np.random.Generator(np.random.PCG64(seed))
+    val = []
+    for c in np.unique(y):  # sorted classes, so the draw order is fixed
+        idx = np.flatnonzero(y == c)
+        n_val = min(int(idx.size * val_fraction + 0.5), idx.size - 1)
+        val.append(rng.permutation(idx)[:n_val])
+    val_idx = np.sort(np.concatenate(val)) if val else np.empty(0, np.int64)
+    train_mask = np.ones(y.shape[0], bool)
+    train_mask[val_idx] = False
+    return torch.from_numpy(np.flatnonzero(train_mask).astype(np.int64)), torch.from_numpy(val_idx.astype(np.int64))
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel mean and (population) std on the [0, 1] scale of uint8 (N, 3, H, W) images.
+
+    Sums are exact int64 (no float rounding, order-independent), accumulated in chunks of ~4M values.
+    """
+    if images.numel() == 0:
+        raise ValueError(f"channel_stats: got no pixels, shape {tuple(images.shape)}; hint: check the split")
+    total, total_sq = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+    step = max(1, 2 ** 22 // images.shape[1:].numel())
+    for lo in range(0, images.shape[0], step):
+        x = images[lo:lo + step].to(torch.int64)  # (b, 3, H, W)
+        total += x.sum(dim=(0, 2, 3)).cpu()
+        total_sq += (x * x).sum(dim=(0, 2, 3)).cpu()
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total.double() / count
+    std = (total_sq.double() / count - mean * mean).clamp_(min=0).sqrt()
+    m, s = (mean / 255).tolist(), (std / 255).tolist()
+    return (m[0], m[1], m[2]), (s[0], s[1], s[2])
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, 3, H, W) on any device -> float32 (B, 3, H, W) on that device: (x/255 - mean)/std."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - m) / s
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop after zero-padding by `pad` + random horizontal flip, batched on the images' device.
+
+    Offsets are drawn from the CPU `generator` in a fixed order (row offsets, column offsets,
+    then flips if `flip`), so the same seed gives bit-identical results on CPU and GPU.
+    """
+    if generator.device.type != "cpu":
+        raise ValueError(f"augment: generator is on {generator.device}, expected a CPU torch.Generator; "
+                         "hint: torch.Generator().manual_seed(seed)")
+    b, c, h, w = images.shape
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)  # (B,) top row of the crop in padded frame
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = dy[:, None] + torch.arange(h)  # (B, H)
+    cols = dx[:, None] + torch.arange(w)  # (B, W)
+    if flip:
+        flipped = torch.randint(0, 2, (b,), generator=generator).bool()
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)  # reading columns backwards = mirrored crop
+    rows, cols = rows.to(images.device), cols.to(images.device)
+    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images  # (B, C, H+2p, W+2p), zeros
+    out = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * pad))  # (B, C, H, W+2p)
+    return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))  # (B, C, H, W)
+
+
+def fingerprint(ds: ImageSet) -> str:
+    """sha256 hex over the images' shape and bytes, the labels (int64 LE) and the class names."""
+    h = hashlib.sha256()
+    images = ds.images.contiguous().cpu().numpy()
+    h.update(json.dumps(list(images.shape)).encode())
+    h.update(memoryview(images).cast("B"))
+    h.update(ds.labels.cpu().numpy().astype("<i8").tobytes())
+    h.update(json.dumps(list(ds.classes)).encode())
+    return h.hexdigest()

@@ -1,0 +1,159 @@
+"""Job status that never hangs: sacct, else squeue, else scontrol, else the run's own files.
+
+submitit asks sacct; where sacct is missing, misconfigured or slow, a `--wait` built on it
+can wait forever. Here each source is asked with a timeout, the result pickles submitit
+writes into the run's logs/ are checked directly, and a job that has left the scheduler
+without a result ends the wait with the tail of its log.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("hpcviz")
+
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
+          "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+class JobFailed(RuntimeError):
+    """The job ended without a result, or with an error."""
+
+
+def _run(cmd: list[str], timeout: float = 20.0) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise OSError(r.stderr.strip() or f"{cmd[0]} exited {r.returncode}")
+    return r.stdout
+
+
+def _sacct(job_id: str) -> str:
+    lines = _run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State"]).splitlines()
+    for line in lines:
+        jid, _, state = line.partition("|")
+        if jid.strip() == job_id:
+            return state.split()[0] if state.strip() else ""
+    return ""
+
+
+def _squeue(job_id: str) -> str:
+    try:
+        return _run(["squeue", "-h", "-j", job_id, "-o", "%T"]).strip().splitlines()[0].strip()
+    except (OSError, IndexError):  # "Invalid job id" once the job has left the queue
+        return ""
+
+
+def _scontrol(job_id: str) -> str:
+    try:
+        out = _run(["scontrol", "show", "job", "-o", job_id])
+    except OSError:
+        return ""
+    for field in out.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return ""
+
+
+SOURCES: tuple[tuple[str, Callable[[str], str]], ...] = (("sacct", _sacct), ("squeue", _squeue),
+                                                         ("scontrol", _scontrol))
+
+
+def query_state(job_id: str) -> tuple[str, str]:
+    """(state, source): the first source that knows the job; ('GONE', 'none') if none does."""
+    for name, ask in SOURCES:
+        try:
+            state = ask(job_id)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.debug("%s failed for job %s: %s", name, job_id, e)
+            continue
+        if state:
+            return state, name
+    return "GONE", "none"
+
+
+def result_paths(folder: Path, job_id: str, ntasks: int) -> list[Path]:
+    """Where submitit puts each task's (outcome, value) pickle."""
+    return [Path(folder) / f"{job_id}_{k}_result.pkl" for k in range(ntasks)]
+
+
+def read_results(paths: list[Path]) -> list[Any] | None:
+    """The tasks' results once all exist; JobFailed if any task raised."""
+    if not all(p.exists() for p in paths):
+        return None
+    out = []
+    for p in paths:
+        with open(p, "rb") as f:
+            outcome, value = pickle.load(f)
+        if outcome != "success":
+            last = [l for l in str(value).splitlines() if l.strip()]
+            raise JobFailed(last[-1] if last else f"task result {p.name}: {outcome}")
+        out.append(value)
+    return out
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join([f"--- {path} (last {lines} lines)"] + text[-lines:])
+
+
+class LogFollower:
+    """Prints what was appended to a log file since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.pos = Path(path), 0
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                chunk = f.read()
+                self.pos = f.tell()
+        except OSError:
+            return
+        if chunk:
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+
+
+def wait_for_job(job_id: str, folder: Path, ntasks: int, follow: bool = False, poll_s: float = 3.0,
+                 grace_s: float = 30.0, timeout_s: float | None = None) -> list[Any]:
+    """Block until the job's results exist or it has ended without them; never hangs on sacct."""
+    paths = result_paths(folder, job_id, ntasks)
+    stderr = Path(folder) / f"{job_id}_0_log.err"
+    follower = LogFollower(stderr) if follow else None
+    last, ended_at, start = "", None, time.monotonic()
+    while True:
+        try:
+            results = read_results(paths)
+        except JobFailed as e:
+            raise JobFailed(f"job {job_id} failed: {e}\n{tail(stderr)}") from None
+        if results is not None:
+            if follower:
+                follower.poll()
+            return results
+        state, source = query_state(job_id)
+        if state != last:
+            log.info("job %s: %s (from %s)", job_id, state, source)
+            last = state
+        if state in ACTIVE:
+            ended_at = None
+        elif ended_at is None:
+            ended_at = time.monotonic()  # results may lag the state on a network file system
+        elif time.monotonic() - ended_at > grace_s:
+            raise JobFailed(f"job {job_id} ended ({state}, from {source}) without writing its result; "
+                            f"hint: read its logs in {folder}\n{tail(stderr)}")
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            raise JobFailed(f"job {job_id}: still {state} after {timeout_s:.0f} s; it keeps running; "
+                            f"hint: check `squeue -j {job_id}`")
+        if follower:
+            follower.poll()
+        time.sleep(poll_s)

@@ -1,0 +1,107 @@
+"""Benchmarks, each a ratio against a baseline measured in the same run: `python jobs/benchmark.py train --device cpu`
+
+  train   images/s of the project's training step vs a plain eager fp32 DataLoader loop
+          (same data, model, batch), then with --to-accuracy the epochs and minutes until
+          validation accuracy reaches --target (81.89%, the course report's figure).
+
+--data auto uses ../shared/data/cifar10-train-jpeg.tar.gz when it exists (unpacked and packed
+once into data/cifar10-train.h5), else the built-in set. Results go to results/benchmarks/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED_TAR = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
+PACKED = ROOT / "data" / "cifar10-train.h5"
+
+
+def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("hpcviz benchmarks", add_help=add_help)
+    sub = p.add_subparsers(dest="bench", required=True)
+    t = sub.add_parser("train", help="training step vs a plain loop; time to accuracy")
+    t.add_argument("--data", default="auto", help="auto | any --data form of launch_train.py")
+    t.add_argument("--arch", default="resnet20")
+    t.add_argument("--stem", default="")
+    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--steps", type=int, default=20, help="timed steps of each loop")
+    t.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
+    t.add_argument("--compile", action="store_true")
+    t.add_argument("--to-accuracy", action="store_true", help="also train until --target (long on a CPU)")
+    t.add_argument("--target", type=float, default=0.8189)
+    t.add_argument("--epochs", type=int, default=15, help="length of the schedule for --to-accuracy")
+    t.add_argument("--lr", type=float, default=0.2)
+    t.add_argument("--out", default="results/benchmarks")
+    return p
+
+
+def resolve_data(spec: str) -> str:
+    """auto -> the shared CIFAR-10 JPEGs packed once into data/cifar10-train.h5, or builtin."""
+    if spec != "auto":
+        return spec
+    if PACKED.exists():
+        return str(PACKED)
+    if not SHARED_TAR.exists():
+        print(f"note: {SHARED_TAR} not found: using the built-in data set", file=sys.stderr)
+        return "builtin"
+    from hpcviz.data import fingerprint, load_images
+    from hpcviz.store import write_packed
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(SHARED_TAR) as tar:
+            tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
+        ds = load_images(str(Path(tmp) / "train"), 32)
+        PACKED.parent.mkdir(exist_ok=True)
+        write_packed(PACKED, ds.images.numpy(), ds.labels.numpy(), ds.classes,
+                     {"source": str(SHARED_TAR.name), "fingerprint": fingerprint(ds)})
+    print(f"packed {len(ds)} images into {PACKED} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return str(PACKED)
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    from hpcviz.bench import bench_train_throughput, time_to_accuracy
+    from hpcviz.config import make_train_config
+    data = resolve_data(args.data)
+    cfg = make_train_config(dict(data=data, arch=args.arch, stem=args.stem, device=args.device,
+                                 batch_size=args.batch_size, compile=args.compile, epochs=args.epochs, lr=args.lr))
+    out = {"throughput": bench_train_throughput(cfg, args.steps, args.workers)}
+    t = out["throughput"]
+    print(f"train {t['arch']} on {t['device']}, batch {t['batch_size']}: project {t['project_images_per_s']:.0f} "
+          f"img/s, plain loop {t['plain_images_per_s']:.0f} img/s, ratio {t['ratio']:.2f}x")
+    if args.to_accuracy:
+        cfg.run_dir = str(Path(args.out) / f"tta-{cfg.arch}-{t['device'].split(':')[0]}-{int(time.time())}")
+        out["time_to_accuracy"] = a = time_to_accuracy(cfg, args.target)
+        print(f"time to {100 * a['target']:.2f}%: " + (f"epoch {a['epoch']}, {a['wall_minutes_to_target']:.1f} min "
+              f"wall ({a['train_minutes_to_target']:.1f} min training)" if a["reached"] else
+              f"not reached in {a['epochs']} epochs (best {100 * a['best_val_acc']:.2f}%)"))
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    from hpcviz.log import setup_logging
+    setup_logging()
+    try:
+        result = {"train": run_train}[args.bench](args)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.bench}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"args": vars(args), **result}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0])
+                          .parse_args()))
