@@ -85,6 +85,32 @@ def load_images(spec: str, image_size: int | None = None, *, download: bool = Fa
     raise _error(spec, problem, "check the path, or use --data builtin for the embedded set")
 
 
+def check_source(spec: str, download: bool = False) -> None:
+    """The cheap part of load_images' checks (names, paths, folder layout), without decoding
+    anything: launchers run it before submitting, so a typo fails at once, not in the queue."""
+    if spec == "builtin" or spec.startswith("builtin:"):
+        n_text = spec.partition(":")[2] or "500"
+        if not n_text.isdigit() or int(n_text) < 1:
+            raise _error(spec, f"N_PER_CLASS {n_text!r} is not a positive integer", "e.g. builtin:500")
+        return
+    for prefix in ("cifar10:", "cifar10-test:"):
+        if spec.startswith(prefix):
+            root = spec[len(prefix):] or "."
+            if not download and not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
+                raise _error(spec, f"no {os.path.join(root, 'cifar-10-batches-py')}",
+                             "point at the folder holding cifar-10-batches-py, or pass --download")
+            return
+    if spec.lower().endswith((".h5", ".hdf5")):
+        if not os.path.isfile(spec):
+            raise _error(spec, "no such file", "pack one with jobs/pack_data.py, or check the path")
+        return
+    if os.path.isdir(spec):
+        _list_image_folder(spec)
+        return
+    problem = "no such directory" if not os.path.exists(spec) else "not a directory or a .h5 file"
+    raise _error(spec, problem, "check the path (it must be visible from the compute nodes too)")
+
+
 # ----------------------------------------------------------------------------- builtin
 def _builtin_params(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     """Per-image random parameters, (n,) each; unit image coordinates, x right, y down."""

@@ -97,6 +97,20 @@ def read_results(paths: list[Path]) -> list[Any] | None:
     return out
 
 
+def is_input_error(line: str) -> bool:
+    """True for the last traceback line of one of hpcviz's bad-input errors (ValueError subclasses,
+    e.g. 'hpcviz.data.DataError: --data X: ...'): that one line says everything, no log tail needed."""
+    import importlib
+    name = line.split(":", 1)[0].strip()
+    module, _, cls = name.rpartition(".")
+    if not module.startswith("hpcviz"):
+        return False
+    try:
+        return issubclass(getattr(importlib.import_module(module), cls), ValueError)
+    except (ImportError, AttributeError, TypeError):
+        return False
+
+
 def tail(path: Path, lines: int = 30) -> str:
     try:
         text = Path(path).read_text(errors="replace").splitlines()
@@ -135,7 +149,8 @@ def wait_for_job(job_id: str, folder: Path, ntasks: int, follow: bool = False, p
         try:
             results = read_results(paths)
         except JobFailed as e:
-            raise JobFailed(f"job {job_id} failed: {e}\n{tail(stderr)}") from None
+            more = "" if is_input_error(str(e)) else "\n" + tail(stderr)
+            raise JobFailed(f"job {job_id} failed: {e}{more}") from None
         if results is not None:
             if follower:
                 follower.poll()

@@ -65,19 +65,9 @@ def read_profile(name: str) -> dict[str, str]:
 
 
 def precheck_data(spec: str, download: bool = False) -> None:
-    """Cheap checks of --data on the submitting machine, so a typo fails here, not in the queue."""
-    from .data import DATA_FORMS, DataError
-    kind, _, rest = spec.partition(":")
-    if kind == "builtin":
-        if rest and not rest.isdigit():
-            raise DataError(f"--data {spec}: N in builtin:N must be a whole number of images per class, e.g. builtin:500")
-        return
-    path = Path(rest if kind in ("cifar10", "cifar10-test") else spec)
-    if kind in ("cifar10", "cifar10-test") and download:
-        return
-    if not path.exists():
-        raise DataError(f"--data {spec}: {path} does not exist; valid forms: {DATA_FORMS}; "
-                        "hint: check the path (it must be visible from the compute nodes too)")
+    """Cheap checks of --data on the submitting machine (see data.check_source)."""
+    from .data import check_source
+    check_source(spec, download)
 
 
 def tasks_per_node(launch: LaunchConfig) -> int:
@@ -200,19 +190,25 @@ def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: b
     SLURM jobs are watched through hpcviz.jobstate (sacct, else squeue/scontrol, else the
     run's files), so the wait ends whatever happened to the job.
     """
-    from .jobstate import JobFailed, wait_for_job
+    from .jobstate import JobFailed, is_input_error, read_results, result_paths, wait_for_job
+    ntasks = tasks_per_node(launch) * launch.nodes if launch else 1
     try:
         if isinstance(job, submitit.SlurmJob):
-            ntasks = tasks_per_node(launch) * launch.nodes if launch else 1
             results = wait_for_job(str(job.job_id), job.paths.folder, ntasks, follow=follow)
         else:
             results = job.results()
     except JobFailed as e:
         raise LaunchError(str(e)) from None
     except Exception as e:  # FailedJobError, UncompletedJobError, or the job's own exception
-        reason = str(e).strip().splitlines()
-        brief = next((l for l in reversed(reason) if l.strip() and not l.startswith(" ")), type(e).__name__)
-        raise LaunchError(f"job {job.job_id} failed: {brief}\n{log_tail(job)}") from None
+        brief = type(e).__name__
+        try:  # the task's own exception, from the result file submitit wrote
+            read_results(result_paths(job.paths.folder, str(job.job_id), ntasks))
+        except JobFailed as failed:
+            brief = str(failed)
+        except OSError:
+            pass
+        more = "" if is_input_error(brief) else "\n" + log_tail(job)
+        raise LaunchError(f"job {job.job_id} failed: {brief}{more}") from None
     digests = {r.get("weights_sha256") for r in results if isinstance(r, dict)} - {None}
     if len(digests) > 1:  # every rank returns a digest of its weights: DDP must keep them identical
         raise LaunchError(f"job {job.job_id}: the {len(results)} ranks ended with different weights; "

@@ -43,18 +43,25 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--arch", "resnet19"], "invalid choice: 'resnet19'"),
-    (["--data", "/no/such/dir"], "--data /no/such/dir: /no/such/dir does not exist"),
-    (["--data", "builtin:many"], "builtin:N must be a whole number"),
+    (["--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
+    (["--data", "builtin:many"], "N_PER_CLASS 'many' is not a positive integer"),
+    (["--data", "EMPTY"], "no class subfolders"),
+    (["--data", "CORRUPT", "--cluster", "local"], "cannot decode"),
     (["--gpus", "64", "--cluster", "local", "--device", "auto"], "--gpus 64: this machine has"),
     (["--cluster", "moon"], "--cluster 'moon': not one of auto, slurm, local, debug"),
     (["--lr", "-1", "--cluster", "local"], "--lr -1.0: must be positive"),
     (["--profile", "nope", "--cluster", "local"], "--profile nope: no file"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt" / "cat").mkdir(parents=True)
+    (tmp_path / "corrupt" / "cat" / "x.jpg").write_bytes(b"not a jpeg")
+    args = [{"EMPTY": str(tmp_path / "empty"), "CORRUPT": str(tmp_path / "corrupt")}.get(a, a) for a in args]
     r = launch(*TINY, "--run", str(tmp_path / "bad"), *args, timeout=60)
     assert r.returncode != 0
     lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert message in r.stderr and len([l for l in lines if "error" in l]) == 1, r.stderr
+    assert message in r.stderr and len(lines) == 1 and lines[0].startswith(("error:", "usage:")) \
+        or "invalid choice" in message, r.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 

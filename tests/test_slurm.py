@@ -113,15 +113,16 @@ def test_time_limit_requeues_and_completes(tmp_path):
 
 
 def test_failing_job_is_a_clear_error_not_a_hang(tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
+    empty = tmp_path / "corrupt"  # passes the launcher's checks (a class folder with a .jpg), fails in the job
+    (empty / "cat").mkdir(parents=True)
+    (empty / "cat" / "x.jpg").write_bytes(b"not a jpeg")
     t0 = time.monotonic()
     r = launch(*DDP, "--run", str(tmp_path / "bad"), "--data", str(empty), "--wait")
     assert r.returncode == 1
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1, r.stderr
-    assert errors[0].startswith("error: job ") and "DataError" in errors[0] and str(empty) in errors[0], r.stderr
-    assert "last 30 lines" in r.stderr  # the tail of the job's log follows
+    assert errors[0].startswith("error: job ") and "DataError" in errors[0] and "cannot decode" in errors[0] \
+        and str(empty) in errors[0], r.stderr
     assert time.monotonic() - t0 < 300
 
 
