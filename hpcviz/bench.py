@@ -96,6 +96,10 @@ def _sync(device: torch.device) -> None:
 def bench_train_throughput(cfg: TrainConfig, steps: int, workers: int) -> dict[str, Any]:
     device = dist.pick_device(cfg.device)
     split = prepare_data(cfg, device)
+    steps = min(steps, len(split.train_y) // cfg.batch_size - 3)  # 3 warm-up steps; never past the data
+    if steps < 1:
+        raise ValueError(f"--batch-size {cfg.batch_size}: too large for {len(split.train_y)} training images; "
+                         "hint: a smaller --batch-size")
     ours = time_project_steps(cfg, split, steps)
     plain = time_plain_loop(cfg, split, steps, workers=workers)
     return {"arch": cfg.arch, "stem": cfg.resolved_stem(), "device": str(device), "batch_size": cfg.batch_size,

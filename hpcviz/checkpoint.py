@@ -73,10 +73,12 @@ def _sidecar(path: Path) -> Path:
 
 
 def _verifies(path: Path) -> bool:
-    side = _sidecar(path)
-    if not path.is_file() or not side.is_file():
+    """The file matches its own sidecar, or (a save that stopped mid-rotation) the other one."""
+    if not path.is_file():
         return False
-    return side.read_text().strip() == sha256_file(path)
+    sides = [_sidecar(path)] + [_sidecar(path.with_name(n)) for n in (LAST, PREV) if n != path.name]
+    known = {s.read_text().strip() for s in sides if s.is_file()}
+    return bool(known) and sha256_file(path) in known
 
 
 def find_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
@@ -140,7 +142,11 @@ def _locked(path: Path) -> Iterator[None]:
     # the launcher (login node) and the job (compute node) both update manifest.json
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # e.g. Lustre mounted without flock: go on unlocked rather than crash
+            yield
+            return
         try:
             yield
         finally:

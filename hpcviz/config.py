@@ -28,6 +28,7 @@ class TrainConfig:
     data: str = "builtin"             # builtin | builtin:N | cifar10:DIR | DIR | FILE.h5
     image_size: int = 32              # px, square; images are resized to this
     val_fraction: float = 0.1         # share of the source carved out for validation
+    split_seed: int = 0               # seed of the train/val split (apart from --seed, so runs stay comparable)
     skip_bad: bool = False            # skip unreadable image files (warn with a count) instead of stopping
     download: bool = False            # cifar10: download when missing (needs internet)
     augment: bool = True              # random crop (pad 4 px) + horizontal flip, batched on the device
@@ -46,7 +47,7 @@ class TrainConfig:
     schedule: str = "onecycle"        # one of SCHEDULES
     warmup_epochs: float = 1.0        # epochs of linear warm-up from lr/10 (onecycle, cosine)
     # execution
-    seed: int = 0                     # one seed for split, init, order and augmentation
+    seed: int = 0                     # one seed for initialisation, order and augmentation
     device: str = "auto"              # auto | cpu | cuda
     amp: str = "auto"                 # auto = bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True        # NHWC memory layout (faster on GPUs and on CPUs with oneDNN)

@@ -94,6 +94,9 @@ def init(device_type: str = "cpu", timeout_s: float = 300.0) -> DistEnv:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = env.master_addr, str(env.master_port)
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
+            if env.local_rank >= torch.cuda.device_count():
+                raise DistError(f"local rank {env.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                                f"hint: ask for at most --gpus {torch.cuda.device_count()} per node")
             torch.cuda.set_device(env.local_rank)
         td.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                               timeout=datetime.timedelta(seconds=timeout_s))
@@ -150,6 +153,19 @@ def any_ranks(flags: list[bool], device: torch.device | str = "cpu") -> list[boo
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     td.all_reduce(t, op=td.ReduceOp.MAX)
     return [bool(v > 0) for v in t.tolist()]
+
+
+def restart_count() -> int:
+    """How often SLURM has requeued this job (preemption, time limit); 0 outside SLURM."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `model` when there are several processes; `model` itself alone."""
+    if not is_dist():
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

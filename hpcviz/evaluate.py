@@ -19,7 +19,8 @@ from .data import normalize
 
 def autocast_for(device: torch.device, amp: str):
     """bf16 autocast on CUDA when amp is auto/bf16; plain fp32 elsewhere."""
-    if device.type == "cuda" and amp in ("auto", "bf16"):
+    # auto: bf16 where the GPU has it natively (Ampere and newer); fp32 on older GPUs, where it is emulated
+    if device.type == "cuda" and (amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if device.type == "cpu" and amp == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)

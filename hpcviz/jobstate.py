@@ -99,14 +99,14 @@ def read_results(paths: list[Path]) -> list[Any] | None:
 
 def is_input_error(line: str) -> bool:
     """True for the last traceback line of one of hpcviz's bad-input errors (ValueError subclasses,
-    e.g. 'hpcviz.data.DataError: --data X: ...'): that one line says everything, no log tail needed."""
+    e.g. 'hpcviz.data.DataError: --data X: ...', and the non-finite loss): that line says everything."""
     import importlib
     name = line.split(":", 1)[0].strip()
     module, _, cls = name.rpartition(".")
     if not module.startswith("hpcviz"):
         return False
     try:
-        return issubclass(getattr(importlib.import_module(module), cls), ValueError)
+        return issubclass(getattr(importlib.import_module(module), cls), (ValueError, ArithmeticError))
     except (ImportError, AttributeError, TypeError):
         return False
 
@@ -122,8 +122,8 @@ def tail(path: Path, lines: int = 30) -> str:
 class LogFollower:
     """Prints what was appended to a log file since the last call."""
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.pos = Path(path), 0
+    def __init__(self, path: Path, only_dated: bool = False) -> None:
+        self.path, self.pos, self.only_dated = Path(path), 0, only_dated
 
     def poll(self) -> None:
         try:
@@ -133,8 +133,11 @@ class LogFollower:
                 self.pos = f.tell()
         except OSError:
             return
-        if chunk:
-            sys.stdout.write(chunk.decode(errors="replace"))
+        text = chunk.decode(errors="replace")
+        if self.only_dated:
+            text = "".join(l for l in text.splitlines(keepends=True) if l[:2] == "20")
+        if text:
+            sys.stdout.write(text)
             sys.stdout.flush()
 
 

@@ -12,12 +12,16 @@ import logging
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import submitit
 
 from .config import LaunchConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from .viz import VizConfig
 
 log = logging.getLogger("hpcviz")
 
@@ -86,8 +90,10 @@ def make_executor(launch: LaunchConfig, folder: Path, job_name: str) -> submitit
         _check_local_gpus(launch.gpus)
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster,
                                slurm_max_num_timeout=int(prof["max_num_timeout"]))
+    # the profile's time limit is the cluster's; a job here runs until it is done (unless --time)
+    limit = launch.time_min or (int(prof["time_min"]) if cluster == "slurm" else 60 * 24 * 365)
     params: dict[str, Any] = dict(name=job_name, nodes=launch.nodes, tasks_per_node=tasks_per_node(launch),
-                                  timeout_min=launch.time_min or int(prof["time_min"]))
+                                  timeout_min=limit)
     cpus = launch.cpus_per_task or int(prof["cpus_per_task"])
     if cpus:
         params["cpus_per_task"] = cpus
@@ -184,6 +190,21 @@ def log_tail(job: submitit.Job, lines: int = 30) -> str:
     return "\n".join(out)
 
 
+def _follow_local(job: submitit.Job) -> None:
+    """A foreground local job: show rank 0's log as it grows, so the terminal is not silent."""
+    import time
+
+    from .jobstate import LogFollower
+    if not isinstance(job, submitit.LocalJob):
+        return
+    # only the training log's own lines (they start with a date): tracebacks end in the error line
+    follower = LogFollower(Path(job.paths.folder) / f"{job.job_id}_0_log.err", only_dated=True)
+    while not job.done():
+        follower.poll()
+        time.sleep(0.5)
+    follower.poll()
+
+
 def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: bool = False) -> Any:
     """Block until the job ends; a failure becomes a LaunchError carrying the log tail.
 
@@ -196,6 +217,7 @@ def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: b
         if isinstance(job, submitit.SlurmJob):
             results = wait_for_job(str(job.job_id), job.paths.folder, ntasks, follow=follow)
         else:
+            _follow_local(job)
             results = job.results()
     except JobFailed as e:
         raise LaunchError(str(e)) from None
@@ -214,3 +236,87 @@ def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: b
         raise LaunchError(f"job {job.job_id}: the {len(results)} ranks ended with different weights; "
                           "hint: report this with the job's logs")
     return results[0]
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (arrays hold indices 0..MaxArraySize-1); 1001 when it cannot be read."""
+    import subprocess
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 1001
+    for line in out.splitlines():
+        if line.replace(" ", "").startswith("MaxArraySize="):
+            return int(line.split("=", 1)[1].strip())
+    return 1001
+
+
+def submit_array(ex: submitit.Executor, fn: Any, run_dir: str, items: list[int], cluster: str,
+                 throttle: int = 0) -> list[submitit.Job]:
+    """One array task per item, as few arrays as MaxArraySize allows (each chunk is offset into `items`)."""
+    chunk = max_array_size() if cluster == "slurm" else max(1, len(items))
+    jobs: list[submitit.Job] = []
+    for offset in range(0, len(items), chunk):
+        part = items[offset:offset + chunk]
+        if cluster == "slurm" and throttle:
+            ex.update_parameters(slurm_array_parallelism=throttle)
+        jobs += ex.map_array(fn, [run_dir] * len(part), part)
+    return jobs
+
+
+def launch_viz(cfg: "VizConfig", launch: LaunchConfig, throttle: int = 0, fresh: bool = False) -> int:
+    """Plan, submit the missing shards as one array (or a few, past MaxArraySize), wait if asked, collate."""
+    from . import checkpoint, viz
+    run = Path(cfg.run_dir)
+    launch.cluster = detect_cluster(launch.cluster)
+    plan = viz.make_plan(cfg)
+    old = checkpoint.read_json(run / "viz" / "plan.json")
+    if old is not None and (old["shards"], old["checkpoint_sha256"], old["blocks"]) != \
+            (plan["shards"], plan["checkpoint_sha256"], plan["blocks"]):
+        if not fresh:
+            raise viz.VizError(f"{run}/viz holds shards of another request (other images, blocks or checkpoint); "
+                               "hint: pass --fresh to replace them, or repeat the earlier request")
+        for p in (run / "viz" / "shards").glob("shard-*.h5"):
+            p.unlink()
+    viz.write_plan(run, plan)
+    todo = [s for s, pos in enumerate(plan["shards"]) if not viz.shard_done(run, s, len(pos))]
+    log.info("%d images in %d shards; %d to do", plan["n_images"], len(plan["shards"]), len(todo))
+    checkpoint.update_manifest(run, "viz", status="submitted" if todo else "done", n_shards=len(plan["shards"]))
+    if todo:
+        launch.nproc, launch.nodes = 1, 1
+        ex = make_executor(launch, run / "logs", f"hpcviz-viz-{run.name}")
+        jobs = submit_array(ex, viz.run_shard, str(run), todo, launch.cluster, throttle)
+        ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+        checkpoint.update_manifest(run, "viz", job_ids=ids, tasks={str(j.job_id): s for j, s in zip(jobs, todo)})
+        if launch.cluster == "slurm" and not launch.wait:
+            print(f"submitted array job(s) {', '.join(ids)}: {len(todo)} task(s)\n  run dir: {run}\n"
+                  f"  then:    python jobs/launch_viz.py --run {run} ... again collates (or add --wait)")
+            return 0
+        failed = _wait_all(jobs, todo, launch)
+    else:
+        failed = []
+    return _collate_viz(run, plan, failed)
+
+
+def _wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig) -> list[str]:
+    failed = []
+    for job, shard in zip(jobs, shards):
+        try:
+            wait_result(job, launch)
+        except LaunchError as e:
+            failed.append(f"shard {shard}: {str(e).splitlines()[0]}")
+    return failed
+
+
+def _collate_viz(run: Path, plan: dict[str, Any], failed: list[str]) -> int:
+    from . import checkpoint, store, viz
+    paths = [viz.shard_path(run, s) for s in range(len(plan["shards"]))]
+    summary = store.collate(paths, run / "viz" / "viz.h5", {"plan_checkpoint_sha256": plan["checkpoint_sha256"]})
+    missing = summary["missing"]
+    checkpoint.update_manifest(run, "viz", status="done" if not missing else "partial",
+                               missing_shards=sorted(missing), n_images=summary["n_images"])
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    print(f"viz: {summary['n_images']} images in {len(paths) - len(missing)}/{len(paths)} shards -> "
+          f"{run / 'viz' / 'viz.h5'}" + (f"; missing: {', '.join(sorted(missing))}" if missing else ""))
+    return 0 if not missing else 1

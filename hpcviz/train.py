@@ -21,7 +21,6 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import __version__, checkpoint, dist
 from .config import ConfigError, TrainConfig, config_to_dict
@@ -33,8 +32,8 @@ from .models import build_model, load_init
 log = logging.getLogger("hpcviz")
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, an incompatible checkpoint)."""
+class TrainingError(FloatingPointError):
+    """Training cannot go on: the loss is not finite."""
 
 
 @dataclass
@@ -52,7 +51,7 @@ class Split:
 def prepare_data(cfg: TrainConfig, device: torch.device) -> Split:
     """Load the source, carve the seeded validation split, compute normalisation on the train part."""
     ds: ImageSet = load_images(cfg.data, cfg.image_size, download=cfg.download, skip_bad=cfg.skip_bad)
-    train_idx, val_idx = split_indices(ds.labels, cfg.val_fraction, seed=0)  # split seed fixed: comparable runs
+    train_idx, val_idx = split_indices(ds.labels, cfg.val_fraction, seed=cfg.split_seed)
     mean, std = channel_stats(ds.images[train_idx])
     return Split(ds.images[train_idx].to(device), ds.labels[train_idx].to(device),
                  ds.images[val_idx].to(device), ds.labels[val_idx].to(device),
@@ -132,9 +131,7 @@ def build_for_training(cfg: TrainConfig, num_classes: int, device: torch.device)
     raw = raw.to(device)
     if cfg.channels_last:  # faster on GPUs (tensor cores) and, with oneDNN, several times on CPUs
         raw = raw.to(memory_format=torch.channels_last)
-    model: nn.Module = raw
-    if dist.world_size() > 1:
-        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    model = dist.wrap_ddp(raw, device)
     if cfg.compile:
         model = torch.compile(model)
     return raw, model
@@ -161,10 +158,15 @@ class Meters:
             self._pending = []
         return {"loss_sum": self.loss_sum, "correct": self.correct, "n": self.n}
 
-    def global_means(self, device: torch.device) -> tuple[float, float]:
+    def global_state(self, device: torch.device) -> dict[str, float]:
+        """The sums over all ranks (every rank must call it): what a checkpoint stores."""
         s = self.state()
         t = dist.all_reduce_sum(torch.tensor([s["loss_sum"], s["correct"], s["n"]], dtype=torch.float64, device=device))
-        return float(t[0] / t[2].clamp(min=1)), float(t[1] / t[2].clamp(min=1))
+        return {"loss_sum": float(t[0]), "correct": float(t[1]), "n": float(t[2])}
+
+    def global_means(self, device: torch.device) -> tuple[float, float]:
+        g = self.global_state(device)
+        return g["loss_sum"] / max(g["n"], 1.0), g["correct"] / max(g["n"], 1.0)
 
 
 @dataclass
@@ -180,7 +182,8 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, split: Split, 
     device = split.train_x.device
     total_steps = steps_per_epoch * cfg.epochs
     local_b = cfg.batch_size // dist.world_size()
-    perm = torch.randperm(len(split.train_y), generator=seeded(cfg.seed, pos.epoch))  # (Nt,) same on all ranks
+    # (Nt,) same on all ranks; moved to the device once per epoch, not once per step
+    perm = torch.randperm(len(split.train_y), generator=seeded(cfg.seed, pos.epoch)).to(device)
     check_every = 1 if device.type == "cpu" else 10  # a check syncs the GPU: not every step there
     progress = StepProgress(steps_per_epoch, f"epoch {pos.epoch + 1}/{cfg.epochs}", cfg.log_every)
     bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -189,7 +192,7 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, split: Split, 
             lr = lr_at(pos.epoch * steps_per_epoch + step, total_steps, steps_per_epoch, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            mine = perm[step * cfg.batch_size + dist.rank() * local_b:][:local_b].to(device)  # (b,)
+            mine = perm[step * cfg.batch_size + dist.rank() * local_b:][:local_b]  # (b,)
             x = split.train_x[mine]  # (b, 3, H, W) uint8
             if cfg.augment:
                 x = augment(x, seeded(cfg.seed, pos.epoch, step, dist.rank()))
@@ -219,17 +222,12 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, split: Split, 
                 if due_save and pos.step < steps_per_epoch:
                     save(pos, meters)
             if pos.step % cfg.log_every == 0:
-                progress.update(pos.step, f"loss {float(loss):.3f} lr {lr:.4g}")
+                progress.update(pos.step, f"loss {loss.item():.3f} lr {lr:.4g}")
             else:
                 progress.update(pos.step)
     finally:
         progress.close()
     return True
-
-
-def _restart_count() -> int:
-    # SLURM sets it when a job was requeued (preemption, time limit): then always continue
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
 def load_resume_state(cfg: TrainConfig, num_classes: int) -> dict[str, Any] | None:
@@ -239,13 +237,15 @@ def load_resume_state(cfg: TrainConfig, num_classes: int) -> dict[str, Any] | No
         found = checkpoint.find_checkpoint(ckpt_dir)
         if found is None:
             return None
-        if cfg.resume == "" and _restart_count() == 0:
+        if cfg.resume == "" and dist.restart_count() == 0:
             raise checkpoint.CheckpointError(
                 f"--run {cfg.run_dir} already holds a checkpoint ({found}); hint: pass --resume to continue it, "
                 "or choose a new --run (nothing was overwritten)")
         path: Path | str = found
     else:
-        path = cfg.resume
+        # a requeued job continues its own run, not the checkpoint it was first started from
+        own = checkpoint.find_checkpoint(ckpt_dir) if dist.restart_count() > 0 else None
+        path = own or cfg.resume
     state = checkpoint.load_checkpoint(path)
     old = state["config"]
     mine = (cfg.arch, cfg.resolved_stem(), num_classes)
@@ -264,7 +264,7 @@ def build_stem_of(config: dict[str, Any]) -> str:
 def _state(raw: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, split: Split,
            pos: Position, meters: Meters) -> dict[str, Any]:
     return {"model": raw.state_dict(), "optimizer": opt.state_dict(), "epoch": pos.epoch, "step": pos.step,
-            "meters": meters.state(), "config": config_to_dict(cfg), "classes": list(split.classes),
+            "meters": meters.global_state(split.train_x.device), "config": config_to_dict(cfg), "classes": list(split.classes),
             "mean": list(split.mean), "std": list(split.std), "data_fingerprint": split.fingerprint,
             "world_size": dist.world_size(), "hpcviz_version": __version__, "torch_version": str(torch.__version__)}
 
@@ -276,14 +276,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     dist.init(device_type)
     setup_logging()
     stop = StopRequest()
+    started: list[bool] = []
     try:
-        return _train(cfg, dist.pick_device(cfg.device), stop)
+        return _train(cfg, dist.pick_device(cfg.device), stop, started)
+    except Exception as e:
+        # once this run's files are ours, a status view must see why it ended; a refused start
+        # (e.g. a run that exists without --resume) leaves the files untouched
+        if dist.is_main() and started:
+            checkpoint.update_manifest(cfg.run_dir, "train", status="failed", error=f"{type(e).__name__}: {e}")
+        raise
     finally:
         stop.restore()
         dist.cleanup()
 
 
-def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> dict[str, Any]:
+def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: list[bool]) -> dict[str, Any]:
     run = Path(cfg.run_dir)
     _set_threads(device)
     if cfg.batch_size % dist.world_size():
@@ -301,10 +308,12 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> dict[st
     if resume is not None:
         raw.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        pos, meters = Position(resume["epoch"], resume["step"]), Meters(resume["meters"])
+        # the checkpoint holds the sums over all ranks: rank 0 carries them, the others start at 0
+        pos, meters = Position(resume["epoch"], resume["step"]), Meters(resume["meters"] if dist.is_main() else None)
         log.info("resumed from %s at epoch %d step %d", resume["path"], pos.epoch + 1, pos.step)
     if dist.is_main():
         _start_run_files(cfg, split, device, resume is not None, pos)
+    started.append(True)
 
     def save(p: Position, m: Meters) -> None:
         state = _state(raw, opt, cfg, split, p, m)  # every rank: meters.state() must run everywhere
@@ -339,7 +348,7 @@ def _start_run_files(cfg: TrainConfig, split: Split, device: torch.device, resum
     checkpoint.update_manifest(run, "train", status="running", host=os.uname().nodename,
                                world_size=dist.world_size(), device=str(device), hpcviz_version=__version__,
                                torch_version=str(torch.__version__), dataset_fingerprint=split.fingerprint,
-                               classes=list(split.classes), restarts=_restart_count())
+                               classes=list(split.classes), restarts=dist.restart_count())
     # epochs at or after the resume point will be written again: drop them so none appears twice
     kept = [r for r in checkpoint.read_metrics(run) if resumed and r["epoch"] <= pos.epoch]
     checkpoint.write_metrics(run, kept)

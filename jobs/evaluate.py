@@ -21,7 +21,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--name", default="", help="suffix of eval-<name>.json (default: from --data)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--cluster", default="debug", help="debug (here, default) | local | slurm")
+    p.add_argument("--cluster", default="inline", help="inline (in this process, default) | local | slurm")
     p.add_argument("--gpus", type=int, default=0)
     p.add_argument("--profile", default="")
     return p
@@ -44,10 +44,13 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--run {args.run}: no checkpoints/ in it; hint: pass a run directory made by "
                              "jobs/launch_train.py")
         precheck_data(args.data)
-        launch = LaunchConfig(cluster=args.cluster, gpus=args.gpus, profile=args.profile)
-        ex = make_executor(launch, Path(args.run) / "logs", f"hpcviz-eval-{name}")
-        job = ex.submit(evaluate_run, args.run, args.data, name, args.device, args.batch_size)
-        result = wait_result(job)
+        if args.cluster == "inline":
+            result = evaluate_run(args.run, args.data, name, args.device, args.batch_size)
+        else:
+            launch = LaunchConfig(cluster=args.cluster, gpus=args.gpus, profile=args.profile)
+            ex = make_executor(launch, Path(args.run) / "logs", f"hpcviz-eval-{name}")
+            job = ex.submit(evaluate_run, args.run, args.data, name, args.device, args.batch_size)
+            result = wait_result(job, launch)
     except (ValueError, LaunchError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1

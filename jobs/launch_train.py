@@ -23,16 +23,18 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--data", help="builtin | builtin:N | cifar10:DIR | cifar10-test:DIR | DIR | FILE.h5 (default builtin)")
     g.add_argument("--image-size", type=int, help="px; images are resized to this (default 32)")
     g.add_argument("--val-fraction", type=float, help="share carved out for validation (default 0.1)")
+    g.add_argument("--split-seed", type=int, help="seed of the train/val split (default 0)")
     g.add_argument("--skip-bad", action="store_true", default=None, help="skip unreadable images (warn with a count)")
     g.add_argument("--download", action="store_true", default=None, help="cifar10: download when missing")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no crop/flip")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=ARCHS, help="default resnet18")
-    g.add_argument("--stem", choices=STEMS, help="default: imagenet for resnet18/34/50, cifar for resnet20/32/56")
+    # no argparse `choices`: the config's own check gives a one-line error listing them
+    g.add_argument("--arch", help=f"{' | '.join(ARCHS)} (default resnet18)")
+    g.add_argument("--stem", help=f"{' | '.join(STEMS)} (default: imagenet for resnet18/34/50, cifar for 20/32/56)")
     g.add_argument("--init", help="torchvision-format state dict to start from (e.g. pretrained weights)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--recipe", default="default", choices=tuple(RECIPES),
-                   help="named defaults; 'seed' = the course report (lr 0.0005, batch 256, 900 epochs, no schedule)")
+    g.add_argument("--recipe", default="default",
+                   help=f"{' | '.join(RECIPES)}: named defaults; 'seed' = the course report (lr 0.0005, batch 256, 900 epochs, no schedule)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="global images per step, split over the processes (default 256)")
     g.add_argument("--lr", type=float, help="peak learning rate (default 0.2)")
@@ -40,12 +42,12 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=None)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--schedule", choices=SCHEDULES)
+    g.add_argument("--schedule", help=" | ".join(SCHEDULES))
     g.add_argument("--warmup-epochs", type=float)
     g = p.add_argument_group("execution")
     g.add_argument("--seed", type=int)
-    g.add_argument("--device", choices=DEVICES)
-    g.add_argument("--amp", choices=AMP_MODES, help="auto = bf16 autocast on CUDA")
+    g.add_argument("--device", help=" | ".join(DEVICES))
+    g.add_argument("--amp", help=f"{' | '.join(AMP_MODES)}; auto = bf16 autocast on GPUs that have bf16")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--eval-batch-size", type=int)
@@ -77,7 +79,7 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wait", action="store_true", help="on SLURM: follow the job until it ends")
 
 
-TRAIN_KEYS = ("data", "image_size", "val_fraction", "skip_bad", "download", "augment", "arch", "stem", "init",
+TRAIN_KEYS = ("data", "image_size", "val_fraction", "split_seed", "skip_bad", "download", "augment", "arch", "stem", "init",
               "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "label_smoothing", "schedule",
               "warmup_epochs", "seed", "device", "amp", "channels_last", "compile", "eval_batch_size", "log_every",
               "checkpoint_every", "resume")
@@ -111,8 +113,8 @@ def main(args: argparse.Namespace) -> int:
             if result.get("rank", 0) == 0:
                 print(f"done: {cfg.run_dir} (val accuracy {100 * result['val_accuracy']:.2f}%)")
             return 0
-        if launch.cluster != "debug" and not cfg.resume:
-            # refuse here, before anything is queued; the job checks again
+        if not cfg.resume:
+            # refuse here, before anything is queued or written; the job checks again
             found = checkpoint.find_checkpoint(Path(cfg.run_dir) / "checkpoints")
             if found is not None:
                 raise checkpoint.CheckpointError(f"--run {cfg.run_dir} already holds a checkpoint ({found}); "
@@ -123,7 +125,8 @@ def main(args: argparse.Namespace) -> int:
         job = submit_train(cfg, launch)
         checkpoint.update_manifest(cfg.run_dir, "train", job_id=str(job.job_id))
         if launch.cluster == "slurm" and not launch.wait:
-            print(f"submitted job {job.job_id}\n  run dir: {cfg.run_dir}\n  follow:  tail -f {job.paths.stdout}"
+            print(f"submitted job {job.job_id}\n  run dir: {cfg.run_dir}\n"
+                  f"  follow:  tail -f {Path(job.paths.folder) / f'{job.job_id}_0_log.err'}"
                   f"\n  or:      squeue -j {job.job_id}")
             return 0
         result = wait_result(job, launch, follow=launch.wait)

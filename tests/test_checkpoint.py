@@ -43,6 +43,16 @@ def test_corrupt_last_falls_back_to_prev_with_a_warning(tmp_path, caplog, damage
     assert load_checkpoint(tmp_path)["epoch"] == 3 and load_checkpoint(tmp_path / "prev.pt")["epoch"] == 1
 
 
+def test_a_save_stopped_mid_rotation_still_resumes(tmp_path):
+    save_checkpoint(state(1), tmp_path)
+    save_checkpoint(state(2), tmp_path)
+    # the instant between moving last.pt to prev.pt and moving its sidecar: prev.pt has the old sidecar
+    import os
+    os.replace(tmp_path / "last.pt", tmp_path / "prev.pt")
+    s = load_checkpoint(tmp_path)
+    assert s["epoch"] == 2 and s["path"].endswith("prev.pt")
+
+
 def test_no_good_checkpoint_is_an_error(tmp_path):
     assert find_checkpoint(tmp_path) is None
     save_checkpoint(state(1), tmp_path)

@@ -1,8 +1,10 @@
-"""hpcviz.store (packed image sets, atomic writes) and the jobs/pack_data.py command."""
+"""hpcviz.store (packed image sets, atomic writes, shards, collation, inspection) and jobs/pack_data.py."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,10 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcviz.store import PACKED_FORMAT, StoreError, atomic_path, read_packed, write_packed
+from hpcviz import store
+from hpcviz.store import (PACKED_FORMAT, SHARD_FORMAT, VIZ_FORMAT, ShardWriter, StoreError, atomic_path, collate,
+                          dataset_stats, describe, list_datasets, read_attrs, read_image, read_packed, read_shard,
+                          verify_shard, write_packed)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
@@ -173,3 +178,368 @@ def test_pack_data_main_in_process(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --data") and "no such directory" in err
     assert not (tmp_path / "c.h5").exists()
+
+
+# ----------------------------------------------------------------------------- shards
+ROOT_ATTRS = {"run": "r1", "checkpoint_sha256": "ab" * 32, "arch": "resnet20", "image_size": 4, "lr": 0.1,
+              "flag": True, "class_names": ["cat", "dog"], "mean": [0.5, 0.25, 0.125],
+              "config": {"viz": {"split": "val", "blocks": ["layer1.0"]}, "epochs": 2}}
+DIMS = {"index": ("image",), "images": ("image", "channel", "y", "x"), "label": ("image",),
+        "logits": ("image", "class"), "act/layer1.0": ("image", "channel", "y", "x"),
+        "deconv/layer1.0/residual": ("image", "channel", "y", "x")}
+
+
+def shard_data(n: int, seed: int = 0, offset: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"index": np.arange(offset, offset + n, dtype=np.int64),
+            "images": rng.integers(0, 256, (n, 3, 4, 4), dtype=np.uint8),
+            "label": rng.integers(0, 2, n),
+            "logits": rng.standard_normal((n, 2)).astype(np.float32),
+            "act/layer1.0": rng.standard_normal((n, 5, 2, 2)).astype(np.float32),
+            "deconv/layer1.0/residual": rng.standard_normal((n, 3, 4, 4)).astype(np.float32)}
+
+
+def write_shard(path: Path, data: dict[str, np.ndarray], batch: int = 4, compression: str | None = None,
+                **attrs) -> dict[str, np.ndarray]:
+    """Write `data` in batches like an array task (act/* as float16); returns what should read back."""
+    n = len(data["index"])
+    with ShardWriter(path, n, {**ROOT_ATTRS, **attrs}, compression=compression) as w:
+        for name, array in data.items():
+            act = name.startswith("act/")
+            for start in range(0, n, batch):
+                w.write(name, start, array[start:start + batch], dims=DIMS[name],
+                        dtype=np.float16 if act else None, attrs={"block": "layer1.0"} if act else None)
+    with np.errstate(over="ignore"):  # planted overflows
+        return {k: v.astype(np.float16) if k.startswith("act/") else v for k, v in data.items()}
+
+
+def make_shards(folder: Path, sizes: list[int], **kw) -> tuple[list[Path], list[dict[str, np.ndarray]]]:
+    paths, datas, offset = [], [], 0
+    for k, n in enumerate(sizes):
+        paths.append(folder / f"shard-{k:05d}.h5")
+        datas.append(write_shard(paths[-1], shard_data(n, seed=k, offset=offset), shard=k, **kw))
+        offset += n
+    return paths, datas
+
+
+def test_shard_round_trip(tmp_path):
+    data = shard_data(6)
+    act = data["act/layer1.0"]
+    act[1, 0, 0, 0], act[5, 1, 1, 1] = 1e6, -7e4  # overflow float16, in two different batches
+    act[2, 0, 0, 0], act[3, 0, 0, 0] = 65504.0, np.inf  # the largest float16; an inf that was already inf
+    path = tmp_path / "s.h5"
+    want = write_shard(path, data)
+    assert os.listdir(tmp_path) == ["s.h5"]  # no temp left behind
+    assert verify_shard(path, 6) == {**ROOT_ATTRS, "format": SHARD_FORMAT, "n": 6, "complete": True}
+    assert list_datasets(path) == sorted(DIMS)
+    got = read_shard(path)
+    for name, array in want.items():
+        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
+    assert got["act/layer1.0"][2, 0, 0, 0] == 65504.0 and np.isinf(got["act/layer1.0"][1, 0, 0, 0])
+    assert got["images"].dtype == np.uint8 and got["logits"].dtype == np.float32
+    with h5py.File(path, "r") as f:
+        for name in ("images", "act/layer1.0", "deconv/layer1.0/residual"):
+            assert f[name].chunks == (1, *f[name].shape[1:]) and f[name].compression is None
+        assert f["index"].chunks == (6,) and f["logits"].chunks == (6, 2)  # small rows: many per chunk
+        for name, dims in DIMS.items():
+            assert tuple(d.label for d in f[name].dims) == dims
+            assert name == "index" or list(f[name].dims[0].keys()) == ["index"]
+        assert f["index"].is_scale
+        assert f["act/layer1.0"].attrs["fp16_overflow"] == 2 and f["act/layer1.0"].attrs["block"] == "layer1.0"
+    rows = read_shard(path, ["index", "images"], [4, 0, 4, -1])
+    assert np.array_equal(rows["index"], [4, 0, 4, 5]) and np.array_equal(rows["images"], want["images"][[4, 0, 4, 5]])
+    assert np.array_equal(read_shard(path, ["label"], slice(1, 6, 2))["label"], want["label"][1:6:2])
+    with pytest.raises(StoreError, match=r"out of range; valid: 0\.\.5"):
+        read_shard(path, ["label"], [6])
+
+
+def test_fp16_conversion_same_with_and_without_torch(tmp_path, monkeypatch):
+    pytest.importorskip("torch")  # the writer uses torch's fast cast when torch is imported
+    x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32) * 3e4  # some overflow
+    x[0, 0, 0, :6] = [65504, 65519.9, 65520, np.nan, 6e-8, 2.9e-8]  # rounding edges, NaN, subnormals
+
+    def write(path: Path) -> tuple[np.ndarray, int]:
+        with ShardWriter(path, 4, {}) as w:
+            w.write("act/a", 0, x, dims=("image", "channel", "y", "x"), dtype=np.float16)
+        with h5py.File(path, "r") as f:
+            return f["act/a"][()], int(f["act/a"].attrs["fp16_overflow"])
+
+    fast, fast_count = write(tmp_path / "fast.h5")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    slow, slow_count = write(tmp_path / "slow.h5")
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16)
+    assert np.array_equal(fast.view(np.uint16), slow.view(np.uint16))
+    assert np.array_equal(slow.view(np.uint16), ref.view(np.uint16))
+    assert fast_count == slow_count == int(np.isinf(ref).sum()) > 0
+
+
+def test_writer_exception_removes_temp_and_keeps_old_shard(tmp_path):
+    path = tmp_path / "s.h5"
+    with pytest.raises(RuntimeError, match="boom"):
+        with ShardWriter(path, 4, ROOT_ATTRS) as w:
+            w.write("index", 0, np.arange(2), dims=("image",))
+            assert w.tmp.exists() and not path.exists()
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(StoreError, match="no such file"):
+        verify_shard(path)
+    want = write_shard(path, shard_data(5))
+    with pytest.raises(KeyboardInterrupt):  # a rewrite that dies leaves the earlier complete shard alone
+        with ShardWriter(path, 5, ROOT_ATTRS) as w:
+            w.write("index", 0, np.arange(5) + 100, dims=("image",))
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == ["s.h5"] and np.array_equal(read_shard(path, ["index"])["index"], want["index"])
+
+
+def test_writer_killed_by_sigkill(tmp_path):
+    path = tmp_path / "shard-00000.h5"
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import numpy as np
+from hpcviz.store import ShardWriter
+w = ShardWriter({str(path)!r}, 8, {{"run": "r"}})
+w.write("index", 0, np.arange(8), dims=("image",))
+w.write("act/a", 0, np.ones((4, 2, 3, 3), np.float32), dims=("image", "channel", "y", "x"), dtype=np.float16)
+w._f.flush()  # half a shard really on disk
+print(w.tmp, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    tmp = Path(r.stdout.strip())
+    assert tmp.exists() and not path.exists()
+    with pytest.raises(StoreError) as e:
+        verify_shard(path, 8)
+    msg = one_line(e, path)
+    assert "no such file" in msg and tmp.name in msg and "killed" in msg
+    with pytest.raises(StoreError, match="incomplete|truncated"):
+        verify_shard(tmp)  # the temp itself is never accepted either
+    w = ShardWriter(path, 3, ROOT_ATTRS)
+    assert not tmp.exists()  # the stale temp of the killed writer is gone
+    w.write("index", 0, np.arange(3), dims=("image",))
+    assert w.close() == path and verify_shard(path, 3)["n"] == 3
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_close_detects_gap(tmp_path):
+    path = tmp_path / "s.h5"
+    w = ShardWriter(path, 8, ROOT_ATTRS)
+    w.write("index", 0, np.arange(8), dims=("image",))
+    for start, stop in [(0, 3), (4, 8), (1, 2)]:  # row 3 never written
+        w.write("act/a", start, np.zeros((stop - start, 2), np.float32), dims=("image", "channel"))
+    with pytest.raises(StoreError) as e:
+        w.close()
+    assert "'act/a' rows [3, 4) of 8" in one_line(e, path)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad", ["compression", "reserved", "n", "dims", "shape", "rows", "attr"])
+def test_writer_validates_inputs(tmp_path, bad):
+    path = tmp_path / "s.h5"
+    kw = {"compression": "zstd"} if bad == "compression" else {}
+    attrs = {**ROOT_ATTRS, "complete": True} if bad == "reserved" else ROOT_ATTRS
+    with pytest.raises(StoreError) as e:
+        with ShardWriter(path, -1 if bad == "n" else 4, attrs, **kw) as w:
+            w.write("act/a", 0, np.zeros((2, 3)), dims=("image",) if bad == "dims" else ("image", "c"),
+                    attrs={"x": object()} if bad == "attr" else None)
+            w.write("act/a", 3 if bad == "rows" else 2, np.zeros((2, 4 if bad == "shape" else 3)), dims=("image", "c"))
+    msg = one_line(e, path)
+    if bad == "compression":
+        assert "'zstd'" in msg and "'gzip', 'lzf'" in msg
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("compression", ["gzip", "lzf"])
+def test_compression(tmp_path, compression):
+    path = tmp_path / "s.h5"
+    data = shard_data(5)
+    data["act/layer1.0"][:, :, 0] = 0  # something to compress
+    want = write_shard(path, data, compression=compression)
+    got = read_shard(path)
+    assert all(np.array_equal(got[k], v) for k, v in want.items())
+    desc = {o["name"]: o for o in describe(path)["objects"]}
+    assert desc["act/layer1.0"]["compression"] == compression and desc["act/layer1.0"]["shuffle"]
+
+
+# ----------------------------------------------------------------------------- collate
+def test_collate_is_the_concatenation_and_survives_a_move(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    paths, datas = make_shards(run / "viz" / "shards", [5, 3, 4])
+    viz = run / "viz" / "viz.h5"
+    names = [f"shards/shard-{k:05d}.h5" for k in range(3)]
+    assert collate(paths, viz) == {"n_images": 12, "present": names, "missing": {}}
+    assert sorted(os.listdir(viz.parent)) == ["shards", "viz.h5"]
+    want = {name: np.concatenate([d[name] for d in datas]) for name in DIMS}
+
+    def check(path: Path) -> None:
+        got = read_shard(path)
+        assert set(got) == set(want) and all(np.array_equal(got[k], v) for k, v in want.items())
+
+    check(viz)
+    attrs = read_attrs(viz)
+    assert attrs["format"] == VIZ_FORMAT and attrs["complete"] is True and attrs["n_images"] == attrs["n"] == 12
+    assert attrs["shards"] == names and attrs["missing_shards"] == [] and attrs["missing_reasons"] == {}
+    assert attrs["config"] == ROOT_ATTRS["config"] and attrs["class_names"] == ["cat", "dog"]
+    assert "shard" not in attrs and attrs["varying_attrs"] == ["shard"]
+    with h5py.File(viz, "r") as f:
+        ds = f["act/layer1.0"]
+        assert ds.is_virtual and [m.file_name for m in ds.virtual_sources()] == names  # relative names
+        assert [d.label for d in ds.dims] == list(DIMS["act/layer1.0"]) and list(ds.dims[0].keys()) == ["index"]
+        assert f["index"].is_scale
+    moved = tmp_path / "elsewhere" / "run2"
+    shutil.move(run, moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # neither the old place nor the cwd holds the shards
+    check(moved / "viz" / "viz.h5")
+    check(Path("run2/viz/viz.h5"))
+
+
+def test_collate_leaves_out_missing_and_incomplete_shards(tmp_path):
+    folder = tmp_path / "viz" / "shards"
+    paths, datas = make_shards(folder, [3, 2, 4, 2, 3])
+    paths[1].unlink()  # never written
+    shutil.move(paths[2], folder / f"{paths[2].name}.tmp-99999")  # a killed writer's temp file
+    with h5py.File(paths[3], "r+") as f:
+        del f.attrs["complete"]  # finished writing data but never marked complete
+    result = collate(paths, tmp_path / "viz" / "viz.h5")
+    assert result["n_images"] == 6 and result["present"] == ["shards/shard-00000.h5", "shards/shard-00004.h5"]
+    reasons = result["missing"]
+    assert list(reasons) == [f"shards/shard-0000{k}.h5" for k in (1, 2, 3)]
+    assert reasons["shards/shard-00001.h5"] == "no such file"
+    assert "shard-00002.h5.tmp-99999" in reasons["shards/shard-00002.h5"]
+    assert "incomplete" in reasons["shards/shard-00003.h5"]
+    got = read_shard(tmp_path / "viz" / "viz.h5")
+    for name in DIMS:  # exactly shards 0 and 4: no fill rows in between
+        assert np.array_equal(got[name], np.concatenate([datas[0][name], datas[4][name]])), name
+    attrs = read_attrs(tmp_path / "viz" / "viz.h5")
+    assert attrs["complete"] is False and attrs["missing_shards"] == list(reasons)
+    assert attrs["missing_reasons"] == reasons and attrs["n_images"] == 6
+
+
+@pytest.mark.parametrize("odd", ["dtype", "shape", "names", "checkpoint"])
+def test_collate_refuses_mismatched_shards(tmp_path, odd):
+    paths, _ = make_shards(tmp_path / "shards", [3])
+    data = shard_data(2, seed=1)
+    if odd == "dtype":
+        data["logits"] = data["logits"].astype(np.float64)
+    elif odd == "shape":
+        data["act/layer1.0"] = data["act/layer1.0"][:, :4]
+    elif odd == "names":
+        del data["label"]
+    odd_path = tmp_path / "shards" / "shard-00001.h5"
+    write_shard(odd_path, data, **({"checkpoint_sha256": "cd" * 32} if odd == "checkpoint" else {}))
+    with pytest.raises(StoreError) as e:
+        collate([*paths, odd_path], tmp_path / "viz.h5")
+    assert "shard shards/shard-00001.h5 does not match" in one_line(e, tmp_path / "viz.h5")
+    assert not (tmp_path / "viz.h5").exists()
+    with pytest.raises(StoreError, match="no complete shard"):
+        collate([tmp_path / "nope.h5"], tmp_path / "viz.h5")
+
+
+def test_collate_checks_planned_sizes_and_skips_empty_shards(tmp_path):
+    paths, datas = make_shards(tmp_path / "shards", [3, 2, 4])
+    empty = tmp_path / "shards" / "empty.h5"
+    with ShardWriter(empty, 0, {**ROOT_ATTRS, "shard": 9}) as w:  # a task with no images still verifies
+        for name, array in shard_data(0).items():
+            w.write(name, 0, array, dims=DIMS[name], dtype=np.float16 if name.startswith("act/") else None)
+    assert verify_shard(empty, 0)["n"] == 0
+    result = collate([*paths, empty], tmp_path / "viz.h5", sizes=[3, 5, 4, 0])
+    assert result["n_images"] == 7 and list(result["missing"]) == ["shards/shard-00001.h5"]
+    assert "expected 5 rows" in result["missing"]["shards/shard-00001.h5"]
+    got = read_shard(tmp_path / "viz.h5", ["index"])["index"]
+    assert np.array_equal(got, np.concatenate([datas[0]["index"], datas[2]["index"]]))
+
+
+def test_virtual_file_with_a_deleted_source(tmp_path, monkeypatch):
+    paths, _ = make_shards(tmp_path / "shards", [2, 3])
+    viz = tmp_path / "viz.h5"
+    collate(paths, viz)
+    paths[1].unlink()
+    for read in (lambda: read_shard(viz, ["images"]), lambda: dataset_stats(viz, "act/layer1.0"),
+                 lambda: read_image(viz, "images", 0)):
+        with pytest.raises(StoreError, match="shards/shard-00001.h5, which is missing"):
+            read()  # rather than handing back fill values as if they were data
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("describe read dataset values")
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", no_reading)
+    monkeypatch.setattr(h5py.Dataset, "read_direct", no_reading)
+    desc = describe(viz)
+    objects = {o["name"]: o for o in desc["objects"]}
+    assert objects["act/layer1.0"]["shape"] == (5, 5, 2, 2) and objects["act/layer1.0"]["is_virtual"]
+    assert objects["act/layer1.0"]["sources"] == 2 and objects["act"]["kind"] == "group"
+    assert desc["attrs"]["n_images"] == 5
+
+
+# ----------------------------------------------------------------------------- inspection
+def test_describe_shard(tmp_path):
+    path = tmp_path / "s.h5"
+    write_shard(path, shard_data(3), notes="x" * 1000, classes=[f"c{k}" for k in range(100)])
+    desc = describe(path)
+    assert desc["path"] == str(path) and desc["file_bytes"] == path.stat().st_size
+    assert desc["attrs"]["notes"].endswith("(1000 chars)") and len(desc["attrs"]["notes"]) < 200
+    assert desc["attrs"]["classes"][-1] == "... (100 items)" and len(desc["attrs"]["classes"]) == 9
+    act = {o["name"]: o for o in desc["objects"]}["act/layer1.0"]
+    assert act["shape"] == (3, 5, 2, 2) and act["dtype"] == "float16" and act["chunks"] == (1, 5, 2, 2)
+    assert act["dims"] == list(DIMS["act/layer1.0"]) and act["scales"][0] == ["index"]
+    assert act["attrs"] == {"block": "layer1.0", "fp16_overflow": 0} and not act["is_virtual"]
+    assert [o["name"] for o in desc["objects"]] == ["act", "act/layer1.0", "deconv", "deconv/layer1.0",
+                                                    "deconv/layer1.0/residual", "images", "index", "label", "logits"]
+
+
+@pytest.mark.parametrize("reader", [verify_shard, describe, list_datasets, read_shard, read_attrs,
+                                    lambda p: dataset_stats(p, "images")])
+def test_readers_on_bad_files(tmp_path, reader):
+    path = tmp_path / "s.h5"
+    write_shard(path, shard_data(40))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError) as e:
+        reader(path)
+    assert "truncated" in one_line(e, path)
+    path.write_bytes(b"not hdf5 at all\n" * 50)
+    with pytest.raises(StoreError) as e:
+        reader(path)
+    assert "not an HDF5 file" in one_line(e, path)
+
+
+def test_dataset_stats_and_read_image(tmp_path, monkeypatch):
+    path = tmp_path / "s.h5"
+    data = shard_data(7)
+    deconv = data["deconv/layer1.0/residual"]
+    deconv[2, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    deconv[4, 1] = 0.0
+    write_shard(path, data)
+    monkeypatch.setattr(store.inspection, "_STATS_ELEMS", 100)  # 2 images per block: exercises the merge
+    stats = dataset_stats(path, "deconv/layer1.0/residual")
+    finite = deconv[np.isfinite(deconv)].astype(np.float64)
+    assert stats["shape"] == (7, 3, 4, 4) and stats["count"] == deconv.size and stats["finite"] == finite.size
+    assert (stats["nan"], stats["inf"], stats["zeros"]) == (1, 2, 16)
+    assert stats["min"] == finite.min() and stats["max"] == finite.max()
+    assert np.isclose(stats["mean"], finite.mean(), rtol=1e-12) and np.isclose(stats["std"], finite.std(), rtol=1e-12)
+    one = dataset_stats(path, "images", 3)
+    assert one["shape"] == (3, 4, 4) and one["max"] == data["images"][3].max() and one["index"] == 3
+    assert np.array_equal(read_image(path, "images", 6), data["images"][6])
+    with pytest.raises(StoreError, match=r"index 7 out of range .* valid: 0\.\.6"):
+        read_image(path, "images", 7)
+    with pytest.raises(StoreError, match=r"no dataset 'act/layer9'; valid: act/layer1\.0;"):
+        dataset_stats(path, "act/layer9")
+    with pytest.raises(StoreError, match=r"no dataset 'nope'; valid: act/, deconv/, images, index, label, logits;"):
+        read_shard(path, ["nope"])
+
+
+def test_h5_tools_read_shard_and_viz(tmp_path):
+    if not shutil.which("h5ls") or not shutil.which("h5dump"):
+        pytest.skip("h5ls/h5dump not on PATH (apt-get install -y hdf5-tools)")
+    paths, _ = make_shards(tmp_path / "shards", [3, 2])
+    viz = tmp_path / "viz.h5"
+    collate(paths, viz)
+    for path, n in [(paths[0], 3), (viz, 5)]:
+        r = subprocess.run(["h5ls", "-r", str(path)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert f"/act/layer1.0            Dataset {{{n}, 5, 2, 2}}" in r.stdout and f"/index" in r.stdout
+        r = subprocess.run(["h5dump", "-H", "-p", str(path)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "DIMENSION_LIST" in r.stdout and "H5T_IEEE_F32LE" in r.stdout, r.stderr
+    assert "VIRTUAL" in r.stdout and "shards/shard-00001.h5" in r.stdout

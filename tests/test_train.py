@@ -88,8 +88,10 @@ def test_existing_run_is_not_overwritten(tiny_cfg):
     cfg = tiny_cfg(epochs=1)
     train(cfg)
     before = checkpoint.sha256_file(checkpoint.Path(cfg.run_dir) / "checkpoints" / "last.pt")
+    manifest = (checkpoint.Path(cfg.run_dir) / "manifest.json").read_text()
     with pytest.raises(checkpoint.CheckpointError, match="--resume"):
         train(tiny_cfg(epochs=1))
+    assert (checkpoint.Path(cfg.run_dir) / "manifest.json").read_text() == manifest
     assert checkpoint.sha256_file(checkpoint.Path(cfg.run_dir) / "checkpoints" / "last.pt") == before
 
 
@@ -101,11 +103,27 @@ def test_resume_from_other_arch_is_refused(tiny_cfg, tmp_path):
         train(other)
 
 
+def test_resume_with_other_class_count_is_refused(tiny_cfg, tmp_path):
+    from PIL import Image
+    train(tiny_cfg(epochs=1))
+    for cls in ("a", "b"):  # an image folder of 2 classes
+        (tmp_path / "two" / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (16, 16), (i * 10, 0, 0) if cls == "a" else (0, i * 10, 0)).save(
+                tmp_path / "two" / cls / f"{i}.png")
+    other = tiny_cfg(data=str(tmp_path / "two"), run_dir=str(tmp_path / "other"),
+                     resume=str(tmp_path / "run" / "checkpoints" / "last.pt"))
+    with pytest.raises(checkpoint.CheckpointError, match="with 10 classes, this run .* with 2 classes"):
+        train(other)
+
+
 def test_nan_loss_stops_with_epoch_and_step(tiny_cfg):
     cfg = tiny_cfg(epochs=2, lr=1e30, schedule="constant")
     with pytest.raises(TrainingError, match=r"not finite at epoch 1, step \d+"):
         train(cfg)
     assert not (checkpoint.Path(cfg.run_dir) / "checkpoints" / "last.pt").exists()
+    manifest = json.loads((checkpoint.Path(cfg.run_dir) / "manifest.json").read_text())["train"]
+    assert manifest["status"] == "failed" and "not finite" in manifest["error"]
 
 
 def test_batch_larger_than_data(tiny_cfg):

@@ -1,74 +1,19 @@
-"""HDF5 storage for hpcviz: the packed image set (and, later, activation shards).
-
-This is the only module that imports h5py. Every writer goes through `atomic_path`, so a
-crash or a SLURM time-out never leaves a half-written file under the final name: readers
-either see the previous complete file or the new complete file.
-
-Packed layout (format ``hpcviz-packed-v1``)::
-
-    /images   (N, 3, H, W) uint8, chunked by 256 images, uncompressed (fast to load whole)
-    /labels   (N,) int64
-    root attrs: format, classes (JSON list of str), n, image_size (H if square, else 0),
-                height, width, plus any caller attrs (source spec, fingerprint, created, ...)
-"""
+"""The packed image set (format ``hpcviz-packed-v1``, layout in the package docstring): write_packed, read_packed."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import h5py
 import numpy as np
 
-__all__ = ["StoreError", "PACKED_FORMAT", "write_packed", "read_packed", "atomic_path"]
+from ._common import StoreError, _plain, atomic_path
 
 PACKED_FORMAT = "hpcviz-packed-v1"
 CHUNK_IMAGES = 256  # 256 * 3*32*32 = 768 KiB per chunk: big enough for fast sequential reads
 _RESERVED_ATTRS = ("format", "classes", "n", "image_size", "height", "width")
 _REBUILD_HINT = "hint: rebuild it with python jobs/pack_data.py --data SPEC --out FILE.h5 --force"
-
-
-class StoreError(ValueError):
-    """An hpcviz HDF5 file is missing, corrupt, truncated or of the wrong format."""
-
-
-def _fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if directory:  # some filesystems (and Windows) cannot open directories; rename is still atomic
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success fsync it and rename it onto `path`.
-
-    On any exception the temp file is removed and `path` is left exactly as it was.
-    The temp lives in the same directory so that os.replace is a same-filesystem atomic rename.
-    """
-    final = Path(path)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        _fsync_path(tmp)
-        os.replace(tmp, final)
-    except BaseException:  # also KeyboardInterrupt / SLURM's SIGTERM turned into SystemExit
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    _fsync_path(final.parent, directory=True)  # make the rename itself durable
 
 
 def _check_packed_inputs(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
@@ -96,7 +41,7 @@ def _check_packed_inputs(images: np.ndarray, labels: np.ndarray, classes: Sequen
 
 def write_packed(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
                  classes: Sequence[str], attrs: Mapping[str, str | int | float]) -> None:
-    """Atomically write a packed image set (layout in the module docstring) to `path`."""
+    """Atomically write a packed image set (layout in the package docstring) to `path`."""
     labels = np.asarray(labels)
     _check_packed_inputs(images, labels, classes, attrs)
     n, _, height, width = images.shape  # (N, 3, H, W)
@@ -111,17 +56,6 @@ def write_packed(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray
         f.attrs["height"], f.attrs["width"] = height, width
         for key, value in attrs.items():
             f.attrs[key] = value
-
-
-def _plain(value: object) -> object:
-    """HDF5 attrs come back as numpy scalars or bytes; hand callers plain Python values."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
 
 
 def _read_packed_open(f: h5py.File, where: str) -> tuple[np.ndarray, np.ndarray, list[str], dict]:

@@ -1,0 +1,201 @@
+"""Rich renderings of what is in a run directory or an hpcviz HDF5 file; never dumps data.
+
+Used by jobs/inspect_results.py. HDF5 is read only through hpcviz.store (the h5py importer);
+the run's small JSON files are read with the stdlib.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from . import store
+
+__all__ = ["render_tree", "render_stats", "summarize_run"]
+
+NOT_RUN = "not run yet"
+_MAX_SHARD_ROWS = 20  # above this, the shard table lists only the shards with a problem
+
+
+def _fmt(value: Any) -> str:
+    """A short display form: 4 significant digits for floats, lists and dicts on one line."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def _dataset_label(obj: dict[str, Any]) -> Text:
+    label = Text.assemble((obj["name"].rsplit("/", 1)[-1], "bold"), "  ", (str(obj["shape"]), "cyan"),
+                          " ", (obj["dtype"], "green"))
+    if obj["dims"] and any(obj["dims"]):
+        label.append("  dims " + "×".join(d or "?" for d in obj["dims"]))
+    if obj["is_virtual"]:
+        label.append(f"  virtual over {obj['sources']} file(s)", "magenta")
+    elif obj["chunks"]:
+        label.append(f"  chunks {obj['chunks']}")
+    if obj["compression"]:
+        opts = f" {obj['compression_opts']}" if obj["compression_opts"] is not None else ""
+        label.append(f"  {obj['compression']}{opts}" + (" +shuffle" if obj["shuffle"] else ""), "yellow")
+    if obj["is_scale"]:
+        label.append("  (dimension scale)", "dim")
+    elif obj["scales"] and obj["scales"][0]:
+        label.append(f"  dim 0 → {', '.join(obj['scales'][0])}", "dim")
+    stored = f", {_size(obj['storage_bytes'])} stored" if obj["storage_bytes"] and not obj["is_virtual"] else ""
+    label.append(f"  {_size(obj['nbytes'])}{stored}", "dim")
+    return label
+
+
+def render_tree(desc: dict[str, Any]) -> Tree:
+    """The tree of store.describe(path): root attrs, then groups and datasets with their key attrs."""
+    tree = Tree(Text.assemble((desc["path"], "bold"), f"  {_size(desc['file_bytes'])}"))
+    if desc["attrs"]:
+        attrs = tree.add(Text("attrs", "bold"))
+        for key, value in desc["attrs"].items():
+            attrs.add(Text(f"{key} = {_fmt(value)}"))
+    nodes: dict[str, Tree] = {"": tree}
+    for obj in desc["objects"]:  # sorted by name, so a group comes before its members
+        parent = nodes.get(obj["name"].rpartition("/")[0], tree)
+        if obj["kind"] == "group":
+            nodes[obj["name"]] = parent.add(Text(obj["name"].rsplit("/", 1)[-1] + "/", "bold blue"))
+            continue
+        node = parent.add(_dataset_label(obj))
+        for key, value in obj["attrs"].items():
+            node.add(Text(f"{key} = {_fmt(value)}", "dim"))
+    return tree
+
+
+def render_stats(stats: dict[str, Any]) -> Group:
+    """store.dataset_stats(...) as a heading line and a two-column table."""
+    where = f"image {stats['index']}" if stats["index"] is not None else "whole dataset"
+    table = Table(show_header=False)
+    table.add_column("statistic", style="bold")
+    table.add_column("value", justify="right")
+    for key in ("min", "max", "mean", "std"):
+        table.add_row(key + " (finite)", "—" if stats[key] is None else f"{stats[key]:.6g}")
+    for key in ("count", "finite", "nan", "inf", "zeros"):
+        table.add_row(key, f"{stats[key]:,}")
+    return Group(Text(f"{stats['name']}: {where}, {stats['dtype']} {tuple(stats['shape'])}", "bold"), table)
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    """(content, None), or (None, why not) for a missing or unreadable file."""
+    if not path.is_file():
+        return None, NOT_RUN
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, ValueError) as e:
+        return None, f"unreadable ({e})"
+
+
+def _stages(run: Path) -> RenderableType:
+    manifest, why = _read_json(run / "manifest.json")
+    if not isinstance(manifest, dict) or not manifest:
+        return Text(f"stages: {why or NOT_RUN} (manifest.json)")
+    table = Table(title="stages (manifest.json)", title_justify="left")
+    for column in ("stage", "status", "updated", "job", "details"):
+        table.add_column(column)
+    for stage, info in manifest.items():
+        info = info if isinstance(info, dict) else {"status": info}
+        shown = sorted((k for k, v in info.items() if k not in ("status", "updated", "job_id")
+                        and isinstance(v, (int, float, str)) and len(str(v)) <= 40),
+                       key=lambda k: "accuracy" not in k)  # accuracies first, then the rest in file order
+        details = [f"{k}={_fmt(info[k])}" for k in shown[:6]]
+        table.add_row(stage, str(info.get("status", "?")), str(info.get("updated", "")), str(info.get("job_id", "")),
+                      " ".join(details))
+    return table
+
+
+def _config_and_accuracy(run: Path) -> list[RenderableType]:
+    lines = []
+    config, why = _read_json(run / "config.json")
+    for stage, cfg in (config or {}).items():
+        if isinstance(cfg, dict):
+            keys = ("arch", "data", "epochs", "image_size", "batch_size", "split", "images", "tasks")
+            lines.append(f"config {stage}: " + " ".join(f"{k}={_fmt(cfg[k])}" for k in keys if k in cfg))
+    if config is None:
+        lines.append(f"config: {why} (config.json)")
+    for path in [run / "eval.json", *sorted(run.glob("eval-*.json"))]:
+        result, why = _read_json(path)
+        if isinstance(result, dict) and "accuracy" in result:
+            extra = f", train {100 * result['train_accuracy']:.2f}%" if "train_accuracy" in result else ""
+            lines.append(f"accuracy ({path.name}, {result.get('split', '?')}): {100 * result['accuracy']:.2f}% "
+                         f"of {result.get('n', '?')} images{extra}")
+        else:
+            lines.append(f"accuracy: {why or 'no accuracy field'} ({path.name})")
+    return [Text(line) for line in lines]
+
+
+def _shard_status(path: Path) -> tuple[str, str]:
+    try:
+        attrs = store.verify_shard(path)
+        return "complete", str(attrs.get("n", "?"))
+    except store.StoreError as e:
+        return getattr(e, "problem", str(e)), ""
+
+
+def _shards(run: Path) -> list[RenderableType]:
+    folder = run / "viz" / "shards"
+    shards = sorted(folder.glob("*.h5")) if folder.is_dir() else []
+    temps = sorted(p for p in folder.glob("*.h5.tmp-*")) if folder.is_dir() else []
+    plan, _ = _read_json(run / "viz" / "plan.json")
+    expected = len(plan["shards"]) if isinstance(plan, dict) and isinstance(plan.get("shards"), list) else None
+    if not shards and not temps:
+        return [Text(f"visualization shards: {NOT_RUN} (viz/shards/)")]
+    status = {p.name: _shard_status(p) for p in shards}
+    done = sum(s == "complete" for s, _ in status.values())
+    head = f"visualization shards: {done} complete of {len(shards)} file(s)"
+    head += f", {expected} expected (viz/plan.json)" if expected is not None else ""
+    table = Table()
+    for column in ("shard", "status", "images"):
+        table.add_column(column)
+    for name, (state, n) in status.items():
+        if len(status) <= _MAX_SHARD_ROWS or state != "complete":
+            table.add_row(name, state, n, style=None if state == "complete" else "red")
+    for tmp in temps:
+        table.add_row(tmp.name, "temp file: its writer is running or was killed", "", style="yellow")
+    return [Text(head, "bold"), table]
+
+
+def _viz(run: Path) -> RenderableType:
+    path = run / "viz" / "viz.h5"
+    if not path.is_file():
+        return Text("viz/viz.h5: not collated yet")
+    try:
+        attrs = store.read_attrs(path)
+    except store.StoreError as e:
+        return Text(f"viz/viz.h5: {getattr(e, 'problem', e)}", "red")
+    missing = attrs.get("missing_shards") or []
+    line = (f"viz/viz.h5: {attrs.get('n_images', '?')} images from {len(attrs.get('shards') or [])} shard(s), "
+            + ("complete" if attrs.get("complete") else f"{len(missing)} missing: {', '.join(missing[:5])}"))
+    shards = [run / "viz" / s for s in attrs.get("shards") or []]
+    if any(s.is_file() and s.stat().st_mtime > path.stat().st_mtime for s in shards):
+        line += "; STALE: a shard is newer than viz.h5, collate again"
+    return Text(line, "green" if attrs.get("complete") and "STALE" not in line else "yellow")
+
+
+def summarize_run(run_dir: str | Path) -> Group:
+    """Stages and their status, config, accuracy, visualization shards and viz.h5 of a run directory;
+    every file that does not exist yet is reported as 'not run yet'."""
+    run = Path(run_dir)
+    report = run / "report" / "report.md"
+    parts: list[RenderableType] = [Text(f"run {run}", "bold"), _stages(run), *_config_and_accuracy(run),
+                                   *_shards(run), _viz(run),
+                                   Text(f"report: {report if report.is_file() else NOT_RUN}")]
+    return Group(*parts)

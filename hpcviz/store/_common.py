@@ -1,0 +1,172 @@
+"""Shared by the store modules: StoreError, atomic writes, attribute encoding, opening with clear errors."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+_SCALE_ATTRS = ("CLASS", "NAME", "REFERENCE_LIST", "DIMENSION_LIST", "DIMENSION_LABELS")  # shown as dims
+_FILE_HINT = "hint: list what exists with python jobs/inspect_results.py RUN_DIR"
+
+
+class StoreError(ValueError):
+    """An hpcviz HDF5 file is missing, corrupt, truncated or of the wrong format."""
+
+
+def _fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some filesystems (and Windows) cannot open directories; rename is still atomic
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success fsync it and rename it onto `path`.
+
+    On any exception the temp file is removed and `path` is left exactly as it was.
+    The temp lives in the same directory so that os.replace is a same-filesystem atomic rename.
+    """
+    final = Path(path)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.replace(tmp, final)
+    except BaseException:  # also KeyboardInterrupt / SLURM's SIGTERM turned into SystemExit
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _fsync_path(final.parent, directory=True)  # make the rename itself durable
+
+
+def _plain(value: object) -> object:
+    """HDF5 attrs come back as numpy scalars, arrays or bytes; hand callers plain Python values."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.ndim == 1 else value.tolist()
+    return value
+
+
+def _error(where: str, problem: str, hint: str) -> StoreError:
+    err = StoreError(f"{where}: {problem}; {hint}")
+    err.problem = problem  # collate reports the bare problem per shard
+    return err
+
+
+def _temps(path: Path) -> list[Path]:
+    """Temp files of writers of `path` (ours or a killed one's: `<name>.tmp-<pid>`)."""
+    return sorted(Path(p) for p in glob.glob(f"{glob.escape(str(path))}.tmp-*"))
+
+
+def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any], where: str) -> None:
+    """Set attrs once per object (see the package docstring for the encoding)."""
+    json_keys = []
+    for key, value in attrs.items():
+        if isinstance(value, np.ndarray) and value.dtype.kind in "USO":  # h5py stores only its own str dtype
+            value = value.tolist()
+        try:
+            if isinstance(value, (str, bool, int, float, np.generic)):
+                obj.attrs[key] = value
+            elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                obj.attrs[key] = np.array(list(value), dtype=h5py.string_dtype())
+            elif isinstance(value, np.ndarray) or (isinstance(value, (list, tuple)) and value and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                obj.attrs[key] = np.asarray(value)
+            else:
+                obj.attrs[key] = json.dumps(value)
+                json_keys.append(key)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise StoreError(f"{where}: attr {key!r}={value!r:.80} cannot be stored ({e}); valid: str, int, "
+                             "float, bool, lists of those, JSON-serialisable dicts; hint: convert it") from None
+    if json_keys:
+        obj.attrs["json_attrs"] = np.array(json_keys, dtype=h5py.string_dtype())
+
+
+def _get_attrs(obj: h5py.HLObject) -> dict[str, Any]:
+    """Attrs as plain Python values, JSON ones decoded; dimension-scale bookkeeping left out."""
+    out = {k: _plain(obj.attrs[k]) for k in obj.attrs.keys() if k not in _SCALE_ATTRS}
+    for key in out.pop("json_attrs", []):
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            out[key] = json.loads(out[key])
+    return out
+
+
+# ============================================================ opening shards, viz.h5 and packed files
+@contextlib.contextmanager
+def _open(path: str | os.PathLike, what: str = "file", hint: str = _FILE_HINT) -> Iterator[tuple[h5py.File, str]]:
+    """Open read-only; every way of failing (missing, not HDF5, truncated, corrupt) is one-line StoreError."""
+    path = Path(path)
+    where = f"{what} {os.fspath(path)}"
+    if not path.is_file():
+        temps = _temps(path)
+        problem = "no such file" + (f" (only {temps[-1].name} exists: its writer was killed or is still running)"
+                                    if temps else "")
+        raise _error(where, "is a directory, expected a file" if path.is_dir() else problem, hint)
+    if not h5py.is_hdf5(path):
+        raise _error(where, "not an HDF5 file", hint)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:  # h5py reports truncation as a multi-line OSError
+        raise _error(where, f"unreadable, truncated or corrupt HDF5 ({' '.join(str(e).split())[:160]})", hint) from e
+    try:
+        yield f, where
+    except OSError as e:
+        raise _error(where, f"read failed, truncated or corrupt HDF5 ({' '.join(str(e).split())[:160]})", hint) from e
+    finally:
+        f.close()
+
+
+def _datasets(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
+    found: list[tuple[str, h5py.Dataset]] = []
+    f.visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    return sorted(found, key=lambda item: item[0])
+
+
+def _dataset(f: h5py.File, name: str, where: str) -> h5py.Dataset:
+    """The dataset `name`, refusing a virtual one whose source files are gone."""
+    obj = f.get(name.strip("/")) if name.strip("/") else f
+    if not isinstance(obj, h5py.Dataset):
+        parts, group = name.strip("/").split("/"), f
+        for i in range(len(parts), 0, -1):  # list the members of the deepest group that does exist
+            if isinstance(f.get("/".join(parts[:i])), h5py.Group):
+                group = f["/".join(parts[:i])]
+                break
+        prefix = group.name.strip("/") + "/" if group.name != "/" else ""
+        valid = [prefix + k + ("/" if isinstance(group.get(k), h5py.Group) else "") for k in group.keys()]
+        raise _error(where, f"no dataset {name!r}; valid: {', '.join(valid) or '(none)'}",
+                     "hint: show the tree with python jobs/inspect_results.py FILE")
+    if obj.is_virtual:
+        _check_sources(f, obj, where)
+    return obj
+
+
+def _check_sources(f: h5py.File, ds: h5py.Dataset, where: str) -> None:
+    """A virtual dataset whose source file is gone reads as fill values without any error: refuse it."""
+    base = Path(f.filename).parent
+    prefix = os.environ.get("HDF5_VDS_PREFIX")  # HDF5 looks there first
+    for name in sorted({m.file_name for m in ds.virtual_sources()} - {"."}):
+        options = [Path(name)] if os.path.isabs(name) else [base / name] + ([Path(prefix) / name] if prefix else [])
+        if not any(p.is_file() for p in options):
+            raise _error(where, f"/{ds.name.strip('/')} reads from {name}, which is missing (it would read back "
+                                "as fill values)", "hint: rerun the array task that writes it, then collate again")

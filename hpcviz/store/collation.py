@@ -1,0 +1,99 @@
+"""collate: one virtual view (viz.h5, ``hpcviz-viz-v1``) over the shards."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ._common import StoreError, _datasets, _get_attrs, _open, _set_attrs, atomic_path
+from .shards import _SHARD_HINT, _SHARD_RESERVED, SHARD_FORMAT, _shard_problem
+
+VIZ_FORMAT = "hpcviz-viz-v1"
+# collate refuses to mix shards that disagree on these root attrs (other model, request or image set)
+AGREE_ATTRS = ("checkpoint_sha256", "arch", "stem", "image_size", "class_names", "split", "blocks")
+
+
+# ============================================================ collate: one virtual view over the shards
+def _layout(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...], list[str], dict[str, Any]]]:
+    with _open(path, "shard", _SHARD_HINT) as (f, _):
+        return {name: (ds.dtype, ds.shape, [d.label for d in ds.dims], _get_attrs(ds)) for name, ds in _datasets(f)}
+
+
+def _mismatch(ref: dict, other: dict, ref_root: dict, root: dict) -> str | None:
+    if set(ref) != set(other):
+        return f"datasets differ (extra: {sorted(set(other) - set(ref))}, lacking: {sorted(set(ref) - set(other))})"
+    for name, (dtype, shape, _, _) in ref.items():
+        if other[name][0] != dtype or other[name][1][1:] != shape[1:]:
+            return f"{name} is {other[name][0]} (n, *{other[name][1][1:]}), expected {dtype} (n, *{shape[1:]})"
+    return next((f"root attr {k}={root.get(k)!r:.60} differs from {ref_root.get(k)!r:.60}"
+                 for k in AGREE_ATTRS if root.get(k) != ref_root.get(k)), None)
+
+
+def _virtual(f: h5py.File, name: str, meta: tuple, present: list[tuple[str, dict, dict]], where: str) -> None:
+    dtype, shape, dims, attrs = meta
+    rest, total = shape[1:], sum(root["n"] for _, root, _ in present)
+    layout = h5py.VirtualLayout(shape=(total, *rest), dtype=dtype)  # (N, *rest), N = sum over present shards
+    pos = 0
+    for rel, root, _ in present:
+        if root["n"]:
+            layout[pos:pos + root["n"]] = h5py.VirtualSource(rel, name, shape=(root["n"], *rest))
+        pos += root["n"]
+    # every row maps to a shard; should a shard vanish later, its rows read as NaN / -1 rather than as data
+    fill = np.nan if dtype.kind == "f" else (-1 if dtype.kind == "i" else 0)
+    ds = f.create_virtual_dataset(name, layout, fillvalue=fill)
+    for axis, label in enumerate(dims):
+        ds.dims[axis].label = label
+    if "fp16_overflow" in attrs:
+        attrs = {**attrs, "fp16_overflow": sum(lay[name][3].get("fp16_overflow", 0) for _, _, lay in present)}
+    _set_attrs(ds, attrs, f"{where}: {name}")
+
+
+def collate(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
+            attrs: Mapping[str, Any] | None = None, sizes: Sequence[int] | None = None) -> dict[str, Any]:
+    """Present every complete shard of `shard_paths` (the expected ones, in order) as one virtual file.
+
+    Sources are named relative to out_path's directory, so the run directory can be moved. Missing or
+    incomplete shards are left out (N = images in the present shards) and listed in missing_shards, as
+    are shards whose image count differs from `sizes` (the planned count per shard), when given.
+    Returns {"n_images", "present": [relative names], "missing": {relative name: reason}}.
+    """
+    out = Path(out_path).absolute()
+    where = f"collate {os.fspath(out_path)}"
+    present, missing = [], {}
+    for k, p in enumerate(shard_paths):
+        rel = Path(os.path.relpath(Path(p).absolute(), out.parent)).as_posix()
+        problem, root = _shard_problem(Path(p), None if sizes is None else sizes[k])
+        if problem:
+            missing[rel] = problem
+        else:
+            present.append((rel, root, _layout(Path(p))))
+    if not present or not sum(root["n"] for _, root, _ in present):
+        raise StoreError(f"{where}: no complete shard with images among the {len(shard_paths)} expected "
+                         f"({'; '.join(f'{k}: {v}' for k, v in list(missing.items())[:3])}); hint: run the array tasks first")
+    ref_rel, ref_root, ref = present[0]
+    for rel, root, lay in present[1:]:
+        problem = _mismatch(ref, lay, ref_root, root)
+        if problem:
+            raise StoreError(f"{where}: shard {rel} does not match {ref_rel}: {problem}; hint: rerun that shard's "
+                             "array task with the same plan (or launch the visualization again with --fresh)")
+    common = {k: v for k, v in ref_root.items() if all(r.get(k) == v for _, r, _ in present)}
+    n_images = sum(root["n"] for _, root, _ in present)
+    root_attrs = {**{k: v for k, v in common.items() if k not in _SHARD_RESERVED},
+                  "format": VIZ_FORMAT, "shard_format": SHARD_FORMAT, "n": n_images, "n_images": n_images,
+                  "shards": [rel for rel, _, _ in present], "missing_shards": list(missing),
+                  "missing_reasons": missing, "varying_attrs": sorted(set(ref_root) - set(common) - set(_SHARD_RESERVED)),
+                  "complete": not missing, **(attrs or {})}
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        for name, meta in ref.items():
+            _virtual(f, name, meta, present, where)
+        if isinstance(f.get("index"), h5py.Dataset):  # dimension scales work on virtual datasets too
+            f["index"].make_scale("index")
+            for name in ref:
+                if name != "index":
+                    f[name].dims[0].attach_scale(f["index"])
+        _set_attrs(f, root_attrs, where)
+    return {"n_images": n_images, "present": [rel for rel, _, _ in present], "missing": missing}

@@ -1,0 +1,177 @@
+"""The visualization array: which images, how they are split into shards, and one task's work.
+
+The launcher writes `viz/plan.json` (the config, the checkpoint's sha256 and each shard's
+image indices); every array task receives only the run directory and its shard number,
+reads the plan, loads the checkpoint (`weights_only=True`), runs its images forward once
+in batches and writes `viz/shards/shard-NNNNN.h5`. A shard that exists and verifies is
+skipped, so a rerun redoes only what is missing.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__, checkpoint, store
+from .activations import dump_activations, resolve_blocks
+from .config import config_from_dict, config_to_dict
+
+log = logging.getLogger("hpcviz")
+
+SPLITS = ("val", "train")
+
+
+class VizError(ValueError):
+    """A visualization request that does not fit the run."""
+
+
+@dataclass
+class VizConfig:
+    run_dir: str = ""                 # the trained run; shards go to <run_dir>/viz/shards
+    split: str = "val"                # val | train: the split of the run's data the images come from
+    images: int = 200                 # images in a class-balanced, seeded sample of the split
+    indices: list[int] = field(default_factory=list)  # explicit positions in the split (overrides images)
+    tasks: int = 2                    # array tasks = shards
+    batch_size: int = 64              # images per forward pass
+    blocks: list[str] = field(default_factory=list)   # block names to dump (empty = every block)
+    compression: str = ""             # "" (none, fastest) | gzip | lzf
+    device: str = "auto"              # auto | cpu | cuda
+    seed: int = 0                     # for the sample
+
+
+def balanced_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n positions, as even over classes as possible, fixed for a seed; sorted."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    picked: list[int] = []
+    for round_ in range(max(len(p) for p in per_class)):
+        for p in per_class:
+            if round_ < len(p) and len(picked) < n:
+                picked.append(int(p[round_]))
+    return np.sort(np.array(picked, dtype=np.int64))
+
+
+def plan_shards(indices: Sequence[int], tasks: int) -> list[list[int]]:
+    """Split positions into `tasks` contiguous shards of near-equal size (none empty)."""
+    tasks = max(1, min(tasks, len(indices)))
+    return [list(map(int, part)) for part in np.array_split(np.asarray(indices, dtype=np.int64), tasks)]
+
+
+def shard_path(run_dir: str | Path, shard: int) -> Path:
+    return Path(run_dir) / "viz" / "shards" / f"shard-{shard:05d}.h5"
+
+
+def load_split(train_cfg: dict[str, Any], split: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """The run's own train or val split, rebuilt from its config exactly as training carved it."""
+    from .data import load_images, split_indices
+    if split not in SPLITS:
+        raise VizError(f"--split {split!r}: not one of {', '.join(SPLITS)}; hint: --split val")
+    ds = load_images(train_cfg["data"], train_cfg["image_size"], skip_bad=train_cfg.get("skip_bad", False))
+    train_idx, val_idx = split_indices(ds.labels, train_cfg["val_fraction"], seed=train_cfg.get("split_seed", 0))
+    idx = val_idx if split == "val" else train_idx
+    return ds.images[idx], ds.labels[idx], ds.classes
+
+
+def make_plan(cfg: VizConfig) -> dict[str, Any]:
+    """Resolve the images and shards of a request against the run's checkpoint and data."""
+    state = checkpoint.load_checkpoint(Path(cfg.run_dir) / "checkpoints")
+    _, labels, _ = load_split(state["config"], cfg.split)
+    if cfg.indices:
+        bad = [i for i in cfg.indices if not 0 <= i < len(labels)]
+        if bad:
+            raise VizError(f"--indices {bad[:5]}: outside the {cfg.split} split of {len(labels)} images; "
+                           f"hint: use positions 0..{len(labels) - 1}")
+        indices = sorted(set(cfg.indices))
+    else:
+        indices = balanced_sample(labels.numpy(), min(cfg.images, len(labels)), cfg.seed).tolist()
+    from .models import build_model
+    blocks = resolve_blocks(build_model(state["config"]["arch"], len(state["classes"]), state["config"]["stem"]),
+                            cfg.blocks)
+    return {"config": config_to_dict(cfg), "checkpoint": state["path"], "checkpoint_sha256": state["sha256"],
+            "blocks": blocks, "shards": plan_shards(indices, cfg.tasks), "n_images": len(indices)}
+
+
+def write_plan(run_dir: str | Path, plan: dict[str, Any]) -> None:
+    checkpoint.write_json(Path(run_dir) / "viz" / "plan.json", plan)
+
+
+def read_plan(run_dir: str | Path) -> dict[str, Any]:
+    plan = checkpoint.read_json(Path(run_dir) / "viz" / "plan.json")
+    if plan is None:
+        raise VizError(f"{run_dir}/viz/plan.json: missing; hint: launch the array with jobs/launch_viz.py")
+    return plan
+
+
+def shard_done(run_dir: str | Path, shard: int, n: int) -> bool:
+    try:
+        store.verify_shard(shard_path(run_dir, shard), n)
+        return True
+    except store.StoreError:
+        return False
+
+
+def _load_model(state: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    from .models import build_model
+    cfg = state["config"]
+    model = build_model(cfg["arch"], len(state["classes"]), cfg.get("stem", ""))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def _root_attrs(run_dir: str, plan: dict[str, Any], state: dict[str, Any], shard: int) -> dict[str, Any]:
+    tcfg = state["config"]
+    return {"run": Path(run_dir).resolve().name, "checkpoint_sha256": state["sha256"], "arch": tcfg["arch"],
+            "stem": tcfg.get("stem") or ("cifar" if tcfg["arch"] in ("resnet20", "resnet32", "resnet56")
+                                         else "imagenet"),
+            "image_size": tcfg["image_size"], "class_names": list(state["classes"]), "mean": list(state["mean"]),
+            "std": list(state["std"]), "split": plan["config"]["split"], "shard": shard,
+            "n_shards": len(plan["shards"]), "blocks": list(plan["blocks"]),
+            "config": {"viz": plan["config"], "train": tcfg},
+            "versions": {"hpcviz": __version__, "torch": str(torch.__version__), "numpy": np.__version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def run_shard(run_dir: str, shard: int) -> str:
+    """One array task: write (or, if it verifies already, skip) shard `shard` of the run's plan."""
+    from . import dist
+    from .data import normalize
+    plan = read_plan(run_dir)
+    cfg = config_from_dict(VizConfig, plan["config"])
+    positions = plan["shards"][shard]
+    path = shard_path(run_dir, shard)
+    if shard_done(run_dir, shard, len(positions)):
+        log.info("shard %d: %s exists and verifies, skipped", shard, path)
+        return str(path)
+    state = checkpoint.load_checkpoint(plan["checkpoint"])
+    if state["sha256"] != plan["checkpoint_sha256"]:
+        raise VizError(f"{plan['checkpoint']}: changed since the plan was made (sha256 differs); "
+                       "hint: launch the visualization again")
+    device = dist.pick_device(cfg.device)
+    model = _load_model(state, device)
+    images, labels, _ = load_split(state["config"], cfg.split)
+    pos = torch.as_tensor(positions, dtype=torch.int64)
+    images, labels = images[pos], labels[pos]  # (n, 3, H, W) uint8, (n,)
+    t0 = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with store.ShardWriter(path, len(pos), _root_attrs(run_dir, plan, state, shard),
+                           compression=cfg.compression or None) as w:
+        w.write("index", 0, pos.numpy(), dims=("image",), attrs={"what": f"position in the {cfg.split} split"})
+        w.write("images", 0, images.numpy(), dims=("image", "channel", "y", "x"),
+                attrs={"what": "the exact uint8 pixels fed to the network (before normalisation)"})
+        w.write("label", 0, labels.numpy(), dims=("image",))
+        for start in range(0, len(pos), cfg.batch_size):
+            x = normalize(images[start:start + cfg.batch_size].to(device), state["mean"], state["std"])
+            logits, acts = dump_activations(model, x, plan["blocks"])  # (b, K), {block: (b, C, h, w)}
+            w.write("logits", start, logits.cpu().numpy(), dims=("image", "class"))
+            w.write("pred", start, logits.argmax(1).cpu().numpy(), dims=("image",))
+            for block, a in acts.items():
+                w.write(f"act/{block}", start, a.cpu().numpy(), dims=("image", "channel", "y", "x"),
+                        dtype=np.float16, attrs={"block": block, "what": "output of the block (after its ReLU)"})
+    log.info("shard %d: %d images in %.1f s -> %s", shard, len(pos), time.perf_counter() - t0, path)
+    return str(path)

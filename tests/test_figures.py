@@ -1,0 +1,72 @@
+"""hpcviz.figures.image_grid: RGB images and feature-map grids as returned (never saved) Figures."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from hpcviz.figures import image_grid
+
+
+def shown(fig) -> list:
+    """The AxesImages drawn, in grid order (the colour bar is not one)."""
+    return [ax.images[0] for ax in fig.axes if ax.images]
+
+
+def test_single_rgb_uint8_is_drawn_as_is():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    img = np.random.default_rng(0).integers(0, 256, (3, 5, 7), dtype=np.uint8)
+    fig = image_grid(img, title="one")
+    assert isinstance(fig, Figure) and isinstance(fig.canvas, FigureCanvasAgg)
+    (im,) = shown(fig)
+    assert np.array_equal(np.asarray(im.get_array()), img.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    assert buf.getvalue()[:4] == b"\x89PNG"
+
+
+def test_float_batch_scaled_per_image_and_capped():
+    rng = np.random.default_rng(1)
+    batch = rng.standard_normal((10, 3, 4, 4)).astype(np.float32) * np.arange(1, 11)[:, None, None, None] * 100
+    batch[2] = 7.0  # constant image: grey, no division by zero
+    batch[3, 0, 0, 0] = np.nan
+    fig = image_grid(batch, max_items=4)
+    ims = shown(fig)
+    assert len(ims) == 4 and "4 of 10 image(s) (each image min-max scaled)" in fig._suptitle.get_text()
+    for k in (0, 1, 3):
+        a = np.asarray(ims[k].get_array())
+        assert a.shape == (4, 4, 3) and a.min() == 0.0 and a.max() == 1.0 and np.isfinite(a).all()
+    assert np.all(np.asarray(ims[2].get_array()) == 0.5)
+
+
+def test_feature_maps_share_one_colour_scale():
+    maps = np.random.default_rng(2).standard_normal((100, 3, 3)).astype(np.float16)
+    maps *= np.arange(100, dtype=np.float16)[:, None, None] / 10  # channel ranges differ widely
+    maps[1, 0, 0] = np.inf
+    fig = image_grid(maps, title="act/layer1.0[0]", max_items=16)
+    ims = shown(fig)
+    assert len(ims) == 16
+    shown_maps = maps[:16].astype(np.float32)
+    lo, hi = np.nanmin(shown_maps), shown_maps[np.isfinite(shown_maps)].max()
+    assert {im.get_clim() for im in ims} == {(float(lo), float(hi))}  # ONE scale for all channels
+    assert len(fig.axes) == 16 + 1  # 4 x 4 grid plus one colour bar
+    title = fig._suptitle.get_text()
+    assert title.startswith("act/layer1.0[0]") and "channels 0–15 of 100" in title and "shared colour scale" in title
+
+
+def test_three_channel_feature_map_when_asked():
+    maps = np.arange(3 * 2 * 2, dtype=np.float32).reshape(3, 2, 2)
+    assert len(shown(image_grid(maps))) == 1  # 3 channels look like RGB by default
+    ims = shown(image_grid(maps, rgb=False, cmap="gray"))
+    assert len(ims) == 3 and ims[0].get_cmap().name == "gray" and ims[2].get_clim() == (0.0, 11.0)
+
+
+@pytest.mark.parametrize("shape, kw", [((4, 4), {}), ((2, 4, 5, 5), {}), ((3, 4, 4), {"max_items": 0}),
+                                       ((0, 4, 4), {"rgb": False}), ((5, 3, 4, 4, 1), {})])
+def test_bad_input(shape, kw):
+    with pytest.raises(ValueError) as e:
+        image_grid(np.zeros(shape, np.float32), **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and str(shape) in msg and "valid:" in msg and "hint" in msg
