@@ -124,3 +124,24 @@ def time_to_accuracy(cfg: TrainConfig, target: float) -> dict[str, Any]:
             "best_val_acc": max(m["val_acc"] for m in metrics), "final_val_acc": result.get("val_accuracy"),
             "epochs": cfg.epochs, "arch": cfg.arch, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "device": cfg.device, "data": cfg.data, "run_dir": cfg.run_dir}
+
+
+def sample_activations(arch: str, stem: str, image_size: int, batch: int, seed: int = 0) -> dict[str, Any]:
+    """Real activations (fp16 numpy, (b, C, h, w) per block) of a fresh model on builtin images."""
+    from .activations import dump_activations
+    from .data import channel_stats, make_builtin
+    torch.manual_seed(seed)
+    ds = make_builtin(max(1, -(-batch // 10)), image_size, seed)
+    images = ds.images[:batch]
+    mean, std = channel_stats(images)
+    model = build_model(arch, 10, stem).eval()
+    _, acts = dump_activations(model, normalize(images, mean, std))
+    return {name: a.half().numpy() for name, a in acts.items()}
+
+
+def block_bytes(arch: str, stem: str, image_size: int) -> dict[str, int]:
+    """Bytes one image takes per block in a shard (float16 activations)."""
+    from .activations import dump_activations
+    model = build_model(arch, 10, stem).eval()
+    _, acts = dump_activations(model, torch.zeros(1, 3, image_size, image_size))
+    return {name: a[0].numel() * 2 for name, a in acts.items()}

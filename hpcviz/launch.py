@@ -279,7 +279,7 @@ def launch_viz(cfg: "VizConfig", launch: LaunchConfig, throttle: int = 0, fresh:
         for p in (run / "viz" / "shards").glob("shard-*.h5"):
             p.unlink()
     viz.write_plan(run, plan)
-    todo = [s for s, pos in enumerate(plan["shards"]) if not viz.shard_done(run, s, len(pos))]
+    todo = [s for s in range(len(plan["shards"])) if not viz.shard_done(run, s, plan)]
     log.info("%d images in %d shards; %d to do", plan["n_images"], len(plan["shards"]), len(todo))
     checkpoint.update_manifest(run, "viz", status="submitted" if todo else "done", n_shards=len(plan["shards"]))
     if todo:

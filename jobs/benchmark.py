@@ -3,6 +3,9 @@
   train   images/s of the project's training step vs a plain eager fp32 DataLoader loop
           (same data, model, batch), then with --to-accuracy the epochs and minutes until
           validation accuracy reaches --target (81.89%, the course report's figure).
+  dump    MB/s of the HDF5 shard writer vs writing the same bytes raw with fsync, for each
+          compression offered, and the bytes per image per block of ResNet-18 (both stems)
+          and ResNet-20.
 
 --data auto uses ../shared/data/cifar10-train-jpeg.tar.gz when it exists (unpacked and packed
 once into data/cifar10-train.h5), else the built-in set. Results go to results/benchmarks/.
@@ -41,6 +44,14 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=15, help="length of the schedule for --to-accuracy")
     t.add_argument("--lr", type=float, default=0.2)
     t.add_argument("--out", default="results/benchmarks")
+    d = sub.add_parser("dump", help="shard writer vs raw fsync'ed writes")
+    d.add_argument("--arch", default="resnet20")
+    d.add_argument("--images", type=int, default=512)
+    d.add_argument("--image-size", type=int, default=32)
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--repeats", type=int, default=3, help="timings per variant; medians are reported")
+    d.add_argument("--dir", default="results/benchmarks/dump-tmp", help="where the test files are written")
+    d.add_argument("--out", default="results/benchmarks")
     return p
 
 
@@ -86,11 +97,67 @@ def run_train(args: argparse.Namespace) -> dict:
     return out
 
 
+def _raw_write(path: Path, arrays: list, repeats: int) -> float:
+    """Seconds to write the same bytes as one plain file, fsync'ed: the baseline."""
+    import os
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(repeats):
+            for a in arrays:
+                f.write(memoryview(a).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    return time.perf_counter() - t0
+
+
+def run_dump(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from hpcviz.bench import block_bytes, sample_activations
+    from hpcviz.store import ShardWriter
+    blocks = sample_activations(args.arch, "", args.image_size, args.batch_size)  # {block: (b, C, h, w) fp16}
+    repeats = max(1, args.images // args.batch_size)
+    n = repeats * args.batch_size
+    total_mb = sum(a.nbytes for a in blocks.values()) * repeats / 1e6
+    tmp = Path(args.dir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    import statistics
+    rows = []
+    for comp in (None, "lzf", "gzip"):
+        raws, shards = [], []
+        for _ in range(args.repeats):  # interleaved, so both see the same state of the disk and cache
+            raws.append(_raw_write(tmp / "raw.bin", list(blocks.values()), repeats))
+            t0 = time.perf_counter()
+            with ShardWriter(tmp / f"shard-{comp or 'none'}.h5", n, {"bench": True}, compression=comp) as w:
+                for r in range(repeats):
+                    for name, a in blocks.items():
+                        w.write(f"act/{name}", r * args.batch_size, a, dims=("image", "channel", "y", "x"))
+            shards.append(time.perf_counter() - t0)
+        raw_s, s = statistics.median(raws), statistics.median(shards)
+        size = (tmp / f"shard-{comp or 'none'}.h5").stat().st_size
+        rows.append({"compression": comp or "none", "MB_per_s": total_mb / s, "raw_MB_per_s": total_mb / raw_s,
+                     "ratio_to_raw": raw_s / s, "file_MB": size / 1e6})
+        print(f"dump {args.arch} {n} images, {total_mb:.0f} MB fp16, compression {comp or 'none'}: "
+              f"{total_mb / s:.0f} MB/s vs raw+fsync {total_mb / raw_s:.0f} MB/s (ratio {raw_s / s:.2f}), "
+              f"file {size / 1e6:.0f} MB")
+    for p in tmp.iterdir():
+        p.unlink()
+    tmp.rmdir()
+    sizes = {f"{a}/{s}": block_bytes(a, s, args.image_size) for a, s in
+             (("resnet18", "imagenet"), ("resnet18", "cifar"), ("resnet20", "cifar"))}
+    for key, per_block in sizes.items():
+        print(f"bytes/image at {args.image_size} px, {key}: " + ", ".join(f"{b} {v}" for b, v in per_block.items())
+              + f"; total {sum(per_block.values())}")
+    del np, torch
+    return {"writer": rows, "bytes_per_image": sizes, "images": n, "arch": args.arch}
+
+
 def main(args: argparse.Namespace) -> int:
     from hpcviz.log import setup_logging
     setup_logging()
     try:
-        result = {"train": run_train}[args.bench](args)
+        result = {"train": run_train, "dump": run_dump}[args.bench](args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hpcviz import checkpoint
@@ -152,3 +153,30 @@ def test_sbatch_equivalent_runs_the_same_code(tmp_path):
     assert scontrol_field(job_id, "JobState") == "COMPLETED", (run / "logs" / f"{job_id}_sbatch.out").read_text()
     assert json.loads((run / "eval.json").read_text())["n"] == 20
     assert checkpoint.load_checkpoint(run / "checkpoints")["world_size"] == 2
+
+
+def test_viz_array_of_two_tasks_and_a_rerun_of_one(tmp_path):
+    from hpcviz import store
+    from hpcviz.config import TrainConfig
+    from hpcviz.train import train
+    run = tmp_path / "vizrun"
+    train(TrainConfig(data="builtin:20", image_size=16, arch="resnet20", epochs=1, batch_size=32, lr=0.05,
+                      device="cpu", run_dir=str(run), log_every=1000))
+    cmd = [sys.executable, str(ROOT / "jobs" / "launch_viz.py"), "--run", str(run), "--images", "20", "--tasks", "2",
+           "--cluster", "slurm", "--cpus-per-task", "1", "--device", "cpu", "--wait"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "20 images in 2/2 shards" in r.stdout
+    manifest = json.loads((run / "manifest.json").read_text())["viz"]
+    assert manifest["status"] == "done" and len(manifest["job_ids"]) == 1  # one array
+    assert sorted(manifest["tasks"]) == [f"{manifest['job_ids'][0]}_0", f"{manifest['job_ids'][0]}_1"]
+    first = store.read_shard(run / "viz" / "viz.h5")
+    # a lost shard: reported by collation, then the rerun submits only that one
+    (run / "viz" / "shards" / "shard-00001.h5").unlink()
+    summary = store.collate([run / "viz" / "shards" / f"shard-0000{i}.h5" for i in (0, 1)], run / "viz" / "viz.h5")
+    assert summary["n_images"] == 10 and list(summary["missing"]) == ["shards/shard-00001.h5"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 to do" in r.stderr
+    again = store.read_shard(run / "viz" / "viz.h5")
+    assert set(again) == set(first) and all(np.array_equal(again[k], first[k]) for k in first)

@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+
+from hpcviz import store, viz
+from hpcviz.activations import dump_activations
+from hpcviz.data import normalize
+from hpcviz.launch import submit_array
+from hpcviz.viz import VizConfig, VizError, balanced_sample, make_plan, plan_shards, run_shard, shard_path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from hpcviz.config import TrainConfig
+    from hpcviz.train import train
+    run = tmp_path_factory.mktemp("vizrun") / "run"
+    train(TrainConfig(data="builtin:20", image_size=16, arch="resnet20", epochs=1, batch_size=32, lr=0.05,
+                      device="cpu", run_dir=str(run), log_every=1000))
+    return run
+
+
+def test_balanced_sample_and_plan():
+    labels = np.repeat(np.arange(4), [10, 3, 10, 10])
+    s = balanced_sample(labels, 10, seed=1)
+    assert len(s) == 10 and len(set(s)) == 10 and list(s) == sorted(s)
+    counts = np.bincount(labels[s], minlength=4)
+    assert counts.max() - counts.min() <= 1
+    assert np.array_equal(s, balanced_sample(labels, 10, seed=1))
+    assert not np.array_equal(s, balanced_sample(labels, 10, seed=2))
+    shards = plan_shards(list(range(10)), 3)
+    assert [len(x) for x in shards] == [4, 3, 3] and sum(shards, []) == list(range(10))
+    assert plan_shards([5, 6], 8) == [[5], [6]]  # never an empty shard
+
+
+def write_run_plan(run, **kw):
+    cfg = VizConfig(run_dir=str(run), images=12, tasks=2, batch_size=5, **kw)
+    plan = make_plan(cfg)
+    viz.write_plan(run, plan)
+    return plan
+
+
+def test_shard_holds_what_the_network_computes(trained):
+    plan = write_run_plan(trained)
+    path = run_shard(str(trained), 1)
+    data = store.read_shard(path)
+    attrs = store.verify_shard(path, 6)
+    assert attrs["arch"] == "resnet20" and attrs["shard"] == 1 and len(attrs["class_names"]) == 10
+    # independent reference: rebuild the model and run the same pixels forward in one batch
+    state = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
+    model = viz._load_model({**state, "config": state["config"]}, torch.device("cpu"))
+    images, labels, _ = viz.load_split(state["config"], "val")
+    pos = plan["shards"][1]
+    assert np.array_equal(data["index"], pos)
+    assert np.array_equal(data["images"], images[pos].numpy()) and np.array_equal(data["label"], labels[pos].numpy())
+    logits, acts = dump_activations(model, normalize(images[pos], state["mean"], state["std"]))
+    np.testing.assert_allclose(data["logits"], logits.numpy(), rtol=1e-4, atol=1e-4)
+    assert np.array_equal(data["pred"], logits.argmax(1).numpy())
+    for block, a in acts.items():
+        assert data[f"act/{block}"].dtype == np.float16
+        np.testing.assert_allclose(data[f"act/{block}"].astype(np.float32), a.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_rerun_skips_done_shards_and_redoes_a_killed_one(trained, monkeypatch):
+    plan = write_run_plan(trained, blocks=["layer2.0"])
+    first = run_shard(str(trained), 0)  # a shard of the earlier plan (every block) is not taken for this one
+    assert list(store.verify_shard(first)["blocks"]) == ["layer2.0"]
+    mtime = shard_path(trained, 0).stat().st_mtime_ns
+    assert run_shard(str(trained), 0) == first and shard_path(trained, 0).stat().st_mtime_ns == mtime  # skipped
+
+    # a task killed mid-shard: the writer raises half way; nothing is accepted at the shard path
+    calls = {"n": 0}
+    real = viz.dump_activations
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+    monkeypatch.setattr(viz, "dump_activations", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_shard(str(trained), 1)
+    assert not viz.shard_done(trained, 1, plan)  # the old shard-00001 (other blocks) or nothing
+    assert not list((trained / "viz" / "shards").glob("*.tmp-*"))  # the killed writer's temp is gone
+    monkeypatch.undo()
+    run_shard(str(trained), 1)
+    assert viz.shard_done(trained, 1, plan)
+    assert shard_path(trained, 0).stat().st_mtime_ns == mtime  # the good shard was not touched
+    summary = store.collate([shard_path(trained, s) for s in (0, 1)], trained / "viz" / "viz.h5")
+    assert summary["n_images"] == 12 and not summary["missing"]
+
+
+def test_bad_requests(trained):
+    with pytest.raises(VizError, match="--split 'test'"):
+        make_plan(VizConfig(run_dir=str(trained), split="test"))
+    with pytest.raises(VizError, match="--indices \\[999\\]"):
+        make_plan(VizConfig(run_dir=str(trained), indices=[999]))
+    with pytest.raises(ValueError, match="--blocks layer9.9"):
+        make_plan(VizConfig(run_dir=str(trained), blocks=["layer9.9"]))
+
+
+class FakeExecutor:
+    def __init__(self):
+        self.calls = []
+
+    def update_parameters(self, **kw):
+        self.params = kw
+
+    def map_array(self, fn, runs, items):
+        self.calls.append(list(items))
+        return [f"job{len(self.calls)}_{i}" for i in range(len(items))]
+
+
+def test_arrays_respect_max_array_size(monkeypatch):
+    import hpcviz.launch as launch
+    monkeypatch.setattr(launch, "max_array_size", lambda: 3)
+    ex = FakeExecutor()
+    jobs = submit_array(ex, print, "run", list(range(7)), "slurm", throttle=2)
+    assert ex.calls == [[0, 1, 2], [3, 4, 5], [6]] and len(jobs) == 7  # offsets into the shard list
+    assert ex.params == {"slurm_array_parallelism": 2}
