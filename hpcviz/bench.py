@@ -145,3 +145,95 @@ def block_bytes(arch: str, stem: str, image_size: int) -> dict[str, int]:
     model = build_model(arch, 10, stem).eval()
     _, acts = dump_activations(model, torch.zeros(1, 3, image_size, image_size))
     return {name: a[0].numel() * 2 for name, a in acts.items()}
+
+
+class _DeconvReLUFn(torch.autograd.Function):
+    """ReLU whose backward is ReLU of the gradient: the deconvnet rule, as Captum's Deconvolution does it."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g.clamp(min=0)
+
+
+class _DeconvReLU(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DeconvReLUFn.apply(x)
+
+
+def _path_forward(block: torch.nn.Module, path: str):
+    """A residual block's forward in which `path` decides which branch the backward signal may take."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        identity = x if block.downsample is None else block.downsample(x)
+        out = block.relu(block.bn1(block.conv1(x)))
+        out = block.bn2(block.conv2(out))
+        if hasattr(block, "conv3"):  # Bottleneck
+            out = block.bn3(block.conv3(block.relu(out)))
+        if path == "residual":
+            identity = identity.detach()
+        elif path == "shortcut":
+            out = out.detach()
+        return block.relu(out + identity)
+    return forward
+
+
+def captum_style_deconv(model: torch.nn.Module, x: torch.Tensor, block: str, path: str) -> torch.Tensor:
+    """Baseline: one full forward + backward per (block, path), ReLU backward replaced by ReLU-of-gradient."""
+    import copy
+
+    from .activations import block_modules
+    m = copy.deepcopy(model).eval()
+    m.relu = _DeconvReLU()
+    for name in block_modules(m):
+        if name != "conv1":
+            blk = m.get_submodule(name)
+            blk.relu = _DeconvReLU()
+            blk.forward = _path_forward(blk, path)
+    box: dict[str, torch.Tensor] = {}
+    handle = block_modules(m)[block].register_forward_hook(lambda _m, _i, out: box.__setitem__("a", out))
+    try:
+        xx = x.detach().clone().requires_grad_(True)
+        m(xx)  # the full network, as Captum runs it
+        (grad,) = torch.autograd.grad(box["a"], xx, grad_outputs=box["a"].detach())
+    finally:
+        handle.remove()
+    return grad
+
+
+def bench_deconv(arch: str, stem: str, batch: int, image_size: int, device: str, repeats: int = 3) -> dict[str, Any]:
+    """ms/image of every block x 3 paths: Deconvnet.reconstruct_all vs the Captum-style baseline."""
+    import statistics
+
+    from .deconv import PATHS, Deconvnet
+    dev = dist.pick_device(device)
+    torch.manual_seed(0)
+    model = build_model(arch, 10, stem).eval().to(dev)
+    x = torch.randn(batch, 3, image_size, image_size, device=dev)
+    from .models import block_names
+    blocks = block_names(model)
+
+    def ours() -> dict:
+        return Deconvnet(model).reconstruct_all(x, blocks, PATHS)
+
+    def baseline() -> dict:
+        return {(b, p): captum_style_deconv(model, x, b, p) for b in blocks for p in PATHS}
+    times = {}
+    for name, fn in (("ours", ours), ("baseline", baseline)):
+        fn()  # warm-up
+        runs = []
+        for _ in range(repeats):
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(dev)
+            runs.append(time.perf_counter() - t0)
+        times[name] = (statistics.median(runs), out)
+    a, b = times["ours"][1], times["baseline"][1]
+    worst = max(float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-12)) for k in b if k in a)
+    return {"arch": arch, "stem": stem or "default", "device": str(dev), "batch": batch, "image_size": image_size,
+            "reconstructions": len(blocks) * len(PATHS), "ours_ms_per_image": 1e3 * times["ours"][0] / batch,
+            "baseline_ms_per_image": 1e3 * times["baseline"][0] / batch,
+            "speedup": times["baseline"][0] / times["ours"][0], "max_rel_diff_vs_baseline": worst}

@@ -13,7 +13,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["image_grid"]
+__all__ = ["image_grid", "filter_grid", "feature_maps", "order_channels", "deconv_panel"]
 
 _SHAPES = "(3, H, W) or (N, 3, H, W) RGB images, or (C, h, w) feature maps"
 
@@ -38,7 +38,7 @@ def _check(a: np.ndarray, rgb: bool, max_items: int) -> None:
 
 
 def image_grid(images: np.ndarray, title: str = "", max_items: int = 64, cmap: str = "viridis",
-               rgb: bool | None = None) -> Figure:
+               rgb: bool | None = None, labels: list[str] | None = None) -> Figure:
     """A grid of RGB images ((3, H, W) or (N, 3, H, W)) or of one image's feature maps ((C, h, w), at most
     `max_items` channels, ONE colour scale shared by all so channels compare). rgb=None: RGB when 4-D or
     when there are 3 channels; pass rgb=False for a 3-channel feature map."""
@@ -72,8 +72,83 @@ def image_grid(images: np.ndarray, title: str = "", max_items: int = 64, cmap: s
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     for k, (ax, fmap) in enumerate(zip(axes, maps)):
         im = ax.imshow(fmap, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-        ax.set_title(str(k), fontsize=6)
+        ax.set_title(labels[k] if labels else str(k), fontsize=6)
     fig.colorbar(im, ax=axes.tolist(), shrink=0.6)
-    fig.suptitle(f"{title}{chr(10) if title else ''}channels 0–{n - 1} of {len(a)}, one shared colour scale "
+    which = f"{n} of {len(a)} channels" if labels else f"channels 0–{n - 1} of {len(a)}"
+    fig.suptitle(f"{title}{chr(10) if title else ''}{which}, one shared colour scale "
                  f"[{vmin:.3g}, {vmax:.3g}]", fontsize=9)
+    return fig
+
+
+def filter_grid(weight: np.ndarray, title: str = "conv1 filters", scale: str = "filter") -> Figure:
+    """The first layer's filters (C_out, 3, k, k) as RGB tiles (64 of 7x7 for the ImageNet stem, 3x3 for the
+    CIFAR stem). scale='filter': each filter is min-max scaled to [0, 1] on its own (shapes show best, but one
+    grey level means different weights in different tiles); scale='global': one scale for all filters,
+    symmetric around 0 (mid grey = 0), so strengths compare."""
+    w = np.asarray(weight, dtype=np.float32)
+    if w.ndim != 4 or w.shape[1] != 3 or scale not in ("filter", "global"):
+        raise ValueError(f"filter_grid: weight {w.shape}, scale {scale!r}; valid: (C_out, 3, k, k) and "
+                         "scale 'filter' or 'global'; hint: pass model.conv1.weight.detach().cpu().numpy()")
+    if scale == "global":
+        m = float(np.abs(w).max()) or 1.0
+        tiles = (w / m + 1) / 2  # (C, 3, k, k) in [0, 1], 0 -> 0.5
+    else:
+        lo = w.min(axis=(1, 2, 3), keepdims=True)
+        hi = w.max(axis=(1, 2, 3), keepdims=True)
+        tiles = (w - lo) / np.where(hi > lo, hi - lo, 1.0)
+    k = w.shape[-1]
+    fig = image_grid((tiles * 255).round().astype(np.uint8), title=f"{title}: {len(w)} of {k}x{k}x3, "
+                     f"{'each filter scaled to its own min-max' if scale == 'filter' else 'one scale, grey = 0'}",
+                     max_items=len(w))
+    return fig
+
+
+def order_channels(act: np.ndarray) -> np.ndarray:
+    """Channel indices of one image's maps (C, h, w), largest mean activation first."""
+    return np.argsort(-np.asarray(act, dtype=np.float32).mean(axis=(1, 2)), kind="stable")
+
+
+def feature_maps(act: np.ndarray, block: str = "", max_channels: int = 32, cmap: str = "viridis") -> Figure:
+    """One image's feature maps of one block: channels ordered by mean activation (strongest first), at
+    most `max_channels`, one colour scale shared by all tiles of the block."""
+    a = np.asarray(act, dtype=np.float32)
+    if a.ndim != 3:
+        raise ValueError(f"feature_maps: got shape {a.shape}; valid: (C, h, w) of one image; hint: act[i]")
+    order = order_channels(a)[:max_channels]
+    fig = image_grid(a[order], title=f"{block}: top {len(order)} of {len(a)} channels by mean activation "
+                     "(tile title = channel)", max_items=max_channels, cmap=cmap, rgb=False,
+                     labels=[f"ch {c}" for c in order])
+    return fig
+
+
+def deconv_panel(image: np.ndarray, recs: dict, title: str = "") -> Figure:
+    """The input image, then one row per block and one column per path of deconvnet reconstructions
+    ((3, H, W) each, raw). Display: each tile min-max scaled on its own (a reconstruction's scale is
+    arbitrary); a tile whose reconstruction is all zero stays black and says so."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    blocks = list(dict.fromkeys(b for b, _ in recs))
+    paths = list(dict.fromkeys(p for _, p in recs))
+    fig = Figure(figsize=(1.6 * (len(paths) + 1), 1.5 * len(blocks) + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(blocks), len(paths) + 1, squeeze=False)
+    for row, block in enumerate(blocks):
+        axes[row, 0].imshow(_rgb_tile(np.asarray(image)), interpolation="nearest")
+        axes[row, 0].set_ylabel(block, fontsize=7)
+        for col, path in enumerate(paths, start=1):
+            ax = axes[row, col]
+            rec = recs.get((block, path))
+            if rec is not None:
+                rec = np.asarray(rec, dtype=np.float32)
+                ax.imshow(_rgb_tile(rec) if np.any(rec) else np.zeros(rec.shape[1:] + (3,)), interpolation="nearest")
+                if not np.any(rec):
+                    ax.text(0.5, 0.5, "zero", color="w", ha="center", va="center", transform=ax.transAxes, fontsize=6)
+            if row == 0:
+                ax.set_title(path, fontsize=8)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_title("input", fontsize=8)
+    fig.suptitle(f"{title}{chr(10) if title else ''}deconvnet reconstructions (each tile min-max scaled)", fontsize=9)
     return fig

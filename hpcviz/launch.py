@@ -271,8 +271,8 @@ def launch_viz(cfg: "VizConfig", launch: LaunchConfig, throttle: int = 0, fresh:
     launch.cluster = detect_cluster(launch.cluster)
     plan = viz.make_plan(cfg)
     old = checkpoint.read_json(run / "viz" / "plan.json")
-    if old is not None and (old["shards"], old["checkpoint_sha256"], old["blocks"]) != \
-            (plan["shards"], plan["checkpoint_sha256"], plan["blocks"]):
+    keys = ("shards", "checkpoint_sha256", "blocks", "deconv_blocks", "paths")
+    if old is not None and any(old.get(k) != plan.get(k) for k in keys):
         if not fresh:
             raise viz.VizError(f"{run}/viz holds shards of another request (other images, blocks or checkpoint); "
                                "hint: pass --fresh to replace them, or repeat the earlier request")
@@ -315,6 +315,9 @@ def _collate_viz(run: Path, plan: dict[str, Any], failed: list[str]) -> int:
     missing = summary["missing"]
     checkpoint.update_manifest(run, "viz", status="done" if not missing else "partial",
                                missing_shards=sorted(missing), n_images=summary["n_images"])
+    if summary["n_images"]:
+        figs = viz.save_figures(run)
+        log.info("%d figures in %s", len(figs), run / "viz" / "figures")
     for line in failed:
         print(f"error: {line}", file=sys.stderr)
     print(f"viz: {summary['n_images']} images in {len(paths) - len(missing)}/{len(paths)} shards -> "

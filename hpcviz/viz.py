@@ -40,6 +40,8 @@ class VizConfig:
     batch_size: int = 64              # images per forward pass
     blocks: list[str] = field(default_factory=list)   # block names to dump (empty = every block)
     compression: str = ""             # "" (none, fastest) | gzip | lzf
+    deconv_blocks: list[str] = field(default_factory=lambda: ["all"])  # blocks to reconstruct: ["all"] | [] | names
+    paths: list[str] = field(default_factory=lambda: ["both", "residual", "shortcut"])  # deconvnet paths
     device: str = "auto"              # auto | cpu | cuda
     seed: int = 0                     # for the sample
 
@@ -91,10 +93,17 @@ def make_plan(cfg: VizConfig) -> dict[str, Any]:
     else:
         indices = balanced_sample(labels.numpy(), min(cfg.images, len(labels)), cfg.seed).tolist()
     from .models import build_model
-    blocks = resolve_blocks(build_model(state["config"]["arch"], len(state["classes"]), state["config"]["stem"]),
-                            cfg.blocks)
+    model = build_model(state["config"]["arch"], len(state["classes"]), state["config"]["stem"])
+    blocks = resolve_blocks(model, cfg.blocks)
+    deconv = [] if not cfg.deconv_blocks else resolve_blocks(model, None if cfg.deconv_blocks == ["all"]
+                                                               else cfg.deconv_blocks)
+    from .deconv import PATHS, DeconvError
+    bad = [p for p in cfg.paths if p not in PATHS]
+    if bad or (deconv and not cfg.paths):
+        raise DeconvError(f"--paths {','.join(cfg.paths)}: valid paths are {', '.join(PATHS)}; hint: --paths both")
     return {"config": config_to_dict(cfg), "checkpoint": state["path"], "checkpoint_sha256": state["sha256"],
-            "blocks": blocks, "shards": plan_shards(indices, cfg.tasks), "n_images": len(indices)}
+            "blocks": blocks, "deconv_blocks": deconv, "paths": list(cfg.paths),
+            "shards": plan_shards(indices, cfg.tasks), "n_images": len(indices)}
 
 
 def write_plan(run_dir: str | Path, plan: dict[str, Any]) -> None:
@@ -116,8 +125,8 @@ def shard_done(run_dir: str | Path, shard: int, plan: dict[str, Any]) -> bool:
         index = store.read_shard(path, ["index"])["index"]
     except store.StoreError:
         return False
-    return (attrs.get("checkpoint_sha256") == plan["checkpoint_sha256"] and list(attrs.get("blocks", []))
-            == list(plan["blocks"]) and index.tolist() == list(positions))
+    same = all(list(attrs.get(k, [])) == list(plan.get(k, [])) for k in ("blocks", "deconv_blocks", "paths"))
+    return same and attrs.get("checkpoint_sha256") == plan["checkpoint_sha256"] and index.tolist() == list(positions)
 
 
 def _load_model(state: dict[str, Any], device: torch.device) -> torch.nn.Module:
@@ -136,9 +145,23 @@ def _root_attrs(run_dir: str, plan: dict[str, Any], state: dict[str, Any], shard
             "image_size": tcfg["image_size"], "class_names": list(state["classes"]), "mean": list(state["mean"]),
             "std": list(state["std"]), "split": plan["config"]["split"], "shard": shard,
             "n_shards": len(plan["shards"]), "blocks": list(plan["blocks"]),
+            "deconv_blocks": list(plan.get("deconv_blocks", [])), "paths": list(plan.get("paths", [])),
             "config": {"viz": plan["config"], "train": tcfg},
             "versions": {"hpcviz": __version__, "torch": str(torch.__version__), "numpy": np.__version__},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _write_deconv(w: "store.ShardWriter", model: torch.nn.Module, x: torch.Tensor, plan: dict[str, Any],
+                  start: int) -> None:
+    """deconv/<block>/<path>: raw reconstructions in the network's (normalised) input space, float32."""
+    if not plan.get("deconv_blocks"):
+        return
+    from .deconv import Deconvnet
+    recs = Deconvnet(model).reconstruct_all(x, plan["deconv_blocks"], plan["paths"])  # {(block, path): (b, 3, H, W)}
+    for (block, path), r in recs.items():
+        w.write(f"deconv/{block}/{path}", start, r.float().cpu().numpy(), dims=("image", "channel", "y", "x"),
+                attrs={"block": block, "path": path, "seed": "all",
+                       "what": "deconvnet reconstruction, raw, in the network's normalised input space"})
 
 
 def run_shard(run_dir: str, shard: int) -> str:
@@ -174,6 +197,7 @@ def run_shard(run_dir: str, shard: int) -> str:
             logits, acts = dump_activations(model, x, plan["blocks"])  # (b, K), {block: (b, C, h, w)}
             w.write("logits", start, logits.cpu().numpy(), dims=("image", "class"))
             w.write("pred", start, logits.argmax(1).cpu().numpy(), dims=("image",))
+            _write_deconv(w, model, x, plan, start)
             for block, a in acts.items():
                 # to float16 on the device: half the bytes to copy, and torch converts ~5x faster than numpy;
                 # the writer counts the values that overflowed to inf (fp16_overflow)
@@ -181,3 +205,31 @@ def run_shard(run_dir: str, shard: int) -> str:
                         dtype=np.float16, attrs={"block": block, "what": "output of the block (after its ReLU)"})
     log.info("shard %d: %d images in %.1f s -> %s", shard, len(pos), time.perf_counter() - t0, path)
     return str(path)
+
+
+def save_figures(run_dir: str | Path, images: int = 2, max_channels: int = 32) -> list[Path]:
+    """From viz/viz.h5 and the checkpoint: conv1 filters, and for the first `images` images the
+    feature maps of every block and the deconvnet panel, as PNGs in viz/figures/."""
+    from . import figures
+    run = Path(run_dir)
+    out = run / "viz" / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    state = checkpoint.load_checkpoint(run / "checkpoints")
+    saved = [out / "conv1_filters.png"]
+    _save(figures.filter_grid(state["model"]["conv1.weight"].float().numpy()), saved[-1])
+    names = store.list_datasets(run / "viz" / "viz.h5")
+    data = store.read_shard(run / "viz" / "viz.h5", rows=slice(0, images))
+    for i in range(min(images, len(data["index"]))):
+        tag = f"image{int(data['index'][i]):05d}"
+        for name in (n for n in names if n.startswith("act/")):
+            saved.append(out / f"{tag}_maps_{name[4:]}.png")
+            _save(figures.feature_maps(data[name][i], name[4:], max_channels), saved[-1])
+        recs = {tuple(n.split("/")[1:3]): data[n][i] for n in names if n.startswith("deconv/")}
+        if recs:
+            saved.append(out / f"{tag}_deconv.png")
+            _save(figures.deconv_panel(data["images"][i], recs, f"{tag} (label {int(data['label'][i])})"), saved[-1])
+    return saved
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.savefig(path, dpi=110)

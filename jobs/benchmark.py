@@ -3,6 +3,8 @@
   train   images/s of the project's training step vs a plain eager fp32 DataLoader loop
           (same data, model, batch), then with --to-accuracy the epochs and minutes until
           validation accuracy reaches --target (81.89%, the course report's figure).
+  deconv  ms/image of every block x 3 deconvnet paths vs a Captum-style baseline (a full
+          forward + backward per block and path), and their largest relative difference.
   dump    MB/s of the HDF5 shard writer vs writing the same bytes raw with fsync, for each
           compression offered, and the bytes per image per block of ResNet-18 (both stems)
           and ResNet-20.
@@ -50,6 +52,14 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=32)
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--repeats", type=int, default=3, help="timings per variant; medians are reported")
+    v = sub.add_parser("deconv", help="deconvnet: every block x 3 paths vs a Captum-style baseline")
+    v.add_argument("--arch", default="resnet20")
+    v.add_argument("--stem", default="")
+    v.add_argument("--batch-size", type=int, default=64)
+    v.add_argument("--image-size", type=int, default=32)
+    v.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    v.add_argument("--repeats", type=int, default=3)
+    v.add_argument("--out", default="results/benchmarks")
     d.add_argument("--dir", default="results/benchmarks/dump-tmp", help="where the test files are written")
     d.add_argument("--out", default="results/benchmarks")
     return p
@@ -153,11 +163,21 @@ def run_dump(args: argparse.Namespace) -> dict:
     return {"writer": rows, "bytes_per_image": sizes, "images": n, "arch": args.arch}
 
 
+def run_deconv(args: argparse.Namespace) -> dict:
+    from hpcviz.bench import bench_deconv
+    r = bench_deconv(args.arch, args.stem, args.batch_size, args.image_size, args.device, args.repeats)
+    print(f"deconv {r['arch']} ({r['stem']} stem) on {r['device']}, batch {r['batch']} at {r['image_size']} px, "
+          f"{r['reconstructions']} reconstructions (blocks x paths): {r['ours_ms_per_image']:.1f} ms/image vs "
+          f"Captum-style {r['baseline_ms_per_image']:.1f} ms/image, speed-up {r['speedup']:.1f}x "
+          f"(max relative difference {r['max_rel_diff_vs_baseline']:.1e})")
+    return {"deconv": r}
+
+
 def main(args: argparse.Namespace) -> int:
     from hpcviz.log import setup_logging
     setup_logging()
     try:
-        result = {"train": run_train, "dump": run_dump}[args.bench](args)
+        result = {"train": run_train, "dump": run_dump, "deconv": run_deconv}[args.bench](args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1

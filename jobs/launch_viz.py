@@ -25,6 +25,10 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--per-task", type=int, default=100, help="images per task when --tasks is not given")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--blocks", default="", help="comma-separated block names (default: every block)")
+    p.add_argument("--deconv-blocks", default="all",
+                   help="blocks to reconstruct with the deconvnet: all (default) | none | comma-separated names")
+    p.add_argument("--paths", default="both,residual,shortcut",
+                   help="deconvnet paths at residual blocks (default all three)")
     p.add_argument("--compression", default="", choices=("", "gzip", "lzf"), help="HDF5 filter (default none)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample")
@@ -44,7 +48,9 @@ def build_configs(args: argparse.Namespace):
     tasks = args.tasks or max(1, -(-n // max(1, args.per_task)))
     cfg = VizConfig(run_dir=args.run, split=args.split, images=args.images, indices=indices, tasks=tasks,
                     batch_size=args.batch_size, blocks=[b for b in args.blocks.split(",") if b],
-                    compression=args.compression, device=args.device, seed=args.seed)
+                    compression=args.compression, device=args.device, seed=args.seed,
+                    deconv_blocks=[] if args.deconv_blocks == "none" else [b for b in args.deconv_blocks.split(",") if b],
+                    paths=[p for p in args.paths.split(",") if p])
     launch = LaunchConfig(cluster=args.cluster, gpus=args.gpus, nproc=1, nodes=1, cpus_per_task=args.cpus_per_task,
                           mem_gb=args.mem_gb, time_min=args.time_min, partition=args.partition,
                           account=args.account, qos=args.qos, constraint=args.constraint, profile=args.profile,

@@ -70,3 +70,25 @@ def test_bad_input(shape, kw):
         image_grid(np.zeros(shape, np.float32), **kw)
     msg = str(e.value)
     assert "\n" not in msg and str(shape) in msg and "valid:" in msg and "hint" in msg
+
+
+def test_filter_grid_and_feature_maps():
+    import numpy as np
+    import pytest
+
+    from hpcviz.figures import feature_maps, filter_grid, order_channels
+    rng = np.random.default_rng(0)
+    fig = filter_grid(rng.normal(size=(64, 3, 7, 7)))
+    assert len([ax for ax in fig.axes if ax.images]) == 64 and "7x7x3" in fig._suptitle.get_text()
+    fig = filter_grid(rng.normal(size=(16, 3, 3, 3)), scale="global")
+    assert "grey = 0" in fig._suptitle.get_text()
+    with pytest.raises(ValueError, match="scale 'filter' or 'global'"):
+        filter_grid(rng.normal(size=(4, 3, 3, 3)), scale="each")
+    act = np.zeros((5, 4, 4), dtype=np.float16)
+    act[3] += 2
+    act[1] += 1
+    assert list(order_channels(act)[:2]) == [3, 1]
+    fig = feature_maps(act, "layer1.0", max_channels=3)
+    assert len([ax for ax in fig.axes if ax.images]) == 3 and "top 3 of 5" in fig._suptitle.get_text()
+    # one colour scale shared by every tile of the block
+    assert len({ax.images[0].get_clim() for ax in fig.axes if ax.images}) == 1

@@ -58,6 +58,16 @@ def test_shard_holds_what_the_network_computes(trained):
     for block, a in acts.items():
         assert data[f"act/{block}"].dtype == np.float16
         np.testing.assert_allclose(data[f"act/{block}"].astype(np.float32), a.numpy(), rtol=2e-3, atol=2e-3)
+    # deconvnet reconstructions: every block x path, raw float32, equal to an autograd (Captum-style) reference
+    from hpcviz.bench import captum_style_deconv
+    x = normalize(images[pos], state["mean"], state["std"])
+    assert {n for n in data if n.startswith("deconv/")} == {f"deconv/{b}/{p}" for b in acts
+                                                             for p in ("both", "residual", "shortcut")}
+    for block, path in (("layer2.0", "residual"), ("layer3.2", "shortcut"), ("layer1.1", "both")):
+        ref = captum_style_deconv(model, x, block, path).numpy()
+        got = data[f"deconv/{block}/{path}"]
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 def test_rerun_skips_done_shards_and_redoes_a_killed_one(trained, monkeypatch):
@@ -89,6 +99,18 @@ def test_rerun_skips_done_shards_and_redoes_a_killed_one(trained, monkeypatch):
     assert summary["n_images"] == 12 and not summary["missing"]
 
 
+def test_figures_from_the_array_outputs(trained):
+    write_run_plan(trained, blocks=["conv1", "layer3.2"], deconv_blocks=["layer3.2"], paths=["both", "shortcut"])
+    for s in (0, 1):
+        run_shard(str(trained), s)
+    store.collate([shard_path(trained, s) for s in (0, 1)], trained / "viz" / "viz.h5")
+    saved = viz.save_figures(trained, images=1)
+    names = sorted(p.name for p in saved)
+    assert names[0] == "conv1_filters.png" and len(names) == 4  # filters, 2 feature-map grids, 1 deconv panel
+    assert any(n.endswith("_deconv.png") for n in names)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in saved)
+
+
 def test_bad_requests(trained):
     with pytest.raises(VizError, match="--split 'test'"):
         make_plan(VizConfig(run_dir=str(trained), split="test"))
@@ -96,6 +118,8 @@ def test_bad_requests(trained):
         make_plan(VizConfig(run_dir=str(trained), indices=[999]))
     with pytest.raises(ValueError, match="--blocks layer9.9"):
         make_plan(VizConfig(run_dir=str(trained), blocks=["layer9.9"]))
+    with pytest.raises(ValueError, match="--paths sideways: valid paths are both, residual, shortcut"):
+        make_plan(VizConfig(run_dir=str(trained), paths=["sideways"]))
 
 
 class FakeExecutor:

@@ -1,0 +1,421 @@
+"""Deconvnet reconstructions (Zeiler & Fergus 2014) with a path choice at every residual block.
+
+A block's activation is taken back into the network's input space (the *normalised* image the
+network sees) by an explicit, batched backward pass; no autograd, no hooks:
+
+- convolution -> transposed convolution with the same kernel, with the output padding that gives
+  exactly the forward input's size (stride 2, odd sizes); biases are ignored;
+- eval-mode batch norm -> the transpose of its linear part: signal * gamma / sqrt(running_var + eps)
+  (folded into the preceding convolution's transposed kernel when there is one);
+- ReLU -> ReLU of the backward signal (not the forward mask): the deconvnet rule;
+- max-pool -> unpooling to the switches recorded on the way up. The signal of every pooling window
+  is *added* at its argmax (scatter-add), so a position that wins two overlapping windows (3x3/2
+  pooling) receives both: the exact transpose of the pooling selection, as autograd does it;
+  `F.max_unpool2d` would overwrite instead and differ there;
+- identity / adaptive layers -> identity (nothing after the last block is ever needed).
+
+With path `both` everywhere and the seed "all", `reconstruct(block)` equals Captum's Deconvolution
+seeded with the activation A: the input-gradient of <A, A.detach()> in a network whose every ReLU
+backward is replaced by ReLU-of-gradient.
+
+Residual blocks. The backward signal g arriving at a block's output first passes the block's final
+ReLU (g <- relu(g)), then goes
+  both:     through the residual branch AND the shortcut, summed at the block input;
+  residual: through the residual branch only (the shortcut's share is dropped);
+  shortcut: through the shortcut only. An identity shortcut passes g unchanged; a projection
+            shortcut (`downsample` = 1x1 conv + bn) is transposed: bn, then the 1x1 conv.
+The path is chosen for every residual block on the way back (one of PATHS), or per block
+('layer4.1=shortcut,layer4.0=residual'; blocks not named take "both").
+
+Block names are `models.block_names`: 'conv1' is the stem's output after its ReLU and before the
+max-pool of the ImageNet stem; 'layerX.Y' the output of a residual block after its final ReLU.
+'conv1' has no residual block on its way back, so its reconstruction is the same for every path;
+`reconstruct_all` computes it once and returns it under every requested path key.
+
+The forward pass is done functionally with the modules' weights, always in eval mode (batch norm
+with running statistics), whatever the model's train/eval flag; the model is never modified, its
+weights are read at each `forward`. torchvision's blocks call one (in-place) ReLU module twice,
+which is why no module is called and no hook registered here.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.grad import conv2d_input
+from torchvision.models import resnet as tvr
+
+from .models import block_names
+
+PATHS = ("both", "residual", "shortcut")
+SEEDS = ("all", "channel", "topk")
+_PATH_HINT = "hint: e.g. 'both', or per block 'layer4.1=shortcut,layer4.0=residual' (blocks not named: both)"
+
+
+class DeconvError(ValueError):
+    """A bad block, path or seed (one line, with the valid choices and a hint), or an unsupported model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# primitives: each is the transpose (adjoint) of the linear part of a forward op
+
+def conv_transpose(signal: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[int],
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The transpose of `conv` (without bias): (B, C_out, h, w) -> (B, C_in, *input_shape[2:]);
+    `weight` replaces conv.weight (e.g. with the following batch norm's slope folded in).
+
+    `F.conv_transpose2d` with the output padding that restores the forward input's exact size
+    (what `torch.nn.grad.conv2d_input` computes, but that one is several times slower on CPU)."""
+    pad = []
+    for i in range(2):
+        k = conv.kernel_size[i]
+        size = (signal.shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i] + conv.dilation[i] * (k - 1) + 1
+        pad.append(int(input_shape[2 + i]) - size)
+    weight = conv.weight if weight is None else weight
+    if not all(0 <= p < max(conv.stride[i], conv.dilation[i]) for i, p in enumerate(pad)):
+        return conv2d_input(list(input_shape), weight, signal, conv.stride, conv.padding, conv.dilation,
+                            conv.groups)
+    return F.conv_transpose2d(signal, weight, None, conv.stride, conv.padding, tuple(pad), conv.groups,
+                              conv.dilation)
+
+
+def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """gamma / sqrt(running_var + eps), per channel: the slope of eval-mode batch norm."""
+    inv = torch.rsqrt(bn.running_var + bn.eps)
+    return inv if bn.weight is None else bn.weight * inv
+
+
+def bn_transpose(signal: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The transpose of eval-mode batch norm's linear part: signal * scale, per channel."""
+    return signal * scale.view(1, -1, 1, 1)
+
+
+def unpool(signal: torch.Tensor, indices: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
+    """Max-unpooling to the switches: each window's signal is added at its argmax (flat index into
+    the input plane, as returned by `F.max_pool2d(..., return_indices=True)`)."""
+    b, c, h, w = input_shape
+    out = signal.new_zeros(b, c, h * w)
+    out.scatter_add_(2, indices.flatten(2), signal.flatten(2))
+    return out.view(b, c, h, w)
+
+
+def seed_signal(act: torch.Tensor, seed: str = "all", channel: int | None = None, k: int = 1) -> torch.Tensor:
+    """The signal a reconstruction starts from, (B, C, h, w): "all" = the activation, "channel" = only
+    channel `channel` (zero elsewhere), "topk" = per image the k channels of largest mean activation."""
+    n = act.shape[1]
+    if seed == "all":
+        return act
+    if seed == "channel":
+        if channel is None or isinstance(channel, bool) or not 0 <= int(channel) < n:
+            raise DeconvError(f"seed 'channel' with channel={channel!r}: need an integer in 0..{n - 1}; "
+                              "hint: reconstruct(block, seed='channel', channel=0)")
+        out = torch.zeros_like(act)
+        out[:, int(channel)] = act[:, int(channel)]
+        return out
+    if seed == "topk":
+        if isinstance(k, bool) or not 1 <= int(k) <= n:
+            raise DeconvError(f"seed 'topk' with k={k!r}: need an integer in 1..{n}; "
+                              "hint: reconstruct(block, seed='topk', k=3)")
+        top = act.mean(dim=(2, 3)).topk(int(k), dim=1).indices  # (B, k)
+        mask = torch.zeros(act.shape[:2], dtype=act.dtype, device=act.device).scatter_(1, top, 1.0)
+        return act * mask[:, :, None, None]
+    raise DeconvError(f"seed {seed!r}: not one of {', '.join(SEEDS)}; hint: seed='all' (the whole activation)")
+
+
+def parse_paths(spec: str | Mapping[str, str], blocks: Sequence[str]) -> dict[str, str]:
+    """{residual block: path} for every residual block of `blocks` ('conv1' is not one).
+
+    spec: one of PATHS for every block; or 'block=path,...' (blocks not named: "both"; one bare
+    path among the items sets that default instead, e.g. 'shortcut,layer1.0=both'); or a mapping
+    {block: path}. An unknown block or path is a DeconvError."""
+    residual = [b for b in blocks if b != "conv1"]
+    default, chosen = "both", {}
+    if isinstance(spec, Mapping):
+        items = [(str(b), str(p)) for b, p in spec.items()]
+    elif isinstance(spec, str):
+        items, bare = [], []
+        for tok in (t.strip() for t in spec.split(",")):
+            if "=" in tok:
+                b, p = (s.strip() for s in tok.split("=", 1))
+                items.append((b, p))
+            elif tok:
+                bare.append(tok)
+        if len(bare) > 1 or (not bare and not items):
+            raise DeconvError(f"path {spec!r}: give one of {', '.join(PATHS)} or block=path items; {_PATH_HINT}")
+        if bare:
+            default = bare[0]
+    else:
+        raise DeconvError(f"path {spec!r}: a string or a mapping {{block: path}}; {_PATH_HINT}")
+    bad_paths = sorted({p for _, p in items if p not in PATHS} | ({default} - set(PATHS)))
+    if bad_paths:
+        raise DeconvError(f"path {','.join(bad_paths)}: not one of {', '.join(PATHS)}; {_PATH_HINT}")
+    unknown = [b for b, _ in items if b not in residual]
+    if unknown:
+        raise DeconvError(f"path spec block {','.join(unknown)}: not a residual block of this model; valid: "
+                          f"{', '.join(residual)}; {_PATH_HINT}")
+    for b, p in items:
+        if chosen.setdefault(b, p) != p:
+            raise DeconvError(f"path spec {spec!r}: block {b} given twice with different paths; {_PATH_HINT}")
+    return {b: chosen.get(b, default) for b in residual}
+
+
+# ---------------------------------------------------------------------------------------------
+# the model as a plan of ops, the tape of one forward
+
+@dataclass
+class _Op:
+    kind: str  # "conv" | "bn" | "relu"
+    key: str   # module name, the tape's key
+    module: nn.Module | None = None
+
+
+@dataclass
+class _Block:
+    name: str
+    residual: list[_Op]
+    shortcut: list[_Op]  # [] = identity
+
+
+@dataclass
+class _Tape:
+    """What one forward leaves for the backward passes: shapes, bn slopes, switches, activations."""
+    upto: str
+    input_shape: tuple[int, ...]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # conv key -> its input's shape
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)     # bn key -> gamma/sqrt(var+eps)
+    folded: dict[str, torch.Tensor] = field(default_factory=dict)     # conv key -> weight * next bn's slope
+    pool_indices: torch.Tensor | None = None
+    pool_input_shape: tuple[int, ...] = ()
+    acts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _conv_op(module: nn.Module, key: str) -> _Op:
+    if not isinstance(module, nn.Conv2d) or isinstance(module.padding, str) or module.padding_mode != "zeros":
+        raise DeconvError(f"{key}: {type(module).__name__} is not a zero-padded nn.Conv2d; "
+                          "hint: Deconvnet supports the ResNets of hpcviz.models")
+    return _Op("conv", key, module)
+
+
+def _bn_op(module: nn.Module, key: str) -> _Op:
+    if not isinstance(module, nn.BatchNorm2d) or module.running_var is None:
+        raise DeconvError(f"{key}: {type(module).__name__} is not a BatchNorm2d with running statistics; "
+                          "hint: Deconvnet supports the ResNets of hpcviz.models")
+    return _Op("bn", key, module)
+
+
+def _relu_op(module: nn.Module, key: str) -> _Op:
+    if not isinstance(module, nn.ReLU):
+        raise DeconvError(f"{key}: {type(module).__name__} is not an nn.ReLU; "
+                          "hint: Deconvnet supports the ResNets of hpcviz.models")
+    return _Op("relu", key)
+
+
+def _block_plan(name: str, block: nn.Module) -> _Block:
+    if isinstance(block, tvr.Bottleneck):
+        convs = ("conv1", "conv2", "conv3")
+    elif isinstance(block, tvr.BasicBlock):
+        convs = ("conv1", "conv2")
+    else:
+        raise DeconvError(f"{name}: {type(block).__name__} is not a torchvision BasicBlock or Bottleneck; "
+                          "hint: Deconvnet supports the ResNets of hpcviz.models")
+    residual: list[_Op] = []
+    for i, c in enumerate(convs, 1):
+        if i > 1:
+            residual.append(_relu_op(block.relu, f"{name}.relu"))
+        residual += [_conv_op(getattr(block, c), f"{name}.{c}"), _bn_op(getattr(block, f"bn{i}"), f"{name}.bn{i}")]
+    _relu_op(block.relu, f"{name}.relu")
+    shortcut: list[_Op] = []
+    if block.downsample is not None:
+        for j, m in enumerate(block.downsample.children() if isinstance(block.downsample, nn.Sequential)
+                              else [block.downsample]):
+            key = f"{name}.downsample.{j}"
+            shortcut.append(_conv_op(m, key) if isinstance(m, nn.Conv2d) else _bn_op(m, key))
+    return _Block(name, residual, shortcut)
+
+
+def _run(ops: list[_Op], h: torch.Tensor, tape: _Tape) -> torch.Tensor:
+    for i, op in enumerate(ops):
+        m = op.module
+        if op.kind == "conv":
+            tape.shapes[op.key] = tuple(h.shape)
+            h = F.conv2d(h, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+        elif op.kind == "bn":
+            scale = tape.scales[op.key] = bn_scale(m)
+            if i > 0 and ops[i - 1].kind == "conv":  # bn^T then conv^T = conv^T with the slope in its kernel
+                tape.folded[ops[i - 1].key] = ops[i - 1].module.weight * scale.view(-1, 1, 1, 1)
+            h = F.batch_norm(h, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+        else:
+            h = F.relu(h)
+    return h
+
+
+def _back(ops: list[_Op], g: torch.Tensor, tape: _Tape) -> torch.Tensor:
+    skip = False
+    for i in range(len(ops) - 1, -1, -1):
+        op = ops[i]
+        if skip:
+            skip = False
+        elif op.kind == "bn" and i > 0 and ops[i - 1].key in tape.folded:
+            g = conv_transpose(g, ops[i - 1].module, tape.shapes[ops[i - 1].key], tape.folded[ops[i - 1].key])
+            skip = True
+        elif op.kind == "conv":
+            g = conv_transpose(g, op.module, tape.shapes[op.key])
+        elif op.kind == "bn":
+            g = bn_transpose(g, tape.scales[op.key])
+        else:
+            g = F.relu(g)
+    return g
+
+
+class Deconvnet:
+    """Deconvnet for one of the project's ResNets (torchvision ResNet-18/34/50, either stem; CifarResNet).
+
+    Usage: `acts = d.forward(x)` once per batch, then `d.reconstruct(block, path, seed)` as often as
+    needed; or `d.reconstruct_all(x, blocks, paths)`. Runs on the model's device, in its dtype
+    (reconstructions are returned as float32). The model is not modified: batch norm always uses the
+    running statistics (eval mode), whatever `model.training` says."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.blocks = block_names(model)
+        try:
+            self._stem = [_conv_op(model.conv1, "conv1"), _bn_op(model.bn1, "bn1"), _relu_op(model.relu, "relu")]
+            pool = model.maxpool
+        except AttributeError as e:
+            raise DeconvError(f"model {type(model).__name__}: {e}; hint: Deconvnet supports the ResNets of "
+                              "hpcviz.models") from None
+        if isinstance(pool, nn.MaxPool2d):
+            self._pool: nn.MaxPool2d | None = pool
+        elif isinstance(pool, nn.Identity):
+            self._pool = None
+        else:
+            raise DeconvError(f"maxpool: {type(pool).__name__} is neither nn.MaxPool2d nor nn.Identity; "
+                              "hint: Deconvnet supports the ResNets of hpcviz.models")
+        self._plan = [_block_plan(n, model.get_submodule(n)) for n in self.blocks[1:]]
+        self._tape: _Tape | None = None
+
+    # --- checks -------------------------------------------------------------------------------
+    def _check_block(self, block: str) -> int:
+        if block not in self.blocks:
+            raise DeconvError(f"block {block!r}: not a block of this model; valid: {', '.join(self.blocks)}; "
+                              "hint: names as in hpcviz.models.block_names, e.g. 'conv1' or 'layer1.0'")
+        return self.blocks.index(block)
+
+    def _paths(self, path: str | Mapping[str, str]) -> dict[str, str]:
+        return parse_paths(path, self.blocks)
+
+    # --- forward ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, upto: str | None = None) -> dict[str, torch.Tensor]:
+        """Runs once up to block `upto` (default: the last), recording the switches and shapes the
+        reconstructions need; returns {block: activation (B, C, h, w) float32} for every block up to
+        `upto` (for a float32 model the very tensors the seeds are taken from: do not modify them in
+        place). x: the normalised input (B, C_in, H, W), moved to the model's device and dtype."""
+        upto = self.blocks[-1] if upto is None else upto
+        last = self._check_block(upto)
+        conv1 = self.model.conv1
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != conv1.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DeconvError(f"input of shape {shape}: need (B, {conv1.in_channels}, H, W); "
+                              "hint: pass a normalised image batch")
+        self._tape = None
+        x = x.to(device=conv1.weight.device, dtype=conv1.weight.dtype)
+        tape = _Tape(upto=upto, input_shape=tuple(x.shape))
+        h = _run(self._stem, x, tape)
+        tape.acts["conv1"] = h
+        if last > 0 and self._pool is not None:
+            p = self._pool
+            tape.pool_input_shape = tuple(h.shape)
+            h, tape.pool_indices = F.max_pool2d(h, p.kernel_size, p.stride, p.padding, p.dilation,
+                                                ceil_mode=p.ceil_mode, return_indices=True)
+        for blk in self._plan[:last]:
+            out = _run(blk.residual, h, tape)
+            h = F.relu(out + (_run(blk.shortcut, h, tape) if blk.shortcut else h))
+            tape.acts[blk.name] = h
+        self._tape = tape
+        return {n: a.float() for n, a in tape.acts.items()}
+
+    # --- backward -----------------------------------------------------------------------------
+    def _need_tape(self, block: str) -> _Tape:
+        i = self._check_block(block)
+        tape = self._tape
+        if tape is None or i > self.blocks.index(tape.upto):
+            raise DeconvError(f"block {block!r}: the last forward did not reach it; "
+                              f"hint: call forward(x, upto={block!r}) (or forward(x)) first")
+        return tape
+
+    def _block_back(self, blk: _Block, g: torch.Tensor, path: str, tape: _Tape) -> torch.Tensor:
+        g = F.relu(g)  # the block's final ReLU
+        if path == "shortcut":
+            return _back(blk.shortcut, g, tape)
+        r = _back(blk.residual, g, tape)
+        if path == "residual":
+            return r
+        return r + _back(blk.shortcut, g, tape)
+
+    @torch.no_grad()
+    def backward_block(self, block: str, signal: torch.Tensor, path: str = "both") -> torch.Tensor:
+        """The signal at residual block `block`'s output (B, C, h, w) taken back to its input (last forward)."""
+        tape = self._need_tape(block)
+        if block == "conv1":
+            raise DeconvError("block 'conv1': not a residual block; hint: use backward('conv1', signal)")
+        if path not in PATHS:
+            raise DeconvError(f"path {path!r}: not one of {', '.join(PATHS)}; hint: path='both'")
+        return self._block_back(self._plan[self.blocks.index(block) - 1], signal, path, tape)
+
+    @torch.no_grad()
+    def backward(self, block: str, signal: torch.Tensor, path: str | Mapping[str, str] = "both") -> torch.Tensor:
+        """Any signal at `block`'s output (B, C, h, w) taken back to the input space (B, 3, H, W), in
+        the model's dtype; uses the switches and shapes of the last forward."""
+        tape = self._need_tape(block)
+        paths = self._paths(path)
+        # on CPU, oneDNN's transposed convolutions are several times faster in channels-last
+        g = signal.contiguous(memory_format=torch.channels_last) if signal.device.type == "cpu" else signal
+        for blk in reversed(self._plan[:self.blocks.index(block)]):
+            g = self._block_back(blk, g, paths[blk.name], tape)
+        if block != "conv1" and tape.pool_indices is not None:
+            g = unpool(g, tape.pool_indices, tape.pool_input_shape)
+        return _back(self._stem, g, tape).contiguous()  # the stem's ReLU, bn1, conv1
+
+    @torch.no_grad()
+    def reconstruct(self, block: str, path: str | Mapping[str, str] = "both", seed: str = "all",
+                    channel: int | None = None, k: int = 1) -> torch.Tensor:
+        """The deconvnet reconstruction (B, 3, H, W) float32 of `block`'s activation from the last
+        forward, seeded by `seed` ("all" | "channel" | "topk", see `seed_signal`), going back by `path`
+        (one of PATHS for every residual block, or per block: see `parse_paths`)."""
+        tape = self._need_tape(block)
+        paths = self._paths(path)
+        return self.backward(block, seed_signal(tape.acts[block], seed, channel, k), paths).float()
+
+    def reconstruct_all(self, x: torch.Tensor, blocks: Sequence[str] | None = None,
+                        paths: Sequence[str] = PATHS, seed: str = "all", channel: int | None = None,
+                        k: int = 1) -> dict[tuple[str, str], torch.Tensor]:
+        """{(block, path): (B, 3, H, W) float32} after ONE forward up to the deepest requested block.
+
+        blocks: names (default: all), returned in forward order; paths: entries of PATHS (or per-block
+        spec strings, keyed as given). 'conv1' has no residual block on its way back: its
+        reconstruction is computed once and returned (the same tensor) under every requested path."""
+        blocks = [blocks] if isinstance(blocks, str) else blocks
+        paths = [paths] if isinstance(paths, str) else paths
+        names = self.blocks if not blocks else [b for b in self.blocks if b in set(blocks)]
+        for b in blocks or ():
+            self._check_block(b)
+        paths = list(dict.fromkeys(paths))
+        if not paths:
+            raise DeconvError(f"paths: empty; hint: one or more of {', '.join(PATHS)}")
+        parsed = {p: self._paths(p) for p in paths}
+        if seed not in SEEDS:
+            seed_signal(torch.zeros(1, 1, 1, 1), seed)  # raises the one-line error
+        self.forward(x, upto=names[-1])
+        out: dict[tuple[str, str], torch.Tensor] = {}
+        with torch.no_grad():
+            for b in names:
+                if b == "conv1":
+                    r = self.reconstruct(b, "both", seed, channel, k)
+                    out.update({(b, p): r for p in paths})
+                else:
+                    out.update({(b, p): self.reconstruct(b, parsed[p], seed, channel, k) for p in paths})
+        return out
