@@ -59,9 +59,8 @@ def build_configs(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from hpcviz.launch import LaunchError
+    from hpcviz.launch import LaunchError, launch_viz
     from hpcviz.log import setup_logging
-    from hpcviz.launch import launch_viz
     setup_logging()
     try:
         cfg, launch = build_configs(args)
