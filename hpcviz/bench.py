@@ -237,3 +237,24 @@ def bench_deconv(arch: str, stem: str, batch: int, image_size: int, device: str,
             "reconstructions": len(blocks) * len(PATHS), "ours_ms_per_image": 1e3 * times["ours"][0] / batch,
             "baseline_ms_per_image": 1e3 * times["baseline"][0] / batch,
             "speedup": times["baseline"][0] / times["ours"][0], "max_rel_diff_vs_baseline": worst}
+
+
+def bench_invert(model: torch.nn.Module, images: torch.Tensor, mean, std, blocks: list[str],
+                 steps: int | None = None, one_at_a_time: int = 2) -> dict[str, Any]:
+    """Images/s of `invert` on a batch vs the same objective one image at a time (on `one_at_a_time`
+    images, extrapolated), and the median relative feature error per block (defaults unless `steps`)."""
+    from .inversion import InversionConfig, invert
+    cfg = InversionConfig() if steps is None else InversionConfig(steps=steps)
+    t0 = time.perf_counter()
+    out = invert(model, images=images, blocks=blocks, cfg=cfg, mean=mean, std=std)
+    batched_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    singles = [invert(model, images=images[i:i + 1], blocks=blocks, cfg=cfg, mean=mean, std=std)
+               for i in range(min(one_at_a_time, len(images)))]
+    single_s = (time.perf_counter() - t0) / len(singles)
+    same = max(float((s[b]["x"][0] - out[b]["x"][i]).abs().max()) for i, s in enumerate(singles) for b in blocks)
+    return {"images": len(images), "blocks": blocks, "steps": cfg.steps,
+            "batched_images_per_s": len(images) / batched_s, "one_at_a_time_images_per_s": 1.0 / single_s,
+            "ratio": single_s * len(images) / batched_s, "max_abs_diff_batched_vs_single": same,
+            "median_error": {b: float(out[b]["error"].median()) for b in blocks},
+            "max_error": {b: float(out[b]["error"].max()) for b in blocks}}

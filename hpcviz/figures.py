@@ -13,7 +13,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["image_grid", "filter_grid", "feature_maps", "order_channels", "deconv_panel"]
+__all__ = ["image_grid", "filter_grid", "feature_maps", "order_channels", "deconv_panel", "inversion_panel"]
 
 _SHAPES = "(3, H, W) or (N, 3, H, W) RGB images, or (C, h, w) feature maps"
 
@@ -151,4 +151,30 @@ def deconv_panel(image: np.ndarray, recs: dict, title: str = "") -> Figure:
             ax.set_yticks([])
     axes[0, 0].set_title("input", fontsize=8)
     fig.suptitle(f"{title}{chr(10) if title else ''}deconvnet reconstructions (each tile min-max scaled)", fontsize=9)
+    return fig
+
+
+def inversion_panel(images: np.ndarray, recs: dict, errors: dict, title: str = "") -> Figure:
+    """Per block (rows): the originals (uint8 (N, 3, H, W)) beside their inversions ((N, 3, H, W), raw; each
+    tile min-max scaled for display), the relative feature error under each inversion."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    blocks = list(recs)
+    n = len(images)
+    fig = Figure(figsize=(1.4 * n * 2, 1.6 * len(blocks) + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(blocks), 2 * n, squeeze=False)
+    for row, block in enumerate(blocks):
+        for i in range(n):
+            a, b = axes[row, 2 * i], axes[row, 2 * i + 1]
+            a.imshow(_rgb_tile(np.asarray(images[i])), interpolation="nearest")
+            b.imshow(_rgb_tile(np.asarray(recs[block][i], dtype=np.float32)), interpolation="nearest")
+            b.set_xlabel(f"err {float(errors[block][i]):.3f}", fontsize=7)
+            for ax in (a, b):
+                ax.set_xticks([])
+                ax.set_yticks([])
+        axes[row, 0].set_ylabel(block, fontsize=7)
+    fig.suptitle(f"{title}{chr(10) if title else ''}originals and inversions (relative feature error; "
+                 "inversions min-max scaled)", fontsize=9)
     return fig

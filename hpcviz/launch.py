@@ -271,7 +271,7 @@ def launch_viz(cfg: "VizConfig", launch: LaunchConfig, throttle: int = 0, fresh:
     launch.cluster = detect_cluster(launch.cluster)
     plan = viz.make_plan(cfg)
     old = checkpoint.read_json(run / "viz" / "plan.json")
-    keys = ("shards", "checkpoint_sha256", "blocks", "deconv_blocks", "paths")
+    keys = ("shards", "checkpoint_sha256", "blocks", "deconv_blocks", "paths", "invert_blocks", "invert")
     if old is not None and any(old.get(k) != plan.get(k) for k in keys):
         if not fresh:
             raise viz.VizError(f"{run}/viz holds shards of another request (other images, blocks or checkpoint); "

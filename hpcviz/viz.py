@@ -42,6 +42,10 @@ class VizConfig:
     compression: str = ""             # "" (none, fastest) | gzip | lzf
     deconv_blocks: list[str] = field(default_factory=lambda: ["all"])  # blocks to reconstruct: ["all"] | [] | names
     paths: list[str] = field(default_factory=lambda: ["both", "residual", "shortcut"])  # deconvnet paths
+    invert_blocks: list[str] = field(default_factory=lambda: ["default"])  # ["default"] = conv1 + each stage's
+    #                                 last block | ["all"] | [] | names
+    invert_steps: int = 0             # optimisation steps per inversion (0 = inversion's default)
+    prior: str = "tv"                 # tv | none (the course report's plain sum of squared errors)
     device: str = "auto"              # auto | cpu | cuda
     seed: int = 0                     # for the sample
 
@@ -97,12 +101,17 @@ def make_plan(cfg: VizConfig) -> dict[str, Any]:
     blocks = resolve_blocks(model, cfg.blocks)
     deconv = [] if not cfg.deconv_blocks else resolve_blocks(model, None if cfg.deconv_blocks == ["all"]
                                                                else cfg.deconv_blocks)
+    inv = resolve_invert_blocks(model, cfg.invert_blocks)
     from .deconv import PATHS, DeconvError
+    from .inversion import PRIORS
+    if cfg.prior not in PRIORS:
+        raise VizError(f"--prior {cfg.prior!r}: not one of {', '.join(PRIORS)}; hint: --prior tv")
     bad = [p for p in cfg.paths if p not in PATHS]
     if bad or (deconv and not cfg.paths):
         raise DeconvError(f"--paths {','.join(cfg.paths)}: valid paths are {', '.join(PATHS)}; hint: --paths both")
     return {"config": config_to_dict(cfg), "checkpoint": state["path"], "checkpoint_sha256": state["sha256"],
-            "blocks": blocks, "deconv_blocks": deconv, "paths": list(cfg.paths),
+            "blocks": blocks, "deconv_blocks": deconv, "paths": list(cfg.paths), "invert_blocks": inv,
+            "invert": {"steps": cfg.invert_steps, "prior": cfg.prior},
             "shards": plan_shards(indices, cfg.tasks), "n_images": len(indices)}
 
 
@@ -125,7 +134,9 @@ def shard_done(run_dir: str | Path, shard: int, plan: dict[str, Any]) -> bool:
         index = store.read_shard(path, ["index"])["index"]
     except store.StoreError:
         return False
-    same = all(list(attrs.get(k, [])) == list(plan.get(k, [])) for k in ("blocks", "deconv_blocks", "paths"))
+    same = all(list(attrs.get(k, [])) == list(plan.get(k, [])) for k in ("blocks", "deconv_blocks", "paths",
+                                                                        "invert_blocks"))
+    same = same and attrs.get("invert", {}) == plan.get("invert", {})
     return same and attrs.get("checkpoint_sha256") == plan["checkpoint_sha256"] and index.tolist() == list(positions)
 
 
@@ -146,6 +157,7 @@ def _root_attrs(run_dir: str, plan: dict[str, Any], state: dict[str, Any], shard
             "std": list(state["std"]), "split": plan["config"]["split"], "shard": shard,
             "n_shards": len(plan["shards"]), "blocks": list(plan["blocks"]),
             "deconv_blocks": list(plan.get("deconv_blocks", [])), "paths": list(plan.get("paths", [])),
+            "invert_blocks": list(plan.get("invert_blocks", [])), "invert": dict(plan.get("invert", {})),
             "config": {"viz": plan["config"], "train": tcfg},
             "versions": {"hpcviz": __version__, "torch": str(torch.__version__), "numpy": np.__version__},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -162,6 +174,36 @@ def _write_deconv(w: "store.ShardWriter", model: torch.nn.Module, x: torch.Tenso
         w.write(f"deconv/{block}/{path}", start, r.float().cpu().numpy(), dims=("image", "channel", "y", "x"),
                 attrs={"block": block, "path": path, "seed": "all",
                        "what": "deconvnet reconstruction, raw, in the network's normalised input space"})
+
+
+def resolve_invert_blocks(model: torch.nn.Module, spec: list[str]) -> list[str]:
+    """["default"]: the stem and the last block of each stage (inversion costs most); ["all"]; []; names."""
+    from .models import block_names
+    names = block_names(model)
+    if spec == ["default"]:
+        last = {}
+        for n in names[1:]:
+            last[n.split(".")[0]] = n
+        return ["conv1", *last.values()]
+    return resolve_blocks(model, None if spec == ["all"] else spec) if spec else []
+
+
+def _write_inversions(w: "store.ShardWriter", model: torch.nn.Module, x: torch.Tensor, plan: dict[str, Any],
+                      state: dict[str, Any], start: int) -> None:
+    """invert/<block> (raw, normalised input space, float32) and invert_error/<block> (relative feature error)."""
+    if not plan.get("invert_blocks"):
+        return
+    from .inversion import InversionConfig, invert
+    cfg = plan["config"]
+    icfg = InversionConfig(prior=cfg.get("prior", "tv"), **({"steps": cfg["invert_steps"]}
+                                                           if cfg.get("invert_steps") else {}))
+    out = invert(model, images=x, blocks=plan["invert_blocks"], cfg=icfg, mean=state["mean"], std=state["std"])
+    for block, r in out.items():
+        w.write(f"invert/{block}", start, r["x"].float().cpu().numpy(), dims=("image", "channel", "y", "x"),
+                attrs={"block": block, "steps": icfg.steps, "prior": icfg.prior,
+                       "what": "inversion of the block's activation, raw, in the network's normalised input space"})
+        w.write(f"invert_error/{block}", start, r["error"].float().cpu().numpy(), dims=("image",),
+                attrs={"block": block, "what": "relative feature error ||phi(x) - phi0|| / ||phi0||"})
 
 
 def run_shard(run_dir: str, shard: int) -> str:
@@ -198,6 +240,7 @@ def run_shard(run_dir: str, shard: int) -> str:
             w.write("logits", start, logits.cpu().numpy(), dims=("image", "class"))
             w.write("pred", start, logits.argmax(1).cpu().numpy(), dims=("image",))
             _write_deconv(w, model, x, plan, start)
+            _write_inversions(w, model, x, plan, state, start)
             for block, a in acts.items():
                 # to float16 on the device: half the bytes to copy, and torch converts ~5x faster than numpy;
                 # the writer counts the values that overflowed to inf (fp16_overflow)
@@ -228,6 +271,14 @@ def save_figures(run_dir: str | Path, images: int = 2, max_channels: int = 32) -
         if recs:
             saved.append(out / f"{tag}_deconv.png")
             _save(figures.deconv_panel(data["images"][i], recs, f"{tag} (label {int(data['label'][i])})"), saved[-1])
+    inv = [n[len("invert/"):] for n in names if n.startswith("invert/")]
+    if inv:
+        rows = slice(0, 4)  # a few images: one figure of originals beside their inversions
+        more = store.read_shard(run / "viz" / "viz.h5", ["images"] + [f"invert/{b}" for b in inv]
+                                + [f"invert_error/{b}" for b in inv], rows=rows)
+        saved.append(out / "inversions.png")
+        _save(figures.inversion_panel(more["images"], {b: more[f"invert/{b}"] for b in inv},
+                                      {b: more[f"invert_error/{b}"] for b in inv}), saved[-1])
     return saved
 
 

@@ -3,6 +3,8 @@
   train   images/s of the project's training step vs a plain eager fp32 DataLoader loop
           (same data, model, batch), then with --to-accuracy the epochs and minutes until
           validation accuracy reaches --target (81.89%, the course report's figure).
+  invert  images/s of a batched inversion vs one image at a time, and the median relative
+          feature error per block (a trained ResNet-20 by default).
   deconv  ms/image of every block x 3 deconvnet paths vs a Captum-style baseline (a full
           forward + backward per block and path), and their largest relative difference.
   dump    MB/s of the HDF5 shard writer vs writing the same bytes raw with fsync, for each
@@ -52,6 +54,16 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=32)
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--repeats", type=int, default=3, help="timings per variant; medians are reported")
+    i = sub.add_parser("invert", help="inversion: a batch vs one image at a time, error per block")
+    i.add_argument("--run", default="", help="a trained run (default: the newest results/benchmarks/tta-resnet20-*)")
+    i.add_argument("--arch", default="", help="instead of --run: an untrained model of this arch")
+    i.add_argument("--stem", default="")
+    i.add_argument("--data", default="auto")
+    i.add_argument("--images", type=int, default=16)
+    i.add_argument("--single", type=int, default=2, help="images timed one at a time")
+    i.add_argument("--steps", type=int, default=0, help="0 = the default iteration count")
+    i.add_argument("--blocks", default="", help="default: every block")
+    i.add_argument("--out", default="results/benchmarks")
     v = sub.add_parser("deconv", help="deconvnet: every block x 3 paths vs a Captum-style baseline")
     v.add_argument("--arch", default="resnet20")
     v.add_argument("--stem", default="")
@@ -163,6 +175,42 @@ def run_dump(args: argparse.Namespace) -> dict:
     return {"writer": rows, "bytes_per_image": sizes, "images": n, "arch": args.arch}
 
 
+def run_invert(args: argparse.Namespace) -> dict:
+    import torch
+
+    from hpcviz.bench import bench_invert
+    from hpcviz.data import channel_stats, load_images, normalize
+    from hpcviz.models import block_names, build_model
+    if args.arch:
+        model, label = build_model(args.arch, 10, args.stem).eval(), f"{args.arch} (untrained)"
+        mean = std = None
+    else:
+        runs = sorted(Path("results/benchmarks").glob("tta-resnet20-*/checkpoints")) if not args.run else \
+            [Path(args.run) / "checkpoints"]
+        if not runs:
+            raise ValueError("--run: no trained run found; hint: python jobs/benchmark.py train --to-accuracy, "
+                             "or pass --run results/<run>, or --arch resnet20 for an untrained model")
+        from hpcviz.checkpoint import load_checkpoint
+        state = load_checkpoint(runs[-1])
+        model = build_model(state["config"]["arch"], len(state["classes"]), state["config"]["stem"])
+        model.load_state_dict(state["model"])
+        model.eval()
+        label, mean, std = f"{state['config']['arch']} trained ({runs[-1].parent.name})", state["mean"], state["std"]
+    ds = load_images(resolve_data(args.data), 32)
+    torch.manual_seed(0)
+    pick = torch.randperm(len(ds))[: args.images]
+    if mean is None:
+        mean, std = channel_stats(ds.images)
+    x = normalize(ds.images[pick], mean, std)
+    blocks = [b for b in args.blocks.split(",") if b] or block_names(model)
+    r = bench_invert(model, x, mean, std, blocks, args.steps or None, args.single)
+    print(f"invert {label}, {r['images']} images, {r['steps']} steps: batched {r['batched_images_per_s']:.3f} "
+          f"img/s vs one at a time {r['one_at_a_time_images_per_s']:.3f} img/s, ratio {r['ratio']:.1f}x "
+          f"(max |diff| {r['max_abs_diff_batched_vs_single']:.1e})")
+    print("median relative feature error: " + ", ".join(f"{b} {e:.3f}" for b, e in r["median_error"].items()))
+    return {"invert": {**r, "model": label}}
+
+
 def run_deconv(args: argparse.Namespace) -> dict:
     from hpcviz.bench import bench_deconv
     r = bench_deconv(args.arch, args.stem, args.batch_size, args.image_size, args.device, args.repeats)
@@ -177,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
     from hpcviz.log import setup_logging
     setup_logging()
     try:
-        result = {"train": run_train, "dump": run_dump, "deconv": run_deconv}[args.bench](args)
+        result = {"train": run_train, "dump": run_dump, "deconv": run_deconv, "invert": run_invert}[args.bench](args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1

@@ -29,6 +29,10 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="blocks to reconstruct with the deconvnet: all (default) | none | comma-separated names")
     p.add_argument("--paths", default="both,residual,shortcut",
                    help="deconvnet paths at residual blocks (default all three)")
+    p.add_argument("--invert-blocks", default="default",
+                   help="blocks to invert: default (conv1 + each stage's last block) | all | none | names")
+    p.add_argument("--invert-steps", type=int, default=0, help="optimisation steps per inversion (0 = default)")
+    p.add_argument("--prior", default="tv", help="tv (Mahendran & Vedaldi) | none (plain sum of squared errors)")
     p.add_argument("--compression", default="", choices=("", "gzip", "lzf"), help="HDF5 filter (default none)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample")
@@ -50,7 +54,9 @@ def build_configs(args: argparse.Namespace):
                     batch_size=args.batch_size, blocks=[b for b in args.blocks.split(",") if b],
                     compression=args.compression, device=args.device, seed=args.seed,
                     deconv_blocks=[] if args.deconv_blocks == "none" else [b for b in args.deconv_blocks.split(",") if b],
-                    paths=[p for p in args.paths.split(",") if p])
+                    paths=[p for p in args.paths.split(",") if p],
+                    invert_blocks=[] if args.invert_blocks == "none" else [b for b in args.invert_blocks.split(",") if b],
+                    invert_steps=args.invert_steps, prior=args.prior)
     launch = LaunchConfig(cluster=args.cluster, gpus=args.gpus, nproc=1, nodes=1, cpus_per_task=args.cpus_per_task,
                           mem_gb=args.mem_gb, time_min=args.time_min, partition=args.partition,
                           account=args.account, qos=args.qos, constraint=args.constraint, profile=args.profile,

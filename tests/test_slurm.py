@@ -163,7 +163,7 @@ def test_viz_array_of_two_tasks_and_a_rerun_of_one(tmp_path):
     train(TrainConfig(data="builtin:20", image_size=16, arch="resnet20", epochs=1, batch_size=32, lr=0.05,
                       device="cpu", run_dir=str(run), log_every=1000))
     cmd = [sys.executable, str(ROOT / "jobs" / "launch_viz.py"), "--run", str(run), "--images", "20", "--tasks", "2",
-           "--cluster", "slurm", "--cpus-per-task", "1", "--device", "cpu", "--wait"]
+           "--cluster", "slurm", "--cpus-per-task", "1", "--device", "cpu", "--invert-steps", "10", "--wait"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "20 images in 2/2 shards" in r.stdout

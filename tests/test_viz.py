@@ -33,6 +33,7 @@ def test_balanced_sample_and_plan():
 
 
 def write_run_plan(run, **kw):
+    kw.setdefault("invert_steps", 15)  # a few steps: the wiring is tested here, the quality in test_inversion
     cfg = VizConfig(run_dir=str(run), images=12, tasks=2, batch_size=5, **kw)
     plan = make_plan(cfg)
     viz.write_plan(run, plan)
@@ -68,6 +69,13 @@ def test_shard_holds_what_the_network_computes(trained):
         got = data[f"deconv/{block}/{path}"]
         assert got.dtype == np.float32 and got.shape == ref.shape
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    # inversions: conv1 and each stage's last block by default; the stored error is what the stored image gives
+    assert sorted(n for n in data if n.startswith("invert/")) == ["invert/conv1", "invert/layer1.2",
+                                                                 "invert/layer2.2", "invert/layer3.2"]
+    _, inv_acts = dump_activations(model, torch.from_numpy(data["invert/layer2.2"]), ["layer2.2"])
+    phi, phi0 = inv_acts["layer2.2"].flatten(1), acts["layer2.2"].flatten(1)
+    expected = ((phi - phi0).norm(dim=1) / phi0.norm(dim=1)).numpy()
+    np.testing.assert_allclose(data["invert_error/layer2.2"], expected, rtol=1e-3, atol=1e-5)
 
 
 def test_rerun_skips_done_shards_and_redoes_a_killed_one(trained, monkeypatch):
@@ -106,7 +114,8 @@ def test_figures_from_the_array_outputs(trained):
     store.collate([shard_path(trained, s) for s in (0, 1)], trained / "viz" / "viz.h5")
     saved = viz.save_figures(trained, images=1)
     names = sorted(p.name for p in saved)
-    assert names[0] == "conv1_filters.png" and len(names) == 4  # filters, 2 feature-map grids, 1 deconv panel
+    assert names[0] == "conv1_filters.png" and len(names) == 5  # filters, 2 map grids, deconv and inversion panels
+    assert "inversions.png" in names
     assert any(n.endswith("_deconv.png") for n in names)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in saved)
 
@@ -120,6 +129,8 @@ def test_bad_requests(trained):
         make_plan(VizConfig(run_dir=str(trained), blocks=["layer9.9"]))
     with pytest.raises(ValueError, match="--paths sideways: valid paths are both, residual, shortcut"):
         make_plan(VizConfig(run_dir=str(trained), paths=["sideways"]))
+    with pytest.raises(VizError, match="--prior 'l2': not one of tv, none"):
+        make_plan(VizConfig(run_dir=str(trained), prior="l2"))
 
 
 class FakeExecutor:
