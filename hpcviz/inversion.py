@@ -67,7 +67,7 @@ class InversionError(FloatingPointError):
 
 @dataclass
 class InversionConfig:
-    steps: int = 500                  # optimiser steps
+    steps: int = 1000                 # optimiser steps (1000: median error <= 0.07 at every ResNet-20 block)
     lr: float = 0.015                 # Adam step size, in units of the data range width r = mean(1/std)
     alpha: float = 6.0                # exponent of the alpha-norm prior
     beta: float = 2.0                 # exponent of the TV prior
