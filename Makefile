@@ -22,12 +22,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Train a ResNet-20 on the built-in data set here on the CPU (a few minutes on 2 cores).
-# A second `make demo` continues the same run (nothing is overwritten); `make clean-demo` starts afresh.
+# The whole pipeline here on the CPU: train a ResNet-20 on the built-in data, visualize 16 validation
+# images in 2 array tasks (activations, deconvnet, inversions), then the report.
+# A second `make demo` continues the same run (finished stages are skipped); `make clean-demo` starts afresh.
 demo: setup
-	$(PY) jobs/launch_train.py --cluster local --run $(DEMO_RUN) --resume \
-		--arch resnet20 --data builtin --epochs 15 --batch-size 128 --lr 0.2
-	@echo "run: $(DEMO_RUN) (metrics.jsonl, eval.json, checkpoints/last.pt)"
+	$(PY) jobs/launch_pipeline.py --cluster local --run $(DEMO_RUN) --resume \
+		--arch resnet20 --data builtin --epochs 15 --batch-size 128 --lr 0.2 \
+		--images 16 --tasks 2
+	@echo "report: $(DEMO_RUN)/report/report.html (and report.md, figures/, tables/)"
 
 test: setup
 	$(PY) -m pytest -q

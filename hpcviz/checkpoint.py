@@ -51,6 +51,13 @@ def _write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically write `data` (temp file, fsync, rename): readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_bytes(path, data)
+
+
 def save_checkpoint(state: dict[str, Any], ckpt_dir: str | os.PathLike) -> Path:
     """Write `state` as ckpt_dir/last.pt (+ .sha256), keeping the previous one as prev.pt."""
     ckpt_dir = Path(ckpt_dir)

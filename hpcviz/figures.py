@@ -13,7 +13,8 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["image_grid", "filter_grid", "feature_maps", "order_channels", "deconv_panel", "inversion_panel"]
+__all__ = ["image_grid", "filter_grid", "feature_maps", "order_channels", "deconv_panel", "inversion_panel",
+           "training_curves", "class_accuracy", "confusion_matrix", "block_maps"]
 
 _SHAPES = "(3, H, W) or (N, 3, H, W) RGB images, or (C, h, w) feature maps"
 
@@ -177,4 +178,101 @@ def inversion_panel(images: np.ndarray, recs: dict, errors: dict, title: str = "
         axes[row, 0].set_ylabel(block, fontsize=7)
     fig.suptitle(f"{title}{chr(10) if title else ''}originals and inversions (relative feature error; "
                  "inversions min-max scaled)", fontsize=9)
+    return fig
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def training_curves(records: list[dict], title: str = "") -> Figure:
+    """Loss (left) and accuracy (right) per epoch, train and val, from metrics.jsonl records."""
+    if not records:
+        raise ValueError("training_curves: no epochs; hint: pass checkpoint.read_metrics(run) of a trained run")
+    epochs = [r["epoch"] for r in records]
+    fig = _figure(9.0, 3.4)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for key, style in (("train", "-"), ("val", "--")):
+        ax_loss.plot(epochs, [r[f"{key}_loss"] for r in records], style, marker=".", label=key)
+        ax_acc.plot(epochs, [100 * r[f"{key}_acc"] for r in records], style, marker=".", label=key)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def class_accuracy(classes: list[str], accuracy: list[float | None], overall: float | None = None,
+                   title: str = "per-class validation accuracy") -> Figure:
+    """One bar per class (accuracy in [0, 1]; None = no image of that class), the overall as a line."""
+    if len(classes) != len(accuracy) or not classes:
+        raise ValueError(f"class_accuracy: {len(classes)} classes but {len(accuracy)} accuracies; "
+                         "hint: pass eval.json's classes and per_class_accuracy in the same order")
+    values = [100 * a if a is not None else 0.0 for a in accuracy]
+    fig = _figure(max(5.0, 0.55 * len(classes) + 1.5), 3.4)
+    ax = fig.subplots()
+    bars = ax.bar(range(len(classes)), values, color="tab:blue")
+    for bar, a in zip(bars, accuracy):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 1, "n/a" if a is None else f"{100 * a:.1f}",
+                ha="center", va="bottom", fontsize=7)
+    if overall is not None:
+        ax.axhline(100 * overall, color="tab:red", lw=1, ls="--", label=f"overall {100 * overall:.2f}%")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set(ylim=(0, 108), ylabel="accuracy (%)", title=title)
+    return fig
+
+
+def confusion_matrix(confusion: np.ndarray, classes: list[str], title: str = "confusion matrix (validation)") -> Figure:
+    """Rows = true class, columns = predicted; colour = share of the row, text = count."""
+    c = np.asarray(confusion, dtype=np.int64)
+    if c.ndim != 2 or c.shape[0] != c.shape[1] or c.shape[0] != len(classes):
+        raise ValueError(f"confusion_matrix: shape {c.shape} for {len(classes)} classes; valid: (K, K), "
+                         "rows = true class; hint: pass eval.json's confusion and classes")
+    share = c / np.maximum(c.sum(1, keepdims=True), 1)  # (K, K) row-normalised
+    k = len(classes)
+    fig = _figure(max(4.5, 0.5 * k + 2.0), max(4.0, 0.5 * k + 1.5))
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(c[i, j]), ha="center", va="center", fontsize=6,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(k), classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.colorbar(im, ax=ax, shrink=0.7, label="share of the true class")
+    return fig
+
+
+def block_maps(image: np.ndarray, acts: dict, channels: int = 8, title: str = "", cmap: str = "viridis") -> Figure:
+    """One image and, per block (rows), its `channels` strongest feature maps (by mean activation);
+    each row has its own colour scale (blocks differ in range), shared by the tiles of that row."""
+    blocks = list(acts)
+    if not blocks or channels < 1:
+        raise ValueError("block_maps: no blocks or channels < 1; hint: pass {block: act[i]} with (C, h, w) each")
+    fig = _figure(1.1 * (channels + 1) + 0.8, 1.05 * len(blocks) + 0.8)
+    axes = fig.subplots(len(blocks), channels + 1, squeeze=False)
+    for row, block in enumerate(blocks):
+        a = np.asarray(acts[block], dtype=np.float32)  # (C, h, w)
+        order = order_channels(a)[:channels]
+        finite = a[order][np.isfinite(a[order])]
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        axes[row, 0].imshow(_rgb_tile(np.asarray(image)), interpolation="nearest")
+        axes[row, 0].set_ylabel(block, fontsize=7)
+        for col, ch in enumerate(order, start=1):
+            axes[row, col].imshow(a[ch], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            axes[row, col].set_title(f"ch {ch}", fontsize=6)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"{title}{chr(10) if title else ''}feature maps: the {channels} strongest channels of each block "
+                 "(one colour scale per row)", fontsize=9)
     return fig

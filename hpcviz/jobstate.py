@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -75,6 +76,40 @@ def query_state(job_id: str) -> tuple[str, str]:
         if state:
             return state, name
     return "GONE", "none"
+
+
+def _expand_tasks(job_id: str, array_id: str) -> list[int]:
+    """Task indices named by one sacct/squeue JobID: 'A_3' -> [3], 'A_[0-2,5%2]' -> [0, 1, 2, 5]."""
+    m = re.fullmatch(rf"{re.escape(array_id)}_(\d+)", job_id)
+    if m:
+        return [int(m.group(1))]
+    m = re.fullmatch(rf"{re.escape(array_id)}_\[([^\]]+)\]", job_id)
+    if not m:
+        return []
+    out: list[int] = []
+    for part in m.group(1).split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
+def array_states(array_id: str) -> dict[int, str]:
+    """{task index: state} of an array job: sacct for every task that has one, then squeue's live view
+    (one line per task with -r) on top; tasks neither knows are absent. Never hangs (timeouts)."""
+    states: dict[int, str] = {}
+    for cmd in (["sacct", "-j", array_id, "-X", "-n", "-P", "-o", "JobID,State"],
+                ["squeue", "-h", "-r", "-j", array_id, "-o", "%i|%T"]):
+        try:
+            lines = _run(cmd).splitlines()
+        except (OSError, subprocess.SubprocessError):
+            continue  # squeue: 'Invalid job id' once the whole array has left the queue
+        for line in lines:
+            jid, _, state = line.partition("|")
+            for k in _expand_tasks(jid.strip(), array_id):
+                if state.strip():
+                    states[k] = state.split()[0]
+    return states
 
 
 def result_paths(folder: Path, job_id: str, ntasks: int) -> list[Path]:

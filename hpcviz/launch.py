@@ -166,12 +166,12 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(), dataclasses.replace(cfg, resume="auto"))
 
 
-def submit_train(cfg: TrainConfig, launch: LaunchConfig) -> submitit.Job:
+def submit_train(cfg: TrainConfig, launch: LaunchConfig, job: TrainJob | None = None) -> submitit.Job:
     folder = Path(cfg.run_dir) / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     ex = make_executor(launch, folder, f"hpcviz-train-{Path(cfg.run_dir).name}")
     try:
-        return ex.submit(TrainJob(), cfg)
+        return ex.submit(job or TrainJob(), cfg)
     except Exception as e:  # submitit wraps sbatch's refusal in several types
         first = str(e).strip().splitlines()
         raise LaunchError(f"submission refused: {first[-1] if first else type(e).__name__}; "
@@ -264,8 +264,10 @@ def submit_array(ex: submitit.Executor, fn: Any, run_dir: str, items: list[int],
     return jobs
 
 
-def launch_viz(cfg: "VizConfig", launch: LaunchConfig, throttle: int = 0, fresh: bool = False) -> int:
-    """Plan, submit the missing shards as one array (or a few, past MaxArraySize), wait if asked, collate."""
+def launch_viz(cfg: "VizConfig", launch: LaunchConfig, throttle: int = 0, fresh: bool = False,
+               figures: bool = True) -> int:
+    """Plan, submit the missing shards as one array (or a few, past MaxArraySize), wait if asked, collate
+    (and draw viz/figures/ unless `figures` is False: the pipeline's report draws its own)."""
     from . import checkpoint, viz
     run = Path(cfg.run_dir)
     launch.cluster = detect_cluster(launch.cluster)
@@ -287,7 +289,8 @@ def launch_viz(cfg: "VizConfig", launch: LaunchConfig, throttle: int = 0, fresh:
         ex = make_executor(launch, run / "logs", f"hpcviz-viz-{run.name}")
         jobs = submit_array(ex, viz.run_shard, str(run), todo, launch.cluster, throttle)
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
-        checkpoint.update_manifest(run, "viz", job_ids=ids, tasks={str(j.job_id): s for j, s in zip(jobs, todo)})
+        checkpoint.update_manifest(run, "viz", job_ids=ids, cluster=launch.cluster,
+                                   tasks={str(j.job_id): s for j, s in zip(jobs, todo)})
         if launch.cluster == "slurm" and not launch.wait:
             print(f"submitted array job(s) {', '.join(ids)}: {len(todo)} task(s)\n  run dir: {run}\n"
                   f"  then:    python jobs/launch_viz.py --run {run} ... again collates (or add --wait)")
@@ -295,7 +298,7 @@ def launch_viz(cfg: "VizConfig", launch: LaunchConfig, throttle: int = 0, fresh:
         failed = _wait_all(jobs, todo, launch)
     else:
         failed = []
-    return _collate_viz(run, plan, failed)
+    return _collate_viz(run, plan, failed, figures)
 
 
 def _wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig) -> list[str]:
@@ -308,14 +311,14 @@ def _wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig)
     return failed
 
 
-def _collate_viz(run: Path, plan: dict[str, Any], failed: list[str]) -> int:
+def _collate_viz(run: Path, plan: dict[str, Any], failed: list[str], figures: bool = True) -> int:
     from . import checkpoint, store, viz
     paths = [viz.shard_path(run, s) for s in range(len(plan["shards"]))]
     summary = store.collate(paths, run / "viz" / "viz.h5", {"plan_checkpoint_sha256": plan["checkpoint_sha256"]})
     missing = summary["missing"]
     checkpoint.update_manifest(run, "viz", status="done" if not missing else "partial",
                                missing_shards=sorted(missing), n_images=summary["n_images"])
-    if summary["n_images"]:
+    if summary["n_images"] and figures:
         figs = viz.save_figures(run)
         log.info("%d figures in %s", len(figs), run / "viz" / "figures")
     for line in failed:

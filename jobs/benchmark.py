@@ -58,7 +58,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     i.add_argument("--run", default="", help="a trained run (default: the newest results/benchmarks/tta-resnet20-*)")
     i.add_argument("--arch", default="", help="instead of --run: an untrained model of this arch")
     i.add_argument("--stem", default="")
-    i.add_argument("--data", default="auto")
+    i.add_argument("--data", default="auto", help="with --arch: where the images come from")
+    i.add_argument("--split", default="val", help="with a trained run: val (held out, default) | train")
     i.add_argument("--images", type=int, default=16)
     i.add_argument("--single", type=int, default=2, help="images timed one at a time")
     i.add_argument("--steps", type=int, default=0, help="0 = the default iteration count")
@@ -196,12 +197,17 @@ def run_invert(args: argparse.Namespace) -> dict:
         model.load_state_dict(state["model"])
         model.eval()
         label, mean, std = f"{state['config']['arch']} trained ({runs[-1].parent.name})", state["mean"], state["std"]
-    ds = load_images(resolve_data(args.data), 32)
-    torch.manual_seed(0)
-    pick = torch.randperm(len(ds))[: args.images]
-    if mean is None:
+    if args.arch:
+        ds = load_images(resolve_data(args.data), 32)
+        torch.manual_seed(0)
+        pixels = ds.images[torch.randperm(len(ds))[: args.images]]
         mean, std = channel_stats(ds.images)
-    x = normalize(ds.images[pick], mean, std)
+    else:  # a class-balanced sample of the run's own split: held-out images unless --split train
+        from hpcviz.viz import balanced_sample, load_split
+        split_x, split_y, _ = load_split(state["config"], args.split)
+        pixels = split_x[torch.as_tensor(balanced_sample(split_y.numpy(), args.images, seed=0))]
+        label += f", {args.split} split"
+    x = normalize(pixels, mean, std)
     blocks = [b for b in args.blocks.split(",") if b] or block_names(model)
     r = bench_invert(model, x, mean, std, blocks, args.steps or None, args.single)
     print(f"invert {label}, {r['images']} images, {r['steps']} steps: batched {r['batched_images_per_s']:.3f} "

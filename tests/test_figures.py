@@ -92,3 +92,38 @@ def test_filter_grid_and_feature_maps():
     assert len([ax for ax in fig.axes if ax.images]) == 3 and "top 3 of 5" in fig._suptitle.get_text()
     # one colour scale shared by every tile of the block
     assert len({ax.images[0].get_clim() for ax in fig.axes if ax.images}) == 1
+
+
+def test_training_curves_class_accuracy_and_confusion():
+    from hpcviz.figures import class_accuracy, confusion_matrix, training_curves
+    records = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.2 / e, "train_acc": 0.3 * e, "val_acc": 0.25 * e}
+               for e in (1, 2, 3)]
+    fig = training_curves(records)
+    loss_ax, acc_ax = fig.axes
+    assert [list(l.get_ydata()) for l in loss_ax.lines] == [[2.0, 1.0, 2.0 / 3], [2.2, 1.1, 2.2 / 3]]
+    np.testing.assert_allclose(acc_ax.lines[1].get_ydata(), [25, 50, 75])  # percent
+    fig = class_accuracy(["a", "b", "c"], [0.5, None, 1.0], overall=0.6)
+    ax = fig.axes[0]
+    assert [p.get_height() for p in ax.patches] == [50.0, 0.0, 100.0]
+    assert [t.get_text() for t in ax.texts] == ["50.0", "n/a", "100.0"]
+    fig = confusion_matrix(np.array([[3, 1], [0, 2]]), ["a", "b"])
+    share = fig.axes[0].images[0].get_array()
+    np.testing.assert_allclose(share, [[0.75, 0.25], [0.0, 1.0]])  # rows normalised: share of the true class
+    assert [t.get_text() for t in fig.axes[0].texts] == ["3", "1", "0", "2"]
+    with pytest.raises(ValueError, match="hint"):
+        confusion_matrix(np.zeros((2, 3)), ["a", "b"])
+    with pytest.raises(ValueError, match="hint"):
+        training_curves([])
+
+
+def test_block_maps_rows_are_blocks_with_their_strongest_channels():
+    from hpcviz.figures import block_maps
+    a = np.zeros((4, 2, 2), np.float32)
+    a[2] = 5.0
+    a[0] = 1.0
+    b = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)
+    fig = block_maps(np.zeros((3, 8, 8), np.uint8), {"conv1": a, "layer1.0": b}, channels=2)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["ch 2", "ch 0", "ch 2", "ch 1"]  # strongest mean activation first, per block
+    rows = shown(fig)
+    assert rows[1].get_clim() == (1.0, 5.0) and rows[4].get_clim() == (16.0, 47.0)  # one scale per row

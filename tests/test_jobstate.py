@@ -54,3 +54,24 @@ def test_timeout_says_the_job_keeps_running(monkeypatch, tmp_path):
     fake_sources(monkeypatch, sacct="PENDING")
     with pytest.raises(JobFailed, match="still PENDING .* it keeps running"):
         wait_for_job("3", tmp_path, ntasks=1, poll_s=0.01, timeout_s=0.05)
+
+
+def test_array_task_ids_expand():
+    assert jobstate._expand_tasks("12_3", "12") == [3]
+    assert jobstate._expand_tasks("12_[0-2,5%2]", "12") == [0, 1, 2, 5]
+    assert jobstate._expand_tasks("12_[7]", "12") == [7]
+    assert jobstate._expand_tasks("123_1", "12") == [] and jobstate._expand_tasks("12", "12") == []
+
+
+def test_array_states_merge_sacct_and_squeue(monkeypatch):
+    def run(cmd, timeout=20.0):
+        if cmd[0] == "sacct":
+            return "7_0|COMPLETED\n7_1|CANCELLED by 0\n7_[2-3]|PENDING\n"
+        return "7_3|RUNNING\n"
+    monkeypatch.setattr(jobstate, "_run", run)
+    assert jobstate.array_states("7") == {0: "COMPLETED", 1: "CANCELLED", 2: "PENDING", 3: "RUNNING"}
+
+    def broken(cmd, timeout=20.0):
+        raise OSError("slurmdbd: connection refused")
+    monkeypatch.setattr(jobstate, "_run", broken)
+    assert jobstate.array_states("7") == {}

@@ -180,3 +180,67 @@ def test_viz_array_of_two_tasks_and_a_rerun_of_one(tmp_path):
     assert "1 to do" in r.stderr
     again = store.read_shard(run / "viz" / "viz.h5")
     assert set(again) == set(first) and all(np.array_equal(again[k], first[k]) for k in first)
+
+
+def test_pipeline_with_dependencies_a_killed_task_and_retry(tmp_path):
+    """train -> array (afterok) -> aggregate (afterany) on the cluster; one array task is cancelled
+    before it starts: the report names its shard, --retry-failed fills it, and the re-aggregated
+    viz.h5 equals the one of a clean visualization run on the same checkpoint."""
+    import shutil
+
+    from hpcviz import store
+    run = tmp_path / "pipe"
+    common = ["--cluster", "slurm", "--cpus-per-task", "1", "--device", "cpu"]
+    viz_args = ["--images", "12", "--tasks", "2", "--invert-steps", "10"]
+    cmd = [sys.executable, str(ROOT / "jobs" / "launch_pipeline.py"), *common, "--run", str(run), "--arch", "resnet20",
+           "--data", "builtin:20", "--image-size", "16", "--epochs", "1", "--batch-size", "32", "--lr", "0.05",
+           *viz_args, "--report-images", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ids = {k: re.search(rf"{k} (?:job|array) (\d+)", r.stdout).group(1) for k in ("train", "viz", "aggregate")}
+    # the dependencies, as the scheduler holds them
+    assert scontrol_field(ids["viz"], "Dependency").startswith(f"afterok:{ids['train']}")
+    assert scontrol_field(ids["aggregate"], "Dependency").startswith(f"afterany:{ids['viz']}")
+    assert "--kill-on-invalid-dep=yes" in (run / "logs" / f"{ids['viz']}_submission.sh").read_text()
+    subprocess.run(["scancel", f"{ids['viz']}_1"], check=True)  # killed while it waits for training
+    wait_until(lambda: (run / "logs" / f"{ids['aggregate']}_0_result.pkl").exists(), 420, "the aggregation", 1)
+    md = (run / "report" / "report.md").read_text()
+    assert "1 of 2 visualization shards missing" in md and f"shard-00001.h5: no such file (array task {ids['viz']}_1" in md
+    for name in ("training_curves", "class_accuracy", "confusion_matrix", "conv1_filters", "feature_maps_0",
+                 "deconv_0", "inversions"):
+        assert (run / "report" / "figures" / f"{name}.png").exists(), name
+    for name in ("accuracy", "per_class_accuracy", "inversion_error", "training_parameters"):
+        assert (run / "report" / "tables" / f"{name}.csv").exists() and (run / "report" / "tables" / f"{name}.md").exists()
+    assert (run / "report" / "report.html").stat().st_size > 10_000
+    status = subprocess.run([*cmd[:2], "--run", str(run), "--status"], capture_output=True, text=True, cwd=ROOT)
+    assert re.search(r"viz\[1\].*missing", status.stdout) and re.search(r"train .*COMPLETED", status.stdout)
+    r = subprocess.run([*cmd[:2], *common, "--run", str(run), "--retry-failed", "--wait"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=420)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "resubmitted 1 shard(s) [1]" in r.stdout
+    assert "Warning" not in (run / "report" / "report.md").read_text()
+    # a clean visualization run on a copy of the checkpoint, through the same kind of array
+    ref = tmp_path / "ref"
+    shutil.copytree(run / "checkpoints", ref / "checkpoints")
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "launch_viz.py"), *common, "--run", str(ref), *viz_args,
+                        "--wait"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = store.read_shard(run / "viz" / "viz.h5"), store.read_shard(ref / "viz" / "viz.h5")
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert store.read_attrs(run / "viz" / "viz.h5")["complete"] is True
+
+
+def test_pipeline_whose_training_fails_still_reports(tmp_path):
+    """afterok removes the array (--kill-on-invalid-dep), afterany still runs the aggregation."""
+    run = tmp_path / "fails"
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "launch_pipeline.py"), "--cluster", "slurm",
+                        "--cpus-per-task", "1", "--device", "cpu", "--run", str(run), "--arch", "resnet20",
+                        "--data", "builtin:20", "--image-size", "16", "--epochs", "2", "--batch-size", "32",
+                        "--lr", "1e9", "--images", "4", "--tasks", "2", "--wait"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=420)
+    assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+    assert "error: training failed (TrainingError: loss is not finite" in r.stderr
+    assert re.search(r"viz\[0\]=CANCELLED", r.stdout) and "aggregate=COMPLETED" in r.stdout
+    md = (run / "report" / "report.md").read_text()
+    assert "training stage: failed: TrainingError: loss is not finite" in md
+    assert "the visualization array did not run" in md

@@ -1,0 +1,123 @@
+"""The aggregation stage on a tiny trained run: every figure and table, missing shards named, hostile
+class names escaped, a failed training still reported."""
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hpcviz import checkpoint, store, viz
+from hpcviz.aggregate import AggregateConfig, AggregateError, aggregate
+
+from conftest import ROOT
+
+HOSTILE = ["<script>alert(1)", "cat & dog", "plain"]
+FIGURES = {"training_curves", "class_accuracy", "confusion_matrix", "conv1_filters", "feature_maps_0",
+           "feature_maps_1", "deconv_0", "deconv_1", "inversions"}
+TABLES = {"accuracy", "per_class_accuracy", "inversion_error", "training_parameters"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """ResNet-20 trained for one epoch on an image folder whose class names are hostile HTML, with its
+    visualization shards (2 shards of 3 images)."""
+    from hpcviz.config import TrainConfig
+    from hpcviz.train import train
+    root = tmp_path_factory.mktemp("agg")
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(HOSTILE):
+        (root / "data" / name).mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 60, (16, 16, 3)) + np.array([0, 90, 180])[[k, (k + 1) % 3, (k + 2) % 3]]
+            Image.fromarray(pixels.astype(np.uint8)).save(root / "data" / name / f"{i:02d}.png")
+    run = root / "run"
+    train(TrainConfig(data=str(root / "data"), image_size=16, arch="resnet20", epochs=1, batch_size=8, lr=0.05,
+                      val_fraction=0.25, device="cpu", run_dir=str(run), log_every=1000))
+    plan = viz.make_plan(viz.VizConfig(run_dir=str(run), images=6, tasks=2, batch_size=4, invert_steps=10))
+    viz.write_plan(run, plan)
+    for s in range(2):
+        viz.run_shard(str(run), s)
+    return run
+
+
+def test_report_has_every_figure_and_table(run):
+    summary = aggregate(AggregateConfig(run_dir=str(run), images=2))
+    out = run / "report"
+    assert {p.stem for p in (out / "figures").glob("*.png")} == FIGURES
+    assert {p.name for p in (out / "tables").iterdir()} == {f"{t}.{e}" for t in TABLES for e in ("csv", "md")}
+    assert summary["missing_shards"] == [] and summary["n_images"] == 6
+    ev = json.loads((run / "eval.json").read_text())
+    rows = list(csv.DictReader(open(out / "tables" / "per_class_accuracy.csv")))
+    assert [r["class"] for r in rows] == ev["classes"] == sorted(HOSTILE)
+    for r in rows:  # the table agrees with eval.json's confusion matrix
+        acc = ev["per_class_accuracy"][r["class"]]
+        assert float(r["accuracy (%)"]) == pytest.approx(100 * acc, abs=0.006)
+    errors = store.read_shard(run / "viz" / "viz.h5", ["invert_error/conv1"])["invert_error/conv1"]
+    inv = {r["block"]: r for r in csv.DictReader(open(out / "tables" / "inversion_error.csv"))}
+    assert float(inv["conv1"]["median"]) == pytest.approx(float(np.median(errors)), abs=1e-4)
+    md = (out / "report.md").read_text()
+    for section in ("1. Training", "2. Accuracy", "3. First-layer filters", "4. Feature maps",
+                    "5. Deconvnet reconstructions", "6. Inversions", "7. Pipeline", "Appendix: configuration"):
+        assert f"## {section}" in md
+    assert all(f"figures/{f}.png" in md for f in FIGURES) and "Warning" not in md
+    with Image.open(out / "figures" / "conv1_filters.png") as im:  # every PNG records its config
+        meta = json.loads(im.info["Description"])
+    assert meta["config"]["train"]["arch"] == "resnet20" and meta["config"]["aggregate"]["images"] == 2
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["aggregate"]["status"] == "done" and manifest["viz"]["status"] == "done"
+
+
+def test_html_is_self_contained_and_escapes_class_names(run):
+    aggregate(AggregateConfig(run_dir=str(run)))
+    page = (run / "report" / "report.html").read_text()
+    assert "<script" not in page and "&lt;script&gt;alert(1)" in page and "cat &amp; dog" in page
+    # the default shows 3 images: one more feature-map and deconvnet figure than above, and none left over
+    assert page.count('src="data:image/png;base64,') == len(FIGURES) + 2
+    assert {p.stem for p in (run / "report" / "figures").glob("*.png")} == FIGURES | {"feature_maps_2", "deconv_2"}
+    aggregate(AggregateConfig(run_dir=str(run), images=1))
+    assert not (run / "report" / "figures" / "deconv_1.png").exists()  # stale figures are removed
+    md = (run / "report" / "report.md").read_text().split("```")[0]
+    assert "<script" not in md and "&lt;script&gt;alert(1)" in md
+
+
+def test_missing_shard_is_named_and_rerun_fills_it(run, capsys):
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import aggregate as job
+    shard = viz.shard_path(run, 1)
+    before = store.read_shard(run / "viz" / "viz.h5")
+    shard.unlink()
+    assert job.main(job.get_args_parser().parse_args(["--run", str(run)])) == 1
+    assert "missing shards: shard-00001.h5" in capsys.readouterr().out
+    md = (run / "report" / "report.md").read_text()
+    assert "1 of 2 visualization shards missing" in md and "shard-00001.h5: no such file" in md
+    assert "--retry-failed" in md
+    assert store.read_attrs(run / "viz" / "viz.h5")["n_images"] == 3  # the rest is still reported
+    assert json.loads((run / "report" / "report.json").read_text())["missing_shards"] == ["shard-00001.h5"]
+    viz.run_shard(str(run), 1)
+    assert job.main(job.get_args_parser().parse_args(["--run", str(run)])) == 0
+    after = store.read_shard(run / "viz" / "viz.h5")
+    assert set(after) == set(before) and all(np.array_equal(after[k], before[k]) for k in before)
+
+
+def test_failed_training_still_gets_a_report(tmp_path):
+    run = tmp_path / "failed"
+    checkpoint.update_manifest(run, "train", status="failed")
+    checkpoint.update_json(run / "config.json", "train", {"arch": "resnet20", "epochs": 3})
+    summary = aggregate(AggregateConfig(run_dir=str(run)))
+    md = (run / "report" / "report.md").read_text()
+    assert "training stage: failed" in md and "no eval.json" in md and "no checkpoint" in md
+    assert "visualization array did not run" in md
+    assert summary["figures"] == [] and summary["n_images"] == 0
+
+
+def test_not_a_run_directory(tmp_path, capsys):
+    with pytest.raises(AggregateError, match="not a run directory"):
+        aggregate(AggregateConfig(run_dir=str(tmp_path / "nothing")))
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import aggregate as job
+    assert job.main(job.get_args_parser().parse_args(["--run", str(tmp_path)])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --run") and "hint:" in err[0]
+    assert not (tmp_path / "report").exists()
