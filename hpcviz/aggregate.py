@@ -55,15 +55,17 @@ def _task_states(manifest: dict[str, Any], shards: list[int]) -> dict[int, str]:
     viz = manifest.get("viz", {})
     if viz.get("cluster") != "slurm" or not shards:
         return {}
-    from .jobstate import query_state
+    from .jobstate import array_states
     latest: dict[int, str] = {}
     for task in sorted(viz.get("tasks", {}), key=lambda t: [int(x) for x in re.findall(r"\d+", t)]):
         latest[int(viz["tasks"][task])] = task
+    states = {arr: array_states(arr) for arr in {latest[s].split("_")[0] for s in shards if s in latest}}
     out = {}
     for s in (s for s in shards if s in latest):
-        state = query_state(latest[s])[0]
-        out[s] = f"array task {latest[s]}: " + ("no record in sacct or squeue: cancelled before it started, or "
-                                                "purged" if state == "GONE" else state)
+        arr, _, k = latest[s].partition("_")
+        state = states[arr].get(int(k)) if k.isdigit() else None
+        out[s] = f"array task {latest[s]}: " + (state or "no record in sacct or squeue: cancelled before it "
+                                                "started, or purged")
     return out
 
 
@@ -82,7 +84,10 @@ def collate_run(run: Path, plan: dict[str, Any] | None, manifest: dict[str, Any]
         by_name = {f"shards/{p.name}": k for k, p in enumerate(paths)}
         missing = {by_name[rel]: reason for rel, reason in summary["missing"].items()}
         n, path = summary["n_images"], out
-    except store.StoreError:  # no shard with images at all
+    except store.StoreError as e:
+        if "no complete shard" not in str(e):  # shards that disagree, or viz.h5 cannot be written
+            return {"n_images": 0, "n_shards": len(paths), "missing": {}, "path": None, "sizes": sizes,
+                    "reason": f"the shards could not be collated: {e}"}
         missing, n, path = {}, 0, None
         for k, p in enumerate(paths):
             try:
@@ -144,6 +149,9 @@ def _accuracy_blocks(inp: dict[str, Any], figs: _Figures, tables: dict) -> list[
     if ev is None:
         status = inp["manifest"].get("train", {}).get("status", "unknown")
         return doc + [("warn", f"no eval.json: training did not finish (train stage status: {status})")]
+    lacking = [k for k in ("classes", "confusion", "per_class_accuracy", "accuracy") if k not in ev]
+    if lacking:
+        return doc + [("warn", f"eval.json lacks {', '.join(lacking)}; hint: python jobs/evaluate.py --run RUN")]
     tables["accuracy"] = report.accuracy_table(ev)
     tables["per_class_accuracy"] = report.per_class_table(ev)
     doc += [("table", *tables["accuracy"]), ("h", 3, "Per class"), ("table", *tables["per_class_accuracy"])]
@@ -248,6 +256,9 @@ def _warnings(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
     if train.get("status") != "done":
         error = f": {train['error']}" if train.get("error") else ""
         out.append(("warn", f"training stage: {train.get('status') or 'not run'}{error}; see the logs in logs/"))
+    v = inp["manifest"].get("viz", {})
+    if v.get("status") == "failed" and v.get("error"):
+        out.append(("warn", f"visualization stage: failed: {v['error']}"))
     if viz["missing"]:
         out.append(("warn", f"{len(viz['missing'])} of {viz['n_shards']} visualization shards missing, their "
                             "images are not in this report: " + "; ".join(
@@ -260,15 +271,15 @@ def build_report(run: Path, cfg: AggregateConfig) -> dict[str, Any]:
     """Everything of the report in memory: {doc, figures, captions, tables, viz, inputs}."""
     inp = read_inputs(run)
     viz = collate_run(run, inp["plan"], inp["manifest"])
-    meta = {"run": run.resolve().name, "config": {**inp["config"], "aggregate": config_to_dict(cfg)},
+    viz_config = {"viz": inp["plan"]["config"]} if inp["plan"] else {}
+    meta = {"run": run.resolve().name, "config": {**inp["config"], **viz_config, "aggregate": config_to_dict(cfg)},
             "checkpoint_sha256": (inp["eval"] or {}).get("checkpoint_sha256")}
     figs, tables = _Figures(meta, cfg.dpi), {}
     ev = inp["eval"] or {}
     head = [("h", 1, f"hpcviz report: {run.resolve().name}"),
-            ("p", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by hpcviz {__version__} from {run}. "
-                  f"Validation accuracy {100 * ev['accuracy']:.2f}%, train accuracy "
-                  f"{100 * ev['train_accuracy']:.2f}%." if ev else f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} "
-                  f"by hpcviz {__version__} from {run}."),
+            ("p", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by hpcviz {__version__} from {run}."
+                  + "".join(f" {label} accuracy {100 * ev[key]:.2f}%." for label, key in
+                            (("Validation", "accuracy"), ("Train", "train_accuracy")) if ev.get(key) is not None)),
             ("p", f"Checkpoint sha256 {ev.get('checkpoint_sha256') or 'unknown'}; dataset fingerprint "
                   f"{inp['manifest'].get('train', {}).get('dataset_fingerprint', 'unknown')}.")]
     doc = head + _warnings(inp, viz) + _training_blocks(inp, figs, tables) + _accuracy_blocks(inp, figs, tables) \
@@ -284,9 +295,11 @@ def aggregate(cfg: AggregateConfig) -> dict[str, Any]:
     out = run / "report"
     for rel, png in built["figures"].items():
         checkpoint.write_bytes(out / rel, png)
-    for old in (out / "figures").glob("*.png"):  # figures of an earlier report that this one lacks
-        if f"figures/{old.name}" not in built["figures"]:
-            old.unlink()
+    keep = {out / rel for rel in built["figures"]} | {out / "tables" / f"{t}.{e}" for t in built["tables"]
+                                                       for e in ("csv", "md")}
+    for old in [*(out / "figures").glob("*.png"), *(out / "tables").glob("*.*")]:
+        if old not in keep:  # figures and tables of an earlier report that this one lacks
+            old.unlink(missing_ok=True)
     for name, (headers, rows) in built["tables"].items():
         checkpoint.write_bytes(out / "tables" / f"{name}.csv", report.to_csv(headers, rows).encode())
         checkpoint.write_bytes(out / "tables" / f"{name}.md", report.to_markdown(headers, rows).encode())

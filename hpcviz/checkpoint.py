@@ -141,7 +141,11 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
     path = Path(path)
     if not path.exists():
         return default
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:  # written atomically by us, so someone else broke it
+        raise CheckpointError(f"{path}: not valid JSON ({e}); hint: restore it, or move it away to have the "
+                              "stage that writes it run again") from None
 
 
 @contextlib.contextmanager
@@ -181,7 +185,16 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for k, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k < len(lines) - 1:
+                raise CheckpointError(f"{path}: line {k + 1} is not JSON; hint: delete that line") from None
+            log.warning("%s: the last line is cut short (a job killed mid-append), ignored", path)
+    return records
 
 
 def write_metrics(run_dir: str | os.PathLike, records: list[dict[str, Any]]) -> None:

@@ -181,6 +181,11 @@ def inversion_panel(images: np.ndarray, recs: dict, errors: dict, title: str = "
     return fig
 
 
+def _label(text: object) -> str:
+    """Text from the data (class names) shown literally: matplotlib would parse $...$ as math."""
+    return str(text).replace("$", r"\$")
+
+
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -225,7 +230,7 @@ def class_accuracy(classes: list[str], accuracy: list[float | None], overall: fl
     if overall is not None:
         ax.axhline(100 * overall, color="tab:red", lw=1, ls="--", label=f"overall {100 * overall:.2f}%")
         ax.legend(fontsize=8, loc="lower right")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_xticks(range(len(classes)), [_label(c) for c in classes], rotation=45, ha="right", fontsize=8)
     ax.set(ylim=(0, 108), ylabel="accuracy (%)", title=title)
     return fig
 
@@ -245,8 +250,8 @@ def confusion_matrix(confusion: np.ndarray, classes: list[str], title: str = "co
         for j in range(k):
             ax.text(j, i, str(c[i, j]), ha="center", va="center", fontsize=6,
                     color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(k), classes, fontsize=7)
+    ax.set_xticks(range(k), [_label(c) for c in classes], rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(k), [_label(c) for c in classes], fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.colorbar(im, ax=ax, shrink=0.7, label="share of the true class")
     return fig

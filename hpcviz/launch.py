@@ -223,6 +223,8 @@ def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: b
         raise LaunchError(str(e)) from None
     except Exception as e:  # FailedJobError, UncompletedJobError, or the job's own exception
         brief = type(e).__name__
+        if isinstance(job, submitit.DebugJob) and str(e).strip():  # the job's own exception, here
+            brief += ": " + str(e).strip().splitlines()[0]
         try:  # the task's own exception, from the result file submitit wrote
             read_results(result_paths(job.paths.folder, str(job.job_id), ntasks))
         except JobFailed as failed:

@@ -42,7 +42,11 @@ class PipelineTrainJob(TrainJob):
         from . import dist
         result = super().__call__(cfg)  # SystemExit when stopped on a signal: no plan yet
         if dist.rank() == 0:
-            plan = viz.make_plan(self.viz_cfg)
+            try:
+                plan = viz.make_plan(self.viz_cfg)
+            except Exception as e:  # the array will be removed: the report and the launcher say why
+                checkpoint.update_manifest(cfg.run_dir, "viz", status="failed", error=f"{type(e).__name__}: {e}")
+                raise
             viz.write_plan(cfg.run_dir, plan)
             checkpoint.update_manifest(cfg.run_dir, "viz", n_shards=len(plan["shards"]),
                                        n_images=plan["n_images"], planned=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -86,10 +90,15 @@ def check_request(train_cfg: TrainConfig, viz_cfg: viz.VizConfig) -> int:
     bad = [p for p in viz_cfg.paths if p not in PATHS]
     if bad or not viz_cfg.paths:
         raise DeconvError(f"--paths {','.join(viz_cfg.paths)}: valid paths are {', '.join(PATHS)}; hint: --paths both")
-    n = len(viz_cfg.indices) or viz_cfg.images
-    if n < 1 or viz_cfg.tasks < 1:
-        raise viz.VizError(f"--images {n} / --tasks {viz_cfg.tasks}: both must be at least 1")
-    return min(viz_cfg.tasks, n)
+    if viz_cfg.split not in viz.SPLITS:
+        raise viz.VizError(f"--viz-split {viz_cfg.split!r}: not one of {', '.join(viz.SPLITS)}; hint: --viz-split val")
+    for flag, value, low in (("--viz-batch-size", viz_cfg.batch_size, 1), ("--invert-steps", viz_cfg.invert_steps, 0),
+                             ("--images", viz_cfg.images, 1), ("--tasks", viz_cfg.tasks, 1)):
+        if value < low:
+            raise viz.VizError(f"{flag} {value}: must be at least {low}; hint: drop it for the default")
+    if any(i < 0 for i in viz_cfg.indices):
+        raise viz.VizError(f"--indices {min(viz_cfg.indices)}: positions start at 0; hint: --indices 0,1,2")
+    return min(viz_cfg.tasks, len(viz_cfg.indices) or viz_cfg.images)
 
 
 def _stage_launch(launch: LaunchConfig, stage: str) -> LaunchConfig:
@@ -120,8 +129,9 @@ def _submit_viz_and_aggregate(run: Path, fn: Any, shards: list[int], launch: Lau
                                    job_ids=[*old.get("job_ids", []), *ids],
                                    tasks={**old.get("tasks", {}), **{str(j.job_id): s for j, s in zip(jobs, shards)}})
     ex = _executor(launch, run, "aggregate", "afterany:" + ":".join(ids) if ids else "")
+    checkpoint.update_manifest(run, "aggregate", status="submitted")  # before: the job may end at once
     agg = ex.submit(aggregate_job, agg_cfg)
-    checkpoint.update_manifest(run, "aggregate", status="submitted", job_id=str(agg.job_id))
+    checkpoint.update_manifest(run, "aggregate", job_id=str(agg.job_id))
     return {"viz": ids, "aggregate": str(agg.job_id), "n_tasks": len(shards)}
 
 
@@ -130,12 +140,19 @@ def submit_pipeline(train_cfg: TrainConfig, viz_cfg: viz.VizConfig, agg_cfg: Agg
     """Submit the three stages with dependencies and return their job ids (SLURM only)."""
     n_tasks = check_request(train_cfg, viz_cfg)
     run = Path(train_cfg.run_dir)
-    checkpoint.update_manifest(run, "train", status="submitted", cluster="slurm")
     train_job = submit_train(train_cfg, launch, PipelineTrainJob(viz_cfg))
-    checkpoint.update_manifest(run, "train", job_id=str(train_job.job_id))
+    checkpoint.update_manifest(run, "train", status="submitted", cluster="slurm", job_id=str(train_job.job_id))
     checkpoint.update_manifest(run, "viz", status="pending", cluster="slurm", job_ids=[], tasks={})
-    ids = _submit_viz_and_aggregate(run, run_planned_shard, list(range(n_tasks)), launch, agg_cfg,
-                                    str(train_job.job_id), throttle)
+    try:
+        ids = _submit_viz_and_aggregate(run, run_planned_shard, list(range(n_tasks)), launch, agg_cfg,
+                                        str(train_job.job_id), throttle)
+    except Exception as e:  # no half pipeline: without its array and report the training is cancelled
+        train_job.cancel(check=False)
+        first = [line for line in str(e).strip().splitlines() if line.strip()]
+        checkpoint.update_manifest(run, "train", status="cancelled")
+        raise LaunchError(f"submission refused after the training job {train_job.job_id} (now cancelled): "
+                          f"{first[-1] if first else type(e).__name__}; hint: check the array/aggregation "
+                          "resources (--partition, --time, --gpus) against `sinfo` and the profile") from None
     ids["train"] = str(train_job.job_id)
     checkpoint.update_manifest(run, "pipeline", cluster="slurm", jobs=ids,
                                submitted=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -151,7 +168,11 @@ def run_local(train_cfg: TrainConfig, viz_cfg: viz.VizConfig, agg_cfg: Aggregate
     checkpoint.update_manifest(run, "train", status="submitted", cluster=launch.cluster)
     job = submit_train(train_cfg, launch, PipelineTrainJob(viz_cfg))
     checkpoint.update_manifest(run, "train", job_id=str(job.job_id))
-    result = wait_result(job, launch)
+    try:
+        result = wait_result(job, launch)
+    except LaunchError:
+        aggregate(agg_cfg)  # the report says what failed, as on SLURM
+        raise
     log.info("train: val accuracy %.2f%%", 100 * result.get("val_accuracy", float("nan")))
     rc = launch_viz(viz_cfg, dataclasses.replace(_stage_launch(launch, "viz"), wait=True), figures=False)
     return {**aggregate(agg_cfg), "viz_rc": rc}
@@ -160,8 +181,12 @@ def run_local(train_cfg: TrainConfig, viz_cfg: viz.VizConfig, agg_cfg: Aggregate
 def retry_failed(run: Path, launch: LaunchConfig, agg_cfg: AggregateConfig, throttle: int = 0) -> dict[str, Any]:
     """Resubmit only the shards that are missing or do not verify, then aggregate again."""
     plan = viz.read_plan(run)
+    manifest = checkpoint.read_json(run / "manifest.json", {})
+    was = manifest.get("pipeline", {}).get("cluster") or manifest.get("viz", {}).get("cluster")
+    cluster = detect_cluster(was if launch.cluster == "auto" and was in ("local", "debug") else launch.cluster)
+    if cluster == "slurm":
+        _refuse_while_active(run, manifest)
     todo = [s for s in range(len(plan["shards"])) if not viz.shard_done(run, s, plan)]
-    cluster = detect_cluster(launch.cluster)
     log.info("retry: %d of %d shards to redo: %s", len(todo), len(plan["shards"]), todo)
     if cluster == "slurm":
         return {**_submit_viz_and_aggregate(run, viz.run_shard, todo, launch, agg_cfg, "", throttle), "todo": todo}
@@ -169,6 +194,19 @@ def retry_failed(run: Path, launch: LaunchConfig, agg_cfg: AggregateConfig, thro
     rc = launch_viz(cfg, dataclasses.replace(_stage_launch(launch, "viz"), cluster=cluster, wait=True),
                     figures=False)
     return {**aggregate(agg_cfg), "viz_rc": rc, "todo": todo}
+
+
+def _refuse_while_active(run: Path, manifest: dict[str, Any]) -> None:
+    """A retry while tasks or the aggregation still run would redo them twice and race on the report."""
+    from .jobstate import ACTIVE, array_states, query_state
+    active = [f"{arr}_{k}" for arr in manifest.get("viz", {}).get("job_ids", [])
+              for k, state in array_states(str(arr)).items() if state in ACTIVE]
+    agg = str(manifest.get("aggregate", {}).get("job_id", ""))
+    if agg and query_state(agg)[0] in ACTIVE:
+        active.append(agg)
+    if active:
+        raise LaunchError(f"--retry-failed: jobs of {run} are still running or pending ({', '.join(active[:5])}); "
+                          f"hint: wait for them (--status --wait), or scancel them first")
 
 
 # ------------------------------------------------------------------------------------------ status
@@ -231,14 +269,15 @@ def render_status(rows: list[tuple[str, str, str, str]]) -> Any:
     return table
 
 
-def _finished(run: Path, rows: list[tuple[str, str, str, str]]) -> bool:
+def _finished(run: Path, rows: list[tuple[str, str, str, str]], gone: list[int]) -> bool:
+    """The aggregation has ended: its result file exists, or the scheduler says it ended. 'GONE' (no
+    source knows the job) counts only after 3 polls in a row: a controller restart must not end a wait."""
     from .jobstate import ACTIVE
     agg = rows[-1]
-    if not agg[1]:
+    if not agg[1] or (run / "logs" / f"{agg[1]}_0_result.pkl").exists():
         return True
-    if (run / "logs" / f"{agg[1]}_0_result.pkl").exists():
-        return True
-    return agg[2] not in ACTIVE and agg[2] not in ("", "submitted")
+    gone[0] = gone[0] + 1 if agg[2] == "GONE" else 0
+    return (agg[2] not in ACTIVE and agg[2] not in ("", "submitted", "GONE")) or gone[0] >= 3
 
 
 def wait_pipeline(run: Path, poll_s: float = 5.0, timeout_s: float | None = None) -> int:
@@ -246,14 +285,14 @@ def wait_pipeline(run: Path, poll_s: float = 5.0, timeout_s: float | None = None
     change otherwise. 0 when the report is complete, 1 when a stage failed or a shard is missing."""
     from rich.console import Console
     from rich.live import Live
-    console, start, last = Console(), time.monotonic(), None
+    console, start, last, gone = Console(), time.monotonic(), None, [0]
     live = Live(console=console, refresh_per_second=1) if console.is_terminal else None
     if live:
         live.start()
     try:
         while True:
             rows = pipeline_status(run)
-            done = _finished(run, rows) or (timeout_s is not None and time.monotonic() - start > timeout_s)
+            done = _finished(run, rows, gone) or (timeout_s is not None and time.monotonic() - start > timeout_s)
             if done:
                 time.sleep(0 if live else 1)
                 rows = pipeline_status(run)  # the final states
@@ -281,8 +320,16 @@ def outcome(run: Path) -> int:
         print(f"error: training {train.get('status', 'did not run')}{why}; see {run}/logs and "
               f"{run}/report/report.html", file=sys.stderr)
         return 1
+    v = manifest.get("viz", {})
+    if v.get("status") == "failed":
+        print(f"error: the visualization failed: {v.get('error', '?').splitlines()[0]}; see {run}/logs", file=sys.stderr)
+        return 1
+    if not (run / "viz" / "plan.json").exists():
+        print(f"error: no visualization plan: the array did not run; hint: python jobs/launch_viz.py --run {run}",
+              file=sys.stderr)
+        return 1
     if agg.get("status") != "done":
-        missing = ", ".join(agg.get("missing_shards", [])) or "the report"
+        missing = ", ".join(agg.get("missing_shards", [])) or f"the report (aggregate: {agg.get('status', 'not run')})"
         print(f"error: missing {missing}; hint: python jobs/launch_pipeline.py --run {run} --retry-failed",
               file=sys.stderr)
         return 1

@@ -12,7 +12,8 @@ writes the files. A report is a list of blocks, rendered twice (Markdown and HTM
 
 Every text that comes from a run (class names, run names, config values, error messages) is
 untrusted: report.html escapes it (`html.escape`) and never contains a script; report.md writes `&`,
-`<` and `>` as HTML entities (Markdown passes raw HTML through) and backslash-escapes table pipes.
+`<` and `>` as HTML entities (Markdown passes raw HTML through) and backslash-escapes brackets,
+backticks, backslashes and table pipes (no link, image or code span can come from a class name).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import base64
 import csv
 import html
 import io
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -132,9 +134,15 @@ def to_csv(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str:
     return buf.getvalue()
 
 
+_MD_SPECIAL = re.compile(r"([\\`\[\]])")  # no link or image without [ ], no code span without `
+
+
 def _md_text(text: Any) -> str:
-    """Untrusted text for Markdown: HTML-special characters as entities, on one line."""
-    return html.escape(str(text), quote=False).replace("\r", " ").replace("\n", " ")
+    """Untrusted text for Markdown, on one line: HTML-special characters as entities (Markdown passes
+    raw HTML through) and the brackets, backticks and backslashes of Markdown backslash-escaped, so no
+    link, image or code span can be smuggled in through a class name; emphasis is harmless."""
+    one_line = str(text).replace("\r", " ").replace("\n", " ")
+    return html.escape(_MD_SPECIAL.sub(r"\\\1", one_line), quote=False)
 
 
 def to_markdown(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str:

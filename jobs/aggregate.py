@@ -37,7 +37,7 @@ def build_config(args: argparse.Namespace, run: str):
     for flag, value in (("--report-images", args.report_images), ("--channels", args.channels),
                         ("--invert-images", args.invert_images)):
         if value < 1:
-            raise ValueError(f"{flag} {value}: must be at least 1")
+            raise ValueError(f"{flag} {value}: must be at least 1; hint: drop it for the default")
     return AggregateConfig(run_dir=run, images=args.report_images, invert_images=args.invert_images,
                            channels=args.channels, embed=args.embed)
 

@@ -105,6 +105,9 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, LaunchError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
+    except KeyboardInterrupt:  # only the wait ends: submitted jobs keep running
+        print("interrupted: submitted jobs keep running; --run RUN --status shows them", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

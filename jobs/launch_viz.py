@@ -64,7 +64,10 @@ def build_viz_config(args: argparse.Namespace, run: str, prefix: str = ""):
 
     def names(spec: str) -> list[str]:
         return [] if spec == "none" else [b for b in spec.split(",") if b]
-    indices = [int(i) for i in args.indices.split(",") if i.strip()] if args.indices else []
+    try:
+        indices = [int(i) for i in args.indices.split(",") if i.strip()] if args.indices else []
+    except ValueError:
+        raise ValueError(f"--indices {args.indices!r}: not comma-separated integers; hint: --indices 3,17,42") from None
     n = len(indices) or args.images
     tasks = args.tasks or max(1, -(-n // max(1, args.per_task)))
     return VizConfig(run_dir=run, split=get("split"), images=args.images, indices=indices, tasks=tasks,

@@ -13,7 +13,7 @@ from hpcviz.aggregate import AggregateConfig, AggregateError, aggregate
 
 from conftest import ROOT
 
-HOSTILE = ["<script>alert(1)", "cat & dog", "plain"]
+HOSTILE = ["<script>alert(1)", "cat & dog", "$\\foo$ math"]  # the last would crash matplotlib's mathtext
 FIGURES = {"training_curves", "class_accuracy", "confusion_matrix", "conv1_filters", "feature_maps_0",
            "feature_maps_1", "deconv_0", "deconv_1", "inversions"}
 TABLES = {"accuracy", "per_class_accuracy", "inversion_error", "training_parameters"}
@@ -105,11 +105,14 @@ def test_failed_training_still_gets_a_report(tmp_path):
     run = tmp_path / "failed"
     checkpoint.update_manifest(run, "train", status="failed")
     checkpoint.update_json(run / "config.json", "train", {"arch": "resnet20", "epochs": 3})
+    record = {"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, "train_acc": 0.1, "val_acc": 0.1, "epoch_s": 3.0}
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(record)[:20])  # killed mid-append
     summary = aggregate(AggregateConfig(run_dir=str(run)))
     md = (run / "report" / "report.md").read_text()
     assert "training stage: failed" in md and "no eval.json" in md and "no checkpoint" in md
+    assert "1 epoch(s) recorded" in md  # the cut-short last line is ignored
     assert "visualization array did not run" in md
-    assert summary["figures"] == [] and summary["n_images"] == 0
+    assert summary["figures"] == ["figures/training_curves.png"] and summary["n_images"] == 0
 
 
 def test_not_a_run_directory(tmp_path, capsys):

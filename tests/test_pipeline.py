@@ -63,6 +63,9 @@ def test_local_pipeline_then_status_then_retry(tmp_path, capsys):
     (["--prior", "l2"], "--prior 'l2'"),
     (["--arch", "resnet7"], "--arch 'resnet7'"),
     (["--data", "/nonexistent/images"], "/nonexistent/images"),
+    (["--viz-split", "test"], "--viz-split 'test': not one of val, train"),
+    (["--viz-batch-size", "0"], "--viz-batch-size 0: must be at least 1"),
+    (["--indices", "3,x"], "--indices '3,x': not comma-separated integers"),
 ])
 def test_bad_requests_are_one_line_and_write_nothing(tmp_path, capsys, bad, message):
     run = tmp_path / "bad"
@@ -70,6 +73,20 @@ def test_bad_requests_are_one_line_and_write_nothing(tmp_path, capsys, bad, mess
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not run.exists()
+
+
+@pytest.mark.parametrize("bad, error, warning", [
+    (["--lr", "1e9"], "TrainingError: loss is not finite",
+     "training stage: failed: TrainingError: loss is not finite"),
+    (["--indices", "5,99999"], "VizError: --indices [99999]: outside the val split of 20 images",
+     "visualization stage: failed: VizError: --indices [99999]"),
+])
+def test_a_failing_stage_still_gets_a_report(tmp_path, capsys, bad, error, warning):
+    run = tmp_path / "fails"  # local: the debug executor would open pdb on the job's exception
+    assert pipeline("--cluster", "local", "--run", str(run), *TINY, *bad) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and error in errors[0], errors
+    assert warning in (run / "report" / "report.html").read_text()
 
 
 def test_status_and_retry_of_a_run_that_is_not_there(tmp_path, capsys):

@@ -54,6 +54,13 @@ def test_csv_round_trips_and_markdown_escapes():
 HOSTILE = '<script>alert("x")</script> & <img src=x onerror=alert(1)>'
 
 
+def test_markdown_syntax_in_untrusted_text_stays_text():
+    caption = "x](http://evil/p.png) ![y"  # would close our image and open a remote one
+    md = report.render_markdown([("fig", "figures/a.png", caption), ("p", "[t](javascript:alert(1)) *b* `c`")])
+    assert "![x\\](http://evil/p.png) !\\[y](figures/a.png)" in md
+    assert "\\[t\\](javascript:alert(1)) *b* \\`c\\`" in md
+
+
 def test_html_and_markdown_escape_every_text_and_embed_figures():
     png = b"\x89PNG\r\n\x1a\nfake"
     doc = [("h", 1, HOSTILE), ("p", HOSTILE), ("warn", HOSTILE), ("table", [HOSTILE], [[HOSTILE]]),

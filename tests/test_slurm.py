@@ -98,9 +98,10 @@ def test_preempted_job_resumes_bit_exactly(tmp_path):
 def test_time_limit_requeues_and_completes(tmp_path):
     profile = tmp_path / "short.ini"
     # warn 80 s before a 2-minute limit; slurmctld looks every 30 s and adds 30 s of slack, so
-    # each run of the job is warned 10 to 40 s after it starts, before ~45 s of training end
+    # each run of the job is warned 10 to 40 s after it starts; the training must outlast that on a
+    # fast machine (90 epochs: ~70 s of training where 30 took ~25 s), requeueing a few times on a slow one
     profile.write_text("[slurm]\nsignal_delay_s = 80\nmax_num_timeout = 10\n")
-    args = ["--data", "builtin:60", "--epochs", "30", "--checkpoint-every", "5"]
+    args = ["--data", "builtin:60", "--epochs", "90", "--checkpoint-every", "5"]
     ref_id = submit(tmp_path / "ref", *args)
     run = tmp_path / "short"
     job_id = submit(run, *args, "--time", "2", "--profile", str(profile))
@@ -110,7 +111,7 @@ def test_time_limit_requeues_and_completes(tmp_path):
     log = (run / "logs" / f"{job_id}_0_log.err").read_text()
     assert "stopping at epoch" in log and "SIGUSR2" in log
     assert results[0]["weights_sha256"] == reference[0]["weights_sha256"]
-    assert [m["epoch"] for m in checkpoint.read_metrics(run)] == list(range(1, 31))
+    assert [m["epoch"] for m in checkpoint.read_metrics(run)] == list(range(1, 91))
 
 
 def test_failing_job_is_a_clear_error_not_a_hang(tmp_path):
