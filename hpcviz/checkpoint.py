@@ -165,10 +165,13 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def update_json(path: str | os.PathLike, key: str, value: Any) -> dict[str, Any]:
-    """Set path[key] = value (merging dicts one level deep) under a lock; returns the new content."""
+    """Set path[key] = value (merging dicts one level deep) under a lock; returns the new content.
+    `value` may be a function of the current path[key] (or {}): read, modified and written in one lock."""
     path = Path(path)
     with _locked(path):
         content = read_json(path, {})
+        if callable(value):
+            value = value(content.get(key, {}))
         if isinstance(value, dict) and isinstance(content.get(key), dict):
             value = {**content[key], **value}
         content[key] = value

@@ -124,10 +124,10 @@ def _submit_viz_and_aggregate(run: Path, fn: Any, shards: list[int], launch: Lau
         ex = _executor(launch, run, "viz", f"afterok:{after}" if after else "")
         jobs = submit_array(ex, fn, str(run), shards, "slurm", throttle)
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs}, key=int)
-        old = checkpoint.read_json(run / "manifest.json", {}).get("viz", {})
-        checkpoint.update_manifest(run, "viz", status="submitted", cluster="slurm",
-                                   job_ids=[*old.get("job_ids", []), *ids],
-                                   tasks={**old.get("tasks", {}), **{str(j.job_id): s for j, s in zip(jobs, shards)}})
+        tasks = {str(j.job_id): s for j, s in zip(jobs, shards)}
+        checkpoint.update_json(run / "manifest.json", "viz", lambda old: {  # one lock: concurrent launchers
+            "status": "submitted", "cluster": "slurm", "job_ids": [*old.get("job_ids", []), *ids],
+            "tasks": {**old.get("tasks", {}), **tasks}, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
     ex = _executor(launch, run, "aggregate", "afterany:" + ":".join(ids) if ids else "")
     checkpoint.update_manifest(run, "aggregate", status="submitted")  # before: the job may end at once
     agg = ex.submit(aggregate_job, agg_cfg)

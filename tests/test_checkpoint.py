@@ -96,3 +96,23 @@ def test_metrics_and_manifest(tmp_path):
     checkpoint.update_manifest(tmp_path, "train", job_id="7", status="submitted")
     m = checkpoint.update_manifest(tmp_path, "train", status="done")
     assert m["train"]["job_id"] == "7" and m["train"]["status"] == "done"
+
+
+def test_update_json_with_a_function_merges_under_one_lock(tmp_path):
+    path = tmp_path / "manifest.json"
+    checkpoint.update_json(path, "viz", {"job_ids": ["1"], "tasks": {"1_0": 0}, "cluster": "slurm"})
+    checkpoint.update_json(path, "viz", lambda old: {"job_ids": [*old["job_ids"], "2"],
+                                                     "tasks": {**old["tasks"], "2_0": 1}})
+    assert checkpoint.read_json(path)["viz"] == {"job_ids": ["1", "2"], "tasks": {"1_0": 0, "2_0": 1},
+                                                 "cluster": "slurm"}
+
+
+def test_bad_json_and_a_cut_short_metrics_line(tmp_path):
+    (tmp_path / "eval.json").write_text("{not json")
+    with pytest.raises(checkpoint.CheckpointError, match="eval.json: not valid JSON.*hint"):
+        checkpoint.read_json(tmp_path / "eval.json")
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')
+    assert checkpoint.read_metrics(tmp_path) == [{"epoch": 1}, {"epoch": 2}]
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')
+    with pytest.raises(checkpoint.CheckpointError, match="line 2 is not JSON"):
+        checkpoint.read_metrics(tmp_path)
