@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,18 +54,11 @@ def _task_states(manifest: dict[str, Any], shards: list[int]) -> dict[int, str]:
     viz = manifest.get("viz", {})
     if viz.get("cluster") != "slurm" or not shards:
         return {}
-    from .jobstate import array_states
-    latest: dict[int, str] = {}
-    for task in sorted(viz.get("tasks", {}), key=lambda t: [int(x) for x in re.findall(r"\d+", t)]):
-        latest[int(viz["tasks"][task])] = task
-    states = {arr: array_states(arr) for arr in {latest[s].split("_")[0] for s in shards if s in latest}}
-    out = {}
-    for s in (s for s in shards if s in latest):
-        arr, _, k = latest[s].partition("_")
-        state = states[arr].get(int(k)) if k.isdigit() else None
-        out[s] = f"array task {latest[s]}: " + (state or "no record in sacct or squeue: cancelled before it "
-                                                "started, or purged")
-    return out
+    from .jobstate import latest_tasks, task_states
+    latest = {s: tid for s, tid in latest_tasks(viz.get("tasks", {})).items() if s in shards}
+    states = task_states(latest.values())
+    return {s: f"array task {tid}: " + states.get(tid, "no record in sacct or squeue: cancelled before it started, "
+                                                      "or purged") for s, tid in latest.items()}
 
 
 def collate_run(run: Path, plan: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:

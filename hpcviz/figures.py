@@ -38,14 +38,25 @@ def _check(a: np.ndarray, rgb: bool, max_items: int) -> None:
                          "max_items >= 1; hint: pick one image first, e.g. store.read_image(path, name, index)")
 
 
+def _label(text: object) -> str:
+    """Text from the data (class names) shown literally: matplotlib would parse $...$ as math."""
+    return str(text).replace("$", r"\$")
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A Figure (inches) on its own Agg canvas: no pyplot, no global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def image_grid(images: np.ndarray, title: str = "", max_items: int = 64, cmap: str = "viridis",
                rgb: bool | None = None, labels: list[str] | None = None) -> Figure:
     """A grid of RGB images ((3, H, W) or (N, 3, H, W)) or of one image's feature maps ((C, h, w), at most
     `max_items` channels, ONE colour scale shared by all so channels compare). rgb=None: RGB when 4-D or
     when there are 3 channels; pass rgb=False for a 3-channel feature map."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     a = np.asarray(images)
     rgb = (a.ndim == 4 or (a.ndim == 3 and a.shape[0] == 3)) if rgb is None else rgb
     _check(a, rgb, max_items)
@@ -53,9 +64,7 @@ def image_grid(images: np.ndarray, title: str = "", max_items: int = 64, cmap: s
     n = len(items)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(max(4.0, min(16.0, 1.5 * cols + (0 if rgb else 1.0))), min(16.0, 1.5 * rows + 0.8)),
-                 layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(max(4.0, min(16.0, 1.5 * cols + (0 if rgb else 1.0))), min(16.0, 1.5 * rows + 0.8))
     axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
     for ax in axes:
         ax.set_axis_off()
@@ -126,13 +135,9 @@ def deconv_panel(image: np.ndarray, recs: dict, title: str = "") -> Figure:
     """The input image, then one row per block and one column per path of deconvnet reconstructions
     ((3, H, W) each, raw). Display: each tile min-max scaled on its own (a reconstruction's scale is
     arbitrary); a tile whose reconstruction is all zero stays black and says so."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     blocks = list(dict.fromkeys(b for b, _ in recs))
     paths = list(dict.fromkeys(p for _, p in recs))
-    fig = Figure(figsize=(1.6 * (len(paths) + 1), 1.5 * len(blocks) + 0.8), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(1.6 * (len(paths) + 1), 1.5 * len(blocks) + 0.8)
     axes = fig.subplots(len(blocks), len(paths) + 1, squeeze=False)
     for row, block in enumerate(blocks):
         axes[row, 0].imshow(_rgb_tile(np.asarray(image)), interpolation="nearest")
@@ -158,13 +163,9 @@ def deconv_panel(image: np.ndarray, recs: dict, title: str = "") -> Figure:
 def inversion_panel(images: np.ndarray, recs: dict, errors: dict, title: str = "") -> Figure:
     """Per block (rows): the originals (uint8 (N, 3, H, W)) beside their inversions ((N, 3, H, W), raw; each
     tile min-max scaled for display), the relative feature error under each inversion."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     blocks = list(recs)
     n = len(images)
-    fig = Figure(figsize=(1.4 * n * 2, 1.6 * len(blocks) + 0.8), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(1.4 * n * 2, 1.6 * len(blocks) + 0.8)
     axes = fig.subplots(len(blocks), 2 * n, squeeze=False)
     for row, block in enumerate(blocks):
         for i in range(n):
@@ -178,19 +179,6 @@ def inversion_panel(images: np.ndarray, recs: dict, errors: dict, title: str = "
         axes[row, 0].set_ylabel(block, fontsize=7)
     fig.suptitle(f"{title}{chr(10) if title else ''}originals and inversions (relative feature error; "
                  "inversions min-max scaled)", fontsize=9)
-    return fig
-
-
-def _label(text: object) -> str:
-    """Text from the data (class names) shown literally: matplotlib would parse $...$ as math."""
-    return str(text).replace("$", r"\$")
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
     return fig
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger("hpcviz")
 
@@ -110,6 +110,26 @@ def array_states(array_id: str) -> dict[int, str]:
                 if state.strip():
                     states[k] = state.split()[0]
     return states
+
+
+def latest_tasks(tasks: dict[str, int]) -> dict[int, str]:
+    """{item: newest task id} from {'J_K': item} (manifest viz.tasks): a later array, a retry, wins."""
+    order = sorted(tasks, key=lambda t: [int(x) for x in re.findall(r"\d+", t)])
+    return {int(tasks[t]): t for t in order}
+
+
+def task_states(task_ids: Iterable[str]) -> dict[str, str]:
+    """{'J_K': state} of array tasks, asking once per array (array_states); tasks no source knows are absent."""
+    wanted: dict[str, list[int]] = {}
+    for tid in task_ids:
+        arr, _, k = tid.partition("_")
+        if k.isdigit():
+            wanted.setdefault(arr, []).append(int(k))
+    out: dict[str, str] = {}
+    for arr, ks in wanted.items():
+        states = array_states(arr)
+        out.update({f"{arr}_{k}": states[k] for k in ks if k in states})
+    return out
 
 
 def result_paths(folder: Path, job_id: str, ntasks: int) -> list[Path]:

@@ -166,6 +166,19 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(), dataclasses.replace(cfg, resume="auto"))
 
 
+def prepare_run(cfg: TrainConfig, cluster: str, resume_hint: str = "continue it") -> None:
+    """Refuse a --run that already holds a checkpoint without --resume (here, before anything is queued
+    or written; the job checks again). Outside debug, the job continues its run when it is requeued."""
+    from . import checkpoint
+    if not cfg.resume:
+        found = checkpoint.find_checkpoint(Path(cfg.run_dir) / "checkpoints")
+        if found is not None:
+            raise checkpoint.CheckpointError(f"--run {cfg.run_dir} already holds a checkpoint ({found}); "
+                                             f"hint: pass --resume to {resume_hint}, or choose a new --run")
+    if cluster != "debug":
+        cfg.resume = cfg.resume or "auto"
+
+
 def submit_train(cfg: TrainConfig, launch: LaunchConfig, job: TrainJob | None = None) -> submitit.Job:
     folder = Path(cfg.run_dir) / "logs"
     folder.mkdir(parents=True, exist_ok=True)

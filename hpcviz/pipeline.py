@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -76,20 +75,8 @@ def aggregate_job(cfg: AggregateConfig) -> dict[str, Any]:
 def check_request(train_cfg: TrainConfig, viz_cfg: viz.VizConfig) -> int:
     """Check the visualization options against the architecture before anything is queued (a typo must
     not surface hours later in the array); returns the number of array tasks to submit."""
-    from .activations import resolve_blocks
-    from .deconv import PATHS, DeconvError
-    from .inversion import PRIORS
     from .models import build_model
-    model = build_model(train_cfg.arch, 10, train_cfg.resolved_stem())
-    resolve_blocks(model, viz_cfg.blocks or None)
-    if viz_cfg.deconv_blocks and viz_cfg.deconv_blocks != ["all"]:
-        resolve_blocks(model, viz_cfg.deconv_blocks)
-    viz.resolve_invert_blocks(model, viz_cfg.invert_blocks)
-    if viz_cfg.prior not in PRIORS:
-        raise viz.VizError(f"--prior {viz_cfg.prior!r}: not one of {', '.join(PRIORS)}; hint: --prior tv")
-    bad = [p for p in viz_cfg.paths if p not in PATHS]
-    if bad or not viz_cfg.paths:
-        raise DeconvError(f"--paths {','.join(viz_cfg.paths)}: valid paths are {', '.join(PATHS)}; hint: --paths both")
+    viz.resolve_request(build_model(train_cfg.arch, 10, train_cfg.resolved_stem()), viz_cfg)  # as make_plan will
     if viz_cfg.split not in viz.SPLITS:
         raise viz.VizError(f"--viz-split {viz_cfg.split!r}: not one of {', '.join(viz.SPLITS)}; hint: --viz-split val")
     for flag, value, low in (("--viz-batch-size", viz_cfg.batch_size, 1), ("--invert-steps", viz_cfg.invert_steps, 0),
@@ -214,21 +201,16 @@ def _refuse_while_active(run: Path, manifest: dict[str, Any]) -> None:
 def _shard_states(run: Path, manifest: dict[str, Any]) -> list[tuple[int, str, str]]:
     """(shard, task id, state) per planned (or, before the plan, submitted) shard; a shard that
     verifies on disk is 'done' whatever the scheduler says."""
-    from .jobstate import array_states
+    from .jobstate import latest_tasks, task_states
     v = manifest.get("viz", {})
     plan = checkpoint.read_json(run / "viz" / "plan.json")
-    tasks = sorted(v.get("tasks", {}).items(), key=lambda t: [int(x) for x in re.findall(r"\d+", t[0])])
-    latest = {int(s): tid for tid, s in tasks}  # the newest task of each shard (retries come later)
-    live: dict[str, dict[int, str]] = {}
-    if v.get("cluster") == "slurm":
-        for arr in v.get("job_ids", []):
-            live[str(arr)] = array_states(str(arr))
+    latest = latest_tasks(v.get("tasks", {}))  # the newest task of each shard
+    live = task_states(latest.values()) if v.get("cluster") == "slurm" else {}
     n = len(plan["shards"]) if plan else (max(latest) + 1 if latest else 0)
     rows = []
     for s in range(n):
         tid = latest.get(s, "")
-        arr, _, k = tid.partition("_")
-        state = live.get(arr, {}).get(int(k), "") if k.isdigit() else ""
+        state = live.get(tid, "")
         if plan and viz.shard_done(run, s, plan):
             state = "done (verified)"
         rows.append((s, tid, state or ("missing" if plan else "waiting for the plan")))

@@ -98,21 +98,28 @@ def make_plan(cfg: VizConfig) -> dict[str, Any]:
         indices = balanced_sample(labels.numpy(), min(cfg.images, len(labels)), cfg.seed).tolist()
     from .models import build_model
     model = build_model(state["config"]["arch"], len(state["classes"]), state["config"]["stem"])
+    blocks, deconv, inv = resolve_request(model, cfg)
+    return {"config": config_to_dict(cfg), "checkpoint": state["path"], "checkpoint_sha256": state["sha256"],
+            "blocks": blocks, "deconv_blocks": deconv, "paths": list(cfg.paths), "invert_blocks": inv,
+            "invert": {"steps": cfg.invert_steps, "prior": cfg.prior},
+            "shards": plan_shards(indices, cfg.tasks), "n_images": len(indices)}
+
+
+def resolve_request(model: torch.nn.Module, cfg: VizConfig) -> tuple[list[str], list[str], list[str]]:
+    """The blocks to dump, to reconstruct and to invert, with the prior and paths checked: a VizError
+    (or DeconvError) listing the valid choices otherwise. Needs only the architecture, not weights."""
+    from .deconv import PATHS, DeconvError
+    from .inversion import PRIORS
     blocks = resolve_blocks(model, cfg.blocks)
     deconv = [] if not cfg.deconv_blocks else resolve_blocks(model, None if cfg.deconv_blocks == ["all"]
                                                                else cfg.deconv_blocks)
     inv = resolve_invert_blocks(model, cfg.invert_blocks)
-    from .deconv import PATHS, DeconvError
-    from .inversion import PRIORS
     if cfg.prior not in PRIORS:
         raise VizError(f"--prior {cfg.prior!r}: not one of {', '.join(PRIORS)}; hint: --prior tv")
     bad = [p for p in cfg.paths if p not in PATHS]
     if bad or (deconv and not cfg.paths):
         raise DeconvError(f"--paths {','.join(cfg.paths)}: valid paths are {', '.join(PATHS)}; hint: --paths both")
-    return {"config": config_to_dict(cfg), "checkpoint": state["path"], "checkpoint_sha256": state["sha256"],
-            "blocks": blocks, "deconv_blocks": deconv, "paths": list(cfg.paths), "invert_blocks": inv,
-            "invert": {"steps": cfg.invert_steps, "prior": cfg.prior},
-            "shards": plan_shards(indices, cfg.tasks), "n_images": len(indices)}
+    return blocks, deconv, inv
 
 
 def write_plan(run_dir: str | Path, plan: dict[str, Any]) -> None:

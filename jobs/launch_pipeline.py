@@ -67,8 +67,7 @@ def _retry(args: argparse.Namespace, run: Path, launch) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hpcviz import checkpoint
-    from hpcviz.launch import LaunchError, detect_cluster, precheck_data
+    from hpcviz.launch import LaunchError, detect_cluster, precheck_data, prepare_run
     from hpcviz.log import setup_logging
     from hpcviz.pipeline import outcome, run_local, submit_pipeline, wait_pipeline
     setup_logging()
@@ -88,13 +87,9 @@ def main(args: argparse.Namespace) -> int:
         precheck_data(cfg.data, cfg.download)
         viz_cfg = launch_viz.build_viz_config(args, str(run), prefix="viz-")
         agg_cfg = aggregate_job.build_config(args, str(run))
-        if not cfg.resume and checkpoint.find_checkpoint(run / "checkpoints") is not None:
-            raise checkpoint.CheckpointError(f"--run {run} already holds a checkpoint; hint: pass --resume to "
-                                             "continue it (finished stages are skipped), or choose a new --run")
         if launch.cluster == "inline":
             raise LaunchError("--cluster inline: the pipeline submits jobs; hint: --cluster slurm or local")
-        if launch.cluster != "debug":
-            cfg.resume = cfg.resume or "auto"  # a requeued training job continues where it stopped
+        prepare_run(cfg, launch.cluster, "continue it (finished stages are skipped)")
         if launch.cluster == "slurm":
             ids = submit_pipeline(cfg, viz_cfg, agg_cfg, launch, args.throttle)
             _print_submitted(run, ids)

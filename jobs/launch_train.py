@@ -101,7 +101,8 @@ def build_configs(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     from hpcviz import checkpoint
-    from hpcviz.launch import TrainJob, LaunchError, detect_cluster, precheck_data, submit_train, wait_result
+    from hpcviz.launch import (TrainJob, LaunchError, detect_cluster, precheck_data, prepare_run, submit_train,
+                               wait_result)
     from hpcviz.log import setup_logging
     setup_logging()
     try:
@@ -113,14 +114,7 @@ def main(args: argparse.Namespace) -> int:
             if result.get("rank", 0) == 0:
                 print(f"done: {cfg.run_dir} (val accuracy {100 * result['val_accuracy']:.2f}%)")
             return 0
-        if not cfg.resume:
-            # refuse here, before anything is queued or written; the job checks again
-            found = checkpoint.find_checkpoint(Path(cfg.run_dir) / "checkpoints")
-            if found is not None:
-                raise checkpoint.CheckpointError(f"--run {cfg.run_dir} already holds a checkpoint ({found}); "
-                                                 "hint: pass --resume to continue it, or choose a new --run")
-        if launch.cluster != "debug":
-            cfg.resume = cfg.resume or "auto"  # a requeued job continues where it stopped
+        prepare_run(cfg, launch.cluster)
         checkpoint.update_manifest(cfg.run_dir, "train", status="submitted", cluster=launch.cluster)
         job = submit_train(cfg, launch)
         checkpoint.update_manifest(cfg.run_dir, "train", job_id=str(job.job_id))
