@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,12 +40,12 @@ class _UInt8Images(Dataset):
 
 
 def _subset(split: Split, n: int) -> Split:
-    return dataclasses.replace(split, train_x=split.train_x[:n], train_y=split.train_y[:n])
+    return dataclasses.replace(split, train=split.train.subset(n))
 
 
 def time_project_steps(cfg: TrainConfig, split: Split, steps: int, warmup: int = 3) -> float:
     """Images/s of the project's own training step (train_one_epoch over `steps` batches)."""
-    device = split.train_x.device
+    device = split.device
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, len(split.classes), cfg.stem).to(device)
     if cfg.channels_last:
@@ -64,12 +65,13 @@ def time_project_steps(cfg: TrainConfig, split: Split, steps: int, warmup: int =
 
 def time_plain_loop(cfg: TrainConfig, split: Split, steps: int, warmup: int = 3, workers: int = 2) -> float:
     """Images/s of a plain eager fp32 loop: DataLoader + per-sample transforms, NCHW, no autocast."""
-    device = split.train_x.device
+    device = split.device
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, len(split.classes), cfg.stem).to(device)
     opt = make_optimizer(model, cfg)
     n = (steps + warmup) * cfg.batch_size
-    ds = _UInt8Images(split.train_x[:n].cpu(), split.train_y[:n].cpu(), split.mean, split.std)
+    images, labels = next(split.train.batches([torch.arange(n, device=split.train.index_device)]))
+    ds = _UInt8Images(images.cpu().clone(), labels.cpu().clone(), split.mean, split.std)
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     it = iter(loader)
@@ -94,16 +96,25 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_train_throughput(cfg: TrainConfig, steps: int, workers: int) -> dict[str, Any]:
+    """The project's step vs two baselines on the same device: a plain DataLoader loop (torchvision's
+    references) and, like with like where the DataLoader cannot keep a GPU busy, the same resident data and
+    augmentation in eager fp32 NCHW (no channels_last, no bf16). The headline ratio is against the DataLoader
+    loop on a CPU and against the eager resident loop on a GPU."""
     device = dist.pick_device(cfg.device)
     split = prepare_data(cfg, device)
-    steps = min(steps, len(split.train_y) // cfg.batch_size - 3)  # 3 warm-up steps; never past the data
+    steps = min(steps, split.train.n // cfg.batch_size - 3)  # 3 warm-up steps; never past the data
     if steps < 1:
-        raise ValueError(f"--batch-size {cfg.batch_size}: too large for {len(split.train_y)} training images; "
+        raise ValueError(f"--batch-size {cfg.batch_size}: too large for {split.train.n} training images; "
                          "hint: a smaller --batch-size")
     ours = time_project_steps(cfg, split, steps)
     plain = time_plain_loop(cfg, split, steps, workers=workers)
+    eager = time_project_steps(dataclasses.replace(cfg, channels_last=False, amp="off", compile=False), split, steps)
+    base = eager if device.type == "cuda" else plain
     return {"arch": cfg.arch, "stem": cfg.resolved_stem(), "device": str(device), "batch_size": cfg.batch_size,
-            "steps": steps, "project_images_per_s": ours, "plain_images_per_s": plain, "ratio": ours / plain,
+            "steps": steps, "placement": split.placement, "project_images_per_s": ours,
+            "plain_images_per_s": plain, "eager_resident_images_per_s": eager,
+            "baseline": "eager resident fp32" if device.type == "cuda" else "DataLoader loop",
+            "ratio": ours / base, "ratio_vs_dataloader": ours / plain,
             "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
 
 
@@ -126,7 +137,8 @@ def time_to_accuracy(cfg: TrainConfig, target: float) -> dict[str, Any]:
             "device": cfg.device, "data": cfg.data, "run_dir": cfg.run_dir}
 
 
-def sample_activations(arch: str, stem: str, image_size: int, batch: int, seed: int = 0) -> dict[str, Any]:
+def sample_activations(arch: str, stem: str, image_size: int, batch: int, seed: int = 0,
+                       device: str = "cpu") -> dict[str, Any]:
     """Real activations (fp16 numpy, (b, C, h, w) per block) of a fresh model on builtin images."""
     from .activations import dump_activations
     from .data import channel_stats, make_builtin
@@ -134,9 +146,31 @@ def sample_activations(arch: str, stem: str, image_size: int, batch: int, seed: 
     ds = make_builtin(max(1, -(-batch // 10)), image_size, seed)
     images = ds.images[:batch]
     mean, std = channel_stats(images)
-    model = build_model(arch, 10, stem).eval()
-    _, acts = dump_activations(model, normalize(images, mean, std))
-    return {name: a.half().numpy() for name, a in acts.items()}
+    dev = dist.pick_device(device)
+    model = build_model(arch, 10, stem).eval().to(dev)
+    _, acts = dump_activations(model, normalize(images.to(dev), mean, std))
+    return {name: a.half().cpu().numpy() for name, a in acts.items()}
+
+
+def bench_viz_stage(data: str, images: int, run_dir: Path, arch: str = "resnet18", stem: str = "cifar") -> dict[str, Any]:
+    """Images/s of one whole array task (every block dumped, deconv of every block x 3 paths, the default
+    inversion) on a ResNet trained for one epoch on `data` (so the activations are not those of noise)."""
+    import shutil
+
+    from . import viz
+    from .train import train
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = TrainConfig(data=data, arch=arch, stem=stem, epochs=1, batch_size=512, lr=0.2, run_dir=str(run_dir))
+    trained = train(cfg)
+    vcfg = viz.VizConfig(run_dir=str(run_dir), images=images, tasks=1, batch_size=128)
+    plan = viz.make_plan(vcfg)
+    viz.write_plan(run_dir, plan)
+    t0 = time.perf_counter()
+    viz.run_shard(str(run_dir), 0)
+    seconds = time.perf_counter() - t0
+    return {"arch": arch, "stem": stem, "images": plan["n_images"], "seconds": seconds,
+            "images_per_s": plan["n_images"] / seconds, "val_accuracy_after_1_epoch": trained["val_accuracy"],
+            "invert_blocks": plan["invert_blocks"], "deconv_blocks": len(plan["deconv_blocks"]), "paths": plan["paths"]}
 
 
 def block_bytes(arch: str, stem: str, image_size: int) -> dict[str, int]:

@@ -58,12 +58,23 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _write_bytes(path, data)
 
 
+def to_cpu(obj: Any) -> Any:
+    """`obj` (a state dict, nested dicts/lists of tensors) with every tensor copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(state: dict[str, Any], ckpt_dir: str | os.PathLike) -> Path:
     """Write `state` as ckpt_dir/last.pt (+ .sha256), keeping the previous one as prev.pt."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    torch.save({"format": CKPT_FORMAT, **state}, buf)
+    torch.save({"format": CKPT_FORMAT, **to_cpu(state)}, buf)  # CPU tensors: loads on machines without GPUs
     data = buf.getvalue()
     last, prev = ckpt_dir / LAST, ckpt_dir / PREV
     if last.exists() and _verifies(last):

@@ -16,6 +16,7 @@ STEMS = ("imagenet", "cifar")
 SCHEDULES = ("onecycle", "cosine", "constant")
 AMP_MODES = ("auto", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
+PLACEMENTS = ("auto", "device", "host", "stream")
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,8 @@ class TrainConfig:
     skip_bad: bool = False            # skip unreadable image files (warn with a count) instead of stopping
     download: bool = False            # cifar10: download when missing (needs internet)
     augment: bool = True              # random crop (pad 4 px) + horizontal flip, batched on the device
+    data_placement: str = "auto"      # auto | device | host | stream: where the images live (hpcviz.placement)
+    data_workers: int = 2             # threads gathering batches ahead (host, stream placements)
     # model
     arch: str = "resnet18"            # one of ARCHS
     stem: str = ""                    # imagenet | cifar; "" = imagenet for resnet18/34/50, cifar for resnet20/32/56
@@ -49,12 +52,14 @@ class TrainConfig:
     # execution
     seed: int = 0                     # one seed for initialisation, order and augmentation
     device: str = "auto"              # auto | cpu | cuda
-    amp: str = "auto"                 # auto = bf16 autocast on CUDA, fp32 on CPU
+    amp: str = "auto"                 # auto = bf16 autocast on GPUs with native bf16, else fp32
     channels_last: bool = True        # NHWC memory layout (faster on GPUs and on CPUs with oneDNN)
     compile: bool = False             # torch.compile the model
     eval_batch_size: int = 1024       # images per rank per evaluation step
     log_every: int = 50               # steps between progress lines in log files
     checkpoint_every: int = 0         # steps between checkpoints inside an epoch (0 = only at epoch ends)
+    dist_timeout_min: float = 30.0    # minutes: rendezvous and first collective (ranks may still be loading data)
+    collective_timeout_min: float = 10.0  # minutes: every later collective (a hung rank ends the job)
     recipe: str = "default"           # name of the recipe the defaults came from
     resume: str = ""                  # "" = fresh run, "auto" = continue run_dir's last checkpoint, or a checkpoint path
     # where
@@ -72,6 +77,13 @@ class TrainConfig:
         _check_choice("--schedule", self.schedule, SCHEDULES)
         _check_choice("--amp", self.amp, AMP_MODES)
         _check_choice("--device", self.device, DEVICES)
+        _check_choice("--data-placement", self.data_placement, PLACEMENTS)
+        for name, minutes in (("--dist-timeout", self.dist_timeout_min),
+                              ("--collective-timeout", self.collective_timeout_min)):
+            if not minutes > 0:
+                raise ConfigError(f"{name} {minutes}: minutes, must be positive; hint: e.g. {name} 30")
+        if self.data_workers < 1:
+            raise ConfigError(f"--data-workers {self.data_workers}: must be at least 1; hint: e.g. --data-workers 2")
         for name, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
                             ("--image-size", self.image_size), ("--eval-batch-size", self.eval_batch_size)):
             if value < 1:
@@ -129,7 +141,7 @@ def dumps(cfg: Any) -> str:
 @dataclass
 class LaunchConfig:
     cluster: str = "auto"             # auto | slurm | local | debug
-    gpus: int = 0                     # GPUs per node (one task per GPU); 0 = CPU
+    gpus: int | None = None           # GPUs per node (one task per GPU); 0 = CPU; None = launch.resolve_gpus
     nproc: int = 1                    # CPU processes per node when gpus == 0 (gloo DDP)
     nodes: int = 1
     cpus_per_task: int = 0            # 0 = profile default

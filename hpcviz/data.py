@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import ModuleType
 
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DataError", "ImageSet", "DATA_FORMS", "BUILTIN_CLASSES", "IMAGE_EXTENSIONS", "load_images",
-           "make_builtin", "resize_images", "split_indices", "channel_stats", "normalize", "augment",
+__all__ = ["DataError", "ImageSet", "ImageFolderStream", "DATA_FORMS", "BUILTIN_CLASSES", "IMAGE_EXTENSIONS", "load_images",
+           "make_builtin", "resize_images", "split_indices", "channel_stats", "norm_tensors", "normalize", "augment",
            "fingerprint"]
 
 log = logging.getLogger("hpcviz")
@@ -333,6 +333,101 @@ def _load_image_folder(spec: str, image_size: int | None,
     return torch.stack(decoded), torch.tensor(labels, dtype=torch.int64), classes  # (N, 3, H, W)
 
 
+_STREAM_BYTES = 64 * 2 ** 20  # a streamed batch, and the originals awaiting resize, each stay under this
+
+
+def _tv_io() -> ModuleType | None:
+    """torchvision.io where it still has its decoders (deprecated since 0.29), else None (PIL only)."""
+    import torchvision.io as tvio
+    return tvio if hasattr(tvio, "decode_image") and hasattr(tvio, "ImageReadMode") else None
+
+
+class ImageFolderStream:
+    """An ImageFolder decoded batch by batch, never held whole: the same images, labels, classes and
+    pixels, in the same order, as load_images(spec, image_size, skip_bad=...), in bounded memory
+    (~2 x 64 MB of batch and originals), so jobs/pack_data.py can pack a folder of any size.
+
+    A class, not a bare generator: the packer needs `classes` and `n_files` before the first batch,
+    and `files_done` (decoded or skipped) for its progress bar while iterating.
+    """
+
+    def __init__(self, spec: str, image_size: int | None = None, *, skip_bad: bool = False,
+                 batch: int = 256) -> None:
+        if image_size is not None and image_size < 1:
+            raise _error(spec, f"--image-size {image_size} must be a positive integer", "e.g. --image-size 32")
+        if not os.path.isdir(spec):
+            raise _error(spec, "no such directory" if not os.path.exists(spec) else "not a directory",
+                         "check the path")
+        classes, self._samples = _list_image_folder(spec)  # same one-line errors as load_images
+        self.spec, self.image_size, self.skip_bad, self.batch = spec, image_size, skip_bad, max(1, batch)
+        self.classes: tuple[str, ...] = tuple(classes)
+        self.n_files = len(self._samples)  # the set's size if no file is skipped
+        self.files_done = 0
+        self.n_images = 0                  # readable images yielded so far
+        self.skipped: list[str] = []
+        self._first: tuple[tuple[int, int], str] | None = None  # (H, W) and path of the first image
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images (b, 3, H, W) uint8, labels (b,) int64), b <= batch, in file order; H = W = image_size
+        if given. Raises DataError (as load_images) on an unreadable file without skip_bad, on mixed
+        sizes without image_size (at the first image whose size differs) and if nothing was readable."""
+        self.files_done, self.n_images, self.skipped, self._first = 0, 0, [], None
+        tvio = _tv_io()
+        while self.files_done < self.n_files:
+            decoded, labels = self._next_batch(tvio)
+            if decoded:
+                self.n_images += len(decoded)
+                yield torch.stack(decoded), torch.tensor(labels, dtype=torch.int64)  # (b, 3, H, W), (b,)
+        if self.skipped:
+            log.warning("--data %s: skipped %d unreadable file(s): %s%s", self.spec, len(self.skipped),
+                        ", ".join(self.skipped[:5]), " ..." if len(self.skipped) > 5 else "")
+        if not self.n_images:
+            raise _error(self.spec, "no readable images", "check the files")
+
+    def _next_batch(self, tvio: ModuleType | None) -> tuple[list[torch.Tensor], list[int]]:
+        """Decode files from `files_done` on until `batch` images or ~64 MB; resize like _load_image_folder
+        (grouped by input size: resize_images is per-image exact, so the grouping changes no pixel)."""
+        size = self.image_size
+        decoded: list[torch.Tensor] = []
+        labels: list[int] = []
+        pending: dict[tuple[int, int], list[int]] = {}  # input size -> indices into decoded awaiting resize
+        nbytes = pending_bytes = 0
+        with warnings.catch_warnings():  # per batch, not around a yield: the caller's code runs in between
+            warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+            while self.files_done < self.n_files and len(decoded) < self.batch and nbytes < _STREAM_BYTES:
+                path, label = self._samples[self.files_done]
+                self.files_done += 1
+                img = self._decode_checked(path, tvio)  # (H, W, 3) or None (skipped)
+                if img is None:
+                    continue
+                decoded.append(torch.from_numpy(img).permute(2, 0, 1))  # (3, H, W)
+                labels.append(label)
+                nbytes += 3 * size * size if size else img.nbytes
+                if size is not None and img.shape[:2] != (size, size):
+                    pending.setdefault(img.shape[:2], []).append(len(decoded) - 1)
+                    pending_bytes += img.nbytes
+                    if pending_bytes >= _STREAM_BYTES:  # large photos: resize before decoding more
+                        pending_bytes = _flush_resizes(decoded, pending, size)
+        _flush_resizes(decoded, pending, size or 0)
+        return decoded, labels
+
+    def _decode_checked(self, path: str, tvio: ModuleType | None) -> np.ndarray | None:
+        img = _decode(path, tvio)
+        if img is None:
+            if not self.skip_bad:
+                raise _error(self.spec, f"cannot decode {path}", "pass --skip-bad to skip unreadable files")
+            self.skipped.append(path)
+            return None
+        if self.image_size is None:  # sizes must agree; the whole set is never seen at once, so check as we go
+            if self._first is None:
+                self._first = (img.shape[:2], path)
+            elif img.shape[:2] != self._first[0]:
+                raise _error(self.spec, f"images have at least 2 different sizes (e.g. {self._first[0]} in "
+                             f"{self._first[1]} and {img.shape[:2]} in {path})",
+                             "pass --image-size S to resize all to S x S")
+        return img
+
+
 # ----------------------------------------------------------------------------- packed
 def _load_packed(spec: str, image_size: int | None) -> ImageSet:
     from hpcviz.store import StoreError, read_packed
@@ -392,17 +487,39 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tup
         x = images[lo:lo + step].to(torch.int64)  # (b, 3, H, W)
         total += x.sum(dim=(0, 2, 3)).cpu()
         total_sq += (x * x).sum(dim=(0, 2, 3)).cpu()
-    count = images.shape[0] * images.shape[2] * images.shape[3]
+    return stats_from_sums(total, total_sq, images.shape[0] * images.shape[2] * images.shape[3])
+
+
+def stats_from_sums(total: torch.Tensor, total_sq: torch.Tensor,
+                    count: int) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(mean, std) on the [0, 1] scale from exact int64 per-channel sums of pixels and their squares
+    over `count` pixels per channel (shared by channel_stats and one-pass streaming statistics)."""
     mean = total.double() / count
     std = (total_sq.double() / count - mean * mean).clamp_(min=0).sqrt()
     m, s = (mean / 255).tolist(), (std / 255).tolist()
     return (m[0], m[1], m[2]), (s[0], s[1], s[2])
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, 3, H, W) on any device -> float32 (B, 3, H, W) on that device: (x/255 - mean)/std."""
-    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+def norm_tensors(mean: Sequence[float], std: Sequence[float],
+                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) as (1, 3, 1, 1) float32 tensors on `device`: build them once, not every step
+    (each build is a host-to-device copy)."""
+    ms = torch.tensor([list(mean), list(std)], dtype=torch.float32).view(2, 1, -1, 1, 1)
+    if torch.device(device).type == "cuda":
+        ms = ms.pin_memory().to(device, non_blocking=True)  # no wait, even once per epoch
+    else:
+        ms = ms.to(device)
+    return ms[0], ms[1]
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+              std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) on any device -> float32 (B, 3, H, W) on that device: (x/255 - mean)/std.
+    mean/std: sequences, or the tensors of `norm_tensors` (no host-device copy then)."""
+    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
+        m, s = mean, std
+    else:
+        m, s = norm_tensors(mean, std, images.device)
     return (images.float() / 255 - m) / s
 
 
@@ -423,7 +540,9 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip
     if flip:
         flipped = torch.randint(0, 2, (b,), generator=generator).bool()
         cols = torch.where(flipped[:, None], cols.flip(1), cols)  # reading columns backwards = mirrored crop
-    rows, cols = rows.to(images.device), cols.to(images.device)
+    if images.device.type == "cuda":  # pinned + non_blocking: the step does not wait for the copy
+        both = torch.cat([rows, cols], 1).pin_memory().to(images.device, non_blocking=True)  # (B, H + W)
+        rows, cols = both[:, :h], both[:, h:]
     padded = F.pad(images, (pad, pad, pad, pad)) if pad else images  # (B, C, H+2p, W+2p), zeros
     out = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * pad))  # (B, C, H, W+2p)
     return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))  # (B, C, H, W)

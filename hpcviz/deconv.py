@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,13 +94,62 @@ def bn_transpose(signal: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return signal * scale.view(1, -1, 1, 1)
 
 
-def unpool(signal: torch.Tensor, indices: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
+def overlap(pool: nn.MaxPool2d) -> tuple[int, int]:
+    """(my, mx): windows whose output rows (columns) differ by a multiple of my (mx) never overlap."""
+    k, s, d = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.dilation))
+    return tuple(-(-(d[i] * (k[i] - 1) + 1) // s[i]) for i in range(2))  # type: ignore[return-value]
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def unpool(signal: torch.Tensor, indices: torch.Tensor, input_shape: Sequence[int],
+           overlap: tuple[int, int] | None = None) -> torch.Tensor:
     """Max-unpooling to the switches: each window's signal is added at its argmax (flat index into
-    the input plane, as returned by `F.max_pool2d(..., return_indices=True)`)."""
+    the input plane, as returned by `F.max_pool2d(..., return_indices=True)`).
+
+    overlap=None: one scatter-add (on a GPU its atomic adds come in no fixed order: the last bits vary
+    from run to run). overlap=(my, mx) (see `overlap`): deterministic everywhere. The windows are split
+    into my*mx classes of non-overlapping windows; each class is a plain scatter (no two windows of a
+    class share a target) and the classes are summed in a fixed order."""
     b, c, h, w = input_shape
+    if overlap is None:
+        out = signal.new_zeros(b, c, h * w)
+        out.scatter_add_(2, indices.flatten(2), signal.flatten(2))
+        return out.view(b, c, h, w)
+    my, mx = overlap
     out = signal.new_zeros(b, c, h * w)
-    out.scatter_add_(2, indices.flatten(2), signal.flatten(2))
+    for a in range(my):
+        for e in range(mx):
+            part = signal.new_zeros(b, c, h * w)
+            part.scatter_(2, indices[:, :, a::my, e::mx].flatten(2), signal[:, :, a::my, e::mx].flatten(2))
+            out += part
     return out.view(b, c, h, w)
+
+
+class _MaxPool(torch.autograd.Function):
+    """max-pool whose backward is the deterministic `unpool` (the built-in one adds atomically on GPUs)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
+        out, idx = F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                ceil_mode=pool.ceil_mode, return_indices=True)
+        ctx.save_for_backward(idx)
+        ctx.shape, ctx.overlap = tuple(x.shape), overlap(pool)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        idx, = ctx.saved_tensors
+        return unpool(grad, idx, ctx.shape, ctx.overlap), None
+
+
+def max_pool(x: torch.Tensor, pool: nn.MaxPool2d, exact: bool = True) -> torch.Tensor:
+    """pool(x) with autograd; `exact`: a deterministic backward (see unpool), else torch's (faster on GPUs)."""
+    if exact and x.requires_grad:
+        return _MaxPool.apply(x, pool)
+    return F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, ceil_mode=pool.ceil_mode)
 
 
 def seed_signal(act: torch.Tensor, seed: str = "all", channel: int | None = None, k: int = 1) -> torch.Tensor:
@@ -278,8 +328,9 @@ class Deconvnet:
     (reconstructions are returned as float32). The model is not modified: batch norm always uses the
     running statistics (eval mode), whatever `model.training` says."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, exact: bool = True) -> None:
         self.model = model
+        self.exact = exact  # deterministic unpooling (see `unpool`); False: one atomic scatter-add on GPUs
         self.blocks = block_names(model)
         try:
             self._stem = [_conv_op(model.conv1, "conv1"), _bn_op(model.bn1, "bn1"), _relu_op(model.relu, "relu")]
@@ -377,7 +428,8 @@ class Deconvnet:
         for blk in reversed(self._plan[:self.blocks.index(block)]):
             g = self._block_back(blk, g, paths[blk.name], tape)
         if block != "conv1" and tape.pool_indices is not None:
-            g = unpool(g, tape.pool_indices, tape.pool_input_shape)
+            g = unpool(g, tape.pool_indices, tape.pool_input_shape,
+                       overlap(self._pool) if self.exact and self._pool is not None else None)
         return _back(self._stem, g, tape).contiguous()  # the stem's ReLU, bn1, conv1
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ are summed over ranks, so the result equals a single-process evaluation.
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from typing import Any, Sequence
 
@@ -14,13 +15,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dist
-from .data import normalize
+from .data import norm_tensors, normalize
+from .placement import Feed, feed_tensors
+
+
+def native_bf16(device: torch.device) -> bool:
+    """The GPU computes bf16 in hardware (Ampere and newer). torch.cuda.is_bf16_supported() also counts the
+    emulation of V100/T4 by default, which is slower than fp32 there."""
+    if device.type != "cuda":
+        return False
+    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def autocast_for(device: torch.device, amp: str):
-    """bf16 autocast on CUDA when amp is auto/bf16; plain fp32 elsewhere."""
-    # auto: bf16 where the GPU has it natively (Ampere and newer); fp32 on older GPUs, where it is emulated
-    if device.type == "cuda" and (amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())):
+    """bf16 autocast on CUDA when amp is bf16, or auto on a GPU with native bf16; plain fp32 elsewhere."""
+    if device.type == "cuda" and (amp == "bf16" or (amp == "auto" and native_bf16(device))):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if device.type == "cpu" and amp == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -28,10 +39,9 @@ def autocast_for(device: torch.device, amp: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
-             std: Sequence[float], num_classes: int, batch_size: int = 1024, amp: str = "auto",
-             channels_last: bool = False) -> dict[str, Any]:
-    """Loss, accuracy and confusion matrix of `model` on uint8 `images` (N, 3, H, W), summed over ranks.
+def evaluate(model: nn.Module, feed: Feed, mean: Sequence[float], std: Sequence[float], num_classes: int,
+             batch_size: int = 1024, amp: str = "auto", channels_last: bool = False) -> dict[str, Any]:
+    """Loss, accuracy and confusion matrix of `model` on a split's images (a placement.Feed), summed over ranks.
 
     `model` must be the plain module (not the DDP wrapper): ranks may run a different
     number of batches, and DDP's forward would wait for the others.
@@ -39,15 +49,14 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    share = torch.arange(dist.rank(), len(labels), dist.world_size())
+    share = torch.arange(dist.rank(), feed.n, dist.world_size(), device=feed.index_device)
+    m, s = norm_tensors(mean, std, device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # (true, pred)
-    for start in range(0, len(share), batch_size):
-        idx = share[start:start + batch_size]
-        x = normalize(images[idx.to(images.device)].to(device, non_blocking=True), mean, std)  # (B, 3, H, W)
+    for images, y in feed.batches([share[lo:lo + batch_size] for lo in range(0, len(share), batch_size)]):
+        x = normalize(images, m, s)  # (B, 3, H, W)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = labels[idx.to(labels.device)].to(device, non_blocking=True)
         with autocast_for(device, amp):
             logits = model(x)  # (B, K)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
@@ -98,8 +107,8 @@ def evaluate_run(run_dir: str, data: str, name: str, device: str = "auto", batch
     model.to(dev)
     ds = load_images(data, cfg["image_size"], skip_bad=cfg.get("skip_bad", False))
     labels = remap_labels(ds.labels, ds.classes, state["classes"])
-    result = summarize(evaluate(model, ds.images, labels, state["mean"], state["std"], len(state["classes"]),
-                                batch_size, cfg.get("amp", "auto")), state["classes"])
+    result = summarize(evaluate(model, feed_tensors(ds.images, labels, dev), state["mean"], state["std"],
+                                len(state["classes"]), batch_size, cfg.get("amp", "auto")), state["classes"])
     result.update(split=name, data=data, checkpoint=state["path"], checkpoint_sha256=state["sha256"],
                   config={"run_dir": run_dir, "data": data, "name": name, "device": device, "batch_size": batch_size})
     checkpoint.write_json(Path(run_dir) / f"eval-{name}.json", result)

@@ -41,7 +41,6 @@ A non-finite loss or x blowing up raises InversionError naming the block, step a
 """
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .deconv import Deconvnet
+from .deconv import Deconvnet, max_pool
 
 PRIORS = ("tv", "none")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -81,6 +80,7 @@ class InversionConfig:
     clamp: bool = True                # project x onto the valid pixel box after each step
     init_scale: float = 0.01          # x0 noise std, in units of the range width
     seed: int = 0
+    exact: bool = True                # deterministic max-pool backward on GPUs (False: torch's atomic one, faster)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,8 +136,9 @@ class _Forward:
     """phi for several blocks at once: the batch is the stack of the blocks' slices, shallowest first;
     each slice leaves the stack at its block's output."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.deconv = d = Deconvnet(model)
+    def __init__(self, model: nn.Module, exact: bool = True) -> None:
+        self.deconv = d = Deconvnet(model, exact)
+        self.exact = exact
         self.blocks, self.stem, self.pool, self.plan = d.blocks, d._stem, d._pool, d._plan
         w = model.conv1.weight
         self.device, self.dtype = w.device, w.dtype
@@ -156,8 +157,7 @@ class _Forward:
         if k == len(idx):
             return out
         if self.pool is not None:
-            p = self.pool
-            h = F.max_pool2d(h, p.kernel_size, p.stride, p.padding, p.dilation, ceil_mode=p.ceil_mode)
+            h = max_pool(h, self.pool, self.exact)
         for i, blk in enumerate(self.plan, 1):
             r = _apply(blk.residual, h)
             h = F.relu(r + (_apply(blk.shortcut, h) if blk.shortcut else h))
@@ -203,7 +203,7 @@ def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
         raise ValueError(f"prior {cfg.prior!r}: not one of {', '.join(PRIORS)}; hint: prior='tv'")
     if cfg.steps < 1:
         raise ValueError(f"steps {cfg.steps}: need >= 1")
-    fwd = _Forward(model)
+    fwd = _Forward(model, cfg.exact)
     if isinstance(blocks, str):
         blocks = [blocks]
     if not blocks:

@@ -29,8 +29,8 @@ CLUSTERS = ("auto", "slurm", "local", "debug", "inline")
 REPO = Path(__file__).resolve().parents[1]
 PROFILE_DIR = REPO / "slurm" / "profiles"
 PROFILE_KEYS = {"partition": "", "account": "", "qos": "", "constraint": "", "gpu_request": "gpus-per-node",
-                "cpus_per_task": "0", "mem_gb": "0", "time_min": "60", "signal_delay_s": "90",
-                "max_num_timeout": "20", "setup": ""}
+                "gpu_nodes": "auto", "cpus_per_task": "0", "cpus_per_gpu": "8", "mem_gb": "0", "time_min": "60",
+                "signal_delay_s": "90", "max_num_timeout": "20", "setup": ""}
 
 
 class LaunchError(RuntimeError):
@@ -65,7 +65,40 @@ def read_profile(name: str) -> dict[str, str]:
         raise LaunchError(f"profile {path}: unknown keys {unknown}; valid keys: {', '.join(PROFILE_KEYS)}")
     if section.get("gpu_request", "gpus-per-node") not in ("gpus-per-node", "gres"):
         raise LaunchError(f"profile {path}: gpu_request must be gpus-per-node or gres")
+    if section.get("gpu_nodes", "auto") not in ("auto", "yes", "no"):
+        raise LaunchError(f"profile {path}: gpu_nodes must be auto (ask sinfo), yes or no")
     return {**PROFILE_KEYS, **section}
+
+
+def _sinfo(fmt: str, partition: str) -> list[str]:
+    """sinfo's answer for the partition (or every one), [] when it cannot tell (never hangs)."""
+    import subprocess
+    cmd = ["sinfo", "-h", "-o", fmt] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+def gpu_profile(prof: dict[str, str], partition: str = "") -> bool:
+    """The profile's nodes have GPUs: gpu_nodes = yes, or auto and sinfo lists a gpu GRES on the partition."""
+    if prof["gpu_nodes"] != "auto":
+        return prof["gpu_nodes"] == "yes"
+    return any("gpu" in line for line in _sinfo("%G", partition or prof["partition"]))
+
+
+def resolve_gpus(launch: LaunchConfig, device: str = "auto") -> int:
+    """--gpus as given, or, when it is not: 1 where a GPU is to be had (locally: this machine has one; on
+    SLURM: a GPU profile), else 0. A CPU request (--device cpu, --nproc N > 1) gets 0."""
+    if launch.gpus is not None:
+        return launch.gpus
+    if device == "cpu" or launch.nproc > 1:
+        return 0
+    if detect_cluster(launch.cluster) == "slurm":
+        return 1 if gpu_profile(read_profile(launch.profile), launch.partition) else 0
+    import torch
+    return 1 if torch.cuda.is_available() else 0
 
 
 def precheck_data(spec: str, download: bool = False) -> None:
@@ -75,7 +108,7 @@ def precheck_data(spec: str, download: bool = False) -> None:
 
 
 def tasks_per_node(launch: LaunchConfig) -> int:
-    return launch.gpus if launch.gpus > 0 else max(1, launch.nproc)
+    return launch.gpus if launch.gpus else max(1, launch.nproc)
 
 
 def make_executor(launch: LaunchConfig, folder: Path, job_name: str) -> submitit.Executor:
@@ -86,6 +119,8 @@ def make_executor(launch: LaunchConfig, folder: Path, job_name: str) -> submitit
         raise LaunchError("--cluster inline runs in this process and submits nothing; hint: use it under srun")
     if cluster == "debug" and (tasks_per_node(launch) > 1 or launch.nodes > 1):
         raise LaunchError("--cluster debug runs one process in this one; hint: use --cluster local for --nproc/--gpus > 1")
+    if launch.gpus is None:
+        launch.gpus = resolve_gpus(launch)
     if cluster != "slurm":
         _check_local_gpus(launch.gpus)
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster,
@@ -94,18 +129,42 @@ def make_executor(launch: LaunchConfig, folder: Path, job_name: str) -> submitit
     limit = launch.time_min or (int(prof["time_min"]) if cluster == "slurm" else 60 * 24 * 365)
     params: dict[str, Any] = dict(name=job_name, nodes=launch.nodes, tasks_per_node=tasks_per_node(launch),
                                   timeout_min=limit)
-    cpus = launch.cpus_per_task or int(prof["cpus_per_task"])
+    cpus = cpus_per_task(launch, prof, cluster)
     if cpus:
         params["cpus_per_task"] = cpus
     if cluster == "slurm":
-        params.update(_slurm_params(launch, prof))
+        params.update(_slurm_params(launch, prof, cpus))
     elif cluster == "local" and launch.gpus:
-        params["gpus_per_node"] = launch.gpus
+        params.update(_local_gpu_params(launch.gpus))
     ex.update_parameters(**params)
     return ex
 
 
-def _slurm_params(launch: LaunchConfig, prof: dict[str, str]) -> dict[str, Any]:
+def cpus_per_task(launch: LaunchConfig, prof: dict[str, str], cluster: str) -> int:
+    """--cpus-per-task, else the profile's; for GPU tasks without either, cpus_per_gpu (8) or what a node
+    of the partition has per task (sinfo), whichever is less: a GPU rank needs cores to feed it."""
+    cpus = launch.cpus_per_task or int(prof["cpus_per_task"])
+    if cpus or not launch.gpus:
+        return cpus
+    cpus = int(prof["cpus_per_gpu"])
+    if cluster == "slurm":
+        node = [int(c) for c in _sinfo("%c", launch.partition or prof["partition"]) if c.isdigit()]
+        if node:
+            cpus = max(1, min(cpus, min(node) // max(1, launch.gpus)))
+    return cpus
+
+
+def _local_gpu_params(gpus: int) -> dict[str, Any]:
+    """Local tasks see the first `gpus` of the GPUs this process sees: inside an allocation that is its own
+    CUDA_VISIBLE_DEVICES (ids, UUIDs or MIG names), not 0..N-1 of the whole machine."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    params: dict[str, Any] = {"gpus_per_node": gpus}
+    if visible:  # submitit sets 0..N-1; a setup line runs after that, in the task's shell
+        params["local_setup"] = [f"export CUDA_VISIBLE_DEVICES={','.join(visible[:gpus])}"]
+    return params
+
+
+def _slurm_params(launch: LaunchConfig, prof: dict[str, str], cpus: int) -> dict[str, Any]:
     params: dict[str, Any] = {"slurm_signal_delay_s": int(prof["signal_delay_s"])}
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(launch, key) or prof[key]
@@ -119,8 +178,12 @@ def _slurm_params(launch: LaunchConfig, prof: dict[str, str]) -> dict[str, Any]:
             params["slurm_gres"] = f"gpu:{launch.gpus}"
         else:
             params["gpus_per_node"] = launch.gpus
-    if prof["setup"].strip():
-        params["slurm_setup"] = [line for line in prof["setup"].splitlines() if line.strip()]
+    setup = [line for line in prof["setup"].splitlines() if line.strip()]
+    if cpus:  # srun (22.05+) no longer inherits sbatch's --cpus-per-task: each rank would get one core
+        params["slurm_srun_args"] = [f"--cpus-per-task={cpus}"]
+        setup.append(f"export SRUN_CPUS_PER_TASK={cpus}")
+    if setup:
+        params["slurm_setup"] = setup
     if launch.extra:
         params["slurm_additional_parameters"] = dict(launch.extra)
     return params
@@ -148,13 +211,14 @@ class TrainJob:
     client keeps waiting while SLURM requeues the job, and the rerun continues the run.
     """
 
-    def __init__(self, requeue_via_submitit: bool = True) -> None:
+    def __init__(self, requeue_via_submitit: bool = True, alone: bool = False) -> None:
         self.requeue_via_submitit = requeue_via_submitit
+        self.alone = alone  # the debug executor: this process is the whole job, whatever env it inherited
 
     def __call__(self, cfg: TrainConfig) -> dict[str, Any]:
         from . import dist
         from .train import train  # imported in the job, so the launcher stays light
-        result = train(cfg)
+        result = train(cfg, alone=self.alone)
         if result.get("status") != "stopped":
             return result
         if self.requeue_via_submitit and result.get("signal") == signal.SIGUSR2 and dist.rank() == 0:
@@ -183,8 +247,10 @@ def submit_train(cfg: TrainConfig, launch: LaunchConfig, job: TrainJob | None = 
     folder = Path(cfg.run_dir) / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     ex = make_executor(launch, folder, f"hpcviz-train-{Path(cfg.run_dir).name}")
+    job = job or TrainJob()
+    job.alone = launch.cluster == "debug"
     try:
-        return ex.submit(job or TrainJob(), cfg)
+        return ex.submit(job, cfg)
     except Exception as e:  # submitit wraps sbatch's refusal in several types
         first = str(e).strip().splitlines()
         raise LaunchError(f"submission refused: {first[-1] if first else type(e).__name__}; "
@@ -288,7 +354,7 @@ def launch_viz(cfg: "VizConfig", launch: LaunchConfig, throttle: int = 0, fresh:
     launch.cluster = detect_cluster(launch.cluster)
     plan = viz.make_plan(cfg)
     old = checkpoint.read_json(run / "viz" / "plan.json")
-    keys = ("shards", "checkpoint_sha256", "blocks", "deconv_blocks", "paths", "invert_blocks", "invert")
+    keys = ("shards", "checkpoint_sha256", "blocks", "deconv_blocks", "paths", "invert_blocks", "invert", "fast")
     if old is not None and any(old.get(k) != plan.get(k) for k in keys):
         if not fresh:
             raise viz.VizError(f"{run}/viz holds shards of another request (other images, blocks or checkpoint); "
@@ -300,7 +366,7 @@ def launch_viz(cfg: "VizConfig", launch: LaunchConfig, throttle: int = 0, fresh:
     log.info("%d images in %d shards; %d to do", plan["n_images"], len(plan["shards"]), len(todo))
     checkpoint.update_manifest(run, "viz", status="submitted" if todo else "done", n_shards=len(plan["shards"]))
     if todo:
-        launch.nproc, launch.nodes = 1, 1
+        launch.nproc, launch.nodes, launch.gpus = 1, 1, viz_gpus(launch)
         ex = make_executor(launch, run / "logs", f"hpcviz-viz-{run.name}")
         jobs = submit_array(ex, viz.run_shard, str(run), todo, launch.cluster, throttle)
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
@@ -314,6 +380,16 @@ def launch_viz(cfg: "VizConfig", launch: LaunchConfig, throttle: int = 0, fresh:
     else:
         failed = []
     return _collate_viz(run, plan, failed, figures)
+
+
+def viz_gpus(launch: LaunchConfig) -> int:
+    """One GPU per array task at most (each task is one process on one shard; several would run the
+    same shard N times on one GPU), by default where there is one (resolve_gpus), --gpus 0 for none."""
+    gpus = resolve_gpus(launch)
+    if gpus > 1:
+        log.warning("--gpus %d: each visualization array task uses one GPU; run more tasks (--tasks, "
+                    "--throttle) to use more GPUs", gpus)
+    return min(gpus, 1)
 
 
 def _wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig) -> list[str]:

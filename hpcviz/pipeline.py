@@ -23,7 +23,7 @@ from . import checkpoint, viz
 from .aggregate import AggregateConfig, aggregate
 from .config import LaunchConfig, TrainConfig, config_from_dict
 from .launch import (LaunchError, TrainJob, detect_cluster, launch_viz, make_executor, submit_array, submit_train,
-                     wait_result)
+                     viz_gpus, wait_result)
 
 log = logging.getLogger("hpcviz")
 
@@ -90,7 +90,7 @@ def check_request(train_cfg: TrainConfig, viz_cfg: viz.VizConfig) -> int:
 
 def _stage_launch(launch: LaunchConfig, stage: str) -> LaunchConfig:
     """Array tasks: one process (one GPU if training had GPUs); aggregation: one CPU process."""
-    gpus = min(launch.gpus, 1) if stage == "viz" else 0
+    gpus = viz_gpus(launch) if stage == "viz" else 0
     return dataclasses.replace(launch, nproc=1, nodes=1, gpus=gpus, extra=dict(launch.extra))
 
 

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, checkpoint, dist
+from . import __version__, checkpoint, dist, placement
 from .config import ConfigError, TrainConfig, config_to_dict
-from .data import ImageSet, augment, channel_stats, fingerprint, load_images, normalize, split_indices
+from .data import DataError, augment, norm_tensors, normalize, split_indices
+from .placement import Feed
 from .evaluate import autocast_for, evaluate, summarize
 from .log import StepProgress, setup_logging
 from .models import build_model, load_init
@@ -38,24 +39,35 @@ class TrainingError(FloatingPointError):
 
 @dataclass
 class Split:
-    train_x: torch.Tensor   # (Nt, 3, H, W) uint8 on the device
-    train_y: torch.Tensor   # (Nt,) int64
-    val_x: torch.Tensor     # (Nv, 3, H, W) uint8
-    val_y: torch.Tensor     # (Nv,) int64
+    train: Feed             # Nt training images, as batches on the device (see hpcviz.placement)
+    val: Feed               # Nv validation images
     classes: tuple[str, ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     fingerprint: str
+    placement: str          # device | host | stream
+
+    @property
+    def device(self) -> torch.device:
+        return self.train.device
 
 
 def prepare_data(cfg: TrainConfig, device: torch.device) -> Split:
-    """Load the source, carve the seeded validation split, compute normalisation on the train part."""
-    ds: ImageSet = load_images(cfg.data, cfg.image_size, download=cfg.download, skip_bad=cfg.skip_bad)
-    train_idx, val_idx = split_indices(ds.labels, cfg.val_fraction, seed=cfg.split_seed)
-    mean, std = channel_stats(ds.images[train_idx])
-    return Split(ds.images[train_idx].to(device), ds.labels[train_idx].to(device),
-                 ds.images[val_idx].to(device), ds.labels[val_idx].to(device),
-                 ds.classes, mean, std, fingerprint(ds))
+    """Open the source (one copy per node at most), carve the seeded validation split, compute the
+    normalisation on the train part (rank 0, in one pass) and place the images (cfg.data_placement)."""
+    src = placement.open_source(cfg, cfg.data_placement)
+    if src.n and (int(src.labels.min()) < 0 or int(src.labels.max()) >= len(src.classes)):
+        raise DataError(f"--data {cfg.data}: labels outside 0..{len(src.classes) - 1} (the {len(src.classes)} "
+                        "classes); hint: repack it with jobs/pack_data.py")
+    train_idx, val_idx = split_indices(src.labels, cfg.val_fraction, seed=cfg.split_seed)
+    if dist.is_main():
+        facts: Any = (placement.train_stats(src, train_idx), placement.source_fingerprint(src),
+                      placement.choose(cfg.data_placement, src, device))
+    else:
+        facts = None
+    (mean, std), fp, where = dist.broadcast_object(facts)  # the same on every rank, computed once
+    train_feed, val_feed = placement.make_feeds(src, where, train_idx, val_idx, device, cfg.data_workers)
+    return Split(train_feed, val_feed, src.classes, mean, std, fp, where)
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -116,9 +128,14 @@ class StopRequest:
 
 
 def _set_threads(device: torch.device) -> None:
-    # N gloo processes on one node must share its cores, not each take all of them
-    if device.type == "cpu" and dist.local_world_size() > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # the ranks of a node (gloo on CPUs, or GPU ranks decoding and gathering data) share its cores instead
+    # of each taking all of them: SLURM's --cpus-per-task when it says (one task per node included), else
+    # an even share of this process's affinity mask
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit():
+        torch.set_num_threads(max(1, min(cores, int(slurm))))
+    elif dist.local_world_size() > 1:
         torch.set_num_threads(max(1, cores // dist.local_world_size()))
 
 
@@ -146,15 +163,16 @@ class Meters:
         self._pending: list[torch.Tensor] = []
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        # kept on the device; summed at the epoch's end or a checkpoint, so the step never syncs
+        # loss and hits stay on the device (summed at the epoch's end or a checkpoint) and the count is a
+        # host number: the step never syncs
         self._pending.append(torch.stack([loss.detach().double() * len(y),
-                                          (logits.detach().argmax(1) == y).sum().double(),
-                                          torch.tensor(float(len(y)), dtype=torch.float64, device=y.device)]))
+                                          (logits.detach().argmax(1) == y).sum().double()]))
+        self.n += float(len(y))
 
     def state(self) -> dict[str, float]:
         if self._pending:
             total = torch.stack(self._pending).sum(0).tolist()
-            self.loss_sum, self.correct, self.n = self.loss_sum + total[0], self.correct + total[1], self.n + total[2]
+            self.loss_sum, self.correct = self.loss_sum + total[0], self.correct + total[1]
             self._pending = []
         return {"loss_sum": self.loss_sum, "correct": self.correct, "n": self.n}
 
@@ -175,31 +193,41 @@ class Position:
     step: int = 0    # next step inside it
 
 
+def epoch_batches(cfg: TrainConfig, epoch: int, first_step: int, steps_per_epoch: int, n: int,
+                  device: torch.device) -> list[torch.Tensor]:
+    """This rank's positions in the training split for steps first_step.. of `epoch`: (b,) each, on `device`.
+    The order is a function of (seed, epoch) alone, so every rank, placement and resume agrees on it."""
+    local_b = cfg.batch_size // dist.world_size()
+    perm = torch.randperm(n, generator=seeded(cfg.seed, epoch))  # (Nt,) once per epoch
+    perm = perm.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else perm.to(device)
+    return [perm[step * cfg.batch_size + dist.rank() * local_b:][:local_b] for step in range(first_step, steps_per_epoch)]
+
+
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, split: Split, cfg: TrainConfig,
                     pos: Position, steps_per_epoch: int, meters: Meters, stop: StopRequest,
                     save: Callable[[Position, Meters], None]) -> bool:
-    """Run the steps of `pos.epoch` from `pos.step`; False if all ranks agreed to stop early (state saved)."""
-    device = split.train_x.device
+    """Run the steps of `pos.epoch` from `pos.step`; False if all ranks agreed to stop early (state saved).
+
+    The steady-state step never waits for the device: the only host-device syncs are the checks every
+    `check_every` steps (divergence, a stop signal, the loss for the log), marked with dist.sync_allowed."""
+    device = split.device
     total_steps = steps_per_epoch * cfg.epochs
-    local_b = cfg.batch_size // dist.world_size()
-    # (Nt,) same on all ranks; moved to the device once per epoch, not once per step
-    perm = torch.randperm(len(split.train_y), generator=seeded(cfg.seed, pos.epoch)).to(device)
-    check_every = 1 if device.type == "cpu" else 10  # a check syncs the GPU: not every step there
+    m, s = norm_tensors(split.mean, split.std, device)  # once, not a host-device copy per step
+    check_every = 1 if device.type == "cpu" else 10
     progress = StepProgress(steps_per_epoch, f"epoch {pos.epoch + 1}/{cfg.epochs}", cfg.log_every)
     bad = torch.zeros((), dtype=torch.bool, device=device)
+    lists = epoch_batches(cfg, pos.epoch, pos.step, steps_per_epoch, split.train.n, split.train.index_device)
+    batches = split.train.batches(lists)
     try:
-        for step in range(pos.step, steps_per_epoch):
+        for step, (x, y) in zip(range(pos.step, steps_per_epoch), batches):  # x: (b, 3, H, W) uint8, y: (b,)
             lr = lr_at(pos.epoch * steps_per_epoch + step, total_steps, steps_per_epoch, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            mine = perm[step * cfg.batch_size + dist.rank() * local_b:][:local_b]  # (b,)
-            x = split.train_x[mine]  # (b, 3, H, W) uint8
             if cfg.augment:
                 x = augment(x, seeded(cfg.seed, pos.epoch, step, dist.rank()))
-            x = normalize(x, split.mean, split.std)
+            x = normalize(x, m, s)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = split.train_y[mine]
             with autocast_for(device, cfg.amp):
                 logits = model(x)  # (b, K)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -210,23 +238,26 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, split: Split, 
             bad |= ~torch.isfinite(loss)
             pos.step = step + 1
             due_save = cfg.checkpoint_every > 0 and pos.step % cfg.checkpoint_every == 0
-            if pos.step % check_every == 0 or pos.step == steps_per_epoch or due_save:
-                nonfinite, stopping = dist.any_ranks([bool(bad), stop.signum is not None], device)
-                if nonfinite:
-                    raise TrainingError(f"loss is not finite at epoch {pos.epoch + 1}, step {pos.step} "
-                                        f"(lr {lr:g}); nothing was saved from this epoch; hint: lower --lr "
-                                        "or --warmup-epochs longer, then --resume from the last checkpoint")
-                if stopping and pos.step < steps_per_epoch:
-                    save(pos, meters)
-                    return False
-                if due_save and pos.step < steps_per_epoch:
-                    save(pos, meters)
-            if pos.step % cfg.log_every == 0:
-                progress.update(pos.step, f"loss {loss.item():.3f} lr {lr:.4g}")
-            else:
+            due_log = pos.step % cfg.log_every == 0
+            if pos.step % check_every == 0 or pos.step == steps_per_epoch or due_save or due_log:
+                with dist.sync_allowed():
+                    nonfinite, stopping = dist.any_ranks([bad, stop.signum is not None], device)
+                    if nonfinite:
+                        raise TrainingError(f"loss is not finite at epoch {pos.epoch + 1}, step {pos.step} "
+                                            f"(lr {lr:g}); nothing was saved from this epoch; hint: lower --lr "
+                                            "or --warmup-epochs longer, then --resume from the last checkpoint")
+                    if stopping and pos.step < steps_per_epoch:
+                        save(pos, meters)
+                        return False
+                    if due_save and pos.step < steps_per_epoch:
+                        save(pos, meters)
+                    if due_log:
+                        progress.update(pos.step, f"loss {loss.item():.3f} lr {lr:.4g}")
+            if not due_log:
                 progress.update(pos.step)
     finally:
         progress.close()
+        batches.close()
     return True
 
 
@@ -263,17 +294,21 @@ def build_stem_of(config: dict[str, Any]) -> str:
 
 def _state(raw: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, split: Split,
            pos: Position, meters: Meters) -> dict[str, Any]:
-    return {"model": raw.state_dict(), "optimizer": opt.state_dict(), "epoch": pos.epoch, "step": pos.step,
-            "meters": meters.global_state(split.train_x.device), "config": config_to_dict(cfg), "classes": list(split.classes),
+    # CPU tensors: the checkpoint loads with plain torch.load(path, weights_only=True) on a machine without
+    # a GPU; resuming moves the optimizer state to the parameters' device (Optimizer.load_state_dict)
+    return {"model": checkpoint.to_cpu(raw.state_dict()), "optimizer": checkpoint.to_cpu(opt.state_dict()),
+            "epoch": pos.epoch, "step": pos.step,
+            "meters": meters.global_state(split.device), "config": config_to_dict(cfg), "classes": list(split.classes),
             "mean": list(split.mean), "std": list(split.std), "data_fingerprint": split.fingerprint,
             "world_size": dist.world_size(), "hpcviz_version": __version__, "torch_version": str(torch.__version__)}
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train (or continue) the run in cfg.run_dir; returns the final evaluation, or how it stopped."""
+def train(cfg: TrainConfig, alone: bool = False) -> dict[str, Any]:
+    """Train (or continue) the run in cfg.run_dir; returns the final evaluation, or how it stopped.
+    `alone`: this process is the whole job (the debug executor), whatever launcher variables it inherited."""
     cfg.validate()
     device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    dist.init(device_type)
+    dist.init(device_type, cfg.dist_timeout_min, alone=alone)
     setup_logging()
     stop = StopRequest()
     started: list[bool] = []
@@ -296,10 +331,14 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: l
     if cfg.batch_size % dist.world_size():
         raise ConfigError(f"--batch-size {cfg.batch_size}: must be divisible by the {dist.world_size()} processes; "
                           f"hint: use {cfg.batch_size - cfg.batch_size % dist.world_size()}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     split = prepare_data(cfg, device)
-    steps_per_epoch = len(split.train_y) // cfg.batch_size
+    dist.barrier()  # the first collective waits for the slowest rank's data (long timeout) ...
+    dist.settle(cfg.collective_timeout_min)  # ... every later one may not hang for long
+    steps_per_epoch = split.train.n // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {len(split.train_y)} training images; "
+        raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {split.train.n} training images; "
                           "hint: use a smaller --batch-size or more data")
     resume = load_resume_state(cfg, len(split.classes))
     raw, model = build_for_training(cfg, len(split.classes), device)
@@ -321,9 +360,9 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: l
             checkpoint.save_checkpoint(state, run / "checkpoints")
         dist.barrier()
 
-    log.info("training %s (%s stem) on %d images of %d classes, %d steps/epoch, %d process(es) on %s",
-             cfg.arch, cfg.resolved_stem(), len(split.train_y), len(split.classes), steps_per_epoch,
-             dist.world_size(), device)
+    log.info("training %s (%s stem) on %d images of %d classes, %d steps/epoch, %d process(es); rank 0 on %s; "
+             "data placement %s", cfg.arch, cfg.resolved_stem(), split.train.n, len(split.classes), steps_per_epoch,
+             dist.world_size(), dist.describe_device(device), split.placement)
     while pos.epoch < cfg.epochs:
         t0 = time.perf_counter()
         images_before = meters.state()["n"]
@@ -346,7 +385,8 @@ def _start_run_files(cfg: TrainConfig, split: Split, device: torch.device, resum
     (run / "logs").mkdir(parents=True, exist_ok=True)
     checkpoint.update_json(run / "config.json", "train", config_to_dict(cfg))
     checkpoint.update_manifest(run, "train", status="running", host=os.uname().nodename,
-                               world_size=dist.world_size(), device=str(device), hpcviz_version=__version__,
+                               world_size=dist.world_size(), device=dist.describe_device(device),
+                               data_placement=split.placement, hpcviz_version=__version__,
                                torch_version=str(torch.__version__), dataset_fingerprint=split.fingerprint,
                                classes=list(split.classes), restarts=dist.restart_count())
     # epochs at or after the resume point will be written again: drop them so none appears twice
@@ -356,9 +396,9 @@ def _start_run_files(cfg: TrainConfig, split: Split, device: torch.device, resum
 
 def _end_epoch(cfg: TrainConfig, raw: nn.Module, split: Split, pos: Position, meters: Meters,
                train_s: float, images_before: float, opt: torch.optim.Optimizer) -> None:
-    train_loss, train_acc = meters.global_means(split.train_x.device)
-    val = evaluate(raw, split.val_x, split.val_y, split.mean, split.std, len(split.classes),
-                   cfg.eval_batch_size, cfg.amp, cfg.channels_last)
+    train_loss, train_acc = meters.global_means(split.device)
+    val = evaluate(raw, split.val, split.mean, split.std, len(split.classes), cfg.eval_batch_size, cfg.amp,
+                   cfg.channels_last)
     images = (meters.state()["n"] - images_before) * dist.world_size()
     record = {"epoch": pos.epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
               "val_acc": val["accuracy"], "lr": opt.param_groups[0]["lr"], "images_per_s": images / train_s,
@@ -372,10 +412,9 @@ def _end_epoch(cfg: TrainConfig, raw: nn.Module, split: Split, pos: Position, me
 def _final_eval(cfg: TrainConfig, raw: nn.Module, split: Split) -> dict[str, Any]:
     run = Path(cfg.run_dir)
     cl = cfg.channels_last
-    val = summarize(evaluate(raw, split.val_x, split.val_y, split.mean, split.std, len(split.classes),
+    val = summarize(evaluate(raw, split.val, split.mean, split.std, len(split.classes),
                              cfg.eval_batch_size, cfg.amp, cl), split.classes)
-    train_res = evaluate(raw, split.train_x, split.train_y, split.mean, split.std, len(split.classes),
-                         cfg.eval_batch_size, cfg.amp, cl)
+    train_res = evaluate(raw, split.train, split.mean, split.std, len(split.classes), cfg.eval_batch_size, cfg.amp, cl)
     ckpt = checkpoint.find_checkpoint(run / "checkpoints") if dist.is_main() else None
     result = {"split": "val", **val, "train_accuracy": train_res["accuracy"], "train_n": train_res["n"],
               "checkpoint": str(ckpt) if ckpt else None,

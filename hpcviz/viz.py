@@ -48,6 +48,7 @@ class VizConfig:
     prior: str = "tv"                 # tv | none (the course report's plain sum of squared errors)
     device: str = "auto"              # auto | cpu | cuda
     seed: int = 0                     # for the sample
+    fast: bool = False                # GPUs: TF32 and atomic unpooling, faster but ~1e-3 off (default exact)
 
 
 def balanced_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -101,7 +102,7 @@ def make_plan(cfg: VizConfig) -> dict[str, Any]:
     blocks, deconv, inv = resolve_request(model, cfg)
     return {"config": config_to_dict(cfg), "checkpoint": state["path"], "checkpoint_sha256": state["sha256"],
             "blocks": blocks, "deconv_blocks": deconv, "paths": list(cfg.paths), "invert_blocks": inv,
-            "invert": {"steps": cfg.invert_steps, "prior": cfg.prior},
+            "invert": {"steps": cfg.invert_steps, "prior": cfg.prior}, "fast": cfg.fast,
             "shards": plan_shards(indices, cfg.tasks), "n_images": len(indices)}
 
 
@@ -143,7 +144,7 @@ def shard_done(run_dir: str | Path, shard: int, plan: dict[str, Any]) -> bool:
         return False
     same = all(list(attrs.get(k, [])) == list(plan.get(k, [])) for k in ("blocks", "deconv_blocks", "paths",
                                                                         "invert_blocks"))
-    same = same and attrs.get("invert", {}) == plan.get("invert", {})
+    same = same and attrs.get("invert", {}) == plan.get("invert", {}) and attrs.get("fast", False) == plan.get("fast", False)
     return same and attrs.get("checkpoint_sha256") == plan["checkpoint_sha256"] and index.tolist() == list(positions)
 
 
@@ -165,6 +166,7 @@ def _root_attrs(run_dir: str, plan: dict[str, Any], state: dict[str, Any], shard
             "n_shards": len(plan["shards"]), "blocks": list(plan["blocks"]),
             "deconv_blocks": list(plan.get("deconv_blocks", [])), "paths": list(plan.get("paths", [])),
             "invert_blocks": list(plan.get("invert_blocks", [])), "invert": dict(plan.get("invert", {})),
+            "fast": bool(plan.get("fast", False)),
             "config": {"viz": plan["config"], "train": tcfg},
             "versions": {"hpcviz": __version__, "torch": str(torch.__version__), "numpy": np.__version__},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -176,7 +178,8 @@ def _write_deconv(w: "store.ShardWriter", model: torch.nn.Module, x: torch.Tenso
     if not plan.get("deconv_blocks"):
         return
     from .deconv import Deconvnet
-    recs = Deconvnet(model).reconstruct_all(x, plan["deconv_blocks"], plan["paths"])  # {(block, path): (b, 3, H, W)}
+    recs = Deconvnet(model, exact=not plan.get("fast", False)).reconstruct_all(
+        x, plan["deconv_blocks"], plan["paths"])  # {(block, path): (b, 3, H, W)}
     for (block, path), r in recs.items():
         w.write(f"deconv/{block}/{path}", start, r.float().cpu().numpy(), dims=("image", "channel", "y", "x"),
                 attrs={"block": block, "path": path, "seed": "all",
@@ -202,8 +205,8 @@ def _write_inversions(w: "store.ShardWriter", model: torch.nn.Module, x: torch.T
         return
     from .inversion import InversionConfig, invert
     cfg = plan["config"]
-    icfg = InversionConfig(prior=cfg.get("prior", "tv"), **({"steps": cfg["invert_steps"]}
-                                                           if cfg.get("invert_steps") else {}))
+    icfg = InversionConfig(prior=cfg.get("prior", "tv"), exact=not plan.get("fast", False),
+                           **({"steps": cfg["invert_steps"]} if cfg.get("invert_steps") else {}))
     out = invert(model, images=x, blocks=plan["invert_blocks"], cfg=icfg, mean=state["mean"], std=state["std"])
     for block, r in out.items():
         w.write(f"invert/{block}", start, r["x"].float().cpu().numpy(), dims=("image", "channel", "y", "x"),
@@ -216,7 +219,6 @@ def _write_inversions(w: "store.ShardWriter", model: torch.nn.Module, x: torch.T
 def run_shard(run_dir: str, shard: int) -> str:
     """One array task: write (or, if it verifies already, skip) shard `shard` of the run's plan."""
     from . import dist
-    from .data import normalize
     plan = read_plan(run_dir)
     cfg = config_from_dict(VizConfig, plan["config"])
     positions = plan["shards"][shard]
@@ -229,13 +231,28 @@ def run_shard(run_dir: str, shard: int) -> str:
         raise VizError(f"{plan['checkpoint']}: changed since the plan was made (sha256 differs); "
                        "hint: launch the visualization again")
     device = dist.pick_device(cfg.device)
+    where = dist.describe_device(device)
+    log.info("shard %d: %d images on %s (%s numerics)", shard, len(positions), where,
+             "fast" if cfg.fast else "exact")
+    checkpoint.update_json(Path(run_dir) / "manifest.json", "viz", lambda old: {
+        "devices": {**old.get("devices", {}), str(shard): where}})
+    with dist.numerics(exact=not cfg.fast):
+        return _write_shard(run_dir, shard, plan, state, cfg, device, path)
+
+
+def _write_shard(run_dir: str, shard: int, plan: dict[str, Any], state: dict[str, Any], cfg: VizConfig,
+                 device: torch.device, path: Path) -> str:
+    from . import dist
+    from .data import normalize
+    positions = plan["shards"][shard]
     model = _load_model(state, device)
     images, labels, _ = load_split(state["config"], cfg.split)
     pos = torch.as_tensor(positions, dtype=torch.int64)
     images, labels = images[pos], labels[pos]  # (n, 3, H, W) uint8, (n,)
     t0 = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with store.ShardWriter(path, len(pos), _root_attrs(run_dir, plan, state, shard),
+    attrs = {**_root_attrs(run_dir, plan, state, shard), "device": dist.describe_device(device)}
+    with store.ShardWriter(path, len(pos), attrs,
                            compression=cfg.compression or None) as w:
         w.write("index", 0, pos.numpy(), dims=("image",), attrs={"what": f"position in the {cfg.split} split"})
         w.write("images", 0, images.numpy(), dims=("image", "channel", "y", "x"),

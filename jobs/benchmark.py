@@ -10,6 +10,12 @@
   dump    MB/s of the HDF5 shard writer vs writing the same bytes raw with fsync, for each
           compression offered, and the bytes per image per block of ResNet-18 (both stems)
           and ResNet-20.
+  placement  training images/s of the host and stream data placements vs device-resident, and the
+          peak memory of a 2-process CPU job with each, against the packed file's size.
+  gpu     the GPU check: `pytest -m gpu`, then train (ResNet-18, 32 px, both stems), dump, deconv,
+          invert and the whole visualization stage on CUDA; a table and results/benchmarks/gpu.json.
+
+Every benchmark takes --device (auto = CUDA where there is one) and compares like with like on it.
 
 --data auto uses ../shared/data/cifar10-train-jpeg.tar.gz when it exists (unpacked and packed
 once into data/cifar10-train.h5), else the built-in set. Results go to results/benchmarks/.
@@ -54,6 +60,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=32)
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--repeats", type=int, default=3, help="timings per variant; medians are reported")
+    d.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the activations are computed and converted to fp16")
     i = sub.add_parser("invert", help="inversion: a batch vs one image at a time, error per block")
     i.add_argument("--run", default="", help="a trained run (default: the newest results/benchmarks/tta-resnet20-*)")
     i.add_argument("--arch", default="", help="instead of --run: an untrained model of this arch")
@@ -64,6 +72,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     i.add_argument("--single", type=int, default=2, help="images timed one at a time")
     i.add_argument("--steps", type=int, default=0, help="0 = the default iteration count")
     i.add_argument("--blocks", default="", help="default: every block")
+    i.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     i.add_argument("--out", default="results/benchmarks")
     v = sub.add_parser("deconv", help="deconvnet: every block x 3 paths vs a Captum-style baseline")
     v.add_argument("--arch", default="resnet20")
@@ -75,6 +84,21 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     v.add_argument("--out", default="results/benchmarks")
     d.add_argument("--dir", default="results/benchmarks/dump-tmp", help="where the test files are written")
     d.add_argument("--out", default="results/benchmarks")
+    pl = sub.add_parser("placement", help="host/stream vs device-resident data: throughput and memory")
+    pl.add_argument("--data", default="auto", help="a packed FILE.h5 (auto: the shared CIFAR-10, packed)")
+    pl.add_argument("--image-size", type=int, default=0, help="0 = the file's own size")
+    pl.add_argument("--arch", default="resnet20")
+    pl.add_argument("--batch-size", type=int, default=128)
+    pl.add_argument("--steps", type=int, default=20, help="timed steps per placement")
+    pl.add_argument("--memory-steps", type=int, default=5, help="steps the 2-process memory runs train")
+    pl.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    pl.add_argument("--port", type=int, default=29611)
+    pl.add_argument("--out", default="results/benchmarks")
+    g = sub.add_parser("gpu", help="the GPU check: pytest -m gpu and every benchmark on CUDA (< 8 min)")
+    g.add_argument("--data", default="auto")
+    g.add_argument("--viz-images", type=int, default=256, help="images through the whole visualization stage")
+    g.add_argument("--device", default="cuda", choices=("cuda",))
+    g.add_argument("--out", default="results/benchmarks")
     return p
 
 
@@ -139,7 +163,7 @@ def run_dump(args: argparse.Namespace) -> dict:
 
     from hpcviz.bench import block_bytes, sample_activations
     from hpcviz.store import ShardWriter
-    blocks = sample_activations(args.arch, "", args.image_size, args.batch_size)  # {block: (b, C, h, w) fp16}
+    blocks = sample_activations(args.arch, "", args.image_size, args.batch_size, device=args.device)  # {block: fp16}
     repeats = max(1, args.images // args.batch_size)
     n = repeats * args.batch_size
     total_mb = sum(a.nbytes for a in blocks.values()) * repeats / 1e6
@@ -207,7 +231,10 @@ def run_invert(args: argparse.Namespace) -> dict:
         split_x, split_y, _ = load_split(state["config"], args.split)
         pixels = split_x[torch.as_tensor(balanced_sample(split_y.numpy(), args.images, seed=0))]
         label += f", {args.split} split"
-    x = normalize(pixels, mean, std)
+    from hpcviz.dist import pick_device
+    dev = pick_device(args.device)
+    model, x = model.to(dev), normalize(pixels, mean, std).to(dev)
+    label += f", on {dev}"
     blocks = [b for b in args.blocks.split(",") if b] or block_names(model)
     r = bench_invert(model, x, mean, std, blocks, args.steps or None, args.single)
     print(f"invert {label}, {r['images']} images, {r['steps']} steps: batched {r['batched_images_per_s']:.3f} "
@@ -227,11 +254,90 @@ def run_deconv(args: argparse.Namespace) -> dict:
     return {"deconv": r}
 
 
+def run_placement(args: argparse.Namespace) -> dict:
+    from hpcviz.bench_placement import bench_placement
+    from hpcviz.store import PackedReader
+    data = resolve_data(args.data)
+    with PackedReader(data) as reader:
+        size = args.image_size or reader.shape[-1]
+    from hpcviz.config import TrainConfig
+    cfg = TrainConfig(data=data, image_size=size, arch=args.arch, batch_size=args.batch_size, device=args.device,
+                      log_every=10 ** 9)
+    r = bench_placement(cfg, args.steps, args.memory_steps, args.port)
+    t = r["throughput"]
+    print(f"placement {args.arch} at {size} px on {args.device}: device {t['device']:.0f} img/s, host {t['host']:.0f} "
+          f"({t['host_vs_device']:.2f}x), stream {t['stream']:.0f} ({t['stream_vs_device']:.2f}x)")
+    for where, m in r["memory"].items():
+        print(f"  2 ranks, {where}: peak RSS {m['peak_rss_MB'][0]:.0f} + {m['peak_rss_MB'][1]:.0f} MB, peak summed "
+              f"PSS {m['peak_pss_sum_MB']:.0f} MB + node-shared {m['peak_shared_memory_MB']:.0f} MB, "
+              f"file {m['file_MB']:.0f} MB")
+    return {"placement": r}
+
+
+def run_gpu(args: argparse.Namespace) -> dict:
+    """The GPU check: pytest -m gpu, then each benchmark on CUDA; one table, one JSON (gpu.json)."""
+    import subprocess
+
+    import torch
+    if not torch.cuda.is_available():
+        raise ValueError("benchmark gpu: no CUDA device is visible; hint: run it on a GPU node "
+                         "(srun --gpus 1 python jobs/benchmark.py gpu)")
+    t0 = time.perf_counter()
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py"], cwd=ROOT,
+                           capture_output=True, text=True)
+    summary = (tests.stdout.strip().splitlines() or ["(no output)"])[-1]
+    print(f"pytest -m gpu: {summary}")
+    ns = argparse.Namespace
+    data = resolve_data(args.data)
+    out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "pytest_gpu": summary,
+                 "pytest_gpu_ok": tests.returncode == 0, "train": {}}
+    for stem in ("cifar", "imagenet"):
+        r = run_train(ns(data=data, arch="resnet18", stem=stem, device="cuda", batch_size=512, steps=30, workers=8,
+                         compile=False, to_accuracy=False, target=0.8189, epochs=1, lr=0.2, out=args.out))
+        out["train"][stem] = r["throughput"]
+    out["dump"] = run_dump(ns(arch="resnet18", images=2048, image_size=32, batch_size=256, repeats=3,
+                              device="cuda", dir=str(Path(args.out) / "dump-tmp")))
+    out["deconv"] = run_deconv(ns(arch="resnet18", stem="cifar", batch_size=256, image_size=32, device="cuda",
+                                  repeats=3))["deconv"]
+    out["invert"] = run_invert(ns(run="", arch="resnet18", stem="cifar", data=data, split="val", images=64,
+                                  single=1, steps=0, blocks="", device="cuda"))["invert"]
+    from hpcviz.bench import bench_viz_stage
+    out["viz"] = bench_viz_stage(data, args.viz_images, Path(args.out) / "gpu-viz-run")
+    out["seconds"] = time.perf_counter() - t0
+    _print_gpu_table(out)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(f"wrote {Path(args.out) / 'gpu.json'}")
+    return {"gpu": out}
+
+
+def _print_gpu_table(out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"hpcviz GPU check on {out['device']} ({out['seconds'] / 60:.1f} min)")
+    for col in ("what", "result"):
+        t.add_column(col)
+    t.add_row("pytest -m gpu", out["pytest_gpu"])
+    for stem, r in out["train"].items():
+        t.add_row(f"train ResNet-18 {stem} stem, 32 px", f"{r['project_images_per_s']:.0f} img/s "
+                  f"({r['ratio']:.2f}x eager fp32 resident, {r['ratio_vs_dataloader']:.2f}x DataLoader)")
+    none = next(r for r in out["dump"]["writer"] if r["compression"] == "none")
+    t.add_row("dump (shard writer)", f"{none['MB_per_s']:.0f} MB/s ({none['ratio_to_raw']:.2f} of raw)")
+    t.add_row("deconv every block x 3 paths", f"{out['deconv']['ours_ms_per_image']:.2f} ms/image "
+              f"({out['deconv']['speedup']:.1f}x Captum-style)")
+    t.add_row("invert (default steps)", f"{out['invert']['batched_images_per_s']:.1f} img/s")
+    v = out["viz"]
+    t.add_row("whole viz stage (every block, 3 paths, default inversion)",
+              f"{v['images_per_s']:.1f} img/s ({v['images']} images in {v['seconds']:.0f} s)")
+    Console().print(t)
+
+
 def main(args: argparse.Namespace) -> int:
     from hpcviz.log import setup_logging
     setup_logging()
     try:
-        result = {"train": run_train, "dump": run_dump, "deconv": run_deconv, "invert": run_invert}[args.bench](args)
+        result = {"train": run_train, "dump": run_dump, "deconv": run_deconv, "invert": run_invert,
+                  "placement": run_placement, "gpu": run_gpu}[args.bench](args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1

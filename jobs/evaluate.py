@@ -22,7 +22,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--cluster", default="inline", help="inline (in this process, default) | local | slurm")
-    p.add_argument("--gpus", type=int, default=0)
+    p.add_argument("--gpus", type=int, default=None, help="with --cluster slurm|local (default: 1 where there is a GPU)")
     p.add_argument("--profile", default="")
     return p
 

@@ -27,6 +27,9 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--skip-bad", action="store_true", default=None, help="skip unreadable images (warn with a count)")
     g.add_argument("--download", action="store_true", default=None, help="cifar10: download when missing")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no crop/flip")
+    g.add_argument("--data-placement", help="auto | device | host | stream: the whole set on each device, one "
+                   "copy per node in shared memory, or read from the packed file as it trains (default auto: by size)")
+    g.add_argument("--data-workers", type=int, help="threads gathering batches ahead for host/stream (default 2)")
     g = p.add_argument_group("model")
     # no argparse `choices`: the config's own check gives a one-line error listing them
     g.add_argument("--arch", help=f"{' | '.join(ARCHS)} (default resnet18)")
@@ -53,6 +56,10 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int)
     g.add_argument("--log-every", type=int, help="steps between progress lines in logs")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints inside an epoch (0 = epoch ends)")
+    g.add_argument("--dist-timeout", dest="dist_timeout_min", type=float,
+                   help="minutes the rendezvous and the first collective may take (ranks loading data; default 30)")
+    g.add_argument("--collective-timeout", dest="collective_timeout_min", type=float,
+                   help="minutes any later collective may take before the job aborts (default 10)")
     g.add_argument("--run", help="run directory (default results/<arch>-<data>)")
     g.add_argument("--resume", nargs="?", const="auto",
                    help="continue the run's last checkpoint (or the checkpoint PATH given)")
@@ -65,7 +72,9 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cluster", default="auto",
                    help="auto | slurm | local | debug | inline (auto = slurm where sbatch exists; inline = be one "
                         "rank of srun/torchrun, as in slurm/train.sbatch)")
-    g.add_argument("--gpus", type=int, default=0, help="GPUs per node, one task each (0 = CPU)")
+    g.add_argument("--gpus", type=int, default=None,
+                   help="GPUs per node, one task each; 0 = CPU (default: 1 where there is a GPU: this machine's for "
+                        "local/debug, a GPU profile's nodes on SLURM; else 0)")
     g.add_argument("--nproc", type=int, default=1, help="CPU processes per node when --gpus 0 (gloo)")
     g.add_argument("--nodes", type=int, default=1)
     g.add_argument("--cpus-per-task", type=int, default=0)
@@ -82,7 +91,8 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
 TRAIN_KEYS = ("data", "image_size", "val_fraction", "split_seed", "skip_bad", "download", "augment", "arch", "stem", "init",
               "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "label_smoothing", "schedule",
               "warmup_epochs", "seed", "device", "amp", "channels_last", "compile", "eval_batch_size", "log_every",
-              "checkpoint_every", "resume")
+              "checkpoint_every", "resume", "data_placement", "data_workers", "dist_timeout_min",
+              "collective_timeout_min")
 
 
 def build_configs(args: argparse.Namespace):
@@ -94,8 +104,10 @@ def build_configs(args: argparse.Namespace):
                           cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time_min,
                           partition=args.partition, account=args.account, qos=args.qos,
                           constraint=args.constraint, profile=args.profile, wait=args.wait)
-    if args.gpus > 0 and cfg.device == "cpu":
+    if args.gpus and cfg.device == "cpu":
         raise SystemExit("error: --gpus with --device cpu; hint: drop one of them")
+    from hpcviz.launch import resolve_gpus
+    launch.gpus = resolve_gpus(launch, cfg.device)
     return cfg, launch
 
 

@@ -42,6 +42,8 @@ def add_viz_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument("--compression", default="", choices=("", "gzip", "lzf"), help="HDF5 filter (default none)")
     g.add_argument(opt("device"), default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument(opt("seed"), type=int, default=0, help="seed of the image sample")
+    g.add_argument("--fast", action="store_true",
+                   help="GPUs: TF32 convolutions and atomic unpooling (faster; ~1e-3 off the exact default)")
     g.add_argument("--throttle", type=int, default=0, help="at most this many array tasks at once (SLURM)")
 
 
@@ -74,7 +76,7 @@ def build_viz_config(args: argparse.Namespace, run: str, prefix: str = ""):
                      batch_size=get("batch-size"), blocks=names(args.blocks), compression=args.compression,
                      device=get("device"), seed=get("seed"), deconv_blocks=names(args.deconv_blocks),
                      paths=names(args.paths), invert_blocks=names(args.invert_blocks),
-                     invert_steps=args.invert_steps, prior=args.prior)
+                     invert_steps=args.invert_steps, prior=args.prior, fast=args.fast)
 
 
 def build_configs(args: argparse.Namespace):

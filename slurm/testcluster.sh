@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# Single-node SLURM test cluster (munge + MariaDB + slurmdbd + slurmctld + slurmd)
+# SLURM test cluster on one machine (munge + MariaDB + slurmdbd + slurmctld + slurmd)
 # for tests and CI. Usage: testcluster.sh start|stop|status|env   (see slurm/README.md)
+#
+# One compute node is this machine itself (partition `debug`, the default). Two more
+# (partition `multi`) each run their own slurmd inside a network namespace with its own
+# hostname (UTS namespace), joined to the controller by veth pairs on a private bridge,
+# so that 2-node jobs really span two hosts. HPCVIZ_SLURM_MULTINODE=0 leaves them out;
+# when they cannot come up, the single node still does and `start` says what failed.
 #
 # Everything lives under ${HPCVIZ_SLURM_DIR:-/tmp/hpcviz-slurm}; clients find it
 # through SLURM_CONF=<dir>/etc/slurm.conf (`eval "$(testcluster.sh env)"`).
@@ -19,11 +25,28 @@ DBD_PORT=$((PORT_BASE + 2)) MYSQL_PORT=$((PORT_BASE + 3))
 CLUSTER=hpcviz
 NODE=$(hostname -s)
 START_TIMEOUT=${HPCVIZ_SLURM_START_TIMEOUT:-120}
+# --- the two namespace nodes (partition multi); every name derives from the port base,
+# so that two clusters (different HPCVIZ_SLURM_DIR and HPCVIZ_SLURM_PORT_BASE) can coexist.
+MULTI=${HPCVIZ_SLURM_MULTINODE:-1}
+MULTI_PARTITION=multi
+if [[ $PORT_BASE == 6817 ]]; then MN_PREFIX=hpcviz; else MN_PREFIX=hpcviz$PORT_BASE; fi
+MN_NODES=("$MN_PREFIX-n1" "$MN_PREFIX-n2")        # node = network namespace = hostname inside it
+SUBNET=${HPCVIZ_SLURM_SUBNET:-10.201.$((PORT_BASE % 256))}  # a private /24, never routed anywhere
+BRIDGE=hvbr$PORT_BASE                             # interface names: at most 15 characters
+BRIDGE_IP=$SUBNET.1                               # slurmctld's address for everybody when multi is on
+mn_ip() { echo "$SUBNET.$(($1 + 2))"; }           # node i (0, 1) -> .2, .3
+mn_veth() { echo "hv${PORT_BASE}n$(($1 + 1))"; }  # root end of node i's veth pair (the other is eth0)
+HOSTS_MARK="# hpcviz-testcluster dir=$DIR port=$PORT_BASE"   # our /etc/hosts lines end with this
+MULTI_STATE=$DIR/run/multinode                    # "on", or "off" + why; written by start
+MN_ERR=""                                         # what failed, for the messages
+MN_TIMEOUT=${HPCVIZ_SLURM_MULTINODE_TIMEOUT:-60}
 # Started daemons carry this variable; `stop` uses it to find their leftovers
 # (e.g. slurmstepd forked by our slurmd), so it never has to match on names.
 OWNER_MARK="HPCVIZ_TESTCLUSTER_OWNER=$DIR"
-# Start order; stop goes the other way. Names are also what /proc/PID/comm says.
+# Start order; stop goes the other way. Names are also what /proc/PID/comm says
+# (slurmd@NODE: the slurmd of namespace node NODE).
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+MN_DAEMONS=(); for _n in "${MN_NODES[@]}"; do MN_DAEMONS+=("slurmd@$_n"); done
 
 export SLURM_CONF=$CONF
 log() { echo "testcluster: $*" >&2; }
@@ -70,7 +93,16 @@ ensure_packages() {
 }
 
 # --- pids -------------------------------------------------------------------
-pidfile() { echo "$DIR/run/$1.pid"; }
+# slurm.conf names the slurmd files with %n (the node name), so that the three slurmds differ.
+pidfile() {
+    case $1 in
+        slurmd) echo "$DIR/run/slurmd-$NODE.pid" ;;
+        slurmd@*) echo "$DIR/run/slurmd-${1#slurmd@}.pid" ;;
+        *) echo "$DIR/run/$1.pid" ;;
+    esac
+}
+# Where an older testcluster.sh (single node only) kept the slurmd pid: still honoured by stop.
+legacy_pidfile() { [[ $1 == slurmd ]] && echo "$DIR/run/slurmd.pid"; }
 # True if process $1 exists and is not a zombie (pid 1 here may be slow to reap).
 running() {
     local st; st=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
@@ -78,16 +110,19 @@ running() {
 }
 # Prints the pid of daemon $1 if its pid file names a live process with that name.
 alive_pid() {
-    local f pid; f=$(pidfile "$1")
-    [[ -s $f ]] || return 1
-    pid=$(tr -dc 0-9 <"$f"); [[ -n $pid ]] || return 1
-    running "$pid" && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$1"* ]] || return 1
-    echo "$pid"
+    local f pid
+    for f in $(pidfile "$1") $(legacy_pidfile "$1"); do
+        [[ -s $f ]] || continue
+        pid=$(tr -dc 0-9 <"$f"); [[ -n $pid ]] || continue
+        running "$pid" && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "${1%%@*}"* ]] || continue
+        echo "$pid"; return 0
+    done
+    return 1
 }
 all_alive() { local d; for d in "${DAEMONS[@]}"; do alive_pid "$d" >/dev/null || return 1; done; }
 sinfo_ok() { timeout 10 sinfo -h >/dev/null 2>&1; }
 sacct_ok() { timeout 10 sacct -n -X -S now >/dev/null 2>&1; }
-node_state() { timeout 10 sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1; }
+node_state() { timeout 10 sinfo -h -N -n "${1:-$NODE}" -o %T 2>/dev/null | head -n1; }
 
 # wait_for SECONDS WHAT CMD...: poll CMD until it succeeds, or fail pointing at the logs.
 wait_for() {
@@ -112,16 +147,27 @@ write_configs() {
     # Every fresh start is a clean cluster: no jobs recovered from a previous
     # (maybe killed) run, job ids from 1. The accounting database is emptied too.
     rm -rf "$DIR/spool"
-    mkdir -p "$DIR"/{etc,run,log,munge,mysql/data,spool/slurmctld,spool/slurmd}
+    mkdir -p "$DIR"/{etc,run,log,munge,mysql/data,spool/slurmctld}
     chmod 711 "$DIR/munge"   # munged wants the socket reachable by all users
     if [[ ! -s $DIR/munge/munge.key ]]; then
         dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
     fi
     chmod 400 "$DIR/munge/munge.key"
+    # With the namespace nodes, slurmctld must be reachable from inside them: its address is
+    # then the bridge's (also local here). Without them, loopback as before.
+    local ctld_addr=127.0.0.1 mn_conf="" i
+    if [[ $MN_ON == 1 ]]; then
+        ctld_addr=$BRIDGE_IP
+        mn_conf="# The two namespace nodes (own network namespace, hostname and slurmd each), not in the default partition."
+        for i in 0 1; do
+            mn_conf+=$'\n'"NodeName=${MN_NODES[i]} NodeAddr=$(mn_ip "$i") CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=8000 State=UNKNOWN"
+        done
+        mn_conf+=$'\n'"PartitionName=$MULTI_PARTITION Nodes=${MN_NODES[0]},${MN_NODES[1]} Default=NO MaxTime=INFINITE State=UP"
+    fi
     cat >"$CONF" <<EOF
 # Generated by slurm/testcluster.sh -- edits are overwritten on the next start.
 ClusterName=$CLUSTER
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$NODE($ctld_addr)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=$CTLD_PORT
@@ -131,11 +177,12 @@ AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$DIR/spool/slurmctld
-SlurmdSpoolDir=$DIR/spool/slurmd
+# %n = the node name: each slurmd (this machine's, and one per namespace node) has its own.
+SlurmdSpoolDir=$DIR/spool/slurmd-%n
 SlurmctldPidFile=$(pidfile slurmctld)
-SlurmdPidFile=$(pidfile slurmd)
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # No usable cgroups in the container: track processes by parentage, no binding.
@@ -169,6 +216,7 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=8 Boards=1 SocketsPerBoard=1 CoresPerSocket=8 ThreadsPerCore=1 RealMemory=16000 State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$mn_conf
 EOF
     cat >"$DBDCONF" <<EOF
 # Generated by slurm/testcluster.sh
@@ -189,6 +237,190 @@ StorageLoc=slurm_acct_db
 EOF
     chmod 600 "$DBDCONF"   # slurmdbd refuses a config readable by others
     printf 'export SLURM_CONF=%s\nexport HPCVIZ_SLURM_DIR=%s\n' "$CONF" "$DIR" >"$DIR/env"
+}
+
+# --- the two namespace nodes (partition multi) ---------------------------------
+# Each is a network namespace named like the node, with one end of a veth pair (eth0,
+# $SUBNET.2/.3) whose other end hangs on the bridge $BRIDGE ($SUBNET.1) here; its slurmd
+# runs in a UTS namespace whose hostname is the node name. Names resolve through marked
+# /etc/hosts lines. Nothing is routed: each namespace knows only its /24.
+
+# mn_run CMD...: run one setup command; on failure remember exactly what failed and why.
+mn_run() {
+    local out rc=0
+    out=$("$@" 2>&1) || rc=$?
+    ((rc == 0)) && return 0
+    MN_ERR="\`$*\` failed (exit $rc): ${out:-no message}"
+    return 1
+}
+
+mn_tools() {
+    if ! command -v ip >/dev/null; then
+        if command -v apt-get >/dev/null; then
+            log "installing iproute2 for the namespace nodes (log: $DIR/log/apt.log)"
+            { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends iproute2; } \
+                >>"$DIR/log/apt.log" 2>&1 || true
+        fi
+        command -v ip >/dev/null || { MN_ERR="no \`ip\` command (Debian package iproute2), and installing it with apt-get failed or apt-get is missing (see $DIR/log/apt.log)"; return 1; }
+    fi
+    command -v unshare >/dev/null || { MN_ERR="no \`unshare\` command (util-linux)"; return 1; }
+    command -v nsenter >/dev/null || { MN_ERR="no \`nsenter\` command (util-linux)"; return 1; }
+    command -v flock >/dev/null || { MN_ERR="no \`flock\` command (util-linux)"; return 1; }
+}
+
+# The subnet must be ours alone: no address in it and no route into it on another interface.
+mn_subnet_free() {
+    local taken
+    taken=$(ip -4 -o addr show 2>/dev/null | awk -v br="$BRIDGE" -v p="$SUBNET." '$2 != br && index($4, p) == 1 { printf "%s on %s; ", $4, $2 }')
+    taken+=$(ip -4 route show root "$SUBNET.0/24" 2>/dev/null | grep -v " dev $BRIDGE " | sed 's/ *$//' | paste -sd ";" || true)
+    [[ -z $taken ]] && return 0
+    MN_ERR="subnet $SUBNET.0/24 is already in use here ($taken); set HPCVIZ_SLURM_SUBNET=10.201.N (another N)"
+    return 1
+}
+
+mn_netns_exists() { ip netns list 2>/dev/null | awk '{ print $1 }' | grep -qxF "$1"; }
+
+# hosts_edit add|remove: our marked lines of /etc/hosts (and only those), under a lock; the file
+# is rewritten in place (it may be a bind mount), and only when it changes.
+hosts_edit() {
+    local tmp="$DIR/run/hosts.new" i
+    [[ -w /etc/hosts ]] || { MN_ERR="/etc/hosts is not writable"; return 1; }
+    mkdir -p "$DIR/run"
+    (
+        flock -w 20 9 || { echo "could not lock /etc/hosts within 20 s" >&2; exit 1; }
+        awk -v m="$HOSTS_MARK" '{ i = index($0, "#"); if (i && substr($0, i) == m) next; print }' /etc/hosts >"$tmp"
+        if [[ $1 == add ]]; then
+            for i in 0 1; do printf '%s\t%s\t%s\n' "$(mn_ip "$i")" "${MN_NODES[i]}" "$HOSTS_MARK" >>"$tmp"; done
+        fi
+        cmp -s "$tmp" /etc/hosts || cat "$tmp" >/etc/hosts
+        rm -f "$tmp"
+    ) 9</etc/hosts || { MN_ERR="editing /etc/hosts failed"; return 1; }
+}
+
+mn_net_up() {
+    local i ns veth got
+    mn_tools && mn_subnet_free || return 1
+    mn_net_down
+    mn_run ip link add "$BRIDGE" type bridge || return 1
+    mn_run ip addr add "$BRIDGE_IP/24" dev "$BRIDGE" || return 1
+    mn_run ip link set "$BRIDGE" up || return 1
+    for i in 0 1; do
+        ns=${MN_NODES[i]} veth=$(mn_veth "$i")
+        mn_run ip netns add "$ns" || return 1
+        mn_run ip link add "$veth" type veth peer name eth0 netns "$ns" || return 1
+        mn_run ip link set "$veth" master "$BRIDGE" || return 1
+        mn_run ip link set "$veth" up || return 1
+        mn_run ip -n "$ns" link set lo up || return 1
+        mn_run ip -n "$ns" addr add "$(mn_ip "$i")/24" dev eth0 || return 1
+        mn_run ip -n "$ns" link set eth0 up || return 1
+    done
+    hosts_edit add || return 1
+    for i in 0 1; do
+        got=$(getent hosts "${MN_NODES[i]}" | awk '{ print $1; exit }')
+        [[ $got == "$(mn_ip "$i")" ]] || { MN_ERR="${MN_NODES[i]} resolves to '${got:-nothing}', not $(mn_ip "$i") (check /etc/nsswitch.conf and /etc/hosts)"; return 1; }
+    done
+}
+
+# Remove what mn_net_up made (by our names only): processes left in our namespaces (by pid),
+# the namespaces (their veth ends go with them), the root veth ends, the bridge, the hosts lines.
+mn_net_down() {
+    local i ns veth pids
+    if command -v ip >/dev/null; then
+        for i in 0 1; do
+            ns=${MN_NODES[i]} veth=$(mn_veth "$i")
+            if mn_netns_exists "$ns"; then
+                pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ' || true)
+                if [[ -n ${pids// /} ]]; then
+                    log "ending processes still in namespace $ns: $pids"
+                    # shellcheck disable=SC2086
+                    term_wait 5 $pids
+                fi
+                ip netns del "$ns" 2>/dev/null || log "warning: \`ip netns del $ns\` failed"
+            fi
+            if ip link show "$veth" >/dev/null 2>&1; then ip link del "$veth" 2>/dev/null || log "warning: \`ip link del $veth\` failed"; fi
+        done
+        if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE" 2>/dev/null || log "warning: \`ip link del $BRIDGE\` failed"; fi
+    fi
+    if grep -qF -- "$HOSTS_MARK" /etc/hosts 2>/dev/null; then hosts_edit remove || log "warning: could not remove our lines from /etc/hosts"; fi
+}
+
+# Each namespace node's slurmd: own netns, own hostname, own spool/log/pid file (slurm.conf's %n).
+mn_launch() {
+    local n
+    for n in "${MN_NODES[@]}"; do
+        mkdir -p "$DIR/spool/slurmd-$n"
+        # nsenter, not `ip netns exec`: that mounts a fresh /sys without /sys/fs/cgroup, and
+        # slurmd 22.05 then dies in its cgroup plugin init even with proctrack/linuxproc.
+        env "$OWNER_MARK" SLURM_CONF="$CONF" setsid nsenter --net="/run/netns/$n" unshare --uts \
+            sh -c 'echo "$1" >/proc/sys/kernel/hostname && exec slurmd -f "$2" -N "$1"' sh "$n" "$CONF" \
+            </dev/null >>"$DIR/log/slurmd-$n.out" 2>&1 &
+    done
+}
+
+# Wait for the namespace nodes to be idle; on a timeout say, per node, what is wrong.
+mn_wait() {
+    local t0=$SECONDS end=$((SECONDS + MN_TIMEOUT)) n last dead
+    until nodes_idle "${MN_NODES[@]}"; do
+        dead=0  # a slurmd writes its pid file once it has daemonized: give it a few seconds
+        if ((SECONDS >= t0 + 8)); then
+            for n in "${MN_NODES[@]}"; do alive_pid "slurmd@$n" >/dev/null || dead=1; done
+        fi
+        if ((SECONDS >= end || dead)); then
+            MN_ERR="the nodes did not become idle (after $((SECONDS - t0))s):"
+            for n in "${MN_NODES[@]}"; do
+                last=$(grep -hE "error|fatal" "$DIR/log/slurmd-$n.log" "$DIR/log/slurmd-$n.out" 2>/dev/null | tail -n1 || true)
+                MN_ERR+=" $n is $(node_state "$n" || true), its slurmd is $(alive_pid "slurmd@$n" >/dev/null && echo running || echo NOT running)${last:+, last error: $last};"
+            done
+            MN_ERR+=" logs: $DIR/log/slurmd-${MN_PREFIX}-n{1,2}.{log,out}"
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
+conf_has_mn() { grep -q "^PartitionName=$MULTI_PARTITION " "$CONF" 2>/dev/null; }
+multi_state() { head -n1 "$MULTI_STATE" 2>/dev/null || true; }
+multi_reason() { sed -n 2p "$MULTI_STATE" 2>/dev/null || true; }
+
+# mn_off failed|disabled: record that the namespace nodes are not part of this cluster, and why.
+mn_off() {
+    MN_ON=0
+    mkdir -p "$DIR/run"
+    printf 'off %s\n%s\n' "$1" "$MN_ERR" >"$MULTI_STATE"
+    [[ $1 == failed ]] && log "WARNING: the 2 namespace nodes (partition $MULTI_PARTITION) are NOT up: $MN_ERR -- the single node (partition debug) is unaffected"
+    return 0
+}
+
+# Everything of the namespace part there and answering?  Sets MN_ERR when not.
+mn_healthy() {
+    local i n s
+    MN_ERR=""
+    for i in 0 1; do
+        n=${MN_NODES[i]}
+        mn_netns_exists "$n" || { MN_ERR+="namespace $n missing; "; continue; }
+        alive_pid "slurmd@$n" >/dev/null || MN_ERR+="slurmd of $n not running; "
+        [[ $(getent hosts "$n" | awk '{ print $1; exit }') == "$(mn_ip "$i")" ]] || MN_ERR+="$n does not resolve to $(mn_ip "$i"); "
+        s=$(node_state "$n")
+        case $s in down* | drain* | fail* | *'*' | "") MN_ERR+="$n is ${s:-unknown to sinfo}; " ;; esac
+    done
+    ip link show "$BRIDGE" 2>/dev/null | grep -q "state UP" || MN_ERR+="bridge $BRIDGE missing or down; "
+    MN_ERR=${MN_ERR%; }
+    [[ -z $MN_ERR ]]
+}
+
+# Bring the namespace part up again under a running controller whose slurm.conf has it.
+mn_repair() {
+    local d pids=()
+    for d in "${MN_DAEMONS[@]}"; do
+        if pid=$(alive_pid "$d"); then pids+=("$pid"); fi
+    done
+    term_wait 15 "${pids[@]}"
+    MN_ON=1
+    if mn_net_up; then
+        mn_launch
+        mn_wait && { printf 'on\n\n' >"$MULTI_STATE"; return 0; }
+    fi
+    mn_off failed
 }
 
 # --- daemons ----------------------------------------------------------------
@@ -226,39 +458,97 @@ start_slurmdbd() {
     cluster_registered || timeout 20 sacctmgr -i add cluster "$CLUSTER" >/dev/null || die "sacctmgr add cluster $CLUSTER failed"
 }
 
-node_idle() {
-    local s; s=$(node_state)
-    case $s in
-        idle) return 0 ;;
-        down* | drain* | *drain) timeout 10 scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true ;;
+# nodes_idle NODE...: all idle; down/drained ones are told to resume.
+nodes_idle() {
+    local n s all=0
+    for n in "$@"; do
+        s=$(node_state "$n")
+        case $s in
+            idle) ;;
+            down* | drain* | *drain) timeout 10 scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true; all=1 ;;
+            *) all=1 ;;
+        esac
+    done
+    return $all
+}
+node_idle() { nodes_idle "$NODE"; }
+
+mn_summary() {
+    case $(multi_state) in
+        on) echo "partition $MULTI_PARTITION: ${MN_NODES[0]} ($(mn_ip 0)) and ${MN_NODES[1]} ($(mn_ip 1)) in their own network namespaces" ;;
+        "off disabled") echo "partition $MULTI_PARTITION: off (HPCVIZ_SLURM_MULTINODE=0)" ;;
+        off*) echo "partition $MULTI_PARTITION: NOT up ($(multi_reason))$(conf_has_mn || echo "; \`$0 stop\` then \`$0 start\` tries again")" ;;
+        *) echo "partition $MULTI_PARTITION: none (started by an older testcluster.sh)" ;;
     esac
-    return 1
 }
 
 start_cluster() {
-    local t0=$SECONDS d p
+    local t0=$SECONDS d p state
+    MN_ON=0
     if all_alive && sinfo_ok; then
-        log "already running under $DIR (reused, $((SECONDS - t0))s)"
+        state=$(multi_state)
+        local repair=0
+        if [[ $MULTI == 1 && $state == on ]]; then
+            mn_healthy || repair=1
+        elif [[ $MULTI == 1 && $state == "off failed" ]] && conf_has_mn; then
+            repair=1 MN_ERR=$(multi_reason)   # they failed after slurm.conf had them: no restart needed
+        fi
+        if ((repair)); then
+            log "running under $DIR, but the namespace nodes are not all there ($MN_ERR); bringing them up again"
+            mn_repair
+            log "reused in $((SECONDS - t0))s; $(mn_summary)"
+            return 0
+        fi
+        if [[ $MULTI == 1 && -z $state ]]; then  # an older testcluster.sh: its slurm.conf has no namespace nodes
+            # never restarted behind its user's back (a fresh start empties the cluster)
+            log "WARNING: the cluster under $DIR was started by an older testcluster.sh and has no partition $MULTI_PARTITION; left as it is (reused); run \`$0 stop\` then \`$0 start\` to get the namespace nodes"
+        else
+            log "already running under $DIR (reused, $((SECONDS - t0))s); $(mn_summary)"
+        fi
         return 0
     fi
     ensure_packages
-    for d in "${DAEMONS[@]}"; do
+    for d in "${DAEMONS[@]}" "${MN_DAEMONS[@]}"; do
         if alive_pid "$d" >/dev/null; then log "a previous start is half up; stopping it first"; stop_cluster; break; fi
     done
     for p in "$CTLD_PORT" "$SLURMD_PORT" "$DBD_PORT" "$MYSQL_PORT"; do
         tcp_open "$p" && die "port $p on 127.0.0.1 is taken (another cluster running? stop it, or set HPCVIZ_SLURM_PORT_BASE)"
     done
-    write_configs
+    mkdir -p "$DIR"/{run,log}
+    local t_mn; t_mn=$(date +%s%N)
+    if [[ $MULTI == 1 ]]; then
+        MN_ON=1
+        if ! mn_net_up; then
+            local why=$MN_ERR
+            mn_net_down
+            MN_ERR=$why
+            MN_ON=0
+        fi
+    else
+        mn_net_down
+    fi
+    t_mn=$((($(date +%s%N) - t_mn) / 1000000))
+    write_configs   # with the namespace nodes only if their network is up (MN_ON)
+    if [[ $MULTI != 1 ]]; then MN_ERR="disabled"; mn_off disabled
+    elif [[ $MN_ON != 1 ]]; then mn_off failed
+    fi
     start_munged
     start_mariadb
     start_slurmdbd
     launch slurmctld slurmctld -f "$CONF"
     wait_for 60 slurmctld sinfo_ok
+    local t_ctld=$SECONDS
+    mkdir -p "$DIR/spool/slurmd-$NODE"
     launch slurmd slurmd -f "$CONF"
+    [[ $MN_ON == 1 ]] && mn_launch
     wait_for "$START_TIMEOUT" "node $NODE to become idle" node_idle
+    if [[ $MN_ON == 1 ]]; then
+        if mn_wait; then printf 'on\n\n' >"$MULTI_STATE"; else mn_off failed; fi
+        log "namespace nodes: network set up in ${t_mn} ms, both nodes idle $((SECONDS - t_ctld))s after slurmctld answered"
+    fi
     wait_for 60 "sacct to answer" sacct_ok
     all_alive || die "a daemon died during start; logs are in $DIR/log/"
-    log "up in $((SECONDS - t0))s: slurm $(sinfo -V | awk '{print $2}'), node $NODE, partition debug, state in $DIR"
+    log "up in $((SECONDS - t0))s: slurm $(sinfo -V | awk '{print $2}'), node $NODE in partition debug, $(mn_summary); state in $DIR"
 }
 
 # --- stop ---------------------------------------------------------------------
@@ -322,7 +612,7 @@ stop_cluster() {
     fi
     # slurmctld still queues its last records for slurmdbd in its state dir, so
     # the slurm daemons may stop together; then the database, then munge.
-    stop_group slurmd slurmctld
+    stop_group slurmd "${MN_DAEMONS[@]}" slurmctld
     stop_group slurmdbd
     stop_group mariadbd munged
     local left; left=$(leftover_pids | tr '\n' ' ')
@@ -331,19 +621,41 @@ stop_cluster() {
         # shellcheck disable=SC2086
         term_wait 5 $left
     fi
+    mn_net_down   # namespaces, veths, bridge, /etc/hosts lines (ours only)
+    rm -f "$MULTI_STATE"
     log "stopped (logs kept in $DIR/log; the next start begins with an empty cluster)"
 }
 
+# Exit 0: all up (the namespace nodes too, unless disabled); 1: the cluster is not up;
+# 3: the cluster is up but its namespace nodes (partition multi) are not.
 status_cluster() {
-    local d pid ok=0
+    local d pid ok=0 i n state
     for d in "${DAEMONS[@]}"; do
         if pid=$(alive_pid "$d"); then printf '  %-10s pid %s\n' "$d" "$pid"; else printf '  %-10s DOWN\n' "$d"; ok=1; fi
     done
     if ((ok == 0)) && sinfo_ok; then
         printf '  node %s: %s; jobs in queue: %s; sacct: %s\n' "$NODE" "$(node_state)" \
             "$(timeout 10 squeue -h | wc -l)" "$(sacct_ok && echo ok || echo NOT answering)"
-        echo "testcluster: UP ($DIR)"
-        return 0
+        state=$(multi_state)
+        if [[ $state == on ]]; then
+            for i in 0 1; do
+                n=${MN_NODES[i]}
+                printf '  node %s (%s, netns %s): %s; slurmd %s\n' "$n" "$(mn_ip "$i")" \
+                    "$(mn_netns_exists "$n" && echo present || echo MISSING)" "$(node_state "$n")" \
+                    "$(pid=$(alive_pid "slurmd@$n") && echo "pid $pid" || echo DOWN)"
+            done
+            if mn_healthy; then
+                echo "  $(mn_summary): UP (bridge $BRIDGE $BRIDGE_IP/24)"
+            else
+                echo "  partition $MULTI_PARTITION: BROKEN: $MN_ERR (\`$0 start\` brings the namespace nodes up again)"
+                ok=3
+            fi
+        else
+            echo "  $(mn_summary)"
+            [[ $state == "off disabled" ]] || ok=3
+        fi
+        echo "testcluster: UP ($DIR)$( ((ok == 3)) && echo ", without its namespace nodes")"
+        return "$ok"
     fi
     echo "testcluster: NOT up ($DIR)"
     return 1

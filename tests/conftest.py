@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,21 @@ def slurm_available() -> tuple[bool, str]:
     if r.returncode != 0:
         return False, f"no SLURM cluster answers ({r.stderr.strip()[:120]}); start one: bash slurm/testcluster.sh start"
     return True, ""
+
+
+def scontrol_field(job_id: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    m = re.search(rf"\b{field}=(\S+)", out)
+    return m.group(1) if m else ""
+
+
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.1) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 _SLURM: tuple[bool, str] | None = None

@@ -7,7 +7,8 @@ def test_train_throughput_reports_both_loops_and_the_ratio(tmp_path):
     out = bench_train_throughput(cfg, steps=50, workers=0)  # clamped to what the 90 images allow
     assert out["steps"] == 90 // 16 - 3
     assert out["project_images_per_s"] > 0 and out["plain_images_per_s"] > 0
-    assert out["ratio"] == out["project_images_per_s"] / out["plain_images_per_s"]
+    assert out["ratio"] == out["project_images_per_s"] / out["plain_images_per_s"]  # CPU: vs the DataLoader loop
+    assert out["eager_resident_images_per_s"] > 0 and out["placement"] == "device"
 
 
 def test_time_to_accuracy_reads_the_epoch_that_reached_the_target(tmp_path):

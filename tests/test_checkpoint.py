@@ -116,3 +116,12 @@ def test_bad_json_and_a_cut_short_metrics_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')
     with pytest.raises(checkpoint.CheckpointError, match="line 2 is not JSON"):
         checkpoint.read_metrics(tmp_path)
+
+
+def test_to_cpu_reaches_every_tensor_of_nested_state():
+    from hpcviz.checkpoint import to_cpu
+    t = torch.ones(2, requires_grad=True)
+    out = to_cpu({"model": {"w": t}, "optimizer": {"state": {0: {"momentum_buffer": t}}, "groups": [{"lr": 0.1}]},
+                  "pair": (t, 3)})
+    assert out["model"]["w"].device.type == "cpu" and not out["model"]["w"].requires_grad
+    assert isinstance(out["pair"], tuple) and out["pair"][1] == 3 and out["optimizer"]["groups"] == [{"lr": 0.1}]

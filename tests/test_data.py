@@ -139,6 +139,62 @@ def test_corrupt_file_error_and_skip_bad(tmp_path):
     assert "broken.jpg" in warnings[0] and "text.png" in warnings[0]
 
 
+def write_mixed_folder(root: Path) -> list[Path]:
+    """The write_image_folder set plus photos of other sizes (some already 6x6) and two unreadable files."""
+    write_image_folder(root)
+    rng = np.random.default_rng(2)
+    for i, (h, w) in enumerate([(12, 10), (6, 6), (30, 17), (12, 10), (6, 6)]):
+        cls = ("ant", "cat")[i % 2]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / cls / f"x{i}.png")
+    bad = [root / "cat" / "broken.jpg", root / "ant" / "text.png"]
+    bad[0].write_bytes((root / "cat" / "img2.jpg").read_bytes()[:60])  # truncated JPEG
+    bad[1].write_text("hello")
+    return bad
+
+
+@pytest.mark.parametrize("batch,stream_bytes", [(256, None), (2, None), (3, 300)])
+def test_image_folder_stream_same_pixels_as_load_images(tmp_path, monkeypatch, batch, stream_bytes):
+    """Batches (and resize flushes) cut anywhere give the same set as load_images, bit for bit."""
+    import hpcviz.data as data
+    write_mixed_folder(tmp_path)
+    if stream_bytes:  # tiny byte bounds: a batch ends early, pending resizes flush after ~every image
+        monkeypatch.setattr(data, "_STREAM_BYTES", stream_bytes)
+    whole = load_images(str(tmp_path), image_size=6, skip_bad=True)
+    stream = data.ImageFolderStream(str(tmp_path), 6, skip_bad=True, batch=batch)
+    assert stream.classes == whole.classes and stream.n_files == 13
+    got = list(stream)
+    assert all(images.shape[0] <= batch and images.dtype == torch.uint8 and labels.dtype == torch.int64
+               for images, labels in got)
+    assert len(got) > 1 or batch == 256
+    images, labels = torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
+    assert images.shape == (11, 3, 6, 6) and torch.equal(images, whole.images) and torch.equal(labels, whole.labels)
+    assert stream.files_done == 13 and stream.n_images == 11 and len(stream.skipped) == 2
+    assert fingerprint(ImageSet(images, labels, stream.classes, "x")) == fingerprint(whole)
+
+
+def test_image_folder_stream_errors(tmp_path):
+    import hpcviz.data as data
+    bad = write_mixed_folder(tmp_path / "a")
+    with pytest.raises(DataError) as e:  # unreadable file: the same message as load_images
+        list(data.ImageFolderStream(str(tmp_path / "a"), 6))
+    assert "text.png" in one_line(e) and "pass --skip-bad" in str(e.value)
+    for path in bad:
+        path.unlink()
+    with pytest.raises(DataError) as e:  # mixed sizes without image_size: found on the fly, both files named
+        list(data.ImageFolderStream(str(tmp_path / "a"), batch=2))
+    msg = one_line(e)
+    assert "different sizes" in msg and "(8, 8)" in msg and "(12, 10)" in msg and "x0.png" in msg
+    assert "--image-size S" in msg and DATA_FORMS in msg
+    (tmp_path / "b" / "cat").mkdir(parents=True)
+    (tmp_path / "b" / "cat" / "x.png").write_text("not a png")
+    with pytest.raises(DataError, match="no readable images"):
+        list(data.ImageFolderStream(str(tmp_path / "b"), skip_bad=True))
+    for spec, size, expect in [(str(tmp_path / "a"), 0, "positive integer"),
+                               (str(tmp_path / "c"), 4, "no such directory")]:
+        with pytest.raises(DataError, match=expect):  # bad size, no folder: before decoding anything
+            data.ImageFolderStream(spec, size)
+
+
 @pytest.mark.parametrize("layout,expect", [
     ("missing", "no such directory"),
     ("empty", "no class subfolders"),

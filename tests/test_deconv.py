@@ -343,3 +343,22 @@ def test_train_mode_flag_is_ignored_and_untouched():
     assert m.training  # not switched
     _, ref = dump_activations(m.eval(), x)
     torch.testing.assert_close(acts["layer3.2"], ref["layer3.2"])
+
+
+def test_deterministic_unpool_equals_the_scatter_add():
+    """The exact unpooling (classes of non-overlapping 3x3/2 windows, one plain scatter each) is the same
+    sum as one scatter-add, in a fixed order."""
+    from hpcviz.deconv import _MaxPool, max_pool, overlap, unpool
+    pool = torch.nn.MaxPool2d(3, 2, 1)
+    assert overlap(pool) == (2, 2) and overlap(torch.nn.MaxPool2d(2, 2)) == (1, 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, 11, generator=g)
+    out, idx = torch.nn.functional.max_pool2d(x, 3, 2, 1, return_indices=True)
+    sig = torch.randn(out.shape, generator=g)
+    assert torch.allclose(unpool(sig, idx, x.shape, overlap(pool)), unpool(sig, idx, x.shape), atol=1e-6)
+    # the deterministic max-pool backward equals autograd's
+    a = x.clone().requires_grad_(True)
+    (max_pool(a, pool, exact=True) * sig).sum().backward()
+    b = x.clone().requires_grad_(True)
+    (torch.nn.functional.max_pool2d(b, 3, 2, 1) * sig).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-6) and _MaxPool is not None

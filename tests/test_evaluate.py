@@ -17,7 +17,9 @@ def test_evaluate_matches_a_hand_count():
     g = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (11, 3, 8, 8), dtype=torch.uint8, generator=g)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1])
-    res = evaluate(model, images, labels, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), 3, batch_size=4)
+    from hpcviz.placement import feed_tensors
+    res = evaluate(model, feed_tensors(images, labels, torch.device("cpu")), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), 3,
+                   batch_size=4)
     x = (images.float() / 255 - torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
     with torch.no_grad():
         pred = model(x).argmax(1)
@@ -55,3 +57,17 @@ def test_evaluate_job_writes_eval_json(tmp_path, tiny_cfg):
     bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--run", cfg.run_dir, "--data",
                           str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no such directory" in bad.stderr
+
+
+def test_amp_auto_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    """V100/T4: torch.cuda.is_bf16_supported() is True by default (it counts emulation), and slow."""
+    from contextlib import nullcontext
+
+    def supported(including_emulation: bool = True) -> bool:
+        return including_emulation  # an emulating GPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    cuda = torch.device("cuda", 0)
+    assert isinstance(autocast_for(cuda, "auto"), nullcontext)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere+
+    assert isinstance(autocast_for(cuda, "auto"), torch.autocast)
+    assert isinstance(autocast_for(cuda, "off"), nullcontext)

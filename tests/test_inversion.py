@@ -1,4 +1,5 @@
 """Feature inversion: the priors by hand, convergence on a tiny network, batching, divergence."""
+import copy
 import math
 
 import pytest
@@ -84,8 +85,11 @@ def test_prior_none_reaches_small_error(net):
 
 
 def test_batched_equals_one_at_a_time_and_deterministic(net):
+    # float64: in float32 oneDNN picks other kernels for a batch of 1 than of 3 on some CPUs, and 15
+    # non-convex steps amplify their last-bit differences past any tight tolerance (seen: 2e-3)
+    net = copy.deepcopy(net).double()
     cfg = InversionConfig(steps=15, jitter=1)
-    x = images(3)
+    x = images(3).double()
     blocks = ["conv1", "layer2.0"]
     batched = invert(net, images=x, blocks=blocks, cfg=cfg, mean=MEAN, std=STD)
     again = invert(net, images=x, blocks=blocks, cfg=cfg, mean=MEAN, std=STD)

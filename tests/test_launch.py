@@ -6,6 +6,7 @@ import pytest
 
 from hpcviz import checkpoint
 from hpcviz.config import LaunchConfig
+from hpcviz import launch as launch_mod
 from hpcviz.launch import LaunchError, _slurm_params, read_profile
 
 from conftest import ROOT
@@ -19,13 +20,16 @@ def launch(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def test_two_gloo_processes_stay_in_sync(tmp_path):
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_two_gloo_processes_stay_in_sync(tmp_path, where):
+    """Two local ranks; with host placement they share one node-wide copy of the data (rank 0 writes it)."""
     run = tmp_path / "ddp"
-    r = launch(*TINY, "--cluster", "local", "--nproc", "2", "--run", str(run))
+    r = launch(*TINY, "--cluster", "local", "--nproc", "2", "--run", str(run), "--data-placement", where)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "done:" in r.stdout
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["train"]["world_size"] == 2 and manifest["train"]["status"] == "done"
+    assert manifest["train"]["data_placement"] == where and manifest["train"]["device"].startswith("cpu")
     # each rank returned a digest of its weights; the launcher refuses if they differ: check them here too
     import pickle
     digests = set()
@@ -86,10 +90,60 @@ def test_profiles(tmp_path):
         read_profile(str(bad))
     gres = tmp_path / "gres.ini"
     gres.write_text("[slurm]\ngpu_request = gres\npartition = gpu\naccount = lab\n")
-    params = _slurm_params(LaunchConfig(cluster="slurm", gpus=4, profile=str(gres)), read_profile(str(gres)))
+    params = _slurm_params(LaunchConfig(cluster="slurm", gpus=4, profile=str(gres)), read_profile(str(gres)), 0)
     assert params["slurm_gres"] == "gpu:4" and "gpus_per_node" not in params
     assert params["slurm_partition"] == "gpu" and params["slurm_account"] == "lab"
-    flags = _slurm_params(LaunchConfig(cluster="slurm", gpus=2, partition="big"), read_profile("default"))
+    flags = _slurm_params(LaunchConfig(cluster="slurm", gpus=2, partition="big"), read_profile("default"), 0)
     assert flags["gpus_per_node"] == 2 and flags["slurm_partition"] == "big" and "slurm_gres" not in flags
-    cpu = _slurm_params(LaunchConfig(cluster="slurm"), read_profile("default"))
+    cpu = _slurm_params(LaunchConfig(cluster="slurm"), read_profile("default"), 0)
     assert not {"gpus_per_node", "slurm_gres"} & set(cpu)  # no GRES on CPU-only clusters
+
+
+# ---- GPUs: how many, which, and the cores that feed them -----------------------------------------
+
+def test_gpus_not_given_means_one_where_there_is_one(monkeypatch, tmp_path):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert launch_mod.resolve_gpus(LaunchConfig(cluster="local")) == 1
+    assert launch_mod.resolve_gpus(LaunchConfig(cluster="local", gpus=0)) == 0           # --gpus 0 opts out
+    assert launch_mod.resolve_gpus(LaunchConfig(cluster="local"), device="cpu") == 0    # --device cpu
+    assert launch_mod.resolve_gpus(LaunchConfig(cluster="local", nproc=2)) == 0         # CPU processes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launch_mod.resolve_gpus(LaunchConfig(cluster="local")) == 0
+    yes = tmp_path / "gpu.ini"
+    yes.write_text("[slurm]\ngpu_nodes = yes\n")
+    monkeypatch.setattr(launch_mod, "detect_cluster", lambda c: c)
+    assert launch_mod.resolve_gpus(LaunchConfig(cluster="slurm", profile=str(yes))) == 1
+    monkeypatch.setattr(launch_mod, "_sinfo", lambda fmt, part: ["gpu:h200:8(S:0-1)"] if fmt == "%G" else [])
+    assert launch_mod.resolve_gpus(LaunchConfig(cluster="slurm")) == 1                   # auto: sinfo's GRES
+    monkeypatch.setattr(launch_mod, "_sinfo", lambda fmt, part: ["(null)"])
+    assert launch_mod.resolve_gpus(LaunchConfig(cluster="slurm")) == 0                   # a CPU cluster
+
+
+def test_viz_array_tasks_get_one_gpu_each(monkeypatch):
+    assert launch_mod.viz_gpus(LaunchConfig(cluster="local", gpus=4)) == 1
+    assert launch_mod.viz_gpus(LaunchConfig(cluster="local", gpus=0)) == 0
+    from hpcviz.pipeline import _stage_launch
+    assert _stage_launch(LaunchConfig(cluster="local", gpus=4), "viz").gpus == 1
+    assert _stage_launch(LaunchConfig(cluster="local", gpus=4), "aggregate").gpus == 0
+
+
+def test_local_gpus_respect_the_allocations_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,GPU-aa11")
+    params = launch_mod._local_gpu_params(2)
+    assert params["gpus_per_node"] == 2 and params["local_setup"] == ["export CUDA_VISIBLE_DEVICES=3,5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert "local_setup" not in launch_mod._local_gpu_params(2)
+
+
+def test_cpus_per_gpu_task_are_asked_for_and_exported(monkeypatch):
+    prof = read_profile("default")
+    monkeypatch.setattr(launch_mod, "_sinfo", lambda fmt, part: ["64"] if fmt == "%c" else [])
+    assert launch_mod.cpus_per_task(LaunchConfig(cluster="slurm", gpus=4), prof, "slurm") == 8
+    monkeypatch.setattr(launch_mod, "_sinfo", lambda fmt, part: ["16"] if fmt == "%c" else [])
+    assert launch_mod.cpus_per_task(LaunchConfig(cluster="slurm", gpus=4), prof, "slurm") == 4  # what the node has
+    assert launch_mod.cpus_per_task(LaunchConfig(cluster="slurm", gpus=4, cpus_per_task=6), prof, "slurm") == 6
+    assert launch_mod.cpus_per_task(LaunchConfig(cluster="slurm", gpus=0), prof, "slurm") == 0  # cluster default
+    params = _slurm_params(LaunchConfig(cluster="slurm", gpus=4), prof, 8)
+    assert params["slurm_srun_args"] == ["--cpus-per-task=8"]
+    assert "export SRUN_CPUS_PER_TASK=8" in params["slurm_setup"]  # srun no longer inherits it from sbatch

@@ -12,11 +12,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from hpcviz import store
-from hpcviz.store import (PACKED_FORMAT, SHARD_FORMAT, VIZ_FORMAT, ShardWriter, StoreError, atomic_path, collate,
-                          dataset_stats, describe, list_datasets, read_attrs, read_image, read_packed, read_shard,
-                          verify_shard, write_packed)
+from hpcviz.store import (PACKED_FORMAT, SHARD_FORMAT, VIZ_FORMAT, PackedReader, PackedWriter, ShardWriter,
+                          StoreError, atomic_path, collate, dataset_stats, describe, list_datasets, read_attrs,
+                          read_image, read_packed, read_shard, verify_shard, write_packed)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
@@ -45,7 +46,7 @@ def test_round_trip(tmp_path):
     assert attrs["format"] == PACKED_FORMAT and attrs["n"] == 300 and attrs["image_size"] == 4
     assert attrs["source"] == "builtin:100" and attrs["seed"] == 3 and attrs["ratio"] == 0.5
     with h5py.File(path, "r") as f:
-        assert f["images"].chunks == (256, 3, 4, 4) and f["images"].compression is None
+        assert f["images"].chunks is None and f["images"].compression is None  # contiguous: rows by offset
     assert os.listdir(tmp_path) == ["p.h5"]
 
 
@@ -178,6 +179,278 @@ def test_pack_data_main_in_process(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --data") and "no such directory" in err
     assert not (tmp_path / "c.h5").exists()
+
+
+def pack_in_process(monkeypatch, tmp_path: Path, *args: str, chunk_bytes: int = 400) -> tuple[int, str]:
+    """pack_data.main with tiny chunks (many batches, resize flushes); (exit code, stderr + hpcviz log)."""
+    import logging
+
+    import hpcviz.data
+    pack_data = load_pack_data()
+    monkeypatch.setattr(pack_data, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(hpcviz.data, "_STREAM_BYTES", chunk_bytes)
+    err = tmp_path / "stderr.txt"
+    logger, records = logging.getLogger("hpcviz"), []
+    handler = logging.Handler()
+    handler.emit = records.append  # the 'hpcviz' logger may not propagate (hpcviz.log), so listen directly
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not the attribute: it also clears the logger's level cache
+    try:
+        with open(err, "w") as f:
+            monkeypatch.setattr(sys, "stderr", f)  # no terminal: plain progress lines, no rich bar
+            code = pack_data.main(pack_data.get_args_parser().parse_args(list(args)))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        monkeypatch.undo()
+    return code, err.read_text() + "".join(r.getMessage() + "\n" for r in records)
+
+
+def assert_same_set(path: Path, spec: str, **load_kw) -> None:
+    """The packed file holds exactly what the old whole-set path (load_images + fingerprint) gives."""
+    from hpcviz.data import fingerprint, load_images
+    ds = load_images(spec, **load_kw)
+    images, labels, classes, attrs = read_packed(path)
+    assert np.array_equal(images, ds.images.numpy()) and np.array_equal(labels, ds.labels.numpy())
+    assert tuple(classes) == ds.classes and attrs["fingerprint"] == fingerprint(ds) and attrs["source"] == spec
+    with h5py.File(path, "r") as f:
+        assert f["images"].chunks is None  # contiguous
+    assert not list(path.parent.glob("*.tmp-*"))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_pack_data_streams_a_folder_like_the_whole_set(tmp_path, monkeypatch, skip):
+    from test_data import write_mixed_folder
+    bad = write_mixed_folder(tmp_path / "folder")
+    if not skip:
+        for path in bad:
+            path.unlink()
+    out, folder = tmp_path / "out" / "f.h5", str(tmp_path / "folder")
+    code, err = pack_in_process(monkeypatch, tmp_path, "--data", folder, "--image-size", "6", "--out", str(out),
+                                *(["--skip-bad"] if skip else []))
+    assert code == 0, err
+    assert_same_set(out, folder, image_size=6, skip_bad=skip)  # skip: 11 of 13 planned, copied to fit
+    assert read_packed(out)[0].shape == (11, 3, 6, 6)
+    lines = [line for line in err.splitlines() if "packing f.h5" in line]
+    files = 13 if skip else 11  # progress counts files, read or skipped
+    assert 2 <= len(lines) <= 11 and f"{files}/{files} (100 %)" in lines[-1]  # stderr is no terminal: plain lines
+
+
+def test_pack_data_progress_lines_every_10_percent(caplog):
+    pack_data = load_pack_data()
+    progress = pack_data.Progress(1000, "packing x")
+    assert progress.bar is None  # pytest's stderr is no terminal
+    with caplog.at_level("INFO", "hpcviz"):
+        for done in range(1, 1001, 3):
+            progress.update(min(done, 1000))
+        progress.update(1000)
+    progress.close()
+    lines = [r.getMessage() for r in caplog.records if "packing x" in r.getMessage()]
+    assert len(lines) == 10 and "1000/1000 (100 %)" in lines[-1] and "(10 %)" in lines[0]
+
+
+def test_pack_data_stream_errors_leave_nothing(tmp_path, monkeypatch):
+    from test_data import write_mixed_folder
+    bad = write_mixed_folder(tmp_path / "folder")
+    out = tmp_path / "f.h5"
+    code, err = pack_in_process(monkeypatch, tmp_path, "--data", str(tmp_path / "folder"), "--image-size", "6",
+                                "--out", str(out))
+    assert code == 2 and "cannot decode" in err and "--skip-bad" in err
+    for path in bad:
+        path.unlink()
+    code, err = pack_in_process(monkeypatch, tmp_path, "--data", str(tmp_path / "folder"), "--out", str(out))
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "different sizes" in errors[0] and "--image-size S" in errors[0]
+    assert sorted(os.listdir(tmp_path)) == ["folder", "stderr.txt"]  # no output, no temp
+
+
+@pytest.mark.parametrize("source", ["builtin", "cifar10", "packed-chunked"])
+def test_pack_data_other_sources_in_chunks(tmp_path, monkeypatch, source):
+    from test_data import write_fake_cifar
+    if source == "builtin":
+        spec, kw = "builtin:3", {"image_size": 8}
+    elif source == "cifar10":
+        write_fake_cifar(tmp_path / "c", n=7)
+        spec, kw = f"cifar10:{tmp_path / 'c'}", {"image_size": 20}
+    else:  # an older, chunked packed file, repacked (contiguous) and resized chunk by chunk
+        spec, kw = str(tmp_path / "old.h5"), {"image_size": 5}
+        write_chunked(Path(spec), *tiny(50, 8))
+    out = tmp_path / "new.h5"
+    code, err = pack_in_process(monkeypatch, tmp_path, "--data", spec, "--image-size", str(kw["image_size"]),
+                                "--out", str(out), chunk_bytes=2000)
+    assert code == 0, err
+    assert_same_set(out, spec, **kw)
+
+
+# ----------------------------------------------------------------------------- PackedWriter
+def test_packed_writer_in_batches(tmp_path):
+    from hpcviz.data import ImageSet, fingerprint
+    images, labels = tiny(300, 5)
+    path = tmp_path / "w.h5"
+    with PackedWriter(path, 300, 5, 5, CLASSES, {"source": "x"}) as w:
+        for lo in range(0, 300, 7):
+            w.append(images[lo:lo + 7], labels[lo:lo + 7])
+        assert not path.exists()  # nothing under the final name until closed
+    got, got_labels, classes, attrs = read_packed(path)
+    assert np.array_equal(got, images) and np.array_equal(got_labels, labels) and classes == CLASSES
+    expected = fingerprint(ImageSet(torch.from_numpy(images), torch.from_numpy(labels), tuple(CLASSES), "x"))
+    assert attrs["fingerprint"] == w.fingerprint == expected and attrs["n"] == 300 and attrs["source"] == "x"
+    with h5py.File(path, "r") as f:
+        assert f["images"].chunks is None and f["images"].compression is None
+    assert os.listdir(tmp_path) == ["w.h5"]
+
+
+def test_packed_writer_fewer_than_planned_is_copied_to_fit(tmp_path, monkeypatch):
+    from hpcviz.data import ImageSet, fingerprint
+    from hpcviz.store import packed
+    monkeypatch.setattr(packed, "_COPY_BYTES", 100)  # a copy of many chunks
+    images, labels = tiny(40, 4)
+    w = PackedWriter(tmp_path / "w.h5", 50, 4, 4, CLASSES, {})
+    for lo in range(0, 40, 9):
+        w.append(images[lo:lo + 9], labels[lo:lo + 9])
+    assert w.close() == fingerprint(ImageSet(torch.from_numpy(images), torch.from_numpy(labels), tuple(CLASSES), ""))
+    got, got_labels, _, attrs = read_packed(tmp_path / "w.h5")
+    assert got.shape == (40, 3, 4, 4) and np.array_equal(got, images) and np.array_equal(got_labels, labels)
+    assert attrs["n"] == 40 and attrs["fingerprint"] == w.fingerprint and os.listdir(tmp_path) == ["w.h5"]
+
+
+def test_packed_writer_failures_leave_the_old_file(tmp_path):
+    images, labels = tiny(10, 4)
+    path = tmp_path / "w.h5"
+    write_packed(path, images, labels, CLASSES, {"v": 1})
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with PackedWriter(path, 10, 4, 4, CLASSES, {}) as w:
+            w.append(images[:5], labels[:5])
+            raise RuntimeError("disk on fire")
+    for bad in ("shape", "too_many", "labels", "none"):
+        w = PackedWriter(path, 10, 4, 4, CLASSES, {})
+        with pytest.raises(StoreError) as e:
+            if bad == "shape":
+                w.append(images[:, :, :3], labels)
+            elif bad == "too_many":
+                w.append(np.concatenate([images, images[:1]]), np.concatenate([labels, labels[:1]]))
+            elif bad == "labels":
+                w.append(images, labels + 3)
+            else:
+                w.close()  # no images appended: refused, and the temp is gone
+        assert "\n" not in str(e.value) and "hint" in str(e.value)
+        w.abort()
+    for args in [(0, 4, 4, CLASSES, {}), (10, 4, 4, [], {}), (10, 4, 4, CLASSES, {"fingerprint": "x"})]:
+        with pytest.raises(StoreError):
+            PackedWriter(path, *args)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["w.h5"]
+
+
+# ----------------------------------------------------------------------------- PackedReader
+def write_chunked(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """A packed file in the layout written before /images became contiguous (chunked by 256 images)."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=images, chunks=(min(256, len(images)), *images.shape[1:]))
+        f.create_dataset("labels", data=labels.astype(np.int64))
+        f.attrs.update({"format": PACKED_FORMAT, "classes": '["a", "b", "c"]', "n": len(images),
+                        "image_size": images.shape[2], "height": images.shape[2], "width": images.shape[3]})
+
+
+@pytest.fixture(params=["contiguous", "chunked"])
+def packed_file(request, tmp_path) -> tuple[Path, np.ndarray, np.ndarray]:
+    images, labels = tiny(600, 6)
+    path = tmp_path / f"{request.param}.h5"
+    if request.param == "contiguous":
+        write_packed(path, images, labels, CLASSES, {"source": "t"})
+    else:
+        write_chunked(path, images, labels)
+    return path, images, labels
+
+
+def test_packed_reader_rows(packed_file, caplog):
+    path, images, labels = packed_file
+    whole = read_packed(path)
+    with PackedReader(path) as r:
+        assert r.contiguous == (path.stem == "contiguous")
+        assert r.n == 600 and r.shape == (600, 3, 6, 6) and r.classes == CLASSES and r.attrs == whole[3]
+        assert r.labels.dtype == np.int64 and np.array_equal(r.labels, labels)
+        rng = np.random.default_rng(5)
+        for rows in (rng.integers(0, 600, 256), np.array([599, 3, 3, 4, 5, 6, 0, 599, 2]),  # unsorted, repeats, runs
+                     np.arange(100, 356), np.array([7]), np.array([], np.int64), rng.permutation(600)):
+            out = np.full((len(rows), 3, 6, 6), 77, np.uint8)
+            assert r.read_rows(rows, out) is out and np.array_equal(out, images[rows])
+        chunks = list(r.iter_chunks(256))
+        assert [lo for lo, _ in chunks] == [0, 256, 512] and np.array_equal(np.concatenate([c for _, c in chunks]),
+                                                                              whole[0])
+    assert ("chunked" in caplog.text and "repack" in caplog.text) == (path.stem == "chunked")
+    caplog.clear()
+    PackedReader(path).close()
+    assert "repack" not in caplog.text  # said once per file and process
+
+
+def test_packed_reader_bad_rows_and_out(packed_file):
+    path, _, _ = packed_file
+    r = PackedReader(path)
+    for rows, out, expect in [(np.array([0, 600]), np.empty((2, 3, 6, 6), np.uint8), "[0, 599]"),
+                              (np.array([-1]), np.empty((1, 3, 6, 6), np.uint8), "[0, 599]"),
+                              (np.array([[1]]), np.empty((1, 3, 6, 6), np.uint8), "1-d integer"),
+                              (np.array([0.5]), np.empty((1, 3, 6, 6), np.uint8), "1-d integer"),
+                              (np.array([1, 2]), np.empty((3, 3, 6, 6), np.uint8), "C-contiguous uint8"),
+                              (np.array([1, 2]), np.empty((2, 3, 6, 6), np.float32), "C-contiguous uint8"),
+                              (np.array([1, 2]), np.empty((2, 3, 6, 12), np.uint8)[..., ::2], "C-contiguous")]:
+        with pytest.raises(StoreError) as e:
+            r.read_rows(rows, out)
+        assert expect in one_line(e, path)
+    with pytest.raises(StoreError):
+        next(r.iter_chunks(0))
+    r.close()
+    with pytest.raises(StoreError, match="closed"):
+        r.read_rows(np.array([0]), np.empty((1, 3, 6, 6), np.uint8))
+    with pytest.raises(StoreError, match="closed"):
+        next(r.iter_chunks(10))
+
+
+def test_packed_reader_without_preadv(tmp_path, monkeypatch):
+    images, labels = tiny(50, 4)
+    write_packed(tmp_path / "p.h5", images, labels, CLASSES, {})
+    monkeypatch.delattr(os, "preadv")  # as on macOS < 11: pread and a copy
+    rows = np.array([49, 0, 1, 2, 7, 7])
+    with PackedReader(tmp_path / "p.h5") as r:
+        assert np.array_equal(r.read_rows(rows, np.empty((6, 3, 4, 4), np.uint8)), images[rows])
+
+
+def test_packed_reader_from_4_threads(packed_file):
+    from concurrent.futures import ThreadPoolExecutor
+    path, images, _ = packed_file
+
+    def work(seed: int) -> bool:
+        rng, out = np.random.default_rng(seed), np.empty((64, 3, 6, 6), np.uint8)
+        ok = True
+        for _ in range(50):
+            rows = rng.integers(0, 600, 64)
+            ok &= np.array_equal(reader.read_rows(rows, out), images[rows])
+        return ok
+
+    with PackedReader(path) as reader, ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(8)))
+
+
+def test_packed_reader_bad_files(tmp_path):
+    images, labels = tiny(20, 4)
+    path = tmp_path / "p.h5"
+    for content, expect in [(None, "no such file"), (b"text\n" * 100, "not an HDF5 file")]:
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(StoreError) as e:
+            PackedReader(path)
+        assert expect in one_line(e, path)
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "other"
+    with pytest.raises(StoreError, match=PACKED_FORMAT):
+        PackedReader(path)
+    write_packed(path, images, labels, CLASSES, {})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 200])
+    with pytest.raises(StoreError) as e:
+        PackedReader(path)
+    assert "truncated" in one_line(e, path)
 
 
 # ----------------------------------------------------------------------------- shards
@@ -539,7 +812,7 @@ def test_h5_tools_read_shard_and_viz(tmp_path):
     for path, n in [(paths[0], 3), (viz, 5)]:
         r = subprocess.run(["h5ls", "-r", str(path)], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
-        assert f"/act/layer1.0            Dataset {{{n}, 5, 2, 2}}" in r.stdout and f"/index" in r.stdout
+        assert f"/act/layer1.0            Dataset {{{n}, 5, 2, 2}}" in r.stdout and "/index" in r.stdout
         r = subprocess.run(["h5dump", "-H", "-p", str(path)], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and "DIMENSION_LIST" in r.stdout and "H5T_IEEE_F32LE" in r.stdout, r.stderr
     assert "VIRTUAL" in r.stdout and "shards/shard-00001.h5" in r.stdout

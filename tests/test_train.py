@@ -129,3 +129,28 @@ def test_nan_loss_stops_with_epoch_and_step(tiny_cfg):
 def test_batch_larger_than_data(tiny_cfg):
     with pytest.raises(ConfigError, match="--batch-size 4096"):
         train(tiny_cfg(batch_size=4096))
+
+
+def test_gpu_ranks_share_the_cores_too(monkeypatch):
+    """N local GPU ranks each used every core while decoding and gathering: the cap is for any device."""
+    import os
+
+    from hpcviz import dist
+    from hpcviz.train import _set_threads
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr(dist, "_ENV", dist.DistEnv(world_size=2, local_world_size=2))
+    try:
+        _set_threads(torch.device("cuda", 1))
+        assert torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # what SLURM gave the task
+        _set_threads(torch.device("cuda", 1))
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(dist, "_ENV", dist.DistEnv())  # one task per node: SLURM's count still holds
+        torch.set_num_threads(cores)
+        _set_threads(torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+        monkeypatch.setattr(dist, "_ENV", dist.DistEnv())

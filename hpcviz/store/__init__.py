@@ -6,7 +6,8 @@ a half-written file under the final name: readers see the previous complete file
 
 Packed layout (format ``hpcviz-packed-v1``)::
 
-    /images   (N, 3, H, W) uint8, chunked by 256 images, uncompressed (fast to load whole)
+    /images   (N, 3, H, W) uint8, contiguous, uncompressed (fast to load whole, and PackedReader reads
+              rows by file offset); files from before are chunked by 256 images and still read
     /labels   (N,) int64
     root attrs: format, classes (JSON list of str), n, image_size (H if square, else 0),
                 height, width, plus any caller attrs (source spec, fingerprint, created, ...)
@@ -17,18 +18,18 @@ Attributes: scalars and flat lists of str/numbers are stored natively (h5dump sh
 values (dicts, nested lists) as JSON strings whose names are listed in the attr ``json_attrs``.
 
 Modules: _common (StoreError, atomic_path, attribute encoding, opening with clear errors), packed
-(write_packed, read_packed), shards (ShardWriter, verify_shard, read_shard, list_datasets, read_attrs),
-collation (collate) and inspection (describe, dataset_stats, read_image). Import from hpcviz.store;
-patch module-level settings (e.g. inspection._STATS_ELEMS) in the submodule that uses them.
+(write_packed, PackedWriter, read_packed, PackedReader), shards (ShardWriter, verify_shard, read_shard,
+list_datasets, read_attrs), collation (collate) and inspection (describe, dataset_stats, read_image).
+Import from hpcviz.store; patch module-level settings (e.g. inspection._STATS_ELEMS) in the submodule that uses them.
 """
 from __future__ import annotations
 
 from ._common import StoreError, atomic_path
 from .collation import AGREE_ATTRS, VIZ_FORMAT, collate
 from .inspection import dataset_stats, describe, read_image
-from .packed import PACKED_FORMAT, read_packed, write_packed
+from .packed import PACKED_FORMAT, PackedReader, PackedWriter, read_packed, write_packed
 from .shards import COMPRESSIONS, SHARD_FORMAT, ShardWriter, list_datasets, read_attrs, read_shard, verify_shard
 
-__all__ = ["StoreError", "PACKED_FORMAT", "write_packed", "read_packed", "atomic_path",
-           "SHARD_FORMAT", "VIZ_FORMAT", "ShardWriter", "verify_shard", "read_shard", "list_datasets",
-           "read_attrs", "collate", "describe", "dataset_stats", "read_image"]
+__all__ = ["StoreError", "PACKED_FORMAT", "write_packed", "read_packed", "PackedWriter", "PackedReader",
+           "atomic_path", "SHARD_FORMAT", "VIZ_FORMAT", "ShardWriter", "verify_shard", "read_shard",
+           "list_datasets", "read_attrs", "collate", "describe", "dataset_stats", "read_image"]
