@@ -122,13 +122,19 @@ def open_source(cfg: TrainConfig, placement: str = "auto") -> Source:
     return _share_on_node(cfg, first)
 
 
+def _shared_dirs() -> list[Path]:
+    """Where a node-shared copy may live, in order of preference: memory first, then node-local disks."""
+    names = ("/dev/shm", os.environ.get("SLURM_TMPDIR", ""), os.environ.get("TMPDIR", ""), "/tmp")
+    return [Path(d) for d in dict.fromkeys(names) if d and os.path.isdir(d)]
+
+
 def _shared_dir(nbytes: int) -> Path:
     """Where the node's copy lives: $HPCVIZ_SHM_DIR, else /dev/shm when it has room, else a local temp dir."""
     if os.environ.get("HPCVIZ_SHM_DIR"):
         return Path(os.environ["HPCVIZ_SHM_DIR"])
-    for d in ("/dev/shm", os.environ.get("SLURM_TMPDIR", ""), os.environ.get("TMPDIR", ""), "/tmp"):
-        if d and os.path.isdir(d) and shutil.disk_usage(d).free > 1.05 * nbytes:
-            return Path(d)
+    for d in _shared_dirs():
+        if shutil.disk_usage(d).free > 1.05 * nbytes:
+            return d
     raise PlacementError(f"no room for a {nbytes / 2 ** 30:.1f} GiB node-shared copy in /dev/shm, $TMPDIR or /tmp; "
                          "hint: --data-placement stream with a packed file, or set HPCVIZ_SHM_DIR")
 
@@ -149,9 +155,8 @@ def _share_on_node(cfg: TrainConfig, loaded: Source | None) -> Source:
         del src, loaded
     dist.barrier()
     if dist.local_rank() != 0:
-        dirs = [os.environ.get("HPCVIZ_SHM_DIR", ""), "/dev/shm", os.environ.get("SLURM_TMPDIR", ""),
-                os.environ.get("TMPDIR", ""), "/tmp"]
-        hits = [Path(d) / f"hpcviz-{key}.u8.json" for d in dirs if d and (Path(d) / f"hpcviz-{key}.u8.json").is_file()]
+        dirs = [Path(os.environ["HPCVIZ_SHM_DIR"])] if os.environ.get("HPCVIZ_SHM_DIR") else _shared_dirs()
+        hits = [d / f"hpcviz-{key}.u8.json" for d in dirs if (d / f"hpcviz-{key}.u8.json").is_file()]
         if not hits:
             raise PlacementError(f"rank {dist.rank()} on {env.host}: local rank 0's shared copy of --data "
                                  "is not there; hint: set HPCVIZ_SHM_DIR to a node-local directory")
@@ -199,13 +204,9 @@ def source_fingerprint(src: Source) -> str:
     """data.fingerprint of the source, computed in one bounded pass when the file does not carry it."""
     if src.fingerprint:
         return src.fingerprint
-    h = hashlib.sha256()
-    h.update(json.dumps([src.n, *src.shape]).encode())
-    for _, block in src.chunks():
-        h.update(memoryview(block.contiguous().numpy()).cast("B"))
-    h.update(src.labels.numpy().astype("<i8").tobytes())
-    h.update(json.dumps(list(src.classes)).encode())
-    return h.hexdigest()
+    from .store import fingerprint_blocks
+    return fingerprint_blocks((src.n, *src.shape), (b.contiguous().numpy() for _, b in src.chunks()),
+                              src.labels.numpy(), src.classes)
 
 
 # ----------------------------------------------------------------------------- choosing
