@@ -12,10 +12,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .errors import InputError
 from .models import block_names
 
 
-class UnknownBlockError(ValueError):
+class UnknownBlockError(InputError):
     """A block name that the model does not have."""
 
 
@@ -26,14 +27,16 @@ def block_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: (mods["relu"] if name == "conv1" else mods[name]) for name in block_names(model)}
 
 
-def resolve_blocks(model: nn.Module, blocks: Sequence[str] | None) -> list[str]:
-    """The requested block names in forward order (all when None); unknown names are an error."""
+def resolve_blocks(model: nn.Module, blocks: Sequence[str] | None, flag: str = "--blocks") -> list[str]:
+    """The requested block names in forward order (all when None); unknown names are an error naming
+    `flag`, the option they came from."""
     names = block_names(model)
     if not blocks:
         return names
     unknown = [b for b in blocks if b not in names]
     if unknown:
-        raise UnknownBlockError(f"--blocks {','.join(unknown)}: not blocks of this model; valid: {', '.join(names)}")
+        raise UnknownBlockError(f"{flag} {','.join(unknown)}: not blocks of this model; valid: {', '.join(names)}; "
+                                f"hint: e.g. {flag} {names[-1]}")
     return [n for n in names if n in set(blocks)]
 
 

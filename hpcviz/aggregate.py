@@ -12,83 +12,57 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__, checkpoint, figures, report, store
-from .config import config_to_dict
+from .config import AggregateConfig, config_to_dict
+from .errors import InputError
+from .files import check_space, write_bytes
+from .rundir import RunDir, write_json
+from .viz import collate
+
+__all__ = ["AggregateConfig", "AggregateError", "aggregate", "build_report", "read_inputs", "collate_run"]
 
 log = logging.getLogger("hpcviz")
 
 
-class AggregateError(ValueError):
+class AggregateError(InputError):
     """The run directory holds nothing to report on."""
 
 
-@dataclass
-class AggregateConfig:
-    run_dir: str = ""      # the run directory; the report goes to <run_dir>/report
-    images: int = 3        # images shown in the feature-map and deconvnet figures
-    invert_images: int = 4  # images in the inversion panel
-    channels: int = 8      # strongest channels per block in the feature-map figures
-    embed: bool = True     # report.html embeds its figures (self-contained); False: links report/figures/*.png
-    dpi: int = 100         # PNG resolution, dots per inch
-
-
-def read_inputs(run: Path) -> dict[str, Any]:
+def read_inputs(run: RunDir) -> dict[str, Any]:
     """Everything the report is made of that is not HDF5; absent files are None."""
-    if not run.is_dir() or not any((run / n).exists() for n in ("config.json", "manifest.json", "checkpoints")):
+    if not run.is_run():
         raise AggregateError(f"--run {run}: not a run directory (no config.json, manifest.json or checkpoints/); "
                              "hint: train first (jobs/launch_train.py or jobs/launch_pipeline.py)")
-    return {"config": checkpoint.read_json(run / "config.json", {}), "manifest": checkpoint.read_json(
-        run / "manifest.json", {}), "metrics": checkpoint.read_metrics(run), "eval": checkpoint.read_json(
-        run / "eval.json"), "plan": checkpoint.read_json(run / "viz" / "plan.json")}
+    return {"config": run.read_config(), "manifest": run.manifest(), "metrics": run.read_metrics(),
+            "eval": run.read_eval(), "plan": run.plan()}
 
 
-def _task_states(manifest: dict[str, Any], shards: list[int]) -> dict[int, str]:
+def _task_states(run: RunDir, shards: list[int]) -> dict[int, str]:
     """'array task J_K: STATE' for the latest task of each shard, on SLURM (states from sacct/squeue)."""
-    viz = manifest.get("viz", {})
-    if viz.get("cluster") != "slurm" or not shards:
+    record = run.manifest().viz
+    if record.cluster != "slurm" or not shards:
         return {}
     from .jobstate import latest_tasks, task_states
-    latest = {s: tid for s, tid in latest_tasks(viz.get("tasks", {})).items() if s in shards}
+    latest = {s: tid for s, tid in latest_tasks(record.tasks).items() if s in shards}
     states = task_states(latest.values())
     return {s: f"array task {tid}: " + states.get(tid, "no record in sacct or squeue: cancelled before it started, "
                                                       "or purged") for s, tid in latest.items()}
 
 
-def collate_run(run: Path, plan: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Collate the plan's shards into viz/viz.h5. Returns {"n_images", "n_shards", "missing": {shard
-    number: reason}, "path" (None when no shard holds images)}."""
-    if plan is None:
-        return {"n_images": 0, "n_shards": 0, "missing": {}, "path": None,
-                "reason": "no visualization plan (viz/plan.json): the visualization array did not run"}
-    from .viz import shard_path
-    paths = [shard_path(run, s) for s in range(len(plan["shards"]))]
-    sizes = [len(s) for s in plan["shards"]]
-    out = run / "viz" / "viz.h5"
-    try:
-        summary = store.collate(paths, out, {"plan_checkpoint_sha256": plan["checkpoint_sha256"]}, sizes=sizes)
-        by_name = {f"shards/{p.name}": k for k, p in enumerate(paths)}
-        missing = {by_name[rel]: reason for rel, reason in summary["missing"].items()}
-        n, path = summary["n_images"], out
-    except store.StoreError as e:
-        if "no complete shard" not in str(e):  # shards that disagree, or viz.h5 cannot be written
-            return {"n_images": 0, "n_shards": len(paths), "missing": {}, "path": None, "sizes": sizes,
-                    "reason": f"the shards could not be collated: {e}"}
-        missing, n, path = {}, 0, None
-        for k, p in enumerate(paths):
-            try:
-                store.verify_shard(p, sizes[k])
-            except store.StoreError as e:
-                missing[k] = str(e).split(";")[0]
-    states = _task_states(manifest, sorted(missing))
-    missing = {k: v + (f" ({states[k]})" if k in states else "") for k, v in missing.items()}
-    return {"n_images": n, "n_shards": len(paths), "missing": missing, "path": path, "sizes": sizes}
+def collate_run(run: RunDir) -> dict[str, Any]:
+    """viz.collate, with each missing shard's array task state (SLURM) added to its reason."""
+    summary = collate(run, run.plan())
+    states = _task_states(run, sorted(summary["missing"]))
+    summary["missing"] = {k: v + (f" ({states[k]})" if k in states else "") for k, v in summary["missing"].items()}
+    return summary
 
 
 def _png(fig: Any, meta: dict[str, Any], dpi: int) -> bytes:
@@ -112,10 +86,10 @@ class _Figures:
 
 def _training_blocks(inp: dict[str, Any], figs: _Figures, tables: dict) -> list[tuple]:
     train = inp["config"].get("train") or (inp["eval"] or {}).get("config") or {}
-    man = inp["manifest"].get("train", {})
+    man = inp["manifest"].train
     labels = {"world_size": "processes (world size)", "device": "device", "host": "host",
               "restarts": "restarts (requeues)"}
-    extra = {label: man[k] for k, label in labels.items() if k in man}
+    extra = {label: getattr(man, k) for k, label in labels.items() if man.status}
     doc: list[tuple] = [("h", 2, "1. Training")]
     if train:
         tables["training_parameters"] = report.params_table(train, extra)
@@ -139,7 +113,7 @@ def _accuracy_blocks(inp: dict[str, Any], figs: _Figures, tables: dict) -> list[
     ev = inp["eval"]
     doc: list[tuple] = [("h", 2, "2. Accuracy")]
     if ev is None:
-        status = inp["manifest"].get("train", {}).get("status", "unknown")
+        status = inp["manifest"].train.status or "not run"
         return doc + [("warn", f"no eval.json: training did not finish (train stage status: {status})")]
     lacking = [k for k in ("classes", "confusion", "per_class_accuracy", "accuracy") if k not in ev]
     if lacking:
@@ -156,10 +130,10 @@ def _accuracy_blocks(inp: dict[str, Any], figs: _Figures, tables: dict) -> list[
     return doc
 
 
-def _filter_blocks(run: Path, figs: _Figures) -> list[tuple]:
+def _filter_blocks(run: RunDir, figs: _Figures) -> list[tuple]:
     doc: list[tuple] = [("h", 2, "3. First-layer filters")]
     try:
-        state = checkpoint.load_checkpoint(run / "checkpoints")
+        state = checkpoint.load_checkpoint(run.checkpoints)
     except (checkpoint.CheckpointError, OSError) as e:
         return doc + [("warn", f"no checkpoint to draw the filters from: {str(e).split(';')[0]}")]
     w = state["model"]["conv1.weight"].float().numpy()  # (C_out, 3, k, k)
@@ -230,10 +204,10 @@ def _pipeline_blocks(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
     man = inp["manifest"]
     rows = []
     for stage in ("train", "viz", "aggregate"):
-        s = man.get(stage, {})
-        ids = s.get("job_ids") or ([s["job_id"]] if s.get("job_id") else [])
-        status = "running (this report)" if stage == "aggregate" else s.get("status", "not run")
-        rows.append([stage, status, ", ".join(map(str, ids)), s.get("updated", "")])
+        s = man.record(stage)
+        ids = getattr(s, "job_ids", None) or ([s.job_id] if s.job_id else [])
+        status = "running (this report)" if stage == "aggregate" else (s.status or "not run")
+        rows.append([stage, status, ", ".join(map(str, ids)), s.updated])
     doc: list[tuple] = [("h", 2, "7. Pipeline"), ("table", ["stage", "status", "job id(s)", "updated"], rows)]
     if viz["n_shards"]:
         shard_rows = [[f"shard-{s:05d}.h5", viz["sizes"][s], "missing" if s in viz["missing"] else "present",
@@ -244,13 +218,13 @@ def _pipeline_blocks(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
 
 def _warnings(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
     out = []
-    train = inp["manifest"].get("train", {})
-    if train.get("status") != "done":
-        error = f": {train['error']}" if train.get("error") else ""
-        out.append(("warn", f"training stage: {train.get('status') or 'not run'}{error}; see the logs in logs/"))
-    v = inp["manifest"].get("viz", {})
-    if v.get("status") == "failed" and v.get("error"):
-        out.append(("warn", f"visualization stage: failed: {v['error']}"))
+    train = inp["manifest"].train
+    if train.status != "done":
+        error = f": {train.error}" if train.error else ""
+        out.append(("warn", f"training stage: {train.status or 'not run'}{error}; see the logs in logs/"))
+    v = inp["manifest"].viz
+    if v.status == "failed" and v.error:
+        out.append(("warn", f"visualization stage: failed: {v.error}"))
     if viz["missing"]:
         out.append(("warn", f"{len(viz['missing'])} of {viz['n_shards']} visualization shards missing, their "
                             "images are not in this report: " + "; ".join(
@@ -259,57 +233,82 @@ def _warnings(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
     return out
 
 
-def build_report(run: Path, cfg: AggregateConfig) -> dict[str, Any]:
-    """Everything of the report in memory: {doc, figures, captions, tables, viz, inputs}."""
+def build_report(run: RunDir, cfg: AggregateConfig) -> dict[str, Any]:
+    """Everything of the report in memory: {doc, figures, tables, viz, meta}."""
     inp = read_inputs(run)
-    viz = collate_run(run, inp["plan"], inp["manifest"])
-    viz_config = {"viz": inp["plan"]["config"]} if inp["plan"] else {}
-    meta = {"run": run.resolve().name, "config": {**inp["config"], **viz_config, "aggregate": config_to_dict(cfg)},
+    viz = collate_run(run)
+    name = run.path.resolve().name
+    viz_config = {"viz": inp["plan"].to_dict()["config"]} if inp["plan"] else {}
+    meta = {"run": name, "config": {**inp["config"], **viz_config, "aggregate": config_to_dict(cfg)},
             "checkpoint_sha256": (inp["eval"] or {}).get("checkpoint_sha256")}
     figs, tables = _Figures(meta, cfg.dpi), {}
     ev = inp["eval"] or {}
-    head = [("h", 1, f"hpcviz report: {run.resolve().name}"),
+    head = [("h", 1, f"hpcviz report: {name}"),
             ("p", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by hpcviz {__version__} from {run}."
                   + "".join(f" {label} accuracy {100 * ev[key]:.2f}%." for label, key in
                             (("Validation", "accuracy"), ("Train", "train_accuracy")) if ev.get(key) is not None)),
             ("p", f"Checkpoint sha256 {ev.get('checkpoint_sha256') or 'unknown'}; dataset fingerprint "
-                  f"{inp['manifest'].get('train', {}).get('dataset_fingerprint', 'unknown')}.")]
+                  f"{inp['manifest'].train.dataset_fingerprint or 'unknown'}.")]
     doc = head + _warnings(inp, viz) + _training_blocks(inp, figs, tables) + _accuracy_blocks(inp, figs, tables) \
         + _filter_blocks(run, figs) + _viz_blocks(viz, cfg, figs, tables) + _pipeline_blocks(inp, viz) \
         + [("h", 2, "Appendix: configuration"), ("pre", json.dumps(meta["config"], indent=2, sort_keys=True))]
     return {"doc": doc, "figures": figs.png, "tables": tables, "viz": viz, "meta": meta}
 
 
+def _render(built: dict[str, Any], title: str, embed: bool) -> dict[str, bytes]:
+    """Every file of report/, by its path inside it."""
+    files = dict(built["figures"])
+    for name, (headers, rows) in built["tables"].items():
+        files[f"tables/{name}.csv"] = report.to_csv(headers, rows).encode()
+        files[f"tables/{name}.md"] = report.to_markdown(headers, rows).encode()
+    files["report.md"] = report.render_markdown(built["doc"]).encode()
+    files["report.html"] = report.render_html(built["doc"], title, built["figures"] if embed else None).encode()
+    return files
+
+
+def _replace_dir(final: Path, files: dict[str, bytes]) -> None:
+    """Make `final` hold exactly `files`: written into a staging directory beside it (space checked first),
+    then swapped in by two renames. A full disk or a kill leaves the previous directory whole; the
+    leftovers of a killed run (staging dirs, the old `*.png.tmp-PID` files) are removed first."""
+    parent = final.parent
+    for stale in [*parent.glob(f"{final.name}.tmp-*"), *parent.glob(f"{final.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    old_tmp = [p for p in final.rglob("*.tmp-*")] if final.is_dir() else []
+    for stale in old_tmp:
+        stale.unlink(missing_ok=True)
+    check_space(parent, sum(len(b) for b in files.values()) + 4096 * len(files))
+    staging, old = parent / f"{final.name}.tmp-{os.getpid()}", parent / f"{final.name}.old-{os.getpid()}"
+    try:
+        for rel, data in files.items():
+            write_bytes(staging / rel, data)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def aggregate(cfg: AggregateConfig) -> dict[str, Any]:
     """Write <run>/report/: figures/*.png, tables/*.csv and *.md, report.md, report.html, report.json."""
-    run = Path(cfg.run_dir)
+    run = RunDir(cfg.run_dir)
     built = build_report(run, cfg)
-    out = run / "report"
-    for rel, png in built["figures"].items():
-        checkpoint.write_bytes(out / rel, png)
-    keep = {out / rel for rel in built["figures"]} | {out / "tables" / f"{t}.{e}" for t in built["tables"]
-                                                       for e in ("csv", "md")}
-    for old in [*(out / "figures").glob("*.png"), *(out / "tables").glob("*.*")]:
-        if old not in keep:  # figures and tables of an earlier report that this one lacks
-            old.unlink(missing_ok=True)
-    for name, (headers, rows) in built["tables"].items():
-        checkpoint.write_bytes(out / "tables" / f"{name}.csv", report.to_csv(headers, rows).encode())
-        checkpoint.write_bytes(out / "tables" / f"{name}.md", report.to_markdown(headers, rows).encode())
-    title = f"hpcviz report: {run.resolve().name}"
-    checkpoint.write_bytes(out / "report.md", report.render_markdown(built["doc"]).encode())
-    checkpoint.write_bytes(out / "report.html", report.render_html(
-        built["doc"], title, built["figures"] if cfg.embed else None).encode())
     viz = built["viz"]
-    missing = [f"shard-{s:05d}.h5" for s in sorted(viz["missing"])]
-    summary = {"report": str(out / "report.html"), "figures": sorted(built["figures"]),
+    missing = [run.shard(s).name for s in sorted(viz["missing"])]
+    summary = {"report": "report/report.html", "figures": sorted(built["figures"]),
                "tables": sorted(built["tables"]), "n_images": viz["n_images"], "missing_shards": missing,
-               "missing_reasons": {f"shard-{s:05d}.h5": r for s, r in viz["missing"].items()}, **built["meta"]}
-    checkpoint.write_json(out / "report.json", summary)
+               "missing_reasons": {run.shard(s).name: r for s, r in viz["missing"].items()}, **built["meta"]}
+    files = _render(built, f"hpcviz report: {built['meta']['run']}", cfg.embed)
+    files["report.json"] = (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode()
+    _replace_dir(run.report_dir, files)
+    run.write_config("aggregate", config_to_dict(cfg))
     status = "done" if not missing and viz["path"] is not None else "partial"
     if viz["n_shards"]:
-        checkpoint.update_manifest(run, "viz", status=status, missing_shards=missing, n_images=viz["n_images"])
-    checkpoint.update_manifest(run, "aggregate", status=status, report=str(out / "report.html"),
-                               missing_shards=missing)
-    log.info("report: %s (%d figures, %d tables%s)", out / "report.html", len(built["figures"]),
+        run.update("viz", status=status, missing_shards=missing, n_images=viz["n_images"])
+    run.update("aggregate", status=status, report=summary["report"], missing_shards=missing, error="")
+    log.info("report: %s (%d figures, %d tables%s)", run.report_dir / "report.html", len(built["figures"]),
              len(built["tables"]), f"; missing shards: {', '.join(missing)}" if missing else "")
-    return summary
+    return {**summary, "report": str(run.report_dir / "report.html")}

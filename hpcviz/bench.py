@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import dist
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
+from .rundir import RunDir
 from .data import normalize
 from .models import build_model
 from .train import Meters, Position, Split, StopRequest, make_optimizer, prepare_data, train_one_epoch
@@ -104,7 +105,7 @@ def bench_train_throughput(cfg: TrainConfig, steps: int, workers: int) -> dict[s
     split = prepare_data(cfg, device)
     steps = min(steps, split.train.n // cfg.batch_size - 3)  # 3 warm-up steps; never past the data
     if steps < 1:
-        raise ValueError(f"--batch-size {cfg.batch_size}: too large for {split.train.n} training images; "
+        raise ConfigError(f"--batch-size {cfg.batch_size}: too large for {split.train.n} training images; "
                          "hint: a smaller --batch-size")
     ours = time_project_steps(cfg, split, steps)
     plain = time_plain_loop(cfg, split, steps, workers=workers)
@@ -164,13 +165,13 @@ def bench_viz_stage(data: str, images: int, run_dir: Path, arch: str = "resnet18
     trained = train(cfg)
     vcfg = viz.VizConfig(run_dir=str(run_dir), images=images, tasks=1, batch_size=128)
     plan = viz.make_plan(vcfg)
-    viz.write_plan(run_dir, plan)
+    RunDir(run_dir).write_plan(plan)
     t0 = time.perf_counter()
     viz.run_shard(str(run_dir), 0)
     seconds = time.perf_counter() - t0
-    return {"arch": arch, "stem": stem, "images": plan["n_images"], "seconds": seconds,
-            "images_per_s": plan["n_images"] / seconds, "val_accuracy_after_1_epoch": trained["val_accuracy"],
-            "invert_blocks": plan["invert_blocks"], "deconv_blocks": len(plan["deconv_blocks"]), "paths": plan["paths"]}
+    return {"arch": arch, "stem": stem, "images": plan.n_images, "seconds": seconds,
+            "images_per_s": plan.n_images / seconds, "val_accuracy_after_1_epoch": trained["val_accuracy"],
+            "invert_blocks": plan.invert_blocks, "deconv_blocks": len(plan.deconv_blocks), "paths": plan.paths}
 
 
 def block_bytes(arch: str, stem: str, image_size: int) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""Checkpoints and the run directory's small files (config, manifest, metrics, eval).
+"""Checkpoints: the only code that reads and writes checkpoints/ (the rest of the run directory is
+hpcviz.rundir's).
 
 Checkpoints are torch state dicts (loadable with `weights_only=True`), written
 atomically (temp file, fsync, rename) beside a sha256 sidecar. Saving rotates
@@ -8,20 +9,18 @@ warning when `last.pt` is truncated or corrupt.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
-import json
 import logging
 import os
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from .store import atomic_path
+from .config import TrainConfig, default_stem
+from .errors import InputError
+from .files import atomic_path, write_bytes
 
 log = logging.getLogger("hpcviz")
 
@@ -29,7 +28,7 @@ CKPT_FORMAT = "hpcviz-checkpoint-v1"
 LAST, PREV = "last.pt", "prev.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """No checkpoint that verifies, or one that does not fit the run."""
 
 
@@ -43,19 +42,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Atomically write `data` (temp file, fsync, rename): readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_bytes(path, data)
 
 
 def to_cpu(obj: Any) -> Any:
@@ -77,12 +63,15 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: str | os.PathLike) -> Path:
     torch.save({"format": CKPT_FORMAT, **to_cpu(state)}, buf)  # CPU tensors: loads on machines without GPUs
     data = buf.getvalue()
     last, prev = ckpt_dir / LAST, ckpt_dir / PREV
-    if last.exists() and _verifies(last):
-        # keep a good previous checkpoint; a corrupt last.pt is simply replaced
-        os.replace(last, prev)
-        os.replace(_sidecar(last), _sidecar(prev))
-    _write_bytes(last, data)
-    _write_bytes(_sidecar(last), (_sha256_bytes(data) + "\n").encode())
+    # the new file is whole on disk before anything is renamed: a full disk leaves last.pt and prev.pt as they were
+    with atomic_path(last, needed=len(data) + 4096) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        if last.exists() and _verifies(last):
+            # keep a good previous checkpoint; a corrupt last.pt is simply replaced
+            os.replace(last, prev)
+            os.replace(_sidecar(last), _sidecar(prev))
+        write_bytes(_sidecar(last), (_sha256_bytes(data) + "\n").encode())
     return last
 
 
@@ -139,85 +128,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-# ---- the run directory's small files ---------------------------------------------------
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write `obj` as indented JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: str | os.PathLike, default: Any = None) -> Any:
-    path = Path(path)
-    if not path.exists():
-        return default
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:  # written atomically by us, so someone else broke it
-        raise CheckpointError(f"{path}: not valid JSON ({e}); hint: restore it, or move it away to have the "
-                              "stage that writes it run again") from None
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    # the launcher (login node) and the job (compute node) both update manifest.json
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:  # e.g. Lustre mounted without flock: go on unlocked rather than crash
-            yield
-            return
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def update_json(path: str | os.PathLike, key: str, value: Any) -> dict[str, Any]:
-    """Set path[key] = value (merging dicts one level deep) under a lock; returns the new content.
-    `value` may be a function of the current path[key] (or {}): read, modified and written in one lock."""
-    path = Path(path)
-    with _locked(path):
-        content = read_json(path, {})
-        if callable(value):
-            value = value(content.get(key, {}))
-        if isinstance(value, dict) and isinstance(content.get(key), dict):
-            value = {**content[key], **value}
-        content[key] = value
-        write_json(path, content)
-    return content
-
-
-def update_manifest(run_dir: str | os.PathLike, stage: str, **fields: Any) -> dict[str, Any]:
-    fields.setdefault("updated", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    return update_json(Path(run_dir) / "manifest.json", stage, fields)
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for k, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if k < len(lines) - 1:
-                raise CheckpointError(f"{path}: line {k + 1} is not JSON; hint: delete that line") from None
-            log.warning("%s: the last line is cut short (a job killed mid-append), ignored", path)
-    return records
-
-
-def write_metrics(run_dir: str | os.PathLike, records: list[dict[str, Any]]) -> None:
-    """Rewrite metrics.jsonl atomically (used on resume to drop epochs that will be redone)."""
-    _write_bytes(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
-
-
-def append_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
-    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def check_resumable(state: dict[str, Any], cfg: TrainConfig, num_classes: int | None, fingerprint: str | None) -> None:
+    """Refuse to continue a checkpoint of another architecture, stem, class count or data set (None: not known
+    here; the job checks again with the data loaded)."""
+    old = state["config"]
+    mine = (cfg.arch, cfg.resolved_stem(), num_classes)
+    theirs = (old["arch"], old.get("stem") or default_stem(old["arch"]), len(state["classes"]))
+    if mine != theirs and num_classes is not None or mine[:2] != theirs[:2]:
+        raise CheckpointError(
+            f"--resume {state['path']}: the checkpoint is arch {theirs[0]} stem {theirs[1]} with {theirs[2]} classes, "
+            f"this run is arch {mine[0]} stem {mine[1]} with {mine[2] or '?'} classes; hint: resume with the same "
+            "--arch/--stem/--data, or start a new --run")
+    if fingerprint and state.get("data_fingerprint") and fingerprint != state["data_fingerprint"]:
+        raise CheckpointError(
+            f"--resume {state['path']}: the checkpoint was trained on other data (--data {old.get('data')}, "
+            f"fingerprint {state['data_fingerprint'][:12]}), this --data {cfg.data} has fingerprint {fingerprint[:12]}; "
+            "hint: resume with the same --data, or start a new --run with --init to fine-tune")

@@ -1,97 +1,166 @@
-"""Configs of every stage, as dataclasses with units in comments.
+"""Configs of every stage, as dataclasses: each option defined once, with its default, help and unit.
 
-A config is the whole truth about how an artifact was made: it is written into
-every checkpoint and into `config.json`, and a later stage rebuilds everything
-from it. Recipes are named sets of defaults; explicit flags always win.
+A config is the whole truth about how an artifact was made: it is written into every checkpoint,
+`config.json`, the viz plan and every shard, and a later stage rebuilds everything from it. The
+command-line parsers are derived from these fields (`hpcviz.cli.add_options`), and each config's
+`validate()` checks a whole request before anything on disk changes (`ConfigError`, exit 2).
+Recipes are named sets of training defaults; explicit flags always win.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence, TypeVar
+
+from .errors import InputError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet20", "resnet32", "resnet56")
+CIFAR_ARCHS = ("resnet20", "resnet32", "resnet56")  # their own stem is cifar; torchvision's are imagenet
 STEMS = ("imagenet", "cifar")
 SCHEDULES = ("onecycle", "cosine", "constant")
 AMP_MODES = ("auto", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 PLACEMENTS = ("auto", "device", "host", "stream")
+CLUSTERS = ("auto", "slurm", "local", "debug", "inline")
+SPLITS = ("val", "train")
+PATHS = ("both", "residual", "shortcut")  # deconvnet paths at a residual block
+PRIORS = ("tv", "none")                   # inversion regulariser
+COMPRESSIONS = ("", "gzip", "lzf")        # HDF5 filter of the shards ("" = none)
+DATA_HELP = "builtin | builtin:N | cifar10:DIR | cifar10-test:DIR | DIR (<class>/*.jpg) | FILE.h5 (packed)"
+
+C = TypeVar("C")
 
 
-class ConfigError(ValueError):
-    """A config value that is not one of the valid choices."""
+class ConfigError(InputError):
+    """A config value that is not one of the valid choices, or out of its range."""
 
 
+def option(default: Any = None, help: str = "", *, flag: str = "", unit: str = "", choices: Sequence[str] = (),
+           factory: Any = None, cli: bool = True) -> Any:
+    """A config field and its command-line option: `flag` (default --<name with dashes>), `help`, `unit`,
+    `choices` (shown in the help and checked by validate). `cli=False`: not an option."""
+    meta = {"help": help, "flag": flag, "unit": unit, "choices": tuple(choices), "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_stem(arch: str) -> str:
+    """The architecture's own stem: cifar for ResNet-20/32/56, imagenet for torchvision's."""
+    return "cifar" if arch in CIFAR_ARCHS else "imagenet"
+
+
+def check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        shown = [c or "''" for c in choices]
+        raise ConfigError(f"{flag} {value!r}: not one of {', '.join(shown)}; hint: pick one of those, "
+                          f"e.g. {flag} {shown[0]}")
+
+
+def _num(value: float) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def check_range(flag: str, value: float, low: float | None = None, high: float | None = None,
+                high_open: bool = False, hint: str = "") -> None:
+    """low <= value <= high (or < high when high_open); one ConfigError line otherwise."""
+    bad = (low is not None and not value >= low) or (high is not None and not (
+        value < high if high_open else value <= high))
+    if bad:
+        span = (f"at least {low:g}" if high is None else f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+                if low is not None else f"at most {high:g}")
+        raise ConfigError(f"{flag} {_num(value)}: must be {span}; hint: {hint or 'drop it for the default'}")
+
+
+def _checks(cfg: Any, ranges: Mapping[str, tuple[float | None, float | None]], prefix: str = "") -> None:
+    """The choices of every field that has them, and the (low, high) ranges given per field name; flags
+    are named as the command spells them (`prefix`, see flag_of)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("choices") and isinstance(value, str):
+            check_choice(flag_of(f, prefix), value, f.metadata["choices"])
+        if f.name in ranges and value is not None:
+            check_range(flag_of(f, prefix), value, *ranges[f.name])
+
+
+# options that training and visualization both have: where both are on one command line (the pipeline)
+# the visualization's get a prefix, --viz-batch-size and so on
+SHARED = ("split", "batch_size", "device", "seed")
+
+
+def flag_of(f: dataclasses.Field, prefix: str = "") -> str:
+    """The option of field `f`; `prefix` goes before the names in SHARED."""
+    name = f.name.replace("_", "-")
+    return f.metadata.get("flag") or (f"--{prefix}{name}" if prefix and f.name in SHARED else f"--{name}")
+
+
+# ------------------------------------------------------------------------------------------ training
 @dataclass
 class TrainConfig:
-    # data
-    data: str = "builtin"             # builtin | builtin:N | cifar10:DIR | DIR | FILE.h5
-    image_size: int = 32              # px, square; images are resized to this
-    val_fraction: float = 0.1         # share of the source carved out for validation
-    split_seed: int = 0               # seed of the train/val split (apart from --seed, so runs stay comparable)
-    skip_bad: bool = False            # skip unreadable image files (warn with a count) instead of stopping
-    download: bool = False            # cifar10: download when missing (needs internet)
-    augment: bool = True              # random crop (pad 4 px) + horizontal flip, batched on the device
-    data_placement: str = "auto"      # auto | device | host | stream: where the images live (hpcviz.placement)
-    data_workers: int = 2             # threads gathering batches ahead (host, stream placements)
-    # model
-    arch: str = "resnet18"            # one of ARCHS
-    stem: str = ""                    # imagenet | cifar; "" = imagenet for resnet18/34/50, cifar for resnet20/32/56
-    init: str = ""                    # path of a torchvision-format state dict to start from ("" = random)
-    # optimisation
-    epochs: int = 30                  # passes over the training split
-    batch_size: int = 256             # images per step, GLOBAL (split evenly over the ranks)
-    lr: float = 0.2                   # peak learning rate for the global batch
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4        # L2 on conv/linear weights only (not BN, not biases)
-    label_smoothing: float = 0.1
-    schedule: str = "onecycle"        # one of SCHEDULES
-    warmup_epochs: float = 1.0        # epochs of linear warm-up from lr/10 (onecycle, cosine)
-    # execution
-    seed: int = 0                     # one seed for initialisation, order and augmentation
-    device: str = "auto"              # auto | cpu | cuda
-    amp: str = "auto"                 # auto = bf16 autocast on GPUs with native bf16, else fp32
-    channels_last: bool = True        # NHWC memory layout (faster on GPUs and on CPUs with oneDNN)
-    compile: bool = False             # torch.compile the model
-    eval_batch_size: int = 1024       # images per rank per evaluation step
-    log_every: int = 50               # steps between progress lines in log files
-    checkpoint_every: int = 0         # steps between checkpoints inside an epoch (0 = only at epoch ends)
-    dist_timeout_min: float = 30.0    # minutes: rendezvous and first collective (ranks may still be loading data)
-    collective_timeout_min: float = 10.0  # minutes: every later collective (a hung rank ends the job)
-    recipe: str = "default"           # name of the recipe the defaults came from
-    resume: str = ""                  # "" = fresh run, "auto" = continue run_dir's last checkpoint, or a checkpoint path
-    # where
-    run_dir: str = "results/default"  # the run directory; created if missing
+    data: str = option("builtin", DATA_HELP)
+    image_size: int = option(32, "images are resized to this, square", unit="px")
+    val_fraction: float = option(0.1, "share of the source carved out for validation, per class")
+    split_seed: int = option(0, "seed of the train/val split (apart from --seed, so runs stay comparable)")
+    skip_bad: bool = option(False, "skip unreadable image files (one warning with their count)")
+    download: bool = option(False, "cifar10: download when missing (needs internet)")
+    augment: bool = option(True, "random crop (pad 4 px) + horizontal flip", flag="--no-augment")
+    data_placement: str = option("auto", "where the images live: the whole set on each device, one copy per node "
+                                 "in shared memory, or streamed from the packed file", choices=PLACEMENTS)
+    data_workers: int = option(2, "threads gathering batches ahead (host, stream placements)")
+    arch: str = option("resnet18", "architecture", choices=ARCHS)
+    stem: str = option("", "imagenet (7x7/2 conv + max-pool) | cifar (3x3/1); '' = the arch's own "
+                       "(imagenet for resnet18/34/50, cifar for resnet20/32/56)", choices=("",) + STEMS)
+    init: str = option("", "torchvision-format state dict to start from (e.g. pretrained weights)")
+    epochs: int = option(30, "passes over the training split")
+    batch_size: int = option(256, "GLOBAL images per step, split evenly over the processes", unit="images")
+    lr: float = option(0.2, "peak learning rate for the global batch")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(True, "Nesterov momentum", flag="--no-nesterov")
+    weight_decay: float = option(5e-4, "L2 on conv/linear weights only (not BN, not biases)")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
+    schedule: str = option("onecycle", "learning-rate schedule after the warm-up", choices=SCHEDULES)
+    warmup_epochs: float = option(1.0, "linear warm-up from lr/10 (onecycle, cosine)", unit="epochs")
+    seed: int = option(0, "one seed for initialisation, order and augmentation")
+    device: str = option("auto", "where to train", choices=DEVICES)
+    amp: str = option("auto", "auto = bf16 autocast on GPUs with native bf16, else fp32", choices=AMP_MODES)
+    channels_last: bool = option(True, "NHWC memory layout", flag="--no-channels-last")
+    compile: bool = option(False, "torch.compile the model")
+    eval_batch_size: int = option(1024, "images per rank per evaluation step", unit="images")
+    log_every: int = option(50, "steps between progress lines in log files", unit="steps")
+    checkpoint_every: int = option(0, "steps between checkpoints inside an epoch (0 = only at epoch ends)",
+                                   unit="steps")
+    dist_timeout_min: float = option(30.0, "the rendezvous and the first collective (ranks may still be "
+                                     "loading data)", flag="--dist-timeout", unit="minutes")
+    collective_timeout_min: float = option(10.0, "every later collective (a hung rank ends the job)",
+                                           flag="--collective-timeout", unit="minutes")
+    recipe: str = option("default", "named defaults; seed = the course report (lr 0.0005, batch 256, 900 "
+                         "epochs, no schedule)", cli=False)
+    resume: str = option("", "'' = fresh run, auto = the run's last checkpoint, or a checkpoint path", cli=False)
+    run_dir: str = option("results/default", "the run directory (default results/<arch>-<data>)", flag="--run")
 
     def resolved_stem(self) -> str:
-        if self.stem:
-            return self.stem
-        return "cifar" if self.arch in ("resnet20", "resnet32", "resnet56") else "imagenet"
+        return self.stem or default_stem(self.arch)
 
-    def validate(self) -> "TrainConfig":
-        _check_choice("--arch", self.arch, ARCHS)
-        if self.stem:
-            _check_choice("--stem", self.stem, STEMS)
-        _check_choice("--schedule", self.schedule, SCHEDULES)
-        _check_choice("--amp", self.amp, AMP_MODES)
-        _check_choice("--device", self.device, DEVICES)
-        _check_choice("--data-placement", self.data_placement, PLACEMENTS)
-        for name, minutes in (("--dist-timeout", self.dist_timeout_min),
-                              ("--collective-timeout", self.collective_timeout_min)):
-            if not minutes > 0:
-                raise ConfigError(f"{name} {minutes}: minutes, must be positive; hint: e.g. {name} 30")
-        if self.data_workers < 1:
-            raise ConfigError(f"--data-workers {self.data_workers}: must be at least 1; hint: e.g. --data-workers 2")
-        for name, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
-                            ("--image-size", self.image_size), ("--eval-batch-size", self.eval_batch_size)):
-            if value < 1:
-                raise ConfigError(f"{name} {value}: must be a positive integer")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction {self.val_fraction}: must be between 0 and 1 (exclusive), e.g. 0.1")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr {self.lr}: must be positive, e.g. 0.1")
+    def validate(self) -> TrainConfig:
+        _checks(self, {"image_size": (1, None), "epochs": (1, None), "batch_size": (1, None),
+                       "eval_batch_size": (1, None), "data_workers": (1, None), "log_every": (1, None),
+                       "checkpoint_every": (0, None), "momentum": (0, 1), "weight_decay": (0, None),
+                       "warmup_epochs": (0, None)})
+        check_range("--val-fraction", self.val_fraction, 0, 1, high_open=True, hint="e.g. --val-fraction 0.1")
+        if self.val_fraction <= 0:
+            raise ConfigError(f"--val-fraction {_num(self.val_fraction)}: must be above 0 (the validation split "
+                              "would be empty); hint: e.g. --val-fraction 0.1")
+        check_range("--label-smoothing", self.label_smoothing, 0, 1, high_open=True, hint="e.g. --label-smoothing 0.1")
+        for flag, value in (("--lr", self.lr), ("--dist-timeout", self.dist_timeout_min),
+                            ("--collective-timeout", self.collective_timeout_min)):
+            if not value > 0:
+                raise ConfigError(f"{flag} {_num(value)}: must be positive; hint: drop it for the default")
+        if self.init and not os.path.isfile(self.init):
+            raise ConfigError(f"--init {self.init}: no such file; hint: a torchvision-format state dict saved with "
+                              "torch.save(model.state_dict(), PATH)")
         return self
 
 
@@ -106,28 +175,159 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{flag} {value!r}: not one of {', '.join(choices)}; "
-                          f"hint: pick one of those, e.g. {flag} {choices[0]}")
-
-
 def make_train_config(overrides: Mapping[str, Any], recipe: str = "default") -> TrainConfig:
     """Build a TrainConfig: dataclass defaults < recipe < explicit overrides (None = not given)."""
-    _check_choice("--recipe", recipe, tuple(RECIPES))
+    check_choice("--recipe", recipe, tuple(RECIPES))
     values: dict[str, Any] = dict(RECIPES[recipe])
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["recipe"] = recipe
     return config_from_dict(TrainConfig, values).validate()
 
 
+# ------------------------------------------------------------------------------------------ launching
+@dataclass
+class LaunchConfig:
+    cluster: str = option("auto", "auto = slurm where sbatch exists, else local; local = subprocesses here; "
+                          "debug = this process; inline = one rank of srun/torchrun", choices=CLUSTERS)
+    gpus: int | None = option(None, "GPUs per node, one task each (default: 1 where there is a GPU, else 0)")
+    nproc: int = option(1, "CPU processes per node when --gpus 0 (gloo DDP)")
+    nodes: int = option(1, "nodes")
+    cpus_per_task: int = option(0, "CPUs per task (0 = the profile's)")
+    mem_gb: int = option(0, "memory per node (0 = the profile's)", unit="GiB")
+    time_min: int = option(0, "wall-clock limit (0 = the profile's on SLURM, none locally)", flag="--time",
+                           unit="minutes")
+    partition: str = option("", "SLURM partition (default: the profile's)")
+    account: str = option("", "SLURM account")
+    qos: str = option("", "SLURM QOS")
+    constraint: str = option("", "SLURM node constraint")
+    profile: str = option("", "cluster profile: a name in slurm/profiles/ or a path to an .ini "
+                          "(default $HPCVIZ_PROFILE or default)")
+    wait: bool = option(False, "follow the job until it ends and exit with its outcome")
+    throttle: int = option(0, "at most this many array tasks at once (SLURM; 0 = no limit)")
+    extra: dict[str, str] = option(factory=dict, help="raw extra sbatch options", cli=False)
+
+    def validate(self) -> LaunchConfig:
+        _checks(self, {"nproc": (1, None), "nodes": (1, None), "cpus_per_task": (0, None), "mem_gb": (0, None),
+                       "time_min": (0, None), "throttle": (0, None), "gpus": (0, None)})
+        return self
+
+
+# ------------------------------------------------------------------------------------------ visualization
+@dataclass
+class VizConfig:
+    run_dir: str = option("", "a trained run directory (holds checkpoints/)", flag="--run")
+    split: str = option("val", "the split of the run's data the images come from", choices=SPLITS)
+    images: int = option(200, "images in a class-balanced, seeded sample of the split")
+    indices: list[int] = option(factory=list, help="explicit comma-separated positions in the split "
+                                "(overrides --images)")
+    tasks: int | None = option(None, "array tasks = shards (default: from --per-task)")
+    per_task: int = option(100, "images per task when --tasks is not given")
+    batch_size: int = option(64, "images per forward pass", unit="images")
+    blocks: list[str] = option(factory=list, help="blocks to dump, comma-separated (default: every block)")
+    deconv_blocks: list[str] = option(factory=lambda: ["all"], help="blocks to reconstruct with the deconvnet: "
+                                      "all | none | names")
+    paths: list[str] = option(factory=lambda: list(PATHS), help=f"deconvnet paths at residual blocks: "
+                              f"{', '.join(PATHS)}")
+    invert_blocks: list[str] = option(factory=lambda: ["default"], help="blocks to invert: default (conv1 + "
+                                      "each stage's last block) | all | none | names")
+    invert_steps: int = option(0, "optimisation steps per inversion (0 = the inversion's default)", unit="steps")
+    prior: str = option("tv", "tv (Mahendran & Vedaldi) | none (plain sum of squared errors)", choices=PRIORS)
+    compression: str = option("", "HDF5 filter of the shards ('' = none, fastest)", choices=COMPRESSIONS)
+    device: str = option("auto", "where each task computes", choices=DEVICES)
+    seed: int = option(0, "seed of the image sample")
+    fast: bool = option(False, "GPUs: TF32 convolutions and atomic unpooling (faster; ~1e-3 off the exact default)")
+
+    def n_tasks(self) -> int:
+        """Array tasks: --tasks, else enough tasks of --per-task images; never more than there are images."""
+        n = len(self.indices) or self.images
+        return min(self.tasks or -(-n // self.per_task), n)
+
+    def validate(self, prefix: str = "") -> VizConfig:
+        """`prefix`: how the shared flags are spelt in this command (the pipeline's --viz-batch-size)."""
+        _checks(self, {"images": (1, None), "tasks": (1, None), "per_task": (1, None), "batch_size": (1, None),
+                       "invert_steps": (0, None)}, prefix)
+        if any(i < 0 for i in self.indices):
+            raise ConfigError(f"--indices {min(self.indices)}: positions start at 0; hint: --indices 0,1,2")
+        bad = [p for p in self.paths if p not in PATHS]
+        if bad or (self.deconv_blocks and not self.paths):
+            raise ConfigError(f"--paths {','.join(self.paths) or 'none'}: valid paths are {', '.join(PATHS)}; "
+                              "hint: --paths both")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ report
+@dataclass
+class AggregateConfig:
+    run_dir: str = option("", "the run directory (results/<run>)", flag="--run")
+    images: int = option(3, "images shown in the feature-map and deconvnet figures", flag="--report-images")
+    invert_images: int = option(4, "images in the inversion figure")
+    channels: int = option(8, "strongest channels per block in the feature-map figures")
+    embed: bool = option(True, "report.html embeds its figures (self-contained)", flag="--no-embed")
+    dpi: int = option(100, "PNG resolution", unit="dots per inch", cli=False)
+
+    def validate(self) -> AggregateConfig:
+        _checks(self, {"images": (1, None), "invert_images": (1, None), "channels": (1, None), "dpi": (10, None)})
+        return self
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class EvalConfig:
+    run_dir: str = option("", "run directory holding checkpoints/", flag="--run")
+    data: str = option("", DATA_HELP)
+    name: str = option("", "the result goes to eval-<name>.json in the run (default: from --data)")
+    device: str = option("auto", "where to evaluate", choices=DEVICES)
+    batch_size: int = option(512, "images per step", unit="images")
+
+    def validate(self) -> EvalConfig:
+        _checks(self, {"batch_size": (1, None)})
+        if not self.data:
+            raise ConfigError("--data: required; hint: e.g. --data cifar10-test:DIR")
+        if not _NAME.fullmatch(self.name) or ".." in self.name:
+            raise ConfigError(f"--name {self.name!r}: letters, digits, '_', '.' and '-' only, not starting with "
+                              "'.' or '-' (it names eval-<name>.json inside the run); hint: e.g. --name test")
+        return self
+
+
+def default_eval_name(data: str) -> str:
+    """A --name from --data: 'cifar10-test:/d/x' -> 'x', '/data/heldout/' -> 'heldout'."""
+    base = os.path.basename(data.rstrip("/").split(":")[-1]) or data
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(base)[0]).lstrip("._-") or "data"
+
+
+# ------------------------------------------------------------------------------------------ packing
+@dataclass
+class PackConfig:
+    data: str = option("", f"image set to pack: {DATA_HELP}")
+    out: str = option("", "the packed .h5 file to write")
+    image_size: int | None = option(None, "resize to S x S (default: keep; builtin: 32)", unit="px")
+    skip_bad: bool = option(False, "skip unreadable image files (one warning with their count)")
+    download: bool = option(False, "cifar10:DIR: download when missing")
+    seed: int = option(0, "seed of the builtin set")
+    force: bool = option(False, "overwrite an existing --out")
+
+    def validate(self) -> PackConfig:
+        _checks(self, {"image_size": (1, None)})
+        for flag, value in (("--data", self.data), ("--out", self.out)):
+            if not value:
+                raise ConfigError(f"{flag}: required; hint: python jobs/pack_data.py --data DIR --out FILE.h5")
+        if not self.out.lower().endswith((".h5", ".hdf5")):
+            raise ConfigError(f"--out {self.out}: must end in .h5 (it is read back by that name); "
+                              "hint: e.g. --out data/cifar10-train.h5")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ (de)serialising
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(cls: type, values: Mapping[str, Any]) -> Any:
+def config_from_dict(cls: type[C], values: Mapping[str, Any]) -> C:
     """Rebuild a config dataclass from a dict, refusing unknown keys (a typo is an error)."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} fields {unknown}; valid fields: {', '.join(sorted(names))}")
@@ -136,21 +336,3 @@ def config_from_dict(cls: type, values: Mapping[str, Any]) -> Any:
 
 def dumps(cfg: Any) -> str:
     return json.dumps(config_to_dict(cfg), indent=2, sort_keys=True)
-
-
-@dataclass
-class LaunchConfig:
-    cluster: str = "auto"             # auto | slurm | local | debug
-    gpus: int | None = None           # GPUs per node (one task per GPU); 0 = CPU; None = launch.resolve_gpus
-    nproc: int = 1                    # CPU processes per node when gpus == 0 (gloo DDP)
-    nodes: int = 1
-    cpus_per_task: int = 0            # 0 = profile default
-    mem_gb: int = 0                   # per node, GiB; 0 = profile default
-    time_min: int = 0                 # wall-clock limit, minutes; 0 = profile default
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
-    profile: str = ""                 # name or path of a cluster profile (slurm/profiles/*.ini)
-    wait: bool = False                # follow the job until it ends
-    extra: dict[str, str] = field(default_factory=dict)  # raw extra sbatch options

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DataError", "ImageSet", "ImageFolderStream", "DATA_FORMS", "BUILTIN_CLASSES", "IMAGE_EXTENSIONS", "load_images",
+from .errors import InputError
+
+__all__ = ["DataError", "ImageSet", "SourceFacts", "peek", "check_split", "ImageFolderStream", "DATA_FORMS", "BUILTIN_CLASSES", "IMAGE_EXTENSIONS", "load_images",
            "make_builtin", "resize_images", "split_indices", "channel_stats", "norm_tensors", "normalize", "augment",
            "fingerprint"]
 
@@ -33,7 +35,7 @@ BUILTIN_CLASSES = ("circle", "square", "triangle", "cross", "ring",
 _TV_DECODES = (".jpg", ".jpeg", ".png")  # torchvision.io decodes these ~3x faster than PIL
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A --data spec (or a file it points at) cannot be turned into an ImageSet."""
 
 
@@ -109,6 +111,50 @@ def check_source(spec: str, download: bool = False) -> None:
         return
     problem = "no such directory" if not os.path.exists(spec) else "not a directory or a .h5 file"
     raise _error(spec, problem, "check the path (it must be visible from the compute nodes too)")
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What can be known of a --data source without decoding it (None: not without decoding)."""
+    classes: tuple[str, ...] | None
+    per_class: tuple[int, ...] | None   # images per class
+    fingerprint: str | None             # fingerprint() of the set at the requested image size
+
+
+def peek(spec: str, image_size: int) -> SourceFacts:
+    """The cheap facts of a source that check_source accepted: launchers check a request with them (an empty
+    validation split, a --resume of another class count or data set) before anything is queued or written."""
+    if spec == "builtin" or spec.startswith("builtin:"):
+        n = int(spec.partition(":")[2] or "500")
+        small = n * len(BUILTIN_CLASSES) * image_size ** 2 <= 2 ** 25  # drawn in about a second at most
+        return SourceFacts(BUILTIN_CLASSES, (n,) * len(BUILTIN_CLASSES),
+                           fingerprint(make_builtin(n, image_size)) if small else None)
+    if spec.lower().endswith((".h5", ".hdf5")):
+        from .store import PackedReader, StoreError
+        try:
+            with PackedReader(spec) as reader:
+                counts = np.bincount(reader.labels, minlength=len(reader.classes))
+                same_size = tuple(reader.shape[2:]) == (image_size, image_size)
+                fp = str(reader.attrs.get("fingerprint", "")) if same_size else ""
+                return SourceFacts(tuple(reader.classes), tuple(int(c) for c in counts), fp or None)
+        except StoreError as e:
+            raise DataError(f"--data {e}") from None
+    if os.path.isdir(spec) and not spec.startswith(("cifar10:", "cifar10-test:")):
+        classes, samples = _list_image_folder(spec)
+        counts = np.bincount([label for _, label in samples], minlength=len(classes))
+        return SourceFacts(tuple(classes), tuple(int(c) for c in counts), None)
+    return SourceFacts(None, None, None)
+
+
+def check_split(spec: str, facts: SourceFacts, val_fraction: float) -> None:
+    """Refuse a source whose validation split would be empty (split_indices' rounding, per class)."""
+    if facts.per_class is None:
+        return
+    n_val = sum(min(int(n * val_fraction + 0.5), n - 1) for n in facts.per_class if n)
+    if n_val == 0:
+        raise DataError(f"--data {spec}: the validation split would be empty ({sum(facts.per_class)} images, at most "
+                        f"{max(facts.per_class)} per class, --val-fraction {val_fraction:g}); hint: use more images "
+                        "per class (e.g. builtin:20) or a larger --val-fraction")
 
 
 # ----------------------------------------------------------------------------- builtin
@@ -460,7 +506,7 @@ def split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple
     Each class contributes round(n_c * val_fraction) images to val (at least one stays in train).
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"split_indices: val_fraction={val_fraction} must be in [0, 1); hint: e.g. 0.1")
+        raise DataError(f"split_indices: val_fraction={val_fraction} must be in [0, 1); hint: e.g. 0.1")
     y = labels.cpu().numpy()
     rng = np.random.Generator(np.random.PCG64(seed))
     val = []
@@ -480,7 +526,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tup
     Sums are exact int64 (no float rounding, order-independent), accumulated in chunks of ~4M values.
     """
     if images.numel() == 0:
-        raise ValueError(f"channel_stats: got no pixels, shape {tuple(images.shape)}; hint: check the split")
+        raise DataError(f"channel_stats: got no pixels, shape {tuple(images.shape)}; hint: check the split")
     total, total_sq = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
     step = max(1, 2 ** 22 // images.shape[1:].numel())
     for lo in range(0, images.shape[0], step):
@@ -530,7 +576,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip
     then flips if `flip`), so the same seed gives bit-identical results on CPU and GPU.
     """
     if generator.device.type != "cpu":
-        raise ValueError(f"augment: generator is on {generator.device}, expected a CPU torch.Generator; "
+        raise DataError(f"augment: generator is on {generator.device}, expected a CPU torch.Generator; "
                          "hint: torch.Generator().manual_seed(seed)")
     b, c, h, w = images.shape
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)  # (B,) top row of the crop in padded frame

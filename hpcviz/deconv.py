@@ -49,14 +49,15 @@ from torch import nn
 from torch.nn.grad import conv2d_input
 from torchvision.models import resnet as tvr
 
+from .config import PATHS
+from .errors import InputError
 from .models import block_names
 
-PATHS = ("both", "residual", "shortcut")
 SEEDS = ("all", "channel", "topk")
 _PATH_HINT = "hint: e.g. 'both', or per block 'layer4.1=shortcut,layer4.0=residual' (blocks not named: both)"
 
 
-class DeconvError(ValueError):
+class DeconvError(InputError):
     """A bad block, path or seed (one line, with the valid choices and a hint), or an unsupported model."""
 
 

@@ -23,10 +23,12 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.distributed as td
 
+from .errors import JobError
+
 DEFAULT_PORT = 29500
 
 
-class DistError(RuntimeError):
+class DistError(JobError):
     """The distributed environment is inconsistent or could not be initialised."""
 
 

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dist
+from .config import EvalConfig, config_to_dict
 from .data import norm_tensors, normalize
+from .errors import InputError
 from .placement import Feed, feed_tensors
 
 
@@ -86,30 +88,28 @@ def remap_labels(labels: torch.Tensor, source_classes: Sequence[str], model_clas
     """Labels of a data source expressed in the model's class indices, matched by class name."""
     unknown = [c for c in source_classes if c not in model_classes]
     if unknown:
-        raise ValueError(f"--data has classes the model does not know: {', '.join(unknown[:5])}; the model's "
+        raise InputError(f"--data has classes the model does not know: {', '.join(unknown[:5])}; the model's "
                          f"classes: {', '.join(model_classes)}; hint: evaluate on a source with the same class names")
     table = torch.tensor([list(model_classes).index(c) for c in source_classes], dtype=torch.int64)
     return table[labels]
 
 
-def evaluate_run(run_dir: str, data: str, name: str, device: str = "auto", batch_size: int = 512) -> dict[str, Any]:
+def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a run's checkpoint on any data source; writes eval-<name>.json beside eval.json."""
-    from pathlib import Path
-
     from . import checkpoint
     from .data import load_images
-    from .models import build_model
-    state = checkpoint.load_checkpoint(Path(run_dir) / "checkpoints")
-    cfg = state["config"]
-    dev = dist.pick_device(device)
-    model = build_model(cfg["arch"], len(state["classes"]), cfg.get("stem", ""))
-    model.load_state_dict(state["model"])
-    model.to(dev)
-    ds = load_images(data, cfg["image_size"], skip_bad=cfg.get("skip_bad", False))
+    from .models import from_checkpoint
+    from .rundir import RunDir
+    run = RunDir(cfg.run_dir)
+    state = checkpoint.load_checkpoint(run.checkpoints)
+    dev = dist.pick_device(cfg.device)
+    model = from_checkpoint(state, dev)
+    tcfg = state["config"]
+    ds = load_images(cfg.data, tcfg["image_size"], skip_bad=tcfg.get("skip_bad", False))
     labels = remap_labels(ds.labels, ds.classes, state["classes"])
     result = summarize(evaluate(model, feed_tensors(ds.images, labels, dev), state["mean"], state["std"],
-                                len(state["classes"]), batch_size, cfg.get("amp", "auto")), state["classes"])
-    result.update(split=name, data=data, checkpoint=state["path"], checkpoint_sha256=state["sha256"],
-                  config={"run_dir": run_dir, "data": data, "name": name, "device": device, "batch_size": batch_size})
-    checkpoint.write_json(Path(run_dir) / f"eval-{name}.json", result)
+                                len(state["classes"]), cfg.batch_size, tcfg.get("amp", "auto")), state["classes"])
+    result.update(split=cfg.name, data=cfg.data, checkpoint=run.rel(state["path"]), checkpoint_sha256=state["sha256"],
+                  config=config_to_dict(cfg))
+    run.write_eval(result, cfg.name)
     return result

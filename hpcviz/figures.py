@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import InputError
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -34,7 +36,7 @@ def _rgb_tile(image: np.ndarray) -> np.ndarray:
 def _check(a: np.ndarray, rgb: bool, max_items: int) -> None:
     ok = (a.ndim == 4 and a.shape[1] == 3) or (a.ndim == 3 and a.shape[0] == 3) if rgb else a.ndim == 3
     if not ok or 0 in a.shape or max_items < 1:
-        raise ValueError(f"image_grid: got shape {a.shape} (rgb={rgb}, max_items={max_items}); valid: {_SHAPES}, "
+        raise InputError(f"image_grid: got shape {a.shape} (rgb={rgb}, max_items={max_items}); valid: {_SHAPES}, "
                          "max_items >= 1; hint: pick one image first, e.g. store.read_image(path, name, index)")
 
 
@@ -97,7 +99,7 @@ def filter_grid(weight: np.ndarray, title: str = "conv1 filters", scale: str = "
     symmetric around 0 (mid grey = 0), so strengths compare."""
     w = np.asarray(weight, dtype=np.float32)
     if w.ndim != 4 or w.shape[1] != 3 or scale not in ("filter", "global"):
-        raise ValueError(f"filter_grid: weight {w.shape}, scale {scale!r}; valid: (C_out, 3, k, k) and "
+        raise InputError(f"filter_grid: weight {w.shape}, scale {scale!r}; valid: (C_out, 3, k, k) and "
                          "scale 'filter' or 'global'; hint: pass model.conv1.weight.detach().cpu().numpy()")
     if scale == "global":
         m = float(np.abs(w).max()) or 1.0
@@ -123,7 +125,7 @@ def feature_maps(act: np.ndarray, block: str = "", max_channels: int = 32, cmap:
     most `max_channels`, one colour scale shared by all tiles of the block."""
     a = np.asarray(act, dtype=np.float32)
     if a.ndim != 3:
-        raise ValueError(f"feature_maps: got shape {a.shape}; valid: (C, h, w) of one image; hint: act[i]")
+        raise InputError(f"feature_maps: got shape {a.shape}; valid: (C, h, w) of one image; hint: act[i]")
     order = order_channels(a)[:max_channels]
     fig = image_grid(a[order], title=f"{block}: top {len(order)} of {len(a)} channels by mean activation "
                      "(tile title = channel)", max_items=max_channels, cmap=cmap, rgb=False,
@@ -185,7 +187,7 @@ def inversion_panel(images: np.ndarray, recs: dict, errors: dict, title: str = "
 def training_curves(records: list[dict], title: str = "") -> Figure:
     """Loss (left) and accuracy (right) per epoch, train and val, from metrics.jsonl records."""
     if not records:
-        raise ValueError("training_curves: no epochs; hint: pass checkpoint.read_metrics(run) of a trained run")
+        raise InputError("training_curves: no epochs; hint: pass RunDir(run).read_metrics() of a trained run")
     epochs = [r["epoch"] for r in records]
     fig = _figure(9.0, 3.4)
     ax_loss, ax_acc = fig.subplots(1, 2)
@@ -206,7 +208,7 @@ def class_accuracy(classes: list[str], accuracy: list[float | None], overall: fl
                    title: str = "per-class validation accuracy") -> Figure:
     """One bar per class (accuracy in [0, 1]; None = no image of that class), the overall as a line."""
     if len(classes) != len(accuracy) or not classes:
-        raise ValueError(f"class_accuracy: {len(classes)} classes but {len(accuracy)} accuracies; "
+        raise InputError(f"class_accuracy: {len(classes)} classes but {len(accuracy)} accuracies; "
                          "hint: pass eval.json's classes and per_class_accuracy in the same order")
     values = [100 * a if a is not None else 0.0 for a in accuracy]
     fig = _figure(max(5.0, 0.55 * len(classes) + 1.5), 3.4)
@@ -227,7 +229,7 @@ def confusion_matrix(confusion: np.ndarray, classes: list[str], title: str = "co
     """Rows = true class, columns = predicted; colour = share of the row, text = count."""
     c = np.asarray(confusion, dtype=np.int64)
     if c.ndim != 2 or c.shape[0] != c.shape[1] or c.shape[0] != len(classes):
-        raise ValueError(f"confusion_matrix: shape {c.shape} for {len(classes)} classes; valid: (K, K), "
+        raise InputError(f"confusion_matrix: shape {c.shape} for {len(classes)} classes; valid: (K, K), "
                          "rows = true class; hint: pass eval.json's confusion and classes")
     share = c / np.maximum(c.sum(1, keepdims=True), 1)  # (K, K) row-normalised
     k = len(classes)
@@ -250,7 +252,7 @@ def block_maps(image: np.ndarray, acts: dict, channels: int = 8, title: str = ""
     each row has its own colour scale (blocks differ in range), shared by the tiles of that row."""
     blocks = list(acts)
     if not blocks or channels < 1:
-        raise ValueError("block_maps: no blocks or channels < 1; hint: pass {block: act[i]} with (C, h, w) each")
+        raise InputError("block_maps: no blocks or channels < 1; hint: pass {block: act[i]} with (C, h, w) each")
     fig = _figure(1.1 * (channels + 1) + 0.8, 1.05 * len(blocks) + 0.8)
     axes = fig.subplots(len(blocks), channels + 1, squeeze=False)
     for row, block in enumerate(blocks):

@@ -15,6 +15,8 @@ from rich.text import Text
 from rich.tree import Tree
 
 from . import store
+from .errors import InputError
+from .rundir import Plan, RunDir
 
 __all__ = ["render_tree", "render_stats", "summarize_run"]
 
@@ -150,18 +152,33 @@ def _shard_status(path: Path) -> tuple[str, str]:
         return getattr(e, "problem", str(e)), ""
 
 
-def _shards(run: Path) -> list[RenderableType]:
-    folder = run / "viz" / "shards"
-    shards = sorted(folder.glob("*.h5")) if folder.is_dir() else []
-    temps = sorted(p for p in folder.glob("*.h5.tmp-*")) if folder.is_dir() else []
-    plan, _ = _read_json(run / "viz" / "plan.json")
-    expected = len(plan["shards"]) if isinstance(plan, dict) and isinstance(plan.get("shards"), list) else None
-    if not shards and not temps:
-        return [Text(f"visualization shards: {NOT_RUN} (viz/shards/)")]
-    status = {p.name: _shard_status(p) for p in shards}
+def _plan(run: RunDir) -> tuple[Plan | None, str]:
+    try:
+        return run.plan(), ""
+    except InputError as e:
+        return None, str(e).split(";")[0]
+
+
+def _shards(run: RunDir) -> list[RenderableType]:
+    """Every shard of the plan (present and this plan's, or why not), and files that are not the plan's."""
+    folder = run.shards_dir
+    files = sorted(folder.glob("*.h5")) if folder.is_dir() else []
+    temps = sorted(folder.glob("*.h5.tmp-*")) if folder.is_dir() else []
+    plan, why = _plan(run)
+    if not files and not temps and plan is None:
+        return [Text(f"visualization shards: {why or NOT_RUN} (viz/shards/)")]
+    status: dict[str, tuple[str, str]] = {}
+    if plan is not None:
+        for k, positions in enumerate(plan.shards):
+            problem = run.shard_problem(k, plan)
+            status[run.shard(k).name] = (problem or "complete", str(len(positions)))
+    for p in files:
+        if p.name not in status:
+            status[p.name] = ("not in the plan (viz/plan.json): ignored", "") if plan else _shard_status(p)
     done = sum(s == "complete" for s, _ in status.values())
-    head = f"visualization shards: {done} complete of {len(shards)} file(s)"
-    head += f", {expected} expected (viz/plan.json)" if expected is not None else ""
+    head = (f"visualization shards: {done} complete of {len(plan.shards)} planned (viz/plan.json)" if plan is not None
+            else f"visualization shards: {done} complete of {len(files)} file(s), no plan "
+                 f"({why or 'viz/plan.json ' + NOT_RUN})")
     table = Table()
     for column in ("shard", "status", "images"):
         table.add_column(column)
@@ -173,29 +190,37 @@ def _shards(run: Path) -> list[RenderableType]:
     return [Text(head, "bold"), table]
 
 
-def _viz(run: Path) -> RenderableType:
-    path = run / "viz" / "viz.h5"
+def _viz(run: RunDir) -> RenderableType:
+    """viz.h5 as it is now: its images, and every shard it reads that is gone or changed since."""
+    path = run.viz_file
     if not path.is_file():
         return Text("viz/viz.h5: not collated yet")
     try:
         attrs = store.read_attrs(path)
     except store.StoreError as e:
         return Text(f"viz/viz.h5: {getattr(e, 'problem', e)}", "red")
-    missing = attrs.get("missing_shards") or []
-    line = (f"viz/viz.h5: {attrs.get('n_images', '?')} images from {len(attrs.get('shards') or [])} shard(s), "
-            + ("complete" if attrs.get("complete") else f"{len(missing)} missing: {', '.join(missing[:5])}"))
-    shards = [run / "viz" / s for s in attrs.get("shards") or []]
-    if any(s.is_file() and s.stat().st_mtime > path.stat().st_mtime for s in shards):
-        line += "; STALE: a shard is newer than viz.h5, collate again"
-    return Text(line, "green" if attrs.get("complete") and "STALE" not in line else "yellow")
+    missing = list(attrs.get("missing_shards") or [])
+    sources = [run.viz_dir / s for s in attrs.get("shards") or []]
+    gone = [s.name for s in sources if not s.is_file()]
+    newer = [s.name for s in sources if s.is_file() and s.stat().st_mtime > path.stat().st_mtime]
+    complete = attrs.get("complete") and not gone and not newer
+    line = f"viz/viz.h5: {attrs.get('n_images', '?')} images from {len(sources)} shard(s), "
+    line += "complete" if complete else "INCOMPLETE"
+    if missing:
+        line += f"; left out when collated: {', '.join(Path(m).name for m in missing[:5])}"
+    if gone:
+        line += f"; MISSING since: {', '.join(gone[:5])} (reading it fails); hint: --retry-failed, or collate again"
+    if newer:
+        line += f"; STALE: {', '.join(newer[:5])} newer than viz.h5, collate again (jobs/aggregate.py)"
+    return Text(line, "green" if complete else "yellow")
 
 
 def summarize_run(run_dir: str | Path) -> Group:
     """Stages and their status, config, accuracy, visualization shards and viz.h5 of a run directory;
     every file that does not exist yet is reported as 'not run yet'."""
-    run = Path(run_dir)
-    report = run / "report" / "report.md"
-    parts: list[RenderableType] = [Text(f"run {run}", "bold"), _stages(run), *_config_and_accuracy(run),
+    run = RunDir(run_dir)
+    report = run.report_dir / "report.md"
+    parts: list[RenderableType] = [Text(f"run {run}", "bold"), _stages(run.path), *_config_and_accuracy(run.path),
                                    *_shards(run), _viz(run),
                                    Text(f"report: {report if report.is_file() else NOT_RUN}")]
     return Group(*parts)

@@ -49,9 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import PRIORS
 from .deconv import Deconvnet, max_pool
+from .errors import InputError, JobError
 
-PRIORS = ("tv", "none")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 _B_RATIO = 80.0 / 255.0     # the 2016 paper's typical pixel value B = 80 on a 0..255 range
@@ -60,7 +61,7 @@ _CHECK_EVERY = 10           # steps between divergence checks (a device sync eac
 _BLOWUP = 1e4               # |x| > _BLOWUP * range width counts as divergence
 
 
-class InversionError(FloatingPointError):
+class InversionError(JobError, FloatingPointError):
     """The optimisation diverged (one line: block, step, loss and a hint)."""
 
 
@@ -178,7 +179,7 @@ def _input_size(fwd: _Forward, block: str, hw: tuple[int, int]) -> tuple[int, in
         size = (hw[0] * s, hw[1] * s)
         got = fwd(torch.zeros(1, 3, *size, device=fwd.device, dtype=fwd.dtype), [block], [1])[0].shape[-2:]
     if tuple(got) != tuple(hw):
-        raise ValueError(f"targets of block {block}: cannot infer the input size from {tuple(hw)}; "
+        raise InputError(f"targets of block {block}: cannot infer the input size from {tuple(hw)}; "
                          "hint: pass images=, or input_size=(H, W)")
     return size
 
@@ -197,12 +198,12 @@ def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
     per-channel normalisation of the input (the data range; see the module doc for the lambdas).
     Returns {block: {"x": (B, 3, H, W) float32 on the CPU, normalised input space; "error": (B,)
     relative feature error ||phi(x)-phi0||/||phi0|| of the final x (no jitter); "loss": (B, steps)
-    objective per image and step}}. Raises InversionError if it diverges, ValueError on bad input."""
+    objective per image and step}}. Raises InversionError if it diverges, InputError on bad input."""
     cfg = cfg or InversionConfig()
     if cfg.prior not in PRIORS:
-        raise ValueError(f"prior {cfg.prior!r}: not one of {', '.join(PRIORS)}; hint: prior='tv'")
+        raise InputError(f"prior {cfg.prior!r}: not one of {', '.join(PRIORS)}; hint: prior='tv'")
     if cfg.steps < 1:
-        raise ValueError(f"steps {cfg.steps}: need >= 1")
+        raise InputError(f"steps {cfg.steps}: need >= 1")
     fwd = _Forward(model, cfg.exact)
     if isinstance(blocks, str):
         blocks = [blocks]
@@ -210,13 +211,13 @@ def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
         blocks = list(targets) if targets else fwd.blocks
     unknown = [b for b in blocks if b not in fwd.blocks]
     if unknown:
-        raise ValueError(f"blocks {','.join(unknown)}: not blocks of this model; valid: {', '.join(fwd.blocks)}")
+        raise InputError(f"blocks {','.join(unknown)}: not blocks of this model; valid: {', '.join(fwd.blocks)}")
     names = [b for b in fwd.blocks if b in set(blocks)]
     dev = fwd.device
 
     if images is not None:
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images of shape {tuple(images.shape)}: need (B, 3, H, W) normalised input")
+            raise InputError(f"images of shape {tuple(images.shape)}: need (B, 3, H, W) normalised input")
         acts = fwd.deconv.forward(images, upto=names[-1])   # one no-grad forward, every block
         phi0 = {b: acts[b].detach() for b in names}
         del acts
@@ -224,14 +225,14 @@ def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
     elif targets:
         missing = [b for b in names if b not in targets]
         if missing:
-            raise ValueError(f"targets lack blocks {','.join(missing)}; hint: pass images= instead")
+            raise InputError(f"targets lack blocks {','.join(missing)}; hint: pass images= instead")
         phi0 = {b: targets[b].to(dev, torch.float32) for b in names}
         n = phi0[names[0]].shape[0]
         if any(p.shape[0] != n for p in phi0.values()):
-            raise ValueError("targets: blocks with different batch sizes")
+            raise InputError("targets: blocks with different batch sizes")
         H, W = input_size or _input_size(fwd, names[0], tuple(phi0[names[0]].shape[-2:]))
     else:
-        raise ValueError("invert: give images= (normalised input) or targets= {block: activation}")
+        raise InputError("invert: give images= (normalised input) or targets= {block: activation}")
 
     nb, C = len(names), 3
     r, bval, vval = data_scale(mean, std)

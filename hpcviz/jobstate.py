@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .errors import InputError, JobError
+
 log = logging.getLogger("hpcviz")
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
@@ -23,7 +25,7 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPEN
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
-class JobFailed(RuntimeError):
+class JobFailed(JobError):
     """The job ended without a result, or with an error."""
 
 
@@ -153,15 +155,15 @@ def read_results(paths: list[Path]) -> list[Any] | None:
 
 
 def is_input_error(line: str) -> bool:
-    """True for the last traceback line of one of hpcviz's bad-input errors (ValueError subclasses,
-    e.g. 'hpcviz.data.DataError: --data X: ...', and the non-finite loss): that line says everything."""
+    """True for the last traceback line of one of hpcviz's bad-input errors (errors.InputError, e.g.
+    'hpcviz.data.DataError: --data X: ...'): that line says everything, no log tail is needed."""
     import importlib
     name = line.split(":", 1)[0].strip()
     module, _, cls = name.rpartition(".")
     if not module.startswith("hpcviz"):
         return False
     try:
-        return issubclass(getattr(importlib.import_module(module), cls), (ValueError, ArithmeticError))
+        return issubclass(getattr(importlib.import_module(module), cls), InputError)
     except (ImportError, AttributeError, TypeError):
         return False
 

@@ -1,8 +1,9 @@
 """submitit executors, cluster profiles and the training job.
 
-`--cluster slurm` submits with sbatch (one task per GPU, or `nproc` CPU tasks for
-gloo), `local` runs the same tasks as subprocesses here, `debug` runs in this
-process. Jobs receive configs and paths, never models.
+`--cluster slurm` submits with sbatch (one task per GPU, or `nproc` CPU tasks for gloo), `local`
+runs the same tasks as subprocesses here, `debug` runs in this process. Jobs receive configs and
+paths, never models. `check_launch` checks a launch request in full (cluster, profile, GPUs here)
+before anything is written; the commands call it first.
 """
 from __future__ import annotations
 
@@ -12,40 +13,41 @@ import logging
 import os
 import shutil
 import signal
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import submitit
 
-from .config import LaunchConfig, TrainConfig
-
-if TYPE_CHECKING:
-    from .viz import VizConfig
+from .config import CLUSTERS, ConfigError, LaunchConfig, TrainConfig, check_choice
+from .errors import InputError, JobError
+from .rundir import RunDir
 
 log = logging.getLogger("hpcviz")
 
-CLUSTERS = ("auto", "slurm", "local", "debug", "inline")
 REPO = Path(__file__).resolve().parents[1]
 PROFILE_DIR = REPO / "slurm" / "profiles"
 PROFILE_KEYS = {"partition": "", "account": "", "qos": "", "constraint": "", "gpu_request": "gpus-per-node",
                 "gpu_nodes": "auto", "cpus_per_task": "0", "cpus_per_gpu": "8", "mem_gb": "0", "time_min": "60",
                 "signal_delay_s": "90", "max_num_timeout": "20", "setup": ""}
+_INT_KEYS = ("cpus_per_task", "cpus_per_gpu", "mem_gb", "time_min", "signal_delay_s", "max_num_timeout")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(JobError):
     """A job could not be submitted, or it failed."""
+
+
+class JobRefused(InputError):
+    """A job that refused its input before it started (its own one-line error)."""
 
 
 def detect_cluster(requested: str) -> str:
     """auto -> slurm when sbatch is on PATH, else local. inline = run in this process as one
     rank of whatever started it (srun in slurm/train.sbatch, torchrun), submitting nothing."""
-    if requested not in CLUSTERS:
-        raise LaunchError(f"--cluster {requested!r}: not one of {', '.join(CLUSTERS)}; hint: --cluster local runs here")
+    check_choice("--cluster", requested, CLUSTERS)
     if requested == "auto":
         return "slurm" if shutil.which("sbatch") else "local"
     if requested == "slurm" and not shutil.which("sbatch"):
-        raise LaunchError("--cluster slurm: sbatch is not on PATH; hint: run on a SLURM login node, or --cluster local")
+        raise ConfigError("--cluster slurm: sbatch is not on PATH; hint: run on a SLURM login node, or --cluster local")
     return requested
 
 
@@ -55,19 +57,26 @@ def read_profile(name: str) -> dict[str, str]:
     path = Path(name) if name.endswith(".ini") or os.sep in name else PROFILE_DIR / f"{name}.ini"
     if not path.is_file():
         known = sorted(p.stem for p in PROFILE_DIR.glob("*.ini"))
-        raise LaunchError(f"--profile {name}: no file {path}; valid profiles: {', '.join(known) or 'none'}; "
+        raise ConfigError(f"--profile {name}: no file {path}; valid profiles: {', '.join(known) or 'none'}; "
                           "hint: copy slurm/profiles/default.ini and edit it")
     parser = configparser.ConfigParser()
-    parser.read(path)
+    try:
+        parser.read(path)
+    except configparser.Error as e:
+        raise ConfigError(f"profile {path}: not an .ini file ({str(e).splitlines()[0]}); hint: compare it with "
+                          "slurm/profiles/default.ini") from None
     section = dict(parser["slurm"]) if parser.has_section("slurm") else {}
     unknown = sorted(set(section) - set(PROFILE_KEYS))
     if unknown:
-        raise LaunchError(f"profile {path}: unknown keys {unknown}; valid keys: {', '.join(PROFILE_KEYS)}")
-    if section.get("gpu_request", "gpus-per-node") not in ("gpus-per-node", "gres"):
-        raise LaunchError(f"profile {path}: gpu_request must be gpus-per-node or gres")
-    if section.get("gpu_nodes", "auto") not in ("auto", "yes", "no"):
-        raise LaunchError(f"profile {path}: gpu_nodes must be auto (ask sinfo), yes or no")
-    return {**PROFILE_KEYS, **section}
+        raise ConfigError(f"profile {path}: unknown keys {unknown}; valid keys: {', '.join(PROFILE_KEYS)}")
+    prof = {**PROFILE_KEYS, **section}
+    check_choice(f"profile {path}: gpu_request", prof["gpu_request"], ("gpus-per-node", "gres"))
+    check_choice(f"profile {path}: gpu_nodes", prof["gpu_nodes"], ("auto", "yes", "no"))
+    bad = [k for k in _INT_KEYS if not prof[k].strip().isdigit()]
+    if bad:
+        raise ConfigError(f"profile {path}: {bad[0]} = {prof[bad[0]]!r} is not a whole number >= 0; "
+                          f"hint: e.g. {bad[0]} = {PROFILE_KEYS[bad[0]]}")
+    return prof
 
 
 def _sinfo(fmt: str, partition: str) -> list[str]:
@@ -101,10 +110,64 @@ def resolve_gpus(launch: LaunchConfig, device: str = "auto") -> int:
     return 1 if torch.cuda.is_available() else 0
 
 
-def precheck_data(spec: str, download: bool = False) -> None:
-    """Cheap checks of --data on the submitting machine (see data.check_source)."""
-    from .data import check_source
-    check_source(spec, download)
+def check_launch(launch: LaunchConfig, device: str = "auto") -> LaunchConfig:
+    """The launch request checked in full, nothing written: a copy with the cluster and GPUs resolved.
+    Bad input is a ConfigError (exit 2): an unknown cluster or profile, --gpus with --device cpu, more
+    GPUs than this machine has (local, debug), several processes for the debug cluster."""
+    launch = dataclasses.replace(launch.validate(), extra=dict(launch.extra))
+    if launch.gpus and device == "cpu":
+        raise ConfigError(f"--gpus {launch.gpus} with --device cpu; hint: drop one of them (--gpus 0 for CPUs)")
+    launch.cluster = detect_cluster(launch.cluster)
+    read_profile(launch.profile)
+    if launch.cluster == "inline":
+        return launch
+    launch.gpus = resolve_gpus(launch, device)
+    if launch.cluster == "debug" and (tasks_per_node(launch) > 1 or launch.nodes > 1):
+        raise ConfigError("--cluster debug runs one process, in this one; hint: use --cluster local for "
+                          "--nproc/--gpus > 1 or --nodes > 1")
+    if launch.cluster != "slurm":
+        _check_local_gpus(launch.gpus)
+        if launch.nodes > 1:
+            raise ConfigError(f"--nodes {launch.nodes}: --cluster {launch.cluster} runs on this one machine; "
+                              "hint: --cluster slurm for several nodes")
+    return launch
+
+
+def _check_local_gpus(gpus: int) -> None:
+    if gpus <= 0:
+        return
+    import torch
+    have = torch.cuda.device_count()
+    if gpus > have:
+        raise ConfigError(f"--gpus {gpus}: this machine has {have} GPU(s); hint: use --gpus {have} "
+                          f"{'or --nproc N for CPU processes' if not have else ''}".rstrip())
+
+
+def check_train_request(cfg: TrainConfig) -> None:
+    """Every check of a training request that decodes nothing and needs no GPU, before anything is queued or
+    written: --data (paths, layout, a packed file's labels, an empty validation split), --init, and the
+    checkpoint --resume continues against this run (arch, stem, classes, data where known; the job checks
+    again with the data loaded)."""
+    from . import checkpoint
+    from .data import check_source, check_split, peek
+    check_source(cfg.data, cfg.download)
+    facts = peek(cfg.data, cfg.image_size)
+    check_split(cfg.data, facts, cfg.val_fraction)
+    if cfg.init:
+        import torch
+        try:
+            state = torch.load(cfg.init, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a file that is not a state dict
+            raise ConfigError(f"--init {cfg.init}: not a readable state dict ({type(e).__name__}); hint: save one "
+                              "with torch.save(model.state_dict(), PATH)") from None
+        if not isinstance(state, dict):
+            raise ConfigError(f"--init {cfg.init}: holds a {type(state).__name__}, not a state dict; hint: save "
+                              "model.state_dict(), not the model")
+    if cfg.resume:
+        found = checkpoint.find_checkpoint(RunDir(cfg.run_dir).checkpoints) if cfg.resume == "auto" else cfg.resume
+        if found is not None:
+            checkpoint.check_resumable(checkpoint.load_checkpoint(found), cfg,
+                                       len(facts.classes) if facts.classes else None, facts.fingerprint)
 
 
 def tasks_per_node(launch: LaunchConfig) -> int:
@@ -112,19 +175,11 @@ def tasks_per_node(launch: LaunchConfig) -> int:
 
 
 def make_executor(launch: LaunchConfig, folder: Path, job_name: str) -> submitit.Executor:
-    """An executor for `launch.cluster` (already resolved), logging into `folder`."""
+    """An executor for a request that check_launch has resolved, logging into `folder`."""
     prof = read_profile(launch.profile)
-    cluster = detect_cluster(launch.cluster)
-    if cluster == "inline":
-        raise LaunchError("--cluster inline runs in this process and submits nothing; hint: use it under srun")
-    if cluster == "debug" and (tasks_per_node(launch) > 1 or launch.nodes > 1):
-        raise LaunchError("--cluster debug runs one process in this one; hint: use --cluster local for --nproc/--gpus > 1")
-    if launch.gpus is None:
-        launch.gpus = resolve_gpus(launch)
-    if cluster != "slurm":
-        _check_local_gpus(launch.gpus)
-    ex = submitit.AutoExecutor(folder=folder, cluster=cluster,
-                               slurm_max_num_timeout=int(prof["max_num_timeout"]))
+    cluster = launch.cluster
+    assert cluster in ("slurm", "local", "debug") and launch.gpus is not None, "check_launch() first"
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=int(prof["max_num_timeout"]))
     # the profile's time limit is the cluster's; a job here runs until it is done (unless --time)
     limit = launch.time_min or (int(prof["time_min"]) if cluster == "slurm" else 60 * 24 * 365)
     params: dict[str, Any] = dict(name=job_name, nodes=launch.nodes, tasks_per_node=tasks_per_node(launch),
@@ -189,16 +244,6 @@ def _slurm_params(launch: LaunchConfig, prof: dict[str, str], cpus: int) -> dict
     return params
 
 
-def _check_local_gpus(gpus: int) -> None:
-    if gpus <= 0:
-        return
-    import torch
-    have = torch.cuda.device_count()
-    if gpus > have:
-        raise LaunchError(f"--gpus {gpus}: this machine has {have} GPU(s); hint: use --gpus {have} "
-                          f"{'or --nproc N for CPU processes' if not have else ''}".rstrip())
-
-
 EXIT_STOPPED = 3  # a run that saved and stopped on a signal; slurm/train.sbatch requeues on it
 
 
@@ -235,7 +280,7 @@ def prepare_run(cfg: TrainConfig, cluster: str, resume_hint: str = "continue it"
     or written; the job checks again). Outside debug, the job continues its run when it is requeued."""
     from . import checkpoint
     if not cfg.resume:
-        found = checkpoint.find_checkpoint(Path(cfg.run_dir) / "checkpoints")
+        found = checkpoint.find_checkpoint(RunDir(cfg.run_dir).checkpoints)
         if found is not None:
             raise checkpoint.CheckpointError(f"--run {cfg.run_dir} already holds a checkpoint ({found}); "
                                              f"hint: pass --resume to {resume_hint}, or choose a new --run")
@@ -244,29 +289,23 @@ def prepare_run(cfg: TrainConfig, cluster: str, resume_hint: str = "continue it"
 
 
 def submit_train(cfg: TrainConfig, launch: LaunchConfig, job: TrainJob | None = None) -> submitit.Job:
-    folder = Path(cfg.run_dir) / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    ex = make_executor(launch, folder, f"hpcviz-train-{Path(cfg.run_dir).name}")
+    """Submit the training job; the manifest's train record says `submitted` only once sbatch took it
+    (the previous record comes back if the submission is refused)."""
+    run = RunDir(cfg.run_dir)
+    ex = make_executor(launch, run.logs, f"hpcviz-train-{run.path.resolve().name}")
     job = job or TrainJob()
     job.alone = launch.cluster == "debug"
+    run.logs.mkdir(parents=True, exist_ok=True)
+    run.begin("train", cluster=launch.cluster)
     try:
-        return ex.submit(job, cfg)
+        submitted = ex.submit(job, cfg)
     except Exception as e:  # submitit wraps sbatch's refusal in several types
+        run.abandon("train")
         first = str(e).strip().splitlines()
         raise LaunchError(f"submission refused: {first[-1] if first else type(e).__name__}; "
                           "hint: check --gpus/--partition/--account against `sinfo` and the profile") from None
-
-
-def log_tail(job: submitit.Job, lines: int = 30) -> str:
-    """The last lines of the job's stderr and stdout, for error messages."""
-    out = []
-    for path in (job.paths.stderr, job.paths.stdout):
-        try:
-            text = Path(str(path).replace("%t", "0")).read_text(errors="replace").splitlines()
-        except OSError:
-            continue
-        out += [f"--- {path} (last {lines} lines)"] + text[-lines:]
-    return "\n".join(out)
+    run.update("train", job_id=str(submitted.job_id))
+    return submitted
 
 
 def _follow_local(job: submitit.Job) -> None:
@@ -285,12 +324,13 @@ def _follow_local(job: submitit.Job) -> None:
 
 
 def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: bool = False) -> Any:
-    """Block until the job ends; a failure becomes a LaunchError carrying the log tail.
+    """Block until the job ends. A job that refused its input raises JobRefused (its one line), any other
+    failure LaunchError with the log tail; a job that ended without a result (killed) says so.
 
     SLURM jobs are watched through hpcviz.jobstate (sacct, else squeue/scontrol, else the
     run's files), so the wait ends whatever happened to the job.
     """
-    from .jobstate import JobFailed, is_input_error, read_results, result_paths, wait_for_job
+    from .jobstate import JobFailed, is_input_error, read_results, result_paths, tail, wait_for_job
     ntasks = tasks_per_node(launch) * launch.nodes if launch else 1
     try:
         if isinstance(job, submitit.SlurmJob):
@@ -299,19 +339,29 @@ def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: b
             _follow_local(job)
             results = job.results()
     except JobFailed as e:
+        first = str(e).splitlines()[0].split(" failed: ", 1)[-1]
+        if is_input_error(first):
+            raise JobRefused(first.split(": ", 1)[-1]) from None
         raise LaunchError(str(e)) from None
     except Exception as e:  # FailedJobError, UncompletedJobError, or the job's own exception
         brief = type(e).__name__
         if isinstance(job, submitit.DebugJob) and str(e).strip():  # the job's own exception, here
+            if isinstance(e, InputError):
+                raise JobRefused(str(e)) from None
             brief += ": " + str(e).strip().splitlines()[0]
+        elif type(e).__name__ == "UncompletedJobError":
+            brief = "it ended without a result (killed, or out of memory?)"
         try:  # the task's own exception, from the result file submitit wrote
             read_results(result_paths(job.paths.folder, str(job.job_id), ntasks))
         except JobFailed as failed:
+            if is_input_error(str(failed)):
+                raise JobRefused(str(failed).split(": ", 1)[-1]) from None
             brief = str(failed)
         except OSError:
             pass
-        more = "" if is_input_error(brief) else "\n" + log_tail(job)
-        raise LaunchError(f"job {job.job_id} failed: {brief}{more}") from None
+        logs = "\n".join(tail(Path(str(p).replace("%t", "0"))) for p in (job.paths.stderr, job.paths.stdout))
+        raise LaunchError(f"job {job.job_id} failed: {brief}" + ("" if is_input_error(brief) else "\n" + logs)) \
+            from None
     digests = {r.get("weights_sha256") for r in results if isinstance(r, dict)} - {None}
     if len(digests) > 1:  # every rank returns a digest of its weights: DDP must keep them identical
         raise LaunchError(f"job {job.job_id}: the {len(results)} ranks ended with different weights; "
@@ -345,43 +395,6 @@ def submit_array(ex: submitit.Executor, fn: Any, run_dir: str, items: list[int],
     return jobs
 
 
-def launch_viz(cfg: "VizConfig", launch: LaunchConfig, throttle: int = 0, fresh: bool = False,
-               figures: bool = True) -> int:
-    """Plan, submit the missing shards as one array (or a few, past MaxArraySize), wait if asked, collate
-    (and draw viz/figures/ unless `figures` is False: the pipeline's report draws its own)."""
-    from . import checkpoint, viz
-    run = Path(cfg.run_dir)
-    launch.cluster = detect_cluster(launch.cluster)
-    plan = viz.make_plan(cfg)
-    old = checkpoint.read_json(run / "viz" / "plan.json")
-    keys = ("shards", "checkpoint_sha256", "blocks", "deconv_blocks", "paths", "invert_blocks", "invert", "fast")
-    if old is not None and any(old.get(k) != plan.get(k) for k in keys):
-        if not fresh:
-            raise viz.VizError(f"{run}/viz holds shards of another request (other images, blocks or checkpoint); "
-                               "hint: pass --fresh to replace them, or repeat the earlier request")
-        for p in (run / "viz" / "shards").glob("shard-*.h5"):
-            p.unlink()
-    viz.write_plan(run, plan)
-    todo = [s for s in range(len(plan["shards"])) if not viz.shard_done(run, s, plan)]
-    log.info("%d images in %d shards; %d to do", plan["n_images"], len(plan["shards"]), len(todo))
-    checkpoint.update_manifest(run, "viz", status="submitted" if todo else "done", n_shards=len(plan["shards"]))
-    if todo:
-        launch.nproc, launch.nodes, launch.gpus = 1, 1, viz_gpus(launch)
-        ex = make_executor(launch, run / "logs", f"hpcviz-viz-{run.name}")
-        jobs = submit_array(ex, viz.run_shard, str(run), todo, launch.cluster, throttle)
-        ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
-        checkpoint.update_manifest(run, "viz", job_ids=ids, cluster=launch.cluster,
-                                   tasks={str(j.job_id): s for j, s in zip(jobs, todo)})
-        if launch.cluster == "slurm" and not launch.wait:
-            print(f"submitted array job(s) {', '.join(ids)}: {len(todo)} task(s)\n  run dir: {run}\n"
-                  f"  then:    python jobs/launch_viz.py --run {run} ... again collates (or add --wait)")
-            return 0
-        failed = _wait_all(jobs, todo, launch)
-    else:
-        failed = []
-    return _collate_viz(run, plan, failed, figures)
-
-
 def viz_gpus(launch: LaunchConfig) -> int:
     """One GPU per array task at most (each task is one process on one shard; several would run the
     same shard N times on one GPU), by default where there is one (resolve_gpus), --gpus 0 for none."""
@@ -392,28 +405,7 @@ def viz_gpus(launch: LaunchConfig) -> int:
     return min(gpus, 1)
 
 
-def _wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig) -> list[str]:
-    failed = []
-    for job, shard in zip(jobs, shards):
-        try:
-            wait_result(job, launch)
-        except LaunchError as e:
-            failed.append(f"shard {shard}: {str(e).splitlines()[0]}")
-    return failed
-
-
-def _collate_viz(run: Path, plan: dict[str, Any], failed: list[str], figures: bool = True) -> int:
-    from . import checkpoint, store, viz
-    paths = [viz.shard_path(run, s) for s in range(len(plan["shards"]))]
-    summary = store.collate(paths, run / "viz" / "viz.h5", {"plan_checkpoint_sha256": plan["checkpoint_sha256"]})
-    missing = summary["missing"]
-    checkpoint.update_manifest(run, "viz", status="done" if not missing else "partial",
-                               missing_shards=sorted(missing), n_images=summary["n_images"])
-    if summary["n_images"] and figures:
-        figs = viz.save_figures(run)
-        log.info("%d figures in %s", len(figs), run / "viz" / "figures")
-    for line in failed:
-        print(f"error: {line}", file=sys.stderr)
-    print(f"viz: {summary['n_images']} images in {len(paths) - len(missing)}/{len(paths)} shards -> "
-          f"{run / 'viz' / 'viz.h5'}" + (f"; missing: {', '.join(sorted(missing))}" if missing else ""))
-    return 0 if not missing else 1
+def stage_launch(launch: LaunchConfig, stage: str) -> LaunchConfig:
+    """Array tasks: one process (one GPU if training had GPUs); aggregation: one CPU process."""
+    gpus = viz_gpus(launch) if stage == "viz" else 0
+    return dataclasses.replace(launch, nproc=1, nodes=1, gpus=gpus, extra=dict(launch.extra))

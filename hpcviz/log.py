@@ -13,8 +13,9 @@ LOGGER = "hpcviz"
 def setup_logging(verbose: bool = False) -> logging.Logger:
     """Configure the 'hpcviz' logger for this process (idempotent). Ranks other than 0 only warn."""
     logger = logging.getLogger(LOGGER)
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
+    for h in list(logger.handlers):  # ours from an earlier call; handlers others added (tests, apps) stay
+        if getattr(h, "_hpcviz", False):
+            logger.removeHandler(h)
     if sys.stderr.isatty():
         from rich.logging import RichHandler
         handler: logging.Handler = RichHandler(show_path=False, log_time_format="%H:%M:%S")
@@ -23,6 +24,7 @@ def setup_logging(verbose: bool = False) -> logging.Logger:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {dist.rank()}] %(levelname)s %(message)s",
                                                "%Y-%m-%d %H:%M:%S"))
+    handler._hpcviz = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.propagate = False
     if dist.is_main():

@@ -16,13 +16,14 @@ each residual block by module name ('layer1.0', ...).
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from torchvision.models import resnet as tvr
 
-from .config import ARCHS, STEMS
+from .config import ARCHS, STEMS, default_stem
+from .errors import InputError
 
 log = logging.getLogger("hpcviz")
 
@@ -32,7 +33,7 @@ _TORCHVISION = {"resnet18": (tvr.BasicBlock, [2, 2, 2, 2]),
 _CIFAR_DEPTH = {"resnet20": 3, "resnet32": 5, "resnet56": 9}
 
 
-class UnknownArchError(ValueError):
+class UnknownArchError(InputError):
     """An architecture or stem name that is not offered."""
 
 
@@ -84,10 +85,6 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def default_stem(arch: str) -> str:
-    return "cifar" if arch in _CIFAR_DEPTH else "imagenet"
-
-
 def build_model(arch: str, num_classes: int, stem: str = "") -> nn.Module:
     """A fresh model; stem '' picks the arch's own (imagenet for 18/34/50, cifar for 20/32/56)."""
     if arch not in ARCHS:
@@ -103,6 +100,14 @@ def build_model(arch: str, num_classes: int, stem: str = "") -> nn.Module:
         torch_model.conv1, torch_model.maxpool = _make_stem("cifar", 3, 64)
         nn.init.kaiming_normal_(torch_model.conv1.weight, mode="fan_out", nonlinearity="relu")
     return torch_model
+
+
+def from_checkpoint(state: Mapping[str, Any], device: torch.device | str = "cpu") -> nn.Module:
+    """The trained model of a checkpoint (checkpoint.load_checkpoint's dict), in eval mode on `device`."""
+    cfg = state["config"]
+    model = build_model(cfg["arch"], len(state["classes"]), cfg.get("stem", ""))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
 
 
 def block_names(model: nn.Module) -> list[str]:

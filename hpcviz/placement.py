@@ -35,13 +35,14 @@ import torch
 
 from . import dist
 from .config import PLACEMENTS, TrainConfig
+from .errors import InputError
 
 log = logging.getLogger("hpcviz")
 
 _CHUNK_BYTES = 64 * 2 ** 20  # sequential passes (copies, statistics, hashes) read this much at a time
 
 
-class PlacementError(ValueError):
+class PlacementError(InputError):
     """A --data-placement that cannot hold this data set here."""
 
 

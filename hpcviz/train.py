@@ -25,15 +25,17 @@ from torch import nn
 from . import __version__, checkpoint, dist, placement
 from .config import ConfigError, TrainConfig, config_to_dict
 from .data import DataError, augment, norm_tensors, normalize, split_indices
-from .placement import Feed
+from .errors import JobError
 from .evaluate import autocast_for, evaluate, summarize
 from .log import StepProgress, setup_logging
 from .models import build_model, load_init
+from .placement import Feed
+from .rundir import RunDir
 
 log = logging.getLogger("hpcviz")
 
 
-class TrainingError(FloatingPointError):
+class TrainingError(JobError, FloatingPointError):
     """Training cannot go on: the loss is not finite."""
 
 
@@ -57,9 +59,14 @@ def prepare_data(cfg: TrainConfig, device: torch.device) -> Split:
     normalisation on the train part (rank 0, in one pass) and place the images (cfg.data_placement)."""
     src = placement.open_source(cfg, cfg.data_placement)
     if src.n and (int(src.labels.min()) < 0 or int(src.labels.max()) >= len(src.classes)):
-        raise DataError(f"--data {cfg.data}: labels outside 0..{len(src.classes) - 1} (the {len(src.classes)} "
-                        "classes); hint: repack it with jobs/pack_data.py")
+        raise DataError(f"--data {cfg.data}: labels {int(src.labels.min())}..{int(src.labels.max())} in that file "
+                        f"are outside 0..{len(src.classes) - 1} (its {len(src.classes)} classes); hint: repack it "
+                        "with jobs/pack_data.py")
     train_idx, val_idx = split_indices(src.labels, cfg.val_fraction, seed=cfg.split_seed)
+    if not len(val_idx):
+        raise DataError(f"--data {cfg.data}: the validation split is empty ({src.n} images, --val-fraction "
+                        f"{cfg.val_fraction:g} rounds to no image of any class); hint: use more images per class "
+                        "or a larger --val-fraction")
     if dist.is_main():
         facts: Any = (placement.train_stats(src, train_idx), placement.source_fingerprint(src),
                       placement.choose(cfg.data_placement, src, device))
@@ -261,9 +268,9 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, split: Split, 
     return True
 
 
-def load_resume_state(cfg: TrainConfig, num_classes: int) -> dict[str, Any] | None:
+def load_resume_state(cfg: TrainConfig, num_classes: int, fingerprint: str | None = None) -> dict[str, Any] | None:
     """The checkpoint to continue from, or None for a fresh run; refuses to overwrite an existing run."""
-    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    ckpt_dir = RunDir(cfg.run_dir).checkpoints
     if cfg.resume in ("", "auto"):
         found = checkpoint.find_checkpoint(ckpt_dir)
         if found is None:
@@ -278,18 +285,8 @@ def load_resume_state(cfg: TrainConfig, num_classes: int) -> dict[str, Any] | No
         own = checkpoint.find_checkpoint(ckpt_dir) if dist.restart_count() > 0 else None
         path = own or cfg.resume
     state = checkpoint.load_checkpoint(path)
-    old = state["config"]
-    mine = (cfg.arch, cfg.resolved_stem(), num_classes)
-    theirs = (old["arch"], old.get("stem") or build_stem_of(old), len(state["classes"]))
-    if mine != theirs:
-        raise checkpoint.CheckpointError(
-            f"--resume {path}: checkpoint is arch {theirs[0]} stem {theirs[1]} with {theirs[2]} classes, this run "
-            f"is arch {mine[0]} stem {mine[1]} with {mine[2]} classes; hint: resume with the same --arch/--stem/--data")
+    checkpoint.check_resumable(state, cfg, num_classes, fingerprint)
     return state
-
-
-def build_stem_of(config: dict[str, Any]) -> str:
-    return TrainConfig(arch=config["arch"], stem=config.get("stem", "")).resolved_stem()
 
 
 def _state(raw: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, split: Split,
@@ -315,14 +312,24 @@ def train(cfg: TrainConfig, alone: bool = False) -> dict[str, Any]:
     try:
         return _train(cfg, dist.pick_device(cfg.device), stop, started)
     except Exception as e:
-        # once this run's files are ours, a status view must see why it ended; a refused start
-        # (e.g. a run that exists without --resume) leaves the files untouched
-        if dist.is_main() and started:
-            checkpoint.update_manifest(cfg.run_dir, "train", status="failed", error=f"{type(e).__name__}: {e}")
+        if dist.is_main():
+            _record_end(RunDir(cfg.run_dir), e, bool(started))
         raise
     finally:
         stop.restore()
         dist.cleanup()
+
+
+def _record_end(run: RunDir, error: Exception, started: bool) -> None:
+    """Once this run's files are ours, a status view must see why it ended; a refused start (a run that exists
+    without --resume, a checkpoint of other data) puts back the record its submission replaced."""
+    try:
+        if started:
+            run.update("train", status="failed", error=f"{type(error).__name__}: {error}".splitlines()[0])
+        else:
+            run.abandon("train")
+    except Exception as e:  # e.g. a full disk: the job's own error is what matters
+        log.warning("could not record the end of training in %s: %s", run.manifest_file, e)
 
 
 def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: list[bool]) -> dict[str, Any]:
@@ -340,7 +347,7 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: l
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {split.train.n} training images; "
                           "hint: use a smaller --batch-size or more data")
-    resume = load_resume_state(cfg, len(split.classes))
+    resume = load_resume_state(cfg, len(split.classes), split.fingerprint)
     raw, model = build_for_training(cfg, len(split.classes), device)
     opt = make_optimizer(raw, cfg)
     pos, meters = Position(), Meters()
@@ -357,7 +364,7 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: l
     def save(p: Position, m: Meters) -> None:
         state = _state(raw, opt, cfg, split, p, m)  # every rank: meters.state() must run everywhere
         if dist.is_main():
-            checkpoint.save_checkpoint(state, run / "checkpoints")
+            checkpoint.save_checkpoint(state, RunDir(run).checkpoints)
         dist.barrier()
 
     log.info("training %s (%s stem) on %d images of %d classes, %d steps/epoch, %d process(es); rank 0 on %s; "
@@ -370,7 +377,7 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: l
             log.warning("stopping at epoch %d step %d on signal %s: checkpoint saved", pos.epoch + 1, pos.step,
                         signal.Signals(stop.signum).name if stop.signum else "?")
             if dist.is_main():
-                checkpoint.update_manifest(run, "train", status="stopped", epoch=pos.epoch, step=pos.step)
+                RunDir(run).update("train", status="stopped", epoch=pos.epoch, step=pos.step)
             return {"status": "stopped", "epoch": pos.epoch, "step": pos.step, "signal": stop.signum}
         train_s = time.perf_counter() - t0
         dist.broadcast_buffers(raw)
@@ -381,17 +388,16 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: l
 
 
 def _start_run_files(cfg: TrainConfig, split: Split, device: torch.device, resumed: bool, pos: Position) -> None:
-    run = Path(cfg.run_dir)
-    (run / "logs").mkdir(parents=True, exist_ok=True)
-    checkpoint.update_json(run / "config.json", "train", config_to_dict(cfg))
-    checkpoint.update_manifest(run, "train", status="running", host=os.uname().nodename,
-                               world_size=dist.world_size(), device=dist.describe_device(device),
-                               data_placement=split.placement, hpcviz_version=__version__,
-                               torch_version=str(torch.__version__), dataset_fingerprint=split.fingerprint,
-                               classes=list(split.classes), restarts=dist.restart_count())
+    run = RunDir(cfg.run_dir)
+    run.logs.mkdir(parents=True, exist_ok=True)
+    run.write_config("train", config_to_dict(cfg))
+    run.update("train", status="running", previous=None, error="", host=os.uname().nodename,
+               world_size=dist.world_size(), device=dist.describe_device(device), data_placement=split.placement,
+               hpcviz_version=__version__, torch_version=str(torch.__version__), dataset_fingerprint=split.fingerprint,
+               classes=list(split.classes), restarts=dist.restart_count())
     # epochs at or after the resume point will be written again: drop them so none appears twice
-    kept = [r for r in checkpoint.read_metrics(run) if resumed and r["epoch"] <= pos.epoch]
-    checkpoint.write_metrics(run, kept)
+    kept = [r for r in run.read_metrics() if resumed and r["epoch"] <= pos.epoch]
+    run.write_metrics(kept)
 
 
 def _end_epoch(cfg: TrainConfig, raw: nn.Module, split: Split, pos: Position, meters: Meters,
@@ -404,7 +410,7 @@ def _end_epoch(cfg: TrainConfig, raw: nn.Module, split: Split, pos: Position, me
               "val_acc": val["accuracy"], "lr": opt.param_groups[0]["lr"], "images_per_s": images / train_s,
               "epoch_s": train_s, "time": time.time()}
     if dist.is_main():
-        checkpoint.append_metrics(cfg.run_dir, record)
+        RunDir(cfg.run_dir).append_metrics(record)
     log.info("epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  %.0f img/s", pos.epoch + 1,
              cfg.epochs, train_loss, 100 * train_acc, val["loss"], 100 * val["accuracy"], record["images_per_s"])
 
@@ -415,15 +421,15 @@ def _final_eval(cfg: TrainConfig, raw: nn.Module, split: Split) -> dict[str, Any
     val = summarize(evaluate(raw, split.val, split.mean, split.std, len(split.classes),
                              cfg.eval_batch_size, cfg.amp, cl), split.classes)
     train_res = evaluate(raw, split.train, split.mean, split.std, len(split.classes), cfg.eval_batch_size, cfg.amp, cl)
-    ckpt = checkpoint.find_checkpoint(run / "checkpoints") if dist.is_main() else None
+    rundir = RunDir(run)
+    ckpt = checkpoint.find_checkpoint(rundir.checkpoints) if dist.is_main() else None
     result = {"split": "val", **val, "train_accuracy": train_res["accuracy"], "train_n": train_res["n"],
-              "checkpoint": str(ckpt) if ckpt else None,
+              "checkpoint": rundir.rel(ckpt) if ckpt else None,
               "checkpoint_sha256": checkpoint.sha256_file(ckpt) if ckpt else None,
               "data": cfg.data, "data_fingerprint": split.fingerprint, "config": config_to_dict(cfg)}
     if dist.is_main():
-        checkpoint.write_json(run / "eval.json", result)
-        checkpoint.update_manifest(run, "train", status="done", val_accuracy=val["accuracy"],
-                                   train_accuracy=train_res["accuracy"])
+        rundir.write_eval(result)
+        rundir.update("train", status="done", val_accuracy=val["accuracy"], train_accuracy=train_res["accuracy"])
         log.info("done: val accuracy %.2f%%, train accuracy %.2f%%; %s", 100 * val["accuracy"],
                  100 * train_res["accuracy"], run / "eval.json")
     return {"status": "done", "val_accuracy": val["accuracy"], "train_accuracy": train_res["accuracy"],

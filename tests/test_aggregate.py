@@ -2,16 +2,15 @@
 class names escaped, a failed training still reported."""
 import csv
 import json
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from hpcviz import checkpoint, store, viz
+from hpcviz import store, viz
 from hpcviz.aggregate import AggregateConfig, AggregateError, aggregate
-
-from conftest import ROOT
+from hpcviz.commands import aggregate as job
+from hpcviz.rundir import RunDir
 
 HOSTILE = ["<script>alert(1)", "cat & dog", "$\\foo$ math"]  # the last would crash matplotlib's mathtext
 FIGURES = {"training_curves", "class_accuracy", "confusion_matrix", "conv1_filters", "feature_maps_0",
@@ -36,7 +35,7 @@ def run(tmp_path_factory):
     train(TrainConfig(data=str(root / "data"), image_size=16, arch="resnet20", epochs=1, batch_size=8, lr=0.05,
                       val_fraction=0.25, device="cpu", run_dir=str(run), log_every=1000))
     plan = viz.make_plan(viz.VizConfig(run_dir=str(run), images=6, tasks=2, batch_size=4, invert_steps=10))
-    viz.write_plan(run, plan)
+    RunDir(run).write_plan(plan)
     for s in range(2):
         viz.run_shard(str(run), s)
     return run
@@ -83,13 +82,12 @@ def test_html_is_self_contained_and_escapes_class_names(run):
 
 
 def test_missing_shard_is_named_and_rerun_fills_it(run, capsys):
-    sys.path.insert(0, str(ROOT / "jobs"))
-    import aggregate as job
-    shard = viz.shard_path(run, 1)
+    shard = RunDir(run).shard(1)
     before = store.read_shard(run / "viz" / "viz.h5")
     shard.unlink()
     assert job.main(job.get_args_parser().parse_args(["--run", str(run)])) == 1
-    assert "missing shards: shard-00001.h5" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "error: the report lacks 1 shard(s): shard-00001.h5" in err and "--retry-failed" in err
     md = (run / "report" / "report.md").read_text()
     assert "1 of 2 visualization shards missing" in md and "shard-00001.h5: no such file" in md
     assert "--retry-failed" in md
@@ -103,8 +101,8 @@ def test_missing_shard_is_named_and_rerun_fills_it(run, capsys):
 
 def test_failed_training_still_gets_a_report(tmp_path):
     run = tmp_path / "failed"
-    checkpoint.update_manifest(run, "train", status="failed")
-    checkpoint.update_json(run / "config.json", "train", {"arch": "resnet20", "epochs": 3})
+    RunDir(run).update("train", status="failed")
+    RunDir(run).write_config("train", {"arch": "resnet20", "epochs": 3})
     record = {"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, "train_acc": 0.1, "val_acc": 0.1, "epoch_s": 3.0}
     (run / "metrics.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(record)[:20])  # killed mid-append
     summary = aggregate(AggregateConfig(run_dir=str(run)))
@@ -118,8 +116,6 @@ def test_failed_training_still_gets_a_report(tmp_path):
 def test_not_a_run_directory(tmp_path, capsys):
     with pytest.raises(AggregateError, match="not a run directory"):
         aggregate(AggregateConfig(run_dir=str(tmp_path / "nothing")))
-    sys.path.insert(0, str(ROOT / "jobs"))
-    import aggregate as job
     assert job.main(job.get_args_parser().parse_args(["--run", str(tmp_path)])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --run") and "hint:" in err[0]

@@ -89,35 +89,6 @@ def test_failed_save_leaves_previous_intact(tmp_path, monkeypatch):
     assert before in {(tmp_path / n).read_bytes() for n in ("last.pt", "prev.pt") if (tmp_path / n).exists()}
 
 
-def test_metrics_and_manifest(tmp_path):
-    checkpoint.append_metrics(tmp_path, {"epoch": 1})
-    checkpoint.append_metrics(tmp_path, {"epoch": 2})
-    assert [r["epoch"] for r in checkpoint.read_metrics(tmp_path)] == [1, 2]
-    checkpoint.update_manifest(tmp_path, "train", job_id="7", status="submitted")
-    m = checkpoint.update_manifest(tmp_path, "train", status="done")
-    assert m["train"]["job_id"] == "7" and m["train"]["status"] == "done"
-
-
-def test_update_json_with_a_function_merges_under_one_lock(tmp_path):
-    path = tmp_path / "manifest.json"
-    checkpoint.update_json(path, "viz", {"job_ids": ["1"], "tasks": {"1_0": 0}, "cluster": "slurm"})
-    checkpoint.update_json(path, "viz", lambda old: {"job_ids": [*old["job_ids"], "2"],
-                                                     "tasks": {**old["tasks"], "2_0": 1}})
-    assert checkpoint.read_json(path)["viz"] == {"job_ids": ["1", "2"], "tasks": {"1_0": 0, "2_0": 1},
-                                                 "cluster": "slurm"}
-
-
-def test_bad_json_and_a_cut_short_metrics_line(tmp_path):
-    (tmp_path / "eval.json").write_text("{not json")
-    with pytest.raises(checkpoint.CheckpointError, match="eval.json: not valid JSON.*hint"):
-        checkpoint.read_json(tmp_path / "eval.json")
-    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')
-    assert checkpoint.read_metrics(tmp_path) == [{"epoch": 1}, {"epoch": 2}]
-    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')
-    with pytest.raises(checkpoint.CheckpointError, match="line 2 is not JSON"):
-        checkpoint.read_metrics(tmp_path)
-
-
 def test_to_cpu_reaches_every_tensor_of_nested_state():
     from hpcviz.checkpoint import to_cpu
     t = torch.ones(2, requires_grad=True)

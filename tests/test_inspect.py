@@ -1,7 +1,6 @@
 """hpcviz.inspect (run summaries, HDF5 trees) and the jobs/inspect_results.py command."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -65,11 +64,15 @@ def test_summarize_run(tmp_path):
     assert "accuracy (eval.json, val): 87.50% of 40 images, train 90.00%" in out
     assert "2 complete of 3 file(s)" in out and "shard-00002.h5.tmp-4242" in out and "killed" in out
     assert any("shard-00003.h5" in line and "not an HDF5 file" in line for line in out.splitlines())
-    assert "viz/viz.h5: 7 images from 2 shard(s), 1 missing: shards/shard-00002.h5" in out
+    assert "viz/viz.h5: 7 images from 2 shard(s), INCOMPLETE; left out when collated: shard-00002.h5" in out
+    assert "MISSING since" not in out
     assert "STALE" not in out and "report: not run yet" in out
     later = time.time() + 5
     os.utime(paths[1], (later, later))  # a shard rewritten after collation
-    assert "STALE" in text(summarize_run(run))
+    assert "STALE: shard-00001.h5 newer than viz.h5" in text(summarize_run(run))
+    paths[0].unlink()  # a shard lost after collation: viz.h5 is no longer whole, and the summary says which
+    out = text(summarize_run(run))
+    assert "MISSING since: shard-00000.h5" in out and "complete" not in out.split("viz/viz.h5:")[1].split("\n")[0]
 
 
 def test_summarize_empty_run(tmp_path):
@@ -95,7 +98,7 @@ def test_render_tree_and_stats(tmp_path):
 
 # ----------------------------------------------------------------------------- jobs/inspect_results.py
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # must work without installing
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as a user runs it: the installed package
     return subprocess.run([sys.executable, "jobs/inspect_results.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -124,10 +127,8 @@ def test_cli_bad_dataset_path(tmp_path):
 
 
 def load_cli():
-    spec = importlib.util.spec_from_file_location("inspect_results", ROOT / "jobs" / "inspect_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from hpcviz.commands import inspect
+    return inspect
 
 
 @pytest.mark.parametrize("case", ["not_hdf5", "truncated", "index", "png_of_labels", "dir_with_dataset", "missing"])

@@ -4,8 +4,9 @@ import sys
 
 import pytest
 
+from hpcviz.rundir import RunDir
 from hpcviz import checkpoint
-from hpcviz.config import LaunchConfig
+from hpcviz.config import ConfigError, LaunchConfig
 from hpcviz import launch as launch_mod
 from hpcviz.launch import LaunchError, _slurm_params, read_profile
 
@@ -41,7 +42,7 @@ def test_two_gloo_processes_stay_in_sync(tmp_path, where):
     assert len(digests) == 1
     state = checkpoint.load_checkpoint(run / "checkpoints")
     assert state["world_size"] == 2
-    assert len(checkpoint.read_metrics(run)) == 2
+    assert len(RunDir(run).read_metrics()) == 2
     assert list((run / "logs").glob("*_0_log.err"))  # scheduler logs live in the run
 
 
@@ -59,7 +60,11 @@ def test_two_gloo_processes_stay_in_sync(tmp_path, where):
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
-    (tmp_path / "corrupt" / "cat").mkdir(parents=True)
+    from PIL import Image
+    for name in ("cat", "dog"):  # enough good images for a validation split, and one that is not an image
+        (tmp_path / "corrupt" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(tmp_path / "corrupt" / name / f"{i}.png")
     (tmp_path / "corrupt" / "cat" / "x.jpg").write_bytes(b"not a jpeg")
     args = [{"EMPTY": str(tmp_path / "empty"), "CORRUPT": str(tmp_path / "corrupt")}.get(a, a) for a in args]
     r = launch(*TINY, "--run", str(tmp_path / "bad"), *args, timeout=60)
@@ -78,7 +83,7 @@ def test_resume_refusal_leaves_the_run_intact(tmp_path):
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
     r = launch(*TINY, "--cluster", "local", "--run", str(run), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert [m["epoch"] for m in checkpoint.read_metrics(run)] == [1, 2]
+    assert [m["epoch"] for m in RunDir(run).read_metrics()] == [1, 2]
 
 
 def test_profiles(tmp_path):
@@ -86,7 +91,7 @@ def test_profiles(tmp_path):
     assert prof["gpu_request"] == "gpus-per-node"
     bad = tmp_path / "bad.ini"
     bad.write_text("[slurm]\npartiton = gpu\n")
-    with pytest.raises(LaunchError, match="unknown keys \\['partiton'\\]"):
+    with pytest.raises(ConfigError, match="unknown keys \\['partiton'\\]"):
         read_profile(str(bad))
     gres = tmp_path / "gres.ini"
     gres.write_text("[slurm]\ngpu_request = gres\npartition = gpu\naccount = lab\n")
@@ -123,7 +128,7 @@ def test_gpus_not_given_means_one_where_there_is_one(monkeypatch, tmp_path):
 def test_viz_array_tasks_get_one_gpu_each(monkeypatch):
     assert launch_mod.viz_gpus(LaunchConfig(cluster="local", gpus=4)) == 1
     assert launch_mod.viz_gpus(LaunchConfig(cluster="local", gpus=0)) == 0
-    from hpcviz.pipeline import _stage_launch
+    from hpcviz.launch import stage_launch as _stage_launch
     assert _stage_launch(LaunchConfig(cluster="local", gpus=4), "viz").gpus == 1
     assert _stage_launch(LaunchConfig(cluster="local", gpus=4), "aggregate").gpus == 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from hpcviz.rundir import RunDir
 from hpcviz import checkpoint
 from hpcviz.jobstate import wait_for_job
 
@@ -127,7 +128,7 @@ def test_two_node_ddp_requeued_mid_training_is_bit_exact(tmp_path, multi_nodes):
     reference = wait_for_job(ref_id, ref / "logs", ntasks=2, timeout_s=30, poll_s=1.0)
     digests = {r["weights_sha256"] for r in results + reference}
     assert len(digests) == 1, (results, reference)
-    assert [m["epoch"] for m in checkpoint.read_metrics(run)] == list(range(1, 11))
+    assert [m["epoch"] for m in RunDir(run).read_metrics()] == list(range(1, 11))
     a = checkpoint.load_checkpoint(run / "checkpoints")
     b = checkpoint.load_checkpoint(ref / "checkpoints")
     assert a["world_size"] == b["world_size"] == 2

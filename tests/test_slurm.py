@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hpcviz.rundir import RunDir
 from hpcviz import checkpoint
 from hpcviz.jobstate import wait_for_job
 
@@ -50,7 +51,7 @@ def test_two_task_ddp_job(tmp_path):
     results = finish(run, job_id)
     assert [r["rank"] for r in results] == [0, 1]
     assert results[0]["weights_sha256"] == results[1]["weights_sha256"]
-    assert [m["epoch"] for m in checkpoint.read_metrics(run)] == [1, 2]
+    assert [m["epoch"] for m in RunDir(run).read_metrics()] == [1, 2]
     assert json.loads((run / "eval.json").read_text())["n"] == 20
     assert checkpoint.load_checkpoint(run / "checkpoints")["world_size"] == 2
     manifest = json.loads((run / "manifest.json").read_text())["train"]
@@ -74,7 +75,7 @@ def test_preempted_job_resumes_bit_exactly(tmp_path):
     assert int(scontrol_field(job_id, "Restarts")) >= 1
     assert json.loads((run / "manifest.json").read_text())["train"]["restarts"] >= 1
     assert results[0]["weights_sha256"] == reference[0]["weights_sha256"]  # bit-identical weights
-    assert [m["epoch"] for m in checkpoint.read_metrics(run)] == list(range(1, 9))
+    assert [m["epoch"] for m in RunDir(run).read_metrics()] == list(range(1, 9))
     a = checkpoint.load_checkpoint(run / "checkpoints")["model"]
     b = checkpoint.load_checkpoint(tmp_path / "ref" / "checkpoints")["model"]
     assert all(a[k].equal(b[k]) for k in a)
@@ -97,7 +98,7 @@ def test_time_limit_requeues_and_completes(tmp_path):
     log = (run / "logs" / f"{job_id}_0_log.err").read_text()
     assert "stopping at epoch" in log and "SIGUSR2" in log
     assert results[0]["weights_sha256"] == reference[0]["weights_sha256"]
-    assert [m["epoch"] for m in checkpoint.read_metrics(run)] == list(range(1, 46))
+    assert [m["epoch"] for m in RunDir(run).read_metrics()] == list(range(1, 46))
 
 
 def test_failing_job_is_a_clear_error_not_a_hang(tmp_path):

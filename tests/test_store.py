@@ -1,7 +1,6 @@
 """hpcviz.store (packed image sets, atomic writes, shards, collation, inspection) and jobs/pack_data.py."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -141,7 +140,7 @@ def test_wrong_format(tmp_path, problem):
 
 # ----------------------------------------------------------------------------- jobs/pack_data.py
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # must work without installing
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as a user runs it: the installed package
     return subprocess.run([sys.executable, "jobs/pack_data.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -161,10 +160,8 @@ def test_pack_data_cli(tmp_path):
 
 
 def load_pack_data():
-    spec = importlib.util.spec_from_file_location("pack_data", ROOT / "jobs" / "pack_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from hpcviz.commands import pack
+    return pack
 
 
 def test_pack_data_main_in_process(tmp_path, capsys):
@@ -174,6 +171,7 @@ def test_pack_data_main_in_process(tmp_path, capsys):
     out.write_bytes(b"old")
     assert pack_data.main(parser.parse_args(["--data", "builtin:1", "--out", str(out), "--force"])) == 0
     assert read_packed(out)[0].shape == (10, 3, 32, 32)
+    capsys.readouterr()
     assert pack_data.main(parser.parse_args(["--data", str(tmp_path / "nope"), "--out",
                                              str(tmp_path / "c.h5")])) == 2
     err = capsys.readouterr().err
@@ -186,8 +184,9 @@ def pack_in_process(monkeypatch, tmp_path: Path, *args: str, chunk_bytes: int = 
     import logging
 
     import hpcviz.data
+    import hpcviz.pack
     pack_data = load_pack_data()
-    monkeypatch.setattr(pack_data, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(hpcviz.pack, "_CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(hpcviz.data, "_STREAM_BYTES", chunk_bytes)
     err = tmp_path / "stderr.txt"
     logger, records = logging.getLogger("hpcviz"), []
@@ -238,8 +237,8 @@ def test_pack_data_streams_a_folder_like_the_whole_set(tmp_path, monkeypatch, sk
 
 
 def test_pack_data_progress_lines_every_10_percent(caplog):
-    pack_data = load_pack_data()
-    progress = pack_data.Progress(1000, "packing x")
+    from hpcviz.pack import Progress
+    progress = Progress(1000, "packing x")
     assert progress.bar is None  # pytest's stderr is no terminal
     with caplog.at_level("INFO", "hpcviz"):
         for done in range(1, 1001, 3):

@@ -1,10 +1,12 @@
 import json
 import math
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
+from hpcviz.rundir import RunDir
 from hpcviz import checkpoint
 from hpcviz import train as train_mod
 from hpcviz.config import ConfigError, TrainConfig
@@ -27,8 +29,8 @@ def test_lr_schedules_by_hand():
 def test_run_files(tiny_cfg):
     cfg = tiny_cfg()
     result = train(cfg)
-    run = checkpoint.Path(cfg.run_dir)
-    metrics = checkpoint.read_metrics(run)
+    run = Path(cfg.run_dir)
+    metrics = RunDir(run).read_metrics()
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"} <= set(metrics[0])
     ev = json.loads((run / "eval.json").read_text())
@@ -76,8 +78,8 @@ def test_stop_and_resume_is_bit_exact(tiny_cfg, tmp_path, monkeypatch, stop_afte
     cut.resume = "auto"
     resumed = train(cut)
     assert resumed["weights_sha256"] == whole["weights_sha256"]
-    a = checkpoint.read_metrics(tmp_path / "whole")
-    b = checkpoint.read_metrics(tmp_path / "cut")
+    a = RunDir(tmp_path / "whole").read_metrics()
+    b = RunDir(tmp_path / "cut").read_metrics()
     assert [m["epoch"] for m in b] == [1, 2]
     for ma, mb in zip(a, b):  # the resumed epoch reports the same numbers too
         assert ma["train_loss"] == pytest.approx(mb["train_loss"], rel=1e-12)

@@ -6,7 +6,18 @@ from hpcviz import store, viz
 from hpcviz.activations import dump_activations
 from hpcviz.data import normalize
 from hpcviz.launch import submit_array
-from hpcviz.viz import VizConfig, VizError, balanced_sample, make_plan, plan_shards, run_shard, shard_path
+from hpcviz.errors import InputError
+from hpcviz.models import from_checkpoint
+from hpcviz.rundir import RunDir
+from hpcviz.viz import VizConfig, VizError, balanced_sample, make_plan, plan_shards, run_shard
+
+
+def shard_path(run, k):
+    return RunDir(run).shard(k)
+
+
+def shard_done(run, k, plan):
+    return RunDir(run).shard_problem(k, plan) is None
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +47,7 @@ def write_run_plan(run, **kw):
     kw.setdefault("invert_steps", 15)  # a few steps: the wiring is tested here, the quality in test_inversion
     cfg = VizConfig(run_dir=str(run), images=12, tasks=2, batch_size=5, **kw)
     plan = make_plan(cfg)
-    viz.write_plan(run, plan)
+    RunDir(run).write_plan(plan)
     return plan
 
 
@@ -48,9 +59,9 @@ def test_shard_holds_what_the_network_computes(trained):
     assert attrs["arch"] == "resnet20" and attrs["shard"] == 1 and len(attrs["class_names"]) == 10
     # independent reference: rebuild the model and run the same pixels forward in one batch
     state = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
-    model = viz._load_model({**state, "config": state["config"]}, torch.device("cpu"))
+    model = from_checkpoint(state)
     images, labels, _ = viz.load_split(state["config"], "val")
-    pos = plan["shards"][1]
+    pos = plan.shards[1]
     assert np.array_equal(data["index"], pos)
     assert np.array_equal(data["images"], images[pos].numpy()) and np.array_equal(data["label"], labels[pos].numpy())
     logits, acts = dump_activations(model, normalize(images[pos], state["mean"], state["std"]))
@@ -97,11 +108,11 @@ def test_rerun_skips_done_shards_and_redoes_a_killed_one(trained, monkeypatch):
     monkeypatch.setattr(viz, "dump_activations", dies)
     with pytest.raises(KeyboardInterrupt):
         run_shard(str(trained), 1)
-    assert not viz.shard_done(trained, 1, plan)  # the old shard-00001 (other blocks) or nothing
+    assert not shard_done(trained, 1, plan)  # the old shard-00001 (other blocks) or nothing
     assert not list((trained / "viz" / "shards").glob("*.tmp-*"))  # the killed writer's temp is gone
     monkeypatch.undo()
     run_shard(str(trained), 1)
-    assert viz.shard_done(trained, 1, plan)
+    assert shard_done(trained, 1, plan)
     assert shard_path(trained, 0).stat().st_mtime_ns == mtime  # the good shard was not touched
     summary = store.collate([shard_path(trained, s) for s in (0, 1)], trained / "viz" / "viz.h5")
     assert summary["n_images"] == 12 and not summary["missing"]
@@ -125,11 +136,15 @@ def test_bad_requests(trained):
         make_plan(VizConfig(run_dir=str(trained), split="test"))
     with pytest.raises(VizError, match="--indices \\[999\\]"):
         make_plan(VizConfig(run_dir=str(trained), indices=[999]))
-    with pytest.raises(ValueError, match="--blocks layer9.9"):
+    with pytest.raises(InputError, match="--blocks layer9.9"):
         make_plan(VizConfig(run_dir=str(trained), blocks=["layer9.9"]))
-    with pytest.raises(ValueError, match="--paths sideways: valid paths are both, residual, shortcut"):
+    with pytest.raises(InputError, match="--invert-blocks layr3.2: not blocks of this model"):
+        make_plan(VizConfig(run_dir=str(trained), invert_blocks=["layr3.2"]))  # named by its own option
+    with pytest.raises(InputError, match="--deconv-blocks layer0.0"):
+        make_plan(VizConfig(run_dir=str(trained), deconv_blocks=["layer0.0"]))
+    with pytest.raises(InputError, match="--paths sideways: valid paths are both, residual, shortcut"):
         make_plan(VizConfig(run_dir=str(trained), paths=["sideways"]))
-    with pytest.raises(VizError, match="--prior 'l2': not one of tv, none"):
+    with pytest.raises(InputError, match="--prior 'l2': not one of tv, none"):
         make_plan(VizConfig(run_dir=str(trained), prior="l2"))
 
 

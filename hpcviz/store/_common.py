@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -12,49 +11,17 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..errors import InputError
+from ..files import atomic_path, fsync_path, leftovers
+
+__all__ = ["StoreError", "atomic_path", "fsync_path", "leftovers"]
+
 _SCALE_ATTRS = ("CLASS", "NAME", "REFERENCE_LIST", "DIMENSION_LIST", "DIMENSION_LABELS")  # shown as dims
 _FILE_HINT = "hint: list what exists with python jobs/inspect_results.py RUN_DIR"
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """An hpcviz HDF5 file is missing, corrupt, truncated or of the wrong format."""
-
-
-def _fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if directory:  # some filesystems (and Windows) cannot open directories; rename is still atomic
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success fsync it and rename it onto `path`.
-
-    On any exception the temp file is removed and `path` is left exactly as it was.
-    The temp lives in the same directory so that os.replace is a same-filesystem atomic rename.
-    """
-    final = Path(path)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        _fsync_path(tmp)
-        os.replace(tmp, final)
-    except BaseException:  # also KeyboardInterrupt / SLURM's SIGTERM turned into SystemExit
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    _fsync_path(final.parent, directory=True)  # make the rename itself durable
 
 
 def _plain(value: object) -> object:
@@ -72,11 +39,6 @@ def _error(where: str, problem: str, hint: str) -> StoreError:
     err = StoreError(f"{where}: {problem}; {hint}")
     err.problem = problem  # collate reports the bare problem per shard
     return err
-
-
-def _temps(path: Path) -> list[Path]:
-    """Temp files of writers of `path` (ours or a killed one's: `<name>.tmp-<pid>`)."""
-    return sorted(Path(p) for p in glob.glob(f"{glob.escape(str(path))}.tmp-*"))
 
 
 def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any], where: str) -> None:
@@ -119,7 +81,7 @@ def _open(path: str | os.PathLike, what: str = "file", hint: str = _FILE_HINT) -
     path = Path(path)
     where = f"{what} {os.fspath(path)}"
     if not path.is_file():
-        temps = _temps(path)
+        temps = leftovers(path)
         problem = "no such file" + (f" (only {temps[-1].name} exists: its writer was killed or is still running)"
                                     if temps else "")
         raise _error(where, "is a directory, expected a file" if path.is_dir() else problem, hint)

@@ -53,17 +53,21 @@ def _virtual(f: h5py.File, name: str, meta: tuple, present: list[tuple[str, dict
 
 
 def collate(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
-            attrs: Mapping[str, Any] | None = None, sizes: Sequence[int] | None = None) -> dict[str, Any]:
+            attrs: Mapping[str, Any] | None = None, sizes: Sequence[int] | None = None,
+            excluded: Mapping[str | os.PathLike, str] | None = None) -> dict[str, Any]:
     """Present every complete shard of `shard_paths` (the expected ones, in order) as one virtual file.
 
     Sources are named relative to out_path's directory, so the run directory can be moved. Missing or
     incomplete shards are left out (N = images in the present shards) and listed in missing_shards, as
-    are shards whose image count differs from `sizes` (the planned count per shard), when given.
+    are shards whose image count differs from `sizes` (the planned count per shard), when given, and
+    the shards the caller left out itself (`excluded`: path -> reason, e.g. another plan's shard).
     Returns {"n_images", "present": [relative names], "missing": {relative name: reason}}.
     """
     out = Path(out_path).absolute()
     where = f"collate {os.fspath(out_path)}"
     present, missing = [], {}
+    for p, reason in (excluded or {}).items():
+        missing[Path(os.path.relpath(Path(p).absolute(), out.parent)).as_posix()] = reason
     for k, p in enumerate(shard_paths):
         rel = Path(os.path.relpath(Path(p).absolute(), out.parent)).as_posix()
         problem, root = _shard_problem(Path(p), None if sizes is None else sizes[k])
@@ -71,8 +75,9 @@ def collate(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLik
             missing[rel] = problem
         else:
             present.append((rel, root, _layout(Path(p))))
+    missing = dict(sorted(missing.items()))
     if not present or not sum(root["n"] for _, root, _ in present):
-        raise StoreError(f"{where}: no complete shard with images among the {len(shard_paths)} expected "
+        raise StoreError(f"{where}: no complete shard with images among the {len(shard_paths) + len(missing)} expected "
                          f"({'; '.join(f'{k}: {v}' for k, v in list(missing.items())[:3])}); hint: run the array tasks first")
     ref_rel, ref_root, ref = present[0]
     for rel, root, lay in present[1:]:

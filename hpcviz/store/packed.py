@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
+from ..files import check_space
 from ._common import StoreError, _plain, atomic_path
 
 PACKED_FORMAT = "hpcviz-packed-v1"
@@ -134,7 +135,8 @@ class PackedWriter:
         self._shape = (n, 3, height, width)  # (N, 3, H, W) as planned
         self._labels = np.empty(n, np.int64)  # (N,) 8 bytes per image: small next to the images
         self._hash = _shape_hash(self._shape)
-        self._atomic = atomic_path(path)
+        # the whole file's space is checked first: HDF5 on a full disk fails late, or worse
+        self._atomic = atomic_path(path, needed=n * 3 * height * width + 9 * n)
         self._tmp = self._atomic.__enter__()
         self._small = self._tmp.with_name(self._tmp.name + "-small")  # the right-sized copy, if needed
         self._f: h5py.File | None = None
@@ -197,6 +199,7 @@ class PackedWriter:
     def _shrink(self, labels: np.ndarray) -> str:
         """Copy the `count` images written into a right-sized file in ~64 MB chunks, hashing as it goes."""
         shape = (self.count, *self._shape[1:])  # (count, 3, H, W)
+        check_space(self._small.parent, int(np.prod(shape)) + 9 * self.count)
         h, step = _shape_hash(shape), max(1, _COPY_BYTES // int(np.prod(shape[1:])))
         with h5py.File(self._tmp, "r") as src, h5py.File(self._small, "w") as dst:
             out = dst.create_dataset("images", shape=shape, dtype=np.uint8)
@@ -245,6 +248,9 @@ def _validated(f: h5py.File, where: str) -> tuple[h5py.Dataset, np.ndarray, list
         raise StoreError(f"{where}: inconsistent contents (images {images.dtype} {images.shape}, labels "
                          f"{labels.shape}, classes {attrs.get('classes')!r}), expected (N,3,H,W) uint8, (N,), "
                          f"JSON list; {_REBUILD_HINT}")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise StoreError(f"{where}: labels {int(labels.min())}..{int(labels.max())} are outside 0..{len(classes) - 1} "
+                         f"(its {len(classes)} classes); {_REBUILD_HINT}")
     return images, labels.astype(np.int64), [str(c) for c in classes], attrs
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._common import (StoreError, _dataset, _datasets, _error, _fsync_path, _get_attrs, _open, _set_attrs,
-                      _temps)
+from ..files import check_space, disk_full, fsync_path, is_disk_full, leftovers
+from ._common import StoreError, _dataset, _datasets, _error, _get_attrs, _open, _set_attrs
 
 # ============================================================ shards: one file per array task
 SHARD_FORMAT = "hpcviz-shard-v1"
@@ -68,8 +68,9 @@ class ShardWriter:
         self._ranges: dict[str, list[tuple[int, int]]] = {}  # rows written, per dataset
         self._dims: dict[str, tuple[str, ...]] = {}
         self._handles: dict[str, h5py.Dataset] = {}  # an h5py lookup by name costs as much as a small write
+        self._bytes = [0, 0]  # [of the datasets created, written so far]: each new dataset checks the free space
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in _temps(self.path):  # a killed writer's leftovers: one live writer per shard by design
+        for stale in leftovers(self.path):  # a killed writer's leftovers: one live writer per shard by design
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
@@ -113,7 +114,12 @@ class ShardWriter:
             raise StoreError(f"{self.where}: {name}: dims {tuple(dims)} differ from the first write's "
                              f"{self._dims[name]}; hint: pass the same dims on every write")
         if stop > start:
-            ds[start:stop] = self._convert(ds, array)
+            self._bytes[1] += array.nbytes if ds.dtype == array.dtype else ds.dtype.itemsize * array.size
+            try:
+                ds[start:stop] = self._convert(ds, array)
+            except OSError as e:
+                self.abort()
+                raise disk_full(self.path) if is_disk_full(e) else e from None
         self._ranges[name].append((start, stop))
 
     def _create(self, name: str, array: np.ndarray, dims: tuple[str, ...], dtype: Any,
@@ -125,6 +131,13 @@ class ShardWriter:
         rows = 1 if array.ndim >= 3 else max(1, min(self.n, _SMALL_CHUNK_BYTES // max(1, dt.itemsize * math.prod(rest))))
         filters = {} if self.compression is None else {"compression": self.compression, "shuffle": True}
         chunks = (rows, *rest) if self.n and all(rest) else None  # HDF5 refuses chunks larger than the data
+        self._bytes[0] += self.n * dt.itemsize * math.prod(rest)
+        if self.compression is None:  # refuse now, not when the disk is full halfway through the task
+            try:
+                check_space(self.path.parent, self._bytes[0] - self._bytes[1])
+            except BaseException:
+                self.abort()
+                raise
         ds = self._open_file().create_dataset(name, shape=(self.n, *rest), dtype=dt, chunks=chunks,
                                               **(filters if chunks else {}))
         for axis, label in enumerate(dims):
@@ -166,12 +179,14 @@ class ShardWriter:
             f.attrs["complete"] = True  # last: a file without it is never accepted
             f.close()
             self._f = None
-            _fsync_path(self.tmp)
+            fsync_path(self.tmp)
             os.replace(self.tmp, self.path)
-        except BaseException:
+        except BaseException as e:
             self.abort()
+            if is_disk_full(e):
+                raise disk_full(self.path) from None
             raise
-        _fsync_path(self.path.parent, directory=True)
+        fsync_path(self.path.parent, directory=True)
         return self.path
 
     def abort(self) -> None:

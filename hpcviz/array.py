@@ -1,0 +1,97 @@
+"""The visualization array, launched: plan the request, submit the shards that are missing, wait, collate.
+
+Everything about the request is checked before anything is written: the plan against the run's
+checkpoint and data, the plan against the one already in the run (another request needs `fresh`), and
+the executor (profile, GPUs). Only then are the old shards removed (`fresh`), the plan written and the
+tasks submitted; each task receives the run directory and its shard number (hpcviz.viz.run_shard).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import submitit
+
+from . import viz
+from .config import LaunchConfig, VizConfig
+from .launch import LaunchError, make_executor, stage_launch, submit_array, wait_result
+from .rundir import RunDir, RunLock
+
+log = logging.getLogger("hpcviz")
+
+
+def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False, lock: RunLock | None = None,
+               figures: bool = True) -> dict[str, Any]:
+    """Plan, submit the missing shards (one array, or a few past MaxArraySize), wait unless it is SLURM without
+    --wait, collate (and draw viz/figures/ unless `figures` is False: the pipeline's report draws its own).
+    `launch` is a request check_launch resolved. Returns {"plan", "todo", "ids", "failed": [one line per failed
+    task], "collation": viz.collate's summary, or None when submitted and not waited for}."""
+    run = RunDir(cfg.run_dir)
+    plan = viz.make_plan(cfg)
+    old = run.plan()
+    replace = old is not None and not old.same_request(plan)
+    if replace and not fresh:
+        raise viz.VizError(f"{run.viz_dir} holds shards of another request (other images, blocks or checkpoint); "
+                           "hint: pass --fresh to replace them, or repeat the earlier request")
+    todo = list(range(len(plan.shards))) if replace else sorted(run.shard_problems(plan))
+    launch = stage_launch(launch, "viz")
+    ex = make_executor(launch, run.logs, f"hpcviz-viz-{run.path.resolve().name}") if todo else None
+    # ---- nothing was written before this line: the whole request has been checked
+    if replace:
+        log.info("--fresh: removed %d shard(s) of the earlier request", run.remove_shards())
+    run.write_plan(plan)
+    run.write_config("viz", plan.to_dict()["config"])
+    log.info("%d images in %d shards; %d to do", plan.n_images, len(plan.shards), len(todo))
+    out: dict[str, Any] = {"plan": plan, "todo": todo, "ids": [], "failed": [], "collation": None}
+    run.update("viz", status="done" if not todo else "submitted", cluster=launch.cluster, n_shards=len(plan.shards),
+               n_images=plan.n_images, planned=plan.planned, error="", missing_shards=[])
+    if ex is not None:
+        out["ids"], jobs = submit_shards(run, ex, viz.run_shard, todo, launch, lock)
+        if launch.cluster == "slurm" and not launch.wait:
+            return out
+        out["failed"] = wait_all(jobs, todo, launch)
+    out["collation"] = finish(run, plan, figures)
+    return out
+
+
+def submit_shards(run: RunDir, ex: submitit.Executor, fn: Any, shards: list[int], launch: LaunchConfig,
+                  lock: RunLock | None) -> tuple[list[str], list[submitit.Job]]:
+    """Submit one task per shard; the manifest and the run's lock learn the task ids."""
+    try:
+        jobs = submit_array(ex, fn, str(run.path), shards, launch.cluster, launch.throttle)
+    except Exception as e:  # sbatch's refusal, in one of several submitit types
+        run.update("viz", status="failed", error=f"submission refused: {str(e).strip().splitlines()[-1:]}")
+        raise LaunchError(f"submission of the visualization array refused: "
+                          f"{(str(e).strip().splitlines() or [type(e).__name__])[-1]}; hint: check --gpus/"
+                          "--partition/--time against `sinfo` and the profile") from None
+    ids = sorted({str(j.job_id).split("_")[0] for j in jobs}, key=lambda i: int(i) if i.isdigit() else 0)
+    if lock is not None:
+        lock.add_jobs([str(j.job_id) for j in jobs] if launch.cluster == "local" else ids, launch.cluster,
+                      array=launch.cluster == "slurm")
+    tasks = {str(j.job_id): s for j, s in zip(jobs, shards)}
+    run.update("viz", lambda rec: {"status": "submitted", "cluster": launch.cluster, "job_ids": [*rec.job_ids, *ids],
+                                   "tasks": {**rec.tasks, **tasks}})
+    return ids, jobs
+
+
+def wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig) -> list[str]:
+    """One line per task that failed: 'shard K: why' (the task's own error, first line)."""
+    failed = []
+    for job, shard in zip(jobs, shards):
+        try:
+            wait_result(job, launch)
+        except Exception as e:  # LaunchError, JobRefused: either way the shard's cause, in one line
+            failed.append(f"shard {shard}: {str(e).splitlines()[0]}")
+    return failed
+
+
+def finish(run: RunDir, plan: Any, figures: bool = True) -> dict[str, Any]:
+    """Collate into viz/viz.h5, record the outcome in the manifest, draw viz/figures/ when asked."""
+    summary = viz.collate(run, plan)
+    missing = [run.shard(k).name for k in sorted(summary["missing"])]
+    status = "done" if summary["path"] is not None and not missing else ("partial" if summary["path"] else "failed")
+    run.update("viz", status=status, missing_shards=missing, n_images=summary["n_images"],
+               error="" if summary["path"] else summary.get("reason", ""))
+    if summary["n_images"] and figures:
+        log.info("%d figures in %s", len(viz.save_figures(run.path)), run.figures_dir)
+    return summary

@@ -1,0 +1,114 @@
+"""Train, visualize and report in one command (jobs/launch_pipeline.py), follow it, retry what failed."""
+from __future__ import annotations
+
+import argparse
+
+from ..cli import Parser, add_options, command, given
+from ..config import AggregateConfig, ConfigError, LaunchConfig, VizConfig, config_from_dict
+from ..errors import Interrupted
+from ..launch import check_launch, check_train_request, prepare_run
+from ..log import setup_logging
+from ..pipeline import (check_outcome, check_request, pipeline_status, render_status, retry_cluster, retry_failed,
+                        run_local, submit_pipeline, wait_pipeline)
+from ..rundir import RunDir
+from . import train
+
+
+def get_args_parser(add_help: bool = False) -> Parser:
+    p = Parser("launch_pipeline.py", add_help=add_help, parents=[train.get_args_parser()],
+               description="Train, visualize and report in one command.")
+    add_options(p, VizConfig, title="visualization", prefix="viz-", skip=("run_dir",))
+    add_options(p, AggregateConfig, title="report", skip=("run_dir",))
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--status", action="store_true",
+                   help="show each stage and array task of --run, then exit (with --wait: follow them to the end)")
+    g.add_argument("--retry-failed", action="store_true",
+                   help="resubmit only the missing/failed array tasks of --run, then aggregate again")
+    return p
+
+
+def _report_config(args: argparse.Namespace, run: str) -> AggregateConfig:
+    return AggregateConfig(**given(args, AggregateConfig, skip=("run_dir",)), run_dir=run).validate()
+
+
+def _print_submitted(run: RunDir, ids: dict) -> None:
+    print(f"submitted pipeline for {run}:\n"
+          f"  train job {ids['train']}\n"
+          f"  viz array {', '.join(ids['viz'])} ({ids['n_tasks']} tasks, afterok:{ids['train']})\n"
+          f"  aggregate job {ids['aggregate']} (afterany on the array)\n"
+          f"  status:  python jobs/launch_pipeline.py --run {run} --status   (or --wait to follow)\n"
+          f"  report:  {run.report_dir / 'report.html'} when the aggregation has run\n"
+          f"  retry:   python jobs/launch_pipeline.py --run {run} --retry-failed")
+
+
+def _status(args: argparse.Namespace, run: RunDir) -> int:
+    if args.wait:
+        wait_pipeline(run)
+        return 0
+    from rich.console import Console
+    Console().print(render_status(pipeline_status(run)))
+    return 0
+
+
+def _retry(args: argparse.Namespace, run: RunDir) -> int:
+    if not run.manifest_file.exists():
+        raise ConfigError(f"--run {run}: no manifest.json; hint: start it with jobs/launch_pipeline.py")
+    run.read_plan()  # a run that never planned has nothing to retry: refused before anything else
+    requested = given(args, LaunchConfig)
+    requested["cluster"] = retry_cluster(run, requested.get("cluster", "auto"))
+    launch = check_launch(config_from_dict(LaunchConfig, requested), getattr(args, "viz_device", None) or "auto")
+    agg_cfg = _report_config(args, str(run.path))
+    with run.lock() as lock:
+        result = retry_failed(run, launch, agg_cfg, lock)
+    if launch.cluster == "slurm":
+        print(f"resubmitted {len(result['todo'])} shard(s) {result['todo']} as array "
+              f"{', '.join(result['viz']) or '-'}; aggregate job {result['aggregate']}")
+        if launch.wait:
+            wait_pipeline(run)
+        return 0
+    print(f"report: {result['report']}")
+    check_outcome(run)
+    return 0
+
+
+@command
+def main(args: argparse.Namespace) -> int:
+    setup_logging()
+    if args.status and args.retry_failed:
+        raise ConfigError("--status and --retry-failed together: one at a time; hint: --status to look, "
+                          "--retry-failed to redo what failed")
+    if (args.status or args.retry_failed) and not args.run:
+        raise ConfigError("--status/--retry-failed need --run RUN; hint: the run directory you launched")
+    try:
+        if args.status:
+            return _status(args, RunDir(args.run))
+        if args.retry_failed:
+            return _retry(args, RunDir(args.run))
+        return _launch(args)
+    except KeyboardInterrupt:  # only the wait ends: submitted jobs keep running
+        raise Interrupted(f"interrupted: submitted jobs keep running; python jobs/launch_pipeline.py --run "
+                          f"{args.run} --status shows them") from None
+
+
+def _launch(args: argparse.Namespace) -> int:
+    cfg, launch = train.build_configs(args)
+    if launch.cluster == "inline":
+        raise ConfigError("--cluster inline: the pipeline submits jobs; hint: --cluster slurm or local")
+    viz_cfg = config_from_dict(VizConfig, {**given(args, VizConfig, prefix="viz-", skip=("run_dir",)),
+                                           "run_dir": cfg.run_dir})
+    check_request(cfg, viz_cfg)
+    agg_cfg = _report_config(args, cfg.run_dir)
+    check_train_request(cfg)
+    run = RunDir(cfg.run_dir)
+    with run.lock() as lock:
+        prepare_run(cfg, launch.cluster, "continue it (finished stages are skipped)")
+        if launch.cluster == "slurm":
+            ids = submit_pipeline(cfg, viz_cfg, agg_cfg, launch, lock)
+            _print_submitted(run, ids)
+            if launch.wait:
+                wait_pipeline(run)
+            return 0
+        summary = run_local(cfg, viz_cfg, agg_cfg, launch, lock)
+    print(f"report: {summary['report']}")
+    check_outcome(run)
+    return 0

@@ -1,0 +1,91 @@
+"""Train a ResNet with DDP (jobs/launch_train.py): submit on SLURM and return, or run here and follow."""
+from __future__ import annotations
+
+import argparse
+
+from ..cli import Parser, add_options, command, given
+from ..config import RECIPES, LaunchConfig, TrainConfig, config_from_dict, make_train_config
+from ..launch import (LaunchError, TrainJob, check_launch, check_train_request, prepare_run, submit_train,
+                      wait_result)
+from ..log import setup_logging
+from ..rundir import RunDir, RunLock
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    add_options(p, TrainConfig, title="training")
+    g = p.add_argument_group("training run")
+    g.add_argument("--recipe", default=None, help=f"{' | '.join(RECIPES)}: named defaults; seed = the course "
+                   "report (ResNet-18, lr 0.0005, batch 256, 900 epochs, no schedule)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue the run's last checkpoint, or the checkpoint given")
+
+
+def get_args_parser(add_help: bool = False) -> Parser:
+    p = Parser("launch_train.py", add_help=add_help, description="Train a ResNet with DDP.")
+    add_train_options(p)
+    add_options(p, LaunchConfig, title="where to run")
+    return p
+
+
+def default_run(cfg: TrainConfig) -> str:
+    data = cfg.data.split(":")[0].replace("/", "_").strip("._") or "data"
+    return f"results/{cfg.arch}-{data}"
+
+
+def build_configs(args: argparse.Namespace) -> tuple[TrainConfig, LaunchConfig]:
+    """The training and launch configs of a command line, checked in full (nothing read from the run yet)."""
+    overrides = {**given(args, TrainConfig), "resume": args.resume or ""}
+    cfg = make_train_config(overrides, args.recipe or "default")
+    cfg.run_dir = cfg.run_dir if getattr(args, "run", None) else default_run(cfg)
+    launch = check_launch(config_from_dict(LaunchConfig, given(args, LaunchConfig)), cfg.device)
+    return cfg, launch
+
+
+def follow_training(job: object, cfg: TrainConfig, launch: LaunchConfig) -> dict:
+    """Wait for a training job; a job that died (killed, out of memory) leaves the record failed and the error
+    says how to continue from the last checkpoint."""
+    from ..checkpoint import find_checkpoint
+    from ..pipeline import mark_lost
+    try:
+        return wait_result(job, launch, follow=launch.wait)  # type: ignore[arg-type]
+    except LaunchError as e:
+        run = RunDir(cfg.run_dir)
+        if launch.cluster != "slurm":
+            mark_lost(run, "train", str(e))
+        last = find_checkpoint(run.checkpoints)
+        if last is None:
+            raise
+        first, _, rest = str(e).partition("\n")
+        raise LaunchError(f"{first}; hint: continue it from {last} with the same command and --resume"
+                          + (f"\n{rest}" if rest else "")) from None
+
+
+@command
+def main(args: argparse.Namespace) -> int:
+    setup_logging()
+    cfg, launch = build_configs(args)
+    check_train_request(cfg)
+    if launch.cluster == "inline":  # one rank of srun/torchrun: train here, exit 3 if stopped on a signal
+        result = TrainJob(requeue_via_submitit=False)(cfg)
+        if result.get("rank", 0) == 0:
+            print(f"done: {cfg.run_dir} (val accuracy {100 * result['val_accuracy']:.2f}%)")
+        return 0
+    with RunDir(cfg.run_dir).lock() as lock:
+        prepare_run(cfg, launch.cluster)
+        job = submit_train(cfg, launch)
+        add_job(lock, job, launch)
+        if launch.cluster == "slurm" and not launch.wait:
+            print(f"submitted job {job.job_id}\n  run dir: {cfg.run_dir}\n"
+                  f"  follow:  tail -f {RunDir(cfg.run_dir).logs / f'{job.job_id}_0_log.err'}"
+                  f"\n  or:      squeue -j {job.job_id}")
+            return 0
+        result = follow_training(job, cfg, launch)
+    print(f"{result.get('status', 'done')}: {cfg.run_dir} "
+          f"(val accuracy {100 * result.get('val_accuracy', float('nan')):.2f}%)")
+    return 0
+
+
+def add_job(lock: RunLock, job: object, launch: LaunchConfig) -> None:
+    """The run's lock names the job: SLURM jobs hold the run after the launcher returns."""
+    if launch.cluster in ("slurm", "local"):
+        lock.add_jobs([str(getattr(job, "job_id"))], launch.cluster)
