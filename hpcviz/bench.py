@@ -121,12 +121,11 @@ def bench_train_throughput(cfg: TrainConfig, steps: int, workers: int) -> dict[s
 
 def time_to_accuracy(cfg: TrainConfig, target: float) -> dict[str, Any]:
     """Train cfg (its own schedule) and report the first epoch whose val accuracy reaches `target`."""
-    from .checkpoint import read_metrics
     from .train import train
     t0 = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - t0
-    metrics = read_metrics(cfg.run_dir)
+    metrics = RunDir(cfg.run_dir).read_metrics()
     hit = next((m for m in metrics if m["val_acc"] >= target), None)
     train_s = sum(m["epoch_s"] for m in metrics[: hit["epoch"]]) if hit else None
     start = metrics[0]["time"] - metrics[0]["epoch_s"]  # wall clock when the first epoch began

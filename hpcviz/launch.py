@@ -341,13 +341,13 @@ def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: b
     except JobFailed as e:
         first = str(e).splitlines()[0].split(" failed: ", 1)[-1]
         if is_input_error(first):
-            raise JobRefused(first.split(": ", 1)[-1]) from None
+            raise JobRefused(f"job {job.job_id}: {first.split(': ', 1)[-1]}") from None
         raise LaunchError(str(e)) from None
     except Exception as e:  # FailedJobError, UncompletedJobError, or the job's own exception
         brief = type(e).__name__
         if isinstance(job, submitit.DebugJob) and str(e).strip():  # the job's own exception, here
             if isinstance(e, InputError):
-                raise JobRefused(str(e)) from None
+                raise JobRefused(f"job {job.job_id}: {e}") from None
             brief += ": " + str(e).strip().splitlines()[0]
         elif type(e).__name__ == "UncompletedJobError":
             brief = "it ended without a result (killed, or out of memory?)"
@@ -355,7 +355,7 @@ def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: b
             read_results(result_paths(job.paths.folder, str(job.job_id), ntasks))
         except JobFailed as failed:
             if is_input_error(str(failed)):
-                raise JobRefused(str(failed).split(": ", 1)[-1]) from None
+                raise JobRefused(f"job {job.job_id}: {str(failed).split(': ', 1)[-1]}") from None
             brief = str(failed)
         except OSError:
             pass

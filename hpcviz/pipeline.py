@@ -195,11 +195,11 @@ def _shard_states(run: RunDir, manifest: Manifest) -> list[tuple[int, str, str]]
         problem = run.shard_problem(s, plan) if plan else "waiting for the plan"
         if not problem:
             state = "done (verified)"
-        elif live.get(tid) and live[tid] != "COMPLETED":
-            state = live[tid]
+        elif live.get(tid) and live[tid] != "COMPLETED" or not plan:
+            state = live.get(tid) or problem
         else:
             state = "missing" if problem.startswith("no such file") else f"missing: {problem}"
-        rows.append((s, tid, state if plan else "waiting for the plan"))
+        rows.append((s, tid, state))
     return rows
 
 

@@ -50,11 +50,12 @@ def _job_state(job: dict[str, Any], host: str) -> str:
     """The state of a job the holder left ('' when it has ended)."""
     if job.get("cluster") == "slurm":
         from ..jobstate import ACTIVE, array_states, query_state
+        working = ACTIVE - {"COMPLETING"}  # a completing job has written its results
         if job.get("array"):
-            states = [s for s in array_states(str(job["id"])).values() if s in ACTIVE]
+            states = [s for s in array_states(str(job["id"])).values() if s in working]
             return states[0] if states else ""
         state = query_state(str(job["id"]))[0]
-        return state if state in ACTIVE else ""
+        return state if state in working else ""
     if job.get("cluster") == "local" and str(job.get("id", "")).isdigit():
         if host != socket.gethostname():
             return "on another host"
