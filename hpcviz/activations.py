@@ -6,8 +6,8 @@ block Y of stage X (after the block's final ReLU). Hooks are removed in `finally
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Sequence
 
 import torch
 from torch import nn

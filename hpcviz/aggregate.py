@@ -14,9 +14,8 @@ import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -24,7 +23,7 @@ from . import __version__, checkpoint, figures, report, store
 from .config import AggregateConfig, config_to_dict
 from .errors import InputError
 from .files import check_space, write_bytes
-from .rundir import RunDir, write_json
+from .rundir import RunDir, now
 from .viz import collate
 
 __all__ = ["AggregateConfig", "AggregateError", "aggregate", "build_report", "read_inputs", "collate_run"]
@@ -76,7 +75,9 @@ class _Figures:
     """Collects (name -> PNG bytes, caption); each PNG carries the config that made it."""
 
     def __init__(self, meta: dict[str, Any], dpi: int) -> None:
-        self.meta, self.dpi, self.png, self.caption = meta, dpi, {}, {}
+        self.meta, self.dpi = meta, dpi
+        self.png: dict[str, bytes] = {}
+        self.caption: dict[str, str] = {}
 
     def add(self, name: str, fig: Any, caption: str) -> tuple:
         rel = f"figures/{name}.png"
@@ -241,10 +242,10 @@ def build_report(run: RunDir, cfg: AggregateConfig) -> dict[str, Any]:
     viz_config = {"viz": inp["plan"].to_dict()["config"]} if inp["plan"] else {}
     meta = {"run": name, "config": {**inp["config"], **viz_config, "aggregate": config_to_dict(cfg)},
             "checkpoint_sha256": (inp["eval"] or {}).get("checkpoint_sha256")}
-    figs, tables = _Figures(meta, cfg.dpi), {}
+    figs, tables = _Figures(meta, cfg.dpi), cast(dict[str, Any], {})
     ev = inp["eval"] or {}
     head = [("h", 1, f"hpcviz report: {name}"),
-            ("p", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by hpcviz {__version__} from {run}."
+            ("p", f"Generated {now().replace('T', ' ')} by hpcviz {__version__} from {run}."
                   + "".join(f" {label} accuracy {100 * ev[key]:.2f}%." for label, key in
                             (("Validation", "accuracy"), ("Train", "train_accuracy")) if ev.get(key) is not None)),
             ("p", f"Checkpoint sha256 {ev.get('checkpoint_sha256') or 'unknown'}; dataset fingerprint "

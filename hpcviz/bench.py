@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +19,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import dist
 from .config import ConfigError, TrainConfig
-from .rundir import RunDir
 from .data import normalize
 from .models import build_model
+from .rundir import RunDir
 from .train import Meters, Position, Split, StopRequest, make_optimizer, prepare_data, train_one_epoch
+
+if TYPE_CHECKING:  # annotations only; torchvision ships no stubs, so mypy takes its blocks as Any
+    from torchvision.models import resnet as tvr
 
 
 class _UInt8Images(Dataset):
@@ -51,7 +55,8 @@ def time_project_steps(cfg: TrainConfig, split: Split, steps: int, warmup: int =
     model = build_model(cfg.arch, len(split.classes), cfg.stem).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    run = torch.compile(model) if cfg.compile else model
+    # torch.compile of a module returns an OptimizedModule (an nn.Module), typed as a plain callable
+    run = cast(torch.nn.Module, torch.compile(model)) if cfg.compile else model
     opt = make_optimizer(model, cfg)
     stop = StopRequest(signals=())
     no_save = lambda *a: None  # noqa: E731
@@ -152,7 +157,8 @@ def sample_activations(arch: str, stem: str, image_size: int, batch: int, seed: 
     return {name: a.half().cpu().numpy() for name, a in acts.items()}
 
 
-def bench_viz_stage(data: str, images: int, run_dir: Path, arch: str = "resnet18", stem: str = "cifar") -> dict[str, Any]:
+def bench_viz_stage(data: str, images: int, run_dir: Path, arch: str = "resnet18",
+                    stem: str = "cifar") -> dict[str, Any]:
     """Images/s of one whole array task (every block dumped, deconv of every block x 3 paths, the default
     inversion) on a ResNet trained for one epoch on `data` (so the activations are not those of noise)."""
     import shutil
@@ -185,11 +191,11 @@ class _DeconvReLUFn(torch.autograd.Function):
     """ReLU whose backward is ReLU of the gradient: the deconvnet rule, as Captum's Deconvolution does it."""
 
     @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
+    def forward(ctx, x):
         return x.clamp(min=0)
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx, g):
         return g.clamp(min=0)
 
 
@@ -198,7 +204,7 @@ class _DeconvReLU(torch.nn.Module):
         return _DeconvReLUFn.apply(x)
 
 
-def _path_forward(block: torch.nn.Module, path: str):
+def _path_forward(block: tvr.BasicBlock | tvr.Bottleneck, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """A residual block's forward in which `path` decides which branch the backward signal may take."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         identity = x if block.downsample is None else block.downsample(x)

@@ -46,8 +46,16 @@ def _rank(rank: int, port: int, cfg: TrainConfig, steps: int, done: Any) -> None
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from . import dist
-    from .train import (Meters, Position, StopRequest, _set_threads, build_for_training, make_optimizer,
-                        prepare_data, train_one_epoch)
+    from .train import (
+        Meters,
+        Position,
+        StopRequest,
+        _set_threads,
+        build_for_training,
+        make_optimizer,
+        prepare_data,
+        train_one_epoch,
+    )
     dist.init(cfg.device if cfg.device != "auto" else "cpu")
     try:
         device = dist.pick_device(cfg.device)

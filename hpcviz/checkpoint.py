@@ -142,5 +142,6 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, num_classes: int | 
     if fingerprint and state.get("data_fingerprint") and fingerprint != state["data_fingerprint"]:
         raise CheckpointError(
             f"--resume {state['path']}: the checkpoint was trained on other data (--data {old.get('data')}, "
-            f"fingerprint {state['data_fingerprint'][:12]}), this --data {cfg.data} has fingerprint {fingerprint[:12]}; "
+            f"fingerprint {state['data_fingerprint'][:12]}), this --data {cfg.data} has fingerprint "
+            f"{fingerprint[:12]}; "
             "hint: resume with the same --data, or start a new --run with --init to fine-tune")

@@ -123,11 +123,12 @@ def command(main: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
             print_error(e)
             return e.exit_code
         except OSError as e:  # not ours: name the path and what went wrong, without a traceback
+            error: BaseException = e
             if is_disk_full(e):
-                e = disk_full(e.filename or "?")
+                error = disk_full(e.filename or "?")
             elif not isinstance(e, DiskFullError):
-                e = HpcvizError(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}; hint: check "
-                                "that path (permissions, a file system that went away)")
-            print_error(e)
-            return exit_code(e)
+                error = HpcvizError(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}; hint: "
+                                    "check that path (permissions, a file system that went away)")
+            print_error(error)
+            return exit_code(error)
     return run

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import ModuleType
+from typing import cast
 
 import numpy as np
 import torch
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["DataError", "ImageSet", "SourceFacts", "peek", "check_split", "ImageFolderStream", "DATA_FORMS", "BUILTIN_CLASSES", "IMAGE_EXTENSIONS", "load_images",
+__all__ = ["DataError", "ImageSet", "SourceFacts", "peek", "check_split", "ImageFolderStream", "DATA_FORMS",
+           "BUILTIN_CLASSES", "IMAGE_EXTENSIONS", "load_images",
            "make_builtin", "resize_images", "split_indices", "channel_stats", "norm_tensors", "normalize", "augment",
            "fingerprint"]
 
@@ -565,7 +567,7 @@ def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
     if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
         m, s = mean, std
     else:
-        m, s = norm_tensors(mean, std, images.device)
+        m, s = norm_tensors(cast(Sequence[float], mean), cast(Sequence[float], std), images.device)
     return (images.float() / 255 - m) / s
 
 
@@ -599,7 +601,7 @@ def fingerprint(ds: ImageSet) -> str:
     h = hashlib.sha256()
     images = ds.images.contiguous().cpu().numpy()
     h.update(json.dumps(list(images.shape)).encode())
-    h.update(memoryview(images).cast("B"))
+    h.update(images.data.cast("B"))
     h.update(ds.labels.cpu().numpy().astype("<i8").tobytes())
     h.update(json.dumps(list(ds.classes)).encode())
     return h.hexdigest()

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -71,22 +71,23 @@ def conv_transpose(signal: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[
 
     `F.conv_transpose2d` with the output padding that restores the forward input's exact size
     (what `torch.nn.grad.conv2d_input` computes, but that one is several times slower on CPU)."""
+    padding = cast(tuple[int, ...], conv.padding)  # numeric padding only ('same'/'valid': see _conv_op)
     pad = []
     for i in range(2):
         k = conv.kernel_size[i]
-        size = (signal.shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i] + conv.dilation[i] * (k - 1) + 1
+        size = (signal.shape[2 + i] - 1) * conv.stride[i] - 2 * padding[i] + conv.dilation[i] * (k - 1) + 1
         pad.append(int(input_shape[2 + i]) - size)
     weight = conv.weight if weight is None else weight
     if not all(0 <= p < max(conv.stride[i], conv.dilation[i]) for i, p in enumerate(pad)):
-        return conv2d_input(list(input_shape), weight, signal, conv.stride, conv.padding, conv.dilation,
+        return conv2d_input(list(input_shape), weight, signal, conv.stride, padding, conv.dilation,
                             conv.groups)
-    return F.conv_transpose2d(signal, weight, None, conv.stride, conv.padding, tuple(pad), conv.groups,
+    return F.conv_transpose2d(signal, weight, None, conv.stride, padding, tuple(pad), conv.groups,
                               conv.dilation)
 
 
 def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     """gamma / sqrt(running_var + eps), per channel: the slope of eval-mode batch norm."""
-    inv = torch.rsqrt(bn.running_var + bn.eps)
+    inv = torch.rsqrt(cast(torch.Tensor, bn.running_var) + bn.eps)  # _bn_op requires running statistics
     return inv if bn.weight is None else bn.weight * inv
 
 
@@ -183,7 +184,8 @@ def parse_paths(spec: str | Mapping[str, str], blocks: Sequence[str]) -> dict[st
     path among the items sets that default instead, e.g. 'shortcut,layer1.0=both'); or a mapping
     {block: path}. An unknown block or path is a DeconvError."""
     residual = [b for b in blocks if b != "conv1"]
-    default, chosen = "both", {}
+    default = "both"
+    chosen: dict[str, str] = {}
     if isinstance(spec, Mapping):
         items = [(str(b), str(p)) for b, p in spec.items()]
     elif isinstance(spec, str):
@@ -265,6 +267,7 @@ def _relu_op(module: nn.Module, key: str) -> _Op:
 
 
 def _block_plan(name: str, block: nn.Module) -> _Block:
+    convs: tuple[str, ...]
     if isinstance(block, tvr.Bottleneck):
         convs = ("conv1", "conv2", "conv3")
     elif isinstance(block, tvr.BasicBlock):
@@ -289,15 +292,16 @@ def _block_plan(name: str, block: nn.Module) -> _Block:
 
 def _run(ops: list[_Op], h: torch.Tensor, tape: _Tape) -> torch.Tensor:
     for i, op in enumerate(ops):
-        m = op.module
         if op.kind == "conv":
+            c = cast(nn.Conv2d, op.module)
             tape.shapes[op.key] = tuple(h.shape)
-            h = F.conv2d(h, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+            h = F.conv2d(h, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
         elif op.kind == "bn":
-            scale = tape.scales[op.key] = bn_scale(m)
+            bn = cast(nn.BatchNorm2d, op.module)
+            scale = tape.scales[op.key] = bn_scale(bn)
             if i > 0 and ops[i - 1].kind == "conv":  # bn^T then conv^T = conv^T with the slope in its kernel
-                tape.folded[ops[i - 1].key] = ops[i - 1].module.weight * scale.view(-1, 1, 1, 1)
-            h = F.batch_norm(h, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+                tape.folded[ops[i - 1].key] = cast(nn.Conv2d, ops[i - 1].module).weight * scale.view(-1, 1, 1, 1)
+            h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         else:
             h = F.relu(h)
     return h
@@ -310,10 +314,11 @@ def _back(ops: list[_Op], g: torch.Tensor, tape: _Tape) -> torch.Tensor:
         if skip:
             skip = False
         elif op.kind == "bn" and i > 0 and ops[i - 1].key in tape.folded:
-            g = conv_transpose(g, ops[i - 1].module, tape.shapes[ops[i - 1].key], tape.folded[ops[i - 1].key])
+            conv = cast(nn.Conv2d, ops[i - 1].module)
+            g = conv_transpose(g, conv, tape.shapes[ops[i - 1].key], tape.folded[ops[i - 1].key])
             skip = True
         elif op.kind == "conv":
-            g = conv_transpose(g, op.module, tape.shapes[op.key])
+            g = conv_transpose(g, cast(nn.Conv2d, op.module), tape.shapes[op.key])
         elif op.kind == "bn":
             g = bn_transpose(g, tape.scales[op.key])
         else:
@@ -334,7 +339,9 @@ class Deconvnet:
         self.exact = exact  # deterministic unpooling (see `unpool`); False: one atomic scatter-add on GPUs
         self.blocks = block_names(model)
         try:
-            self._stem = [_conv_op(model.conv1, "conv1"), _bn_op(model.bn1, "bn1"), _relu_op(model.relu, "relu")]
+            # submodules as nn.Module (mypy: Tensor | Module); the _op helpers check their real types
+            self._stem = [_conv_op(cast(nn.Module, model.conv1), "conv1"), _bn_op(cast(nn.Module, model.bn1), "bn1"),
+                          _relu_op(cast(nn.Module, model.relu), "relu")]
             pool = model.maxpool
         except AttributeError as e:
             raise DeconvError(f"model {type(model).__name__}: {e}; hint: Deconvnet supports the ResNets of "
@@ -368,7 +375,7 @@ class Deconvnet:
         place). x: the normalised input (B, C_in, H, W), moved to the model's device and dtype."""
         upto = self.blocks[-1] if upto is None else upto
         last = self._check_block(upto)
-        conv1 = self.model.conv1
+        conv1 = cast(nn.Conv2d, self.model.conv1)  # checked by _conv_op in __init__
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != conv1.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise DeconvError(f"input of shape {shape}: need (B, {conv1.in_channels}, H, W); "

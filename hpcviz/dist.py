@@ -17,8 +17,9 @@ import inspect
 import os
 import re
 import socket
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as td
@@ -124,7 +125,8 @@ def _read_torchrun(env: Mapping[str, str]) -> DistEnv:
 def _read_slurm(env: Mapping[str, str]) -> DistEnv:
     if "SLURM_STEP_ID" not in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
         # the batch script (or an salloc shell) of a multi-task allocation: the other ranks never start
-        raise DistError(f"inside a SLURM allocation of {env['SLURM_NTASKS']} tasks (job {env.get('SLURM_JOB_ID', '?')}) "
+        raise DistError(f"inside a SLURM allocation of {env['SLURM_NTASKS']} tasks "
+                        f"(job {env.get('SLURM_JOB_ID', '?')}) "
                         "but not started by srun: this process would wait for ranks that never start; hint: "
                         "srun python jobs/launch_train.py --cluster inline ..., or submit with --cluster slurm")
     world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)

@@ -7,8 +7,9 @@ are summed over ranks, so the result equals a single-process evaluation.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

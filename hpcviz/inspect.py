@@ -16,6 +16,7 @@ from rich.tree import Tree
 
 from . import store
 from .errors import InputError
+from .files import fmt_bytes
 from .rundir import Plan, RunDir
 
 __all__ = ["render_tree", "render_stats", "summarize_run"]
@@ -35,14 +36,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _size(nbytes: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
-
-
 def _dataset_label(obj: dict[str, Any]) -> Text:
     label = Text.assemble((obj["name"].rsplit("/", 1)[-1], "bold"), "  ", (str(obj["shape"]), "cyan"),
                           " ", (obj["dtype"], "green"))
@@ -59,14 +52,14 @@ def _dataset_label(obj: dict[str, Any]) -> Text:
         label.append("  (dimension scale)", "dim")
     elif obj["scales"] and obj["scales"][0]:
         label.append(f"  dim 0 → {', '.join(obj['scales'][0])}", "dim")
-    stored = f", {_size(obj['storage_bytes'])} stored" if obj["storage_bytes"] and not obj["is_virtual"] else ""
-    label.append(f"  {_size(obj['nbytes'])}{stored}", "dim")
+    stored = f", {fmt_bytes(obj['storage_bytes'])} stored" if obj["storage_bytes"] and not obj["is_virtual"] else ""
+    label.append(f"  {fmt_bytes(obj['nbytes'])}{stored}", "dim")
     return label
 
 
 def render_tree(desc: dict[str, Any]) -> Tree:
     """The tree of store.describe(path): root attrs, then groups and datasets with their key attrs."""
-    tree = Tree(Text.assemble((desc["path"], "bold"), f"  {_size(desc['file_bytes'])}"))
+    tree = Tree(Text.assemble((desc["path"], "bold"), f"  {fmt_bytes(desc['file_bytes'])}"))
     if desc["attrs"]:
         attrs = tree.add(Text("attrs", "bold"))
         for key, value in desc["attrs"].items():

@@ -44,6 +44,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +142,7 @@ class _Forward:
         self.deconv = d = Deconvnet(model, exact)
         self.exact = exact
         self.blocks, self.stem, self.pool, self.plan = d.blocks, d._stem, d._pool, d._plan
-        w = model.conv1.weight
+        w = cast(nn.Conv2d, model.conv1).weight  # Deconvnet checked conv1 is an nn.Conv2d
         self.device, self.dtype = w.device, w.dtype
 
     def __call__(self, x: torch.Tensor, wanted: Sequence[str], sizes: Sequence[int]) -> list[torch.Tensor]:
@@ -230,7 +231,8 @@ def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
         n = phi0[names[0]].shape[0]
         if any(p.shape[0] != n for p in phi0.values()):
             raise InputError("targets: blocks with different batch sizes")
-        H, W = input_size or _input_size(fwd, names[0], tuple(phi0[names[0]].shape[-2:]))
+        hw = phi0[names[0]].shape
+        H, W = input_size or _input_size(fwd, names[0], (int(hw[-2]), int(hw[-1])))
     else:
         raise InputError("invert: give images= (normalised input) or targets= {block: activation}")
 

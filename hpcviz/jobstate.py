@@ -13,8 +13,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .errors import InputError, JobError
 
@@ -148,7 +149,7 @@ def read_results(paths: list[Path]) -> list[Any] | None:
         with open(p, "rb") as f:
             outcome, value = pickle.load(f)
         if outcome != "success":
-            last = [l for l in str(value).splitlines() if l.strip()]
+            last = [line for line in str(value).splitlines() if line.strip()]
             raise JobFailed(last[-1] if last else f"task result {p.name}: {outcome}")
         out.append(value)
     return out
@@ -192,7 +193,7 @@ class LogFollower:
             return
         text = chunk.decode(errors="replace")
         if self.only_dated:
-            text = "".join(l for l in text.splitlines(keepends=True) if l[:2] == "20")
+            text = "".join(line for line in text.splitlines(keepends=True) if line[:2] == "20")
         if text:
             sys.stdout.write(text)
             sys.stdout.flush()

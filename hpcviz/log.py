@@ -5,9 +5,14 @@ import logging
 import sys
 import time
 
-from . import dist
-
 LOGGER = "hpcviz"
+
+
+def _rank() -> tuple[int, bool]:
+    """(rank, is rank 0): hpcviz.dist's view once a job has imported it, else this process alone. Commands
+    never import it just to log: it imports torch, seconds before a bad option could be refused."""
+    dist = sys.modules.get("hpcviz.dist")
+    return (dist.rank(), dist.is_main()) if dist is not None else (0, True)
 
 
 def setup_logging(verbose: bool = False) -> logging.Logger:
@@ -22,12 +27,12 @@ def setup_logging(verbose: bool = False) -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {dist.rank()}] %(levelname)s %(message)s",
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {_rank()[0]}] %(levelname)s %(message)s",
                                                "%Y-%m-%d %H:%M:%S"))
     handler._hpcviz = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.propagate = False
-    if dist.is_main():
+    if _rank()[1]:
         logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     else:
         logger.setLevel(logging.WARNING)
@@ -41,7 +46,7 @@ class StepProgress:
         self.total, self.title, self.every = total, title, max(1, every)
         self.start = time.perf_counter()
         self.bar = None
-        if dist.is_main() and sys.stderr.isatty():
+        if _rank()[1] and sys.stderr.isatty():
             from rich.progress import Progress
             self.bar = Progress(transient=True)
             self.bar.start()
@@ -50,7 +55,7 @@ class StepProgress:
     def update(self, step: int, text: str = "") -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, description=f"{self.title} {text}")
-        elif dist.is_main() and (step % self.every == 0 or step == self.total):
+        elif _rank()[1] and (step % self.every == 0 or step == self.total):
             rate = step / max(time.perf_counter() - self.start, 1e-9)
             logging.getLogger(LOGGER).info("%s step %d/%d %s (%.1f steps/s)", self.title, step, self.total, text, rate)
 

@@ -16,7 +16,8 @@ each residual block by module name ('layer1.0', ...).
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,7 +92,8 @@ def build_model(arch: str, num_classes: int, stem: str = "") -> nn.Module:
         raise UnknownArchError(f"--arch {arch!r}: not one of {', '.join(ARCHS)}; hint: e.g. --arch resnet18")
     stem = stem or default_stem(arch)
     if stem not in STEMS:
-        raise UnknownArchError(f"--stem {stem!r}: not one of {', '.join(STEMS)}; hint: e.g. --stem cifar for 32 px images")
+        raise UnknownArchError(f"--stem {stem!r}: not one of {', '.join(STEMS)}; "
+                               "hint: e.g. --stem cifar for 32 px images")
     if arch in _CIFAR_DEPTH:
         return CifarResNet(_CIFAR_DEPTH[arch], num_classes, stem)
     block, layers = _TORCHVISION[arch]

@@ -63,7 +63,8 @@ class PipelineTrainJob(TrainJob):
         return result
 
     def checkpoint(self, cfg: TrainConfig) -> submitit.helpers.DelayedSubmission:
-        return submitit.helpers.DelayedSubmission(PipelineTrainJob(self.viz_cfg), dataclasses.replace(cfg, resume="auto"))
+        return submitit.helpers.DelayedSubmission(PipelineTrainJob(self.viz_cfg),
+                                                  dataclasses.replace(cfg, resume="auto"))
 
 
 def aggregate_job(cfg: AggregateConfig) -> dict[str, Any]:

@@ -97,7 +97,8 @@ def _packed_at_size(cfg: TrainConfig) -> Any:
 def _loaded(cfg: TrainConfig, download: bool) -> Source:
     from .data import fingerprint, load_images
     ds = load_images(cfg.data, cfg.image_size, download=download, skip_bad=cfg.skip_bad)
-    return Source(cfg.data, ds.labels, ds.classes, tuple(ds.images.shape[1:]), images=ds.images,
+    _, c, h, w = ds.images.shape  # (N, 3, H, W)
+    return Source(cfg.data, ds.labels, ds.classes, (int(c), int(h), int(w)), images=ds.images,
                   fingerprint=fingerprint(ds))
 
 
@@ -179,7 +180,7 @@ def _write_mapped(src: Source, key: str) -> Path:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         for _, block in src.chunks():
-            f.write(memoryview(block.contiguous().numpy()).cast("B"))
+            f.write(block.contiguous().numpy().data.cast("B"))  # .data: the array's memoryview
     os.replace(tmp, path)
     return path
 
@@ -269,7 +270,7 @@ class Feed:
         """Where index lists are best built (the device for resident data: no copy per step)."""
         return torch.device("cpu")
 
-    def subset(self, n: int) -> "Feed":
+    def subset(self, n: int) -> Feed:
         out = object.__new__(type(self))
         out.__dict__.update(self.__dict__, pos=self.pos[:n], labels=self.labels[:n])
         return out

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import default_stem
+
 Block = tuple
 Cell = Any
 
@@ -38,7 +40,7 @@ class Fixed(float):
     """A float shown with a fixed number of decimals in every format (81.90, not 81.9)."""
     digits = 2
 
-    def __new__(cls, value: float, digits: int = 2) -> "Fixed":
+    def __new__(cls, value: float, digits: int = 2) -> Fixed:
         obj = super().__new__(cls, value)
         obj.digits = digits
         return obj
@@ -91,7 +93,8 @@ def inversion_table(errors: Mapping[str, np.ndarray]) -> tuple[list[str], list[l
     return ["block", "images", "median", "mean", "90th percentile", "max"], rows
 
 
-def params_table(train: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> tuple[list[str], list[list[Cell]]]:
+def params_table(train: Mapping[str, Any],
+                 extra: Mapping[str, Any] | None = None) -> tuple[list[str], list[list[Cell]]]:
     """The training parameters of the course report's table, from the train config (and manifest)."""
     keys = [("architecture", "arch"), ("stem", "stem"), ("data", "data"), ("image size (px)", "image_size"),
             ("validation fraction", "val_fraction"), ("epochs", "epochs"), ("global batch", "batch_size"),
@@ -106,7 +109,7 @@ def params_table(train: Mapping[str, Any], extra: Mapping[str, Any] | None = Non
         elif key == "augment":
             rows.append([label, "random crop (4 px pad) + horizontal flip" if train.get(key) else "none"])
         elif key == "stem" and not train.get("stem"):
-            rows.append([label, "cifar" if train.get("arch") in ("resnet20", "resnet32", "resnet56") else "imagenet"])
+            rows.append([label, default_stem(str(train.get("arch", "")))])
         elif key in train:
             rows.append([label, train[key]])
     rows += [[k, v] for k, v in (extra or {}).items()]

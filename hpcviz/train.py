@@ -14,9 +14,10 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,7 @@ def prepare_data(cfg: TrainConfig, device: torch.device) -> Split:
                       placement.choose(cfg.data_placement, src, device))
     else:
         facts = None
-    (mean, std), fp, where = dist.broadcast_object(facts)  # the same on every rank, computed once
+    (mean, std), fp, where = cast(Any, dist.broadcast_object(facts))  # the same on every rank, computed once
     train_feed, val_feed = placement.make_feeds(src, where, train_idx, val_idx, device, cfg.data_workers)
     return Split(train_feed, val_feed, src.classes, mean, std, fp, where)
 
@@ -157,7 +158,7 @@ def build_for_training(cfg: TrainConfig, num_classes: int, device: torch.device)
         raw = raw.to(memory_format=torch.channels_last)
     model = dist.wrap_ddp(raw, device)
     if cfg.compile:
-        model = torch.compile(model)
+        model = cast(nn.Module, torch.compile(model))
     return raw, model
 
 
@@ -207,7 +208,8 @@ def epoch_batches(cfg: TrainConfig, epoch: int, first_step: int, steps_per_epoch
     local_b = cfg.batch_size // dist.world_size()
     perm = torch.randperm(n, generator=seeded(cfg.seed, epoch))  # (Nt,) once per epoch
     perm = perm.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else perm.to(device)
-    return [perm[step * cfg.batch_size + dist.rank() * local_b:][:local_b] for step in range(first_step, steps_per_epoch)]
+    return [perm[step * cfg.batch_size + dist.rank() * local_b:][:local_b]
+            for step in range(first_step, steps_per_epoch)]
 
 
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, split: Split, cfg: TrainConfig,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,8 +128,9 @@ def _write_inversions(w: store.ShardWriter, model: torch.nn.Module, x: torch.Ten
     if not plan.invert_blocks:
         return
     from .inversion import InversionConfig, invert
-    icfg = InversionConfig(prior=plan.prior, exact=not plan.fast,
-                           **({"steps": plan.invert_steps} if plan.invert_steps else {}))
+    icfg = InversionConfig(prior=plan.prior, exact=not plan.fast)
+    if plan.invert_steps:
+        icfg.steps = plan.invert_steps
     out = invert(model, images=x, blocks=plan.invert_blocks, cfg=icfg, mean=state["mean"], std=state["std"])
     for block, r in out.items():
         w.write(f"invert/{block}", start, r["x"].float().cpu().numpy(), dims=("image", "channel", "y", "x"),

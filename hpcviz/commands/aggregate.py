@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..aggregate import aggregate
 from ..cli import Parser, add_options, command, given
-from ..config import AggregateConfig, config_from_dict
+from ..config import AggregateConfig, ConfigError, config_from_dict
 from ..errors import JobError
 from ..log import setup_logging
 from ..rundir import RunDir
@@ -23,9 +22,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_dict(AggregateConfig, given(args, AggregateConfig)).validate()
     run = RunDir(cfg.run_dir)
     if not run.is_run():
-        from ..aggregate import AggregateError
-        raise AggregateError(f"--run {run}: not a run directory (no config.json, manifest.json or checkpoints/); "
+        raise ConfigError(f"--run {run}: not a run directory (no config.json, manifest.json or checkpoints/); "
                              "hint: train first (jobs/launch_train.py or jobs/launch_pipeline.py)")
+    from ..aggregate import aggregate  # matplotlib and torch: once the request is known to be good
     with run.lock():
         summary = aggregate(cfg)
     missing = summary["missing_shards"]

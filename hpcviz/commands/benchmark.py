@@ -214,6 +214,7 @@ def run_invert(args: argparse.Namespace) -> dict:
         label += f", {args.split} split"
     from ..dist import pick_device
     dev = pick_device(args.device)
+    assert mean is not None and std is not None
     model, x = model.to(dev), normalize(pixels, mean, std).to(dev)
     label += f", on {dev}"
     blocks = [b for b in args.blocks.split(",") if b] or block_names(model)

@@ -5,8 +5,6 @@ import argparse
 
 from ..cli import Parser, add_options, command, given
 from ..config import EvalConfig, LaunchConfig, config_from_dict, default_eval_name
-from ..evaluate import evaluate_run
-from ..data import check_source
 from ..launch import check_launch, make_executor, wait_result
 from ..log import setup_logging
 from ..rundir import RunDir, RunDirError
@@ -31,7 +29,9 @@ def main(args: argparse.Namespace) -> int:
     if not run.checkpoints.is_dir():
         raise RunDirError(f"--run {run}: no checkpoints/ in it; hint: pass a run directory made by "
                           "jobs/launch_train.py")
+    from ..data import check_source  # torch: once the options are known to be good
     check_source(cfg.data)
+    from ..evaluate import evaluate_run
     with run.lock():
         if launch.cluster == "inline":
             result = evaluate_run(cfg)

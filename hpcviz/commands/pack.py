@@ -11,7 +11,6 @@ from ..cli import Parser, add_options, command, given
 from ..config import PackConfig, config_from_dict
 from ..errors import InputError
 from ..log import setup_logging
-from ..pack import open_source, pack
 
 
 def get_args_parser(add_help: bool = False) -> Parser:
@@ -28,8 +27,9 @@ def main(args: argparse.Namespace) -> int:
     if out.exists() and not cfg.force:
         raise InputError(f"--out {out} already exists; hint: pass --force to overwrite it or choose another --out")
     start = time.perf_counter()
-    attrs = {"source": cfg.data, "seed": cfg.seed,
+    attrs: dict[str, str | int | float] = {"source": cfg.data, "seed": cfg.seed,
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    from ..pack import open_source, pack  # torch: once the options are known to be good
     src = open_source(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     n, height, width, _fingerprint = pack(src, out, attrs)

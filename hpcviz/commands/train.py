@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+import submitit
+
 from ..cli import Parser, add_options, command, given
 from ..config import RECIPES, LaunchConfig, TrainConfig, config_from_dict, make_train_config
-from ..launch import (LaunchError, TrainJob, check_launch, check_train_request, prepare_run, submit_train,
-                      wait_result)
+from ..launch import LaunchError, TrainJob, check_launch, check_train_request, prepare_run, submit_train, wait_result
 from ..log import setup_logging
 from ..rundir import RunDir, RunLock
 
@@ -41,13 +42,13 @@ def build_configs(args: argparse.Namespace) -> tuple[TrainConfig, LaunchConfig]:
     return cfg, launch
 
 
-def follow_training(job: object, cfg: TrainConfig, launch: LaunchConfig) -> dict:
+def follow_training(job: submitit.Job, cfg: TrainConfig, launch: LaunchConfig) -> dict:
     """Wait for a training job; a job that died (killed, out of memory) leaves the record failed and the error
     says how to continue from the last checkpoint."""
     from ..checkpoint import find_checkpoint
     from ..pipeline import mark_lost
     try:
-        return wait_result(job, launch, follow=launch.wait)  # type: ignore[arg-type]
+        return wait_result(job, launch, follow=launch.wait)
     except LaunchError as e:
         run = RunDir(cfg.run_dir)
         if launch.cluster != "slurm":
@@ -85,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_job(lock: RunLock, job: object, launch: LaunchConfig) -> None:
+def add_job(lock: RunLock, job: submitit.Job, launch: LaunchConfig) -> None:
     """The run's lock names the job: SLURM jobs hold the run after the launcher returns."""
     if launch.cluster in ("slurm", "local"):
-        lock.add_jobs([str(getattr(job, "job_id"))], launch.cluster)
+        lock.add_jobs([str(job.job_id)], launch.cluster)

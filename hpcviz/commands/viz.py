@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..array import launch_viz
 from ..cli import Parser, add_options, command, given
-from ..config import LaunchConfig, VizConfig, config_from_dict
+from ..config import ConfigError, LaunchConfig, VizConfig, config_from_dict
 from ..errors import JobError
 from ..launch import check_launch
 from ..log import setup_logging
 from ..rundir import RunDir
-from ..viz import VizError
 
 
 def get_args_parser(add_help: bool = False) -> Parser:
@@ -42,8 +40,9 @@ def main(args: argparse.Namespace) -> int:
     launch = check_launch(config_from_dict(LaunchConfig, given(args, LaunchConfig)), cfg.device)
     run = RunDir(cfg.run_dir)
     if not run.checkpoints.is_dir():
-        raise VizError(f"--run {run}: no checkpoints/ in it; hint: train first (jobs/launch_train.py), or check "
+        raise ConfigError(f"--run {run}: no checkpoints/ in it; hint: train first (jobs/launch_train.py), or check "
                        "the path")
+    from ..array import launch_viz  # torch: imported once the options are known to be good
     with run.lock() as lock:
         out = launch_viz(cfg, launch, fresh=args.fresh, lock=lock)
     if out["collation"] is None:

@@ -24,13 +24,13 @@ import fcntl
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
 from ..files import fsync_path, write_bytes
+from .clock import TIME_FORMAT, now
 from .lock import RunBusyError, RunLock
 from .manifest import Manifest, changed, without_previous
 from .plan import SHARD_KEYS, Plan
@@ -39,14 +39,6 @@ __all__ = ["RunDir", "RunDirError", "RunBusyError", "RunLock", "Manifest", "Plan
            "now", "write_json", "read_json"]
 
 log = logging.getLogger("hpcviz")
-
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
-
-
-def now() -> str:
-    """The local time as every record in a run writes it."""
-    return time.strftime(TIME_FORMAT)
-
 
 class RunDirError(InputError):
     """A run directory, or one of its small files, that cannot be used as it is."""

@@ -20,11 +20,11 @@ import logging
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from .clock import now
 
 log = logging.getLogger("hpcviz")
 
@@ -77,7 +77,7 @@ class RunLock:
         self.fd: int | None = None
         self.jobs: list[dict[str, Any]] = []
         self.record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command[:300],
-                       "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": self.jobs}
+                       "since": now(), "jobs": self.jobs}
 
     def __enter__(self) -> RunLock:
         self.acquire()

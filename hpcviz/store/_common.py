@@ -22,6 +22,7 @@ _FILE_HINT = "hint: list what exists with python jobs/inspect_results.py RUN_DIR
 
 class StoreError(InputError):
     """An hpcviz HDF5 file is missing, corrupt, truncated or of the wrong format."""
+    problem: str = ""  # the bare problem, without the file and the hint (collation reports it per shard)
 
 
 def _plain(value: object) -> object:
@@ -67,7 +68,7 @@ def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any], where: str) -> None
 
 def _get_attrs(obj: h5py.HLObject) -> dict[str, Any]:
     """Attrs as plain Python values, JSON ones decoded; dimension-scale bookkeeping left out."""
-    out = {k: _plain(obj.attrs[k]) for k in obj.attrs.keys() if k not in _SCALE_ATTRS}
+    out: dict[str, Any] = {k: _plain(obj.attrs[k]) for k in obj.attrs.keys() if k not in _SCALE_ATTRS}
     for key in out.pop("json_attrs", []):
         with contextlib.suppress(KeyError, TypeError, ValueError):
             out[key] = json.loads(out[key])

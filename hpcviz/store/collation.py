@@ -78,7 +78,8 @@ def collate(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLik
     missing = dict(sorted(missing.items()))
     if not present or not sum(root["n"] for _, root, _ in present):
         raise StoreError(f"{where}: no complete shard with images among the {len(shard_paths) + len(missing)} expected "
-                         f"({'; '.join(f'{k}: {v}' for k, v in list(missing.items())[:3])}); hint: run the array tasks first")
+                         f"({'; '.join(f'{k}: {v}' for k, v in list(missing.items())[:3])}); "
+                         "hint: run the array tasks first")
     ref_rel, ref_root, ref = present[0]
     for rel, root, lay in present[1:]:
         problem = _mismatch(ref, lay, ref_root, root)
@@ -90,7 +91,8 @@ def collate(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLik
     root_attrs = {**{k: v for k, v in common.items() if k not in _SHARD_RESERVED},
                   "format": VIZ_FORMAT, "shard_format": SHARD_FORMAT, "n": n_images, "n_images": n_images,
                   "shards": [rel for rel, _, _ in present], "missing_shards": list(missing),
-                  "missing_reasons": missing, "varying_attrs": sorted(set(ref_root) - set(common) - set(_SHARD_RESERVED)),
+                  "missing_reasons": missing,
+                  "varying_attrs": sorted(set(ref_root) - set(common) - set(_SHARD_RESERVED)),
                   "complete": not missing, **(attrs or {})}
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         for name, meta in ref.items():

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -104,7 +105,7 @@ def fingerprint_blocks(shape: Sequence[int], blocks: Iterable[np.ndarray], label
     one bounded pass, for sets that are never held whole."""
     h = _shape_hash(tuple(int(v) for v in shape))  # type: ignore[arg-type]
     for block in blocks:
-        h.update(memoryview(np.ascontiguousarray(block)).cast("B"))
+        h.update(np.ascontiguousarray(block).data.cast("B"))
     return _hash_tail(h, np.asarray(labels), classes)
 
 
@@ -136,10 +137,10 @@ class PackedWriter:
         self._labels = np.empty(n, np.int64)  # (N,) 8 bytes per image: small next to the images
         self._hash = _shape_hash(self._shape)
         # the whole file's space is checked first: HDF5 on a full disk fails late, or worse
-        self._atomic = atomic_path(path, needed=n * 3 * height * width + 9 * n)
+        self._atomic: Any = atomic_path(path, needed=n * 3 * height * width + 9 * n)
         self._tmp = self._atomic.__enter__()
         self._small = self._tmp.with_name(self._tmp.name + "-small")  # the right-sized copy, if needed
-        self._f: h5py.File | None = None
+        self._f: Any = None  # h5py.File while writing
         try:
             self._f = h5py.File(self._tmp, "w")
             self._images = self._f.create_dataset("images", shape=self._shape, dtype=np.uint8)  # contiguous
@@ -168,7 +169,7 @@ class PackedWriter:
                              "hint: plan n and the image size before writing")
         images = np.ascontiguousarray(images)
         self._images[self.count:self.count + b] = images  # one write into the contiguous block
-        self._hash.update(images)  # the bytes in file order, as data.fingerprint reads them
+        self._hash.update(images.data)  # the bytes in file order, as data.fingerprint reads them
         self._labels[self.count:self.count + b] = labels
         self.count += b
 
@@ -239,7 +240,7 @@ def _validated(f: h5py.File, where: str) -> tuple[h5py.Dataset, np.ndarray, list
                          f"/images and /labels; {_REBUILD_HINT}")
     images, labels = f["images"], f["labels"][()]  # (N, 3, H, W) uint8 dataset, (N,) int64
     try:
-        classes = json.loads(attrs["classes"])
+        classes = json.loads(str(attrs["classes"]))
     except (KeyError, TypeError, ValueError):
         classes = None
     ok = (images.ndim == 4 and images.shape[1] == 3 and images.dtype == np.uint8
@@ -321,7 +322,8 @@ class PackedReader:
             f = h5py.File(path, "r", rdcc_nbytes=0)
             try:
                 ds, self.labels, self.classes, self.attrs = _validated(f, self.where)
-                self.shape: tuple[int, int, int, int] = tuple(int(d) for d in ds.shape)  # (N, 3, H, W)
+                n, c, h, w = (int(d) for d in ds.shape)
+                self.shape: tuple[int, int, int, int] = (n, c, h, w)  # (N, 3, H, W)
                 self._offset = _contiguous_offset(ds)
             except BaseException:
                 f.close()
@@ -407,7 +409,7 @@ class PackedReader:
                 for i in np.argsort(rows, kind="stable").tolist():  # in file order; one row per read:
                     out[i] = self._images[rows_list[i]]  # ~20x faster than one fancy read of the batch
             return out
-        flat, rb = memoryview(out).cast("B"), self._row_bytes  # (b * row bytes,) view of out, no copy
+        flat, rb = out.data.cast("B"), self._row_bytes  # (b * row bytes,) view of out, no copy
         breaks = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()  # runs of consecutive rows: one read each
         starts, rows_list = [0, *breaks], rows.tolist()
         for lo, hi in zip(starts, [*breaks, rows.shape[0]]):

@@ -59,7 +59,8 @@ class ShardWriter:
             raise StoreError(f"{self.where}: compression {compression!r} is not one of None, 'gzip', 'lzf'; "
                              "hint: None is fastest, lzf is fast and h5py-only, gzip is smallest and portable")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise StoreError(f"{self.where}: n={n!r} must be an int >= 0 (images in the shard); hint: pass len(indices)")
+            raise StoreError(f"{self.where}: n={n!r} must be an int >= 0 (images in the shard); "
+                             "hint: pass len(indices)")
         reserved = [k for k in attrs if k in _SHARD_RESERVED]
         if reserved:
             raise StoreError(f"{self.where}: attrs {reserved} are reserved (set by the writer: "
@@ -128,7 +129,8 @@ class ShardWriter:
         rest = array.shape[1:]
         # images and maps (ndim >= 3): one image per chunk, as the layout says; per-image scalars and
         # vectors (index, label, logits, ...): many images per chunk, up to 64 KiB
-        rows = 1 if array.ndim >= 3 else max(1, min(self.n, _SMALL_CHUNK_BYTES // max(1, dt.itemsize * math.prod(rest))))
+        per_row = max(1, dt.itemsize * math.prod(rest))
+        rows = 1 if array.ndim >= 3 else max(1, min(self.n, _SMALL_CHUNK_BYTES // per_row))
         filters = {} if self.compression is None else {"compression": self.compression, "shuffle": True}
         chunks = (rows, *rest) if self.n and all(rest) else None  # HDF5 refuses chunks larger than the data
         self._bytes[0] += self.n * dt.itemsize * math.prod(rest)

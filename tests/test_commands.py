@@ -1,0 +1,215 @@
+"""Every bad input through the real command line (jobs/*.py), against a finished run: exit code 2 (or the
+documented one), exactly one `error:` line naming the input, no traceback, and not one byte of the run
+changed, added or removed. Plus the parsers derived from the configs (hpcviz.cli)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+TRAIN = ["--cluster", "local", "--device", "cpu", "--data", "builtin:20", "--image-size", "16", "--arch", "resnet20",
+         "--epochs", "1", "--batch-size", "32", "--lr", "0.05"]
+VIZ = ["--cluster", "local", "--device", "cpu", "--images", "4", "--tasks", "2", "--invert-steps", "5"]
+PIPE = [*TRAIN, *VIZ[4:], "--report-images", "1", "--invert-images", "1"]
+T, V, P = "launch_train.py", "launch_viz.py", "launch_pipeline.py"
+
+# (command, arguments, exit code, what the error line must say); {run}: a finished run, {tmp}: a scratch folder
+CASES = [
+    # training options that are out of range or not one of the choices
+    (T, ["--run", "{tmp}/t", *TRAIN, "--log-every", "0"], 2, "--log-every 0: must be at least 1"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--momentum", "-1"], 2, "--momentum -1.0: must be in [0, 1]"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--label-smoothing", "2"], 2, "--label-smoothing 2.0: must be in [0, 1)"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--checkpoint-every", "-5"], 2, "--checkpoint-every -5: must be at least 0"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--epochs", "0"], 2, "--epochs 0: must be at least 1"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--epochs", "abc"], 2, "--epochs invalid int value: 'abc'"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--batch-size", "0"], 2, "--batch-size 0: must be at least 1"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--lr", "0"], 2, "--lr 0.0: must be positive"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--val-fraction", "0"], 2, "--val-fraction 0.0: must be above 0"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--weight-decay", "-1"], 2, "--weight-decay -1.0: must be at least 0"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--warmup-epochs", "-1"], 2, "--warmup-epochs -1.0: must be at least 0"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--data-workers", "0"], 2, "--data-workers 0: must be at least 1"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--dist-timeout", "0"], 2, "--dist-timeout 0.0: must be positive"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--arch", "resnet19"], 2, "--arch 'resnet19': not one of resnet18"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--stem", "tiny"], 2, "--stem 'tiny': not one of"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--schedule", "step"], 2, "--schedule 'step': not one of onecycle"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--amp", "fp8"], 2, "--amp 'fp8': not one of auto, bf16, off"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--data-placement", "disk"], 2, "--data-placement 'disk': not one of"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--recipe", "fast"], 2, "--recipe 'fast': not one of default, seed"),
+    # data and files
+    (T, ["--run", "{tmp}/t", *TRAIN, "--data", "/no/such/dir"], 2, "--data /no/such/dir: no such directory"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--data", "{tmp}/badlabels.h5"], 2,
+     "badlabels.h5: labels 0..12 are outside 0..9"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--data", "builtin:1"], 2, "validation split would be empty"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--init", "{tmp}/missing.pt"], 2, "missing.pt: no such file"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--init", "{tmp}/garbage.pt"], 2, "garbage.pt: not a readable state dict"),
+    # where to run
+    (T, ["--run", "{tmp}/t", *TRAIN, "--time", "-1"], 2, "--time -1: must be at least 0"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--nproc", "0"], 2, "--nproc 0: must be at least 1"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--nodes", "0"], 2, "--nodes 0: must be at least 1"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--nodes", "2"], 2, "--nodes 2: --cluster local runs on this one machine"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--gpus", "-1"], 2, "--gpus -1: must be at least 0"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--cluster", "foo"], 2, "--cluster 'foo': not one of auto, slurm, local"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--profile", "nosuch"], 2, "--profile nosuch: no file"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--gpus", "4", "--device", "auto"], 2, "--gpus 4: this machine has 0 GPU(s)"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--gpus", "1", "--device", "cpu"], 2, "--gpus 1 with --device cpu"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--cluster", "debug", "--nproc", "2"], 2, "--cluster debug runs one process"),
+    # a finished run: refused requests leave it exactly as it was (the manifest included)
+    (T, ["--run", "{run}", *TRAIN], 2, "already holds a checkpoint"),
+    (T, ["--run", "{run}", *TRAIN, "--resume", "--gpus", "4", "--device", "auto"], 2, "--gpus 4: this machine has 0"),
+    (T, ["--run", "{run}", *TRAIN, "--resume", "--arch", "resnet32"], 2, "the checkpoint is arch resnet20"),
+    (T, ["--run", "{run}", *TRAIN, "--resume", "--data", "{tmp}/three"], 2, "with 10 classes, this run is"),
+    (T, ["--run", "{run}", *TRAIN, "--resume", "--data", "builtin:30"], 2, "was trained on other data"),
+    (T, ["--run", "{run}", *TRAIN, "--resume", "{tmp}/garbage.pt"], 2, "garbage.pt: not a readable checkpoint"),
+    (T, ["--run", "{run}", *TRAIN, "--resume", "{tmp}/missing.pt"], 2, "missing.pt: no such checkpoint file"),
+    # the visualization array
+    (V, ["--run", "{run}", *VIZ, "--fresh", "--gpus", "4", "--device", "auto"], 2, "--gpus 4: this machine has 0"),
+    (V, ["--run", "{run}", *VIZ, "--fresh", "--profile", "nosuch"], 2, "--profile nosuch: no file"),
+    (V, ["--run", "{run}", *VIZ, "--fresh", "--images", "0"], 2, "--images 0: must be at least 1"),
+    (V, ["--run", "{run}", *VIZ, "--fresh", "--batch-size", "0"], 2, "--batch-size 0: must be at least 1"),
+    (V, ["--run", "{run}", *VIZ, "--fresh", "--indices", "99999"], 2, "--indices [99999]: outside the val split"),
+    (V, ["--run", "{run}", *VIZ, "--tasks", "0"], 2, "--tasks 0: must be at least 1"),
+    (V, ["--run", "{run}", *VIZ, "--per-task", "0"], 2, "--per-task 0: must be at least 1"),
+    (V, ["--run", "{run}", *VIZ, "--invert-steps", "-1"], 2, "--invert-steps -1: must be at least 0"),
+    (V, ["--run", "{run}", *VIZ, "--invert-blocks", "layr3.2"], 2, "--invert-blocks layr3.2: not blocks"),
+    (V, ["--run", "{run}", *VIZ, "--blocks", "layer9.9"], 2, "--blocks layer9.9: not blocks of this model"),
+    (V, ["--run", "{run}", *VIZ, "--deconv-blocks", "layer0.0"], 2, "--deconv-blocks layer0.0: not blocks"),
+    (V, ["--run", "{run}", *VIZ, "--paths", "sideways"], 2, "--paths sideways: valid paths are both"),
+    (V, ["--run", "{run}", *VIZ, "--prior", "l2"], 2, "--prior 'l2': not one of tv, none"),
+    (V, ["--run", "{run}", *VIZ, "--split", "test"], 2, "--split 'test': not one of val, train"),
+    (V, ["--run", "{run}", *VIZ, "--indices", "3,x"], 2, "--indices '3,x': not comma-separated integers"),
+    (V, ["--run", "{run}", *VIZ, "--compression", "zip"], 2, "--compression 'zip': not one of"),
+    (V, ["--run", "{run}", *VIZ[:-2], "--invert-steps", "6"], 2, "holds shards of another request"),
+    (V, ["--run", "{tmp}/nope", *VIZ], 2, "nope: no checkpoints/ in it"),
+    (V, [*VIZ], 2, "the following arguments are required: --run"),
+    # the pipeline
+    (P, ["--run", "{run}", "--status", "--retry-failed"], 2, "--status and --retry-failed together"),
+    (P, ["--status"], 2, "--status/--retry-failed need --run"),
+    (P, ["--run", "{tmp}/nope", "--retry-failed"], 2, "nope: no manifest.json"),
+    (P, ["--run", "{run}", *PIPE], 2, "already holds a checkpoint"),
+    (P, ["--run", "{run}", *PIPE, "--viz-batch-size", "0"], 2, "--viz-batch-size 0: must be at least 1"),
+    (P, ["--run", "{run}", *PIPE, "--viz-split", "test"], 2, "--viz-split 'test': not one of val, train"),
+    (P, ["--run", "{run}", *PIPE, "--report-images", "0"], 2, "--report-images 0: must be at least 1"),
+    (P, ["--run", "{run}", *PIPE, "--resume", "--cluster", "inline"], 2, "the pipeline submits jobs"),
+    (P, ["--run", "{run}", *PIPE, "--resume", "--tasks", "0"], 2, "--tasks 0: must be at least 1"),
+    # the report, evaluation, inspection, packing
+    ("aggregate.py", ["--run", "{tmp}/nope"], 2, "nope: not a run directory"),
+    ("aggregate.py", ["--run", "{run}", "--channels", "0"], 2, "--channels 0: must be at least 1"),
+    ("evaluate.py", ["--run", "{run}", "--data", "builtin:20", "--name", "../../eval"], 2, "--name '../../eval'"),
+    ("evaluate.py", ["--run", "{run}", "--data", "builtin:20", "--batch-size", "-1"], 2, "--batch-size -1"),
+    ("evaluate.py", ["--run", "{tmp}/nope", "--data", "builtin:20"], 2, "nope: no checkpoints/ in it"),
+    ("evaluate.py", ["--run", "{run}", "--data", "/no/such"], 2, "--data /no/such: no such directory"),
+    ("evaluate.py", ["--run", "{run}", "--data", "{tmp}/three"], 2, "classes the model does not know"),
+    ("inspect_results.py", ["{run}/viz/viz.h5", "images", "--png", "{tmp}/nodir/x.png"], 2, "does not exist"),
+    ("inspect_results.py", ["{run}/viz/viz.h5", "act/layer9"], 2, "no dataset 'act/layer9'"),
+    ("inspect_results.py", ["{run}", "act/layer1.0"], 2, "is a run directory"),
+    ("inspect_results.py", ["{run}/eval.json"], 2, "not an HDF5 file"),
+    ("inspect_results.py", ["{run}/viz/viz.h5", "images", "--index", "99"], 2, "index 99 out of range"),
+    ("inspect_results.py", ["{run}", "--max-items", "0"], 2, "--max-items 0: must be at least 1"),
+    ("pack_data.py", ["--data", "builtin:2", "--out", "{tmp}/x.txt"], 2, "--out {tmp}/x.txt: must end in .h5"),
+    ("pack_data.py", ["--data", "/no/such", "--out", "{tmp}/y.h5"], 2, "--data /no/such: no such directory"),
+    ("pack_data.py", ["--data", "builtin:2", "--out", "{run}/viz/viz.h5"], 2, "already exists; hint: pass --force"),
+    ("pack_data.py", ["--data", "builtin:2", "--out", "{tmp}/z.h5", "--image-size", "0"], 2, "--image-size 0"),
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (hidden ones and logs included)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A whole pipeline run through the command line, plus the odd inputs the cases need."""
+    base = tmp_path_factory.mktemp("cmds")
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / P), "--run", str(base / "run"), *PIPE], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with h5py.File(base / "badlabels.h5", "w") as f:  # a packed file whose labels exceed its classes
+        f.attrs["format"], f.attrs["classes"] = "hpcviz-packed-v1", '["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]'
+        f.create_dataset("images", data=np.zeros((40, 3, 16, 16), np.uint8))
+        f.create_dataset("labels", data=np.arange(40) % 13)
+    (base / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    from PIL import Image
+    for name in ("ant", "bee", "cow"):  # another data set: 3 classes
+        (base / "three" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (16, 16), (i * 20, 40, 80)).save(base / "three" / name / f"{i}.png")
+    return base
+
+
+def run_case(command: str, args: list[str], tmp: Path, run: Path) -> subprocess.CompletedProcess:
+    args = [a.replace("{run}", str(run)).replace("{tmp}", str(tmp)) for a in args]
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / command), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_every_bad_input_is_one_line_and_changes_nothing(finished, tmp_path):
+    """All cases, three at a time, each worker on its own copy of the finished run (a case that takes the
+    run's lock must not meet another case holding it)."""
+    assert len(CASES) >= 60
+    workers = 3
+    runs = []
+    for w in range(workers):
+        shutil.copytree(finished / "run", tmp_path / f"run{w}", symlinks=True)
+        runs.append(tmp_path / f"run{w}")
+
+    def check(k: int) -> str:
+        command, args, code, message = CASES[k]
+        run = runs[k % workers]
+        before = snapshot(run)
+        r = run_case(command, args, finished, run)
+        message = message.replace("{tmp}", str(finished))
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        problems = []
+        if r.returncode != code:
+            problems.append(f"exit {r.returncode}, expected {code}")
+        if len(errors) != 1 or message not in errors[0]:
+            problems.append(f"error lines {errors}, expected one with {message!r}")
+        if "Traceback" in r.stderr:
+            problems.append("a traceback")
+        after = snapshot(run)
+        if after != before:
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            problems.append(f"the run changed: {changed}")
+        return f"{command} {' '.join(args)}: " + "; ".join(problems) + f"\n{r.stderr[-800:]}" if problems else ""
+
+    with ThreadPoolExecutor(workers) as pool:
+        failures = [f for f in pool.map(check, range(len(CASES))) if f]
+    assert not failures, "\n\n".join(failures)
+    assert not (finished / "t").exists()  # nothing was created for the refused new runs either
+
+
+# ------------------------------------------------------------------------------------------ derived parsers
+
+def test_options_come_from_the_config_fields():
+    import dataclasses
+
+    from hpcviz.commands import pipeline, train, viz
+    from hpcviz.config import AggregateConfig, LaunchConfig, TrainConfig, VizConfig
+    help_text = train.get_args_parser(add_help=True).format_help()
+    for f in dataclasses.fields(TrainConfig):  # every field is an option, with its help, default and unit
+        if f.metadata.get("cli", True):
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            assert flag in help_text, flag
+    assert "(default 10.0 minutes)" in help_text and "(default 256 images)" in help_text
+    p = pipeline.get_args_parser()
+    args = p.parse_args(["--run", "r", "--batch-size", "64", "--viz-batch-size", "8", "--report-images", "5",
+                         "--images", "7", "--no-augment"])
+    from hpcviz.cli import given
+    assert given(args, TrainConfig)["batch_size"] == 64 and given(args, TrainConfig)["augment"] is False
+    assert given(args, VizConfig, prefix="viz-", skip=("run_dir",)) == {"batch_size": 8, "images": 7}
+    assert given(args, AggregateConfig, skip=("run_dir",)) == {"images": 5}  # --report-images, not --images
+    assert "gpus" not in given(args, LaunchConfig)  # not given: None, so that the launcher resolves it
+    v = viz.get_args_parser().parse_args(["--run", "r", "--deconv-blocks", "none", "--indices", "1,2"])
+    assert given(v, VizConfig)["deconv_blocks"] == [] and given(v, VizConfig)["indices"] == [1, 2]
