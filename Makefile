@@ -31,7 +31,10 @@ demo: setup
 		--images 16 --tasks 2
 	@echo "report: $(DEMO_RUN)/report/report.html (and report.md, figures/, tables/)"
 
+# lint and type checks first (ruff with import sorting, mypy on hpcviz/; configured in pyproject.toml), then the suite
 test: setup
+	$(VENV)/bin/ruff check hpcviz jobs tests
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 clean-demo:

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,7 +275,7 @@ class Feed:
         out.__dict__.update(self.__dict__, pos=self.pos[:n], labels=self.labels[:n])
         return out
 
-    def batches(self, index_lists: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, index_lists: Iterable[torch.Tensor]) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -293,7 +293,7 @@ class DeviceFeed(Feed):
     def index_device(self) -> torch.device:
         return self.device
 
-    def batches(self, index_lists: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, index_lists: Iterable[torch.Tensor]) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         for idx in index_lists:
             idx = idx.to(self.device, non_blocking=True)
             yield self.images[self.pos[idx]], self.labels[idx]
@@ -317,7 +317,7 @@ class _Prefetching(Feed):
         return [(torch.empty((b, *self.shape), dtype=torch.uint8, pin_memory=pin),
                  torch.empty((b,), dtype=torch.int64, pin_memory=pin)) for _ in range(self.depth + 2)]
 
-    def batches(self, index_lists: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, index_lists: Iterable[torch.Tensor]) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         lists = [i.cpu() for i in index_lists]
         if not lists:
             return

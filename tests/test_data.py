@@ -10,8 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from hpcviz.data import (BUILTIN_CLASSES, DATA_FORMS, DataError, ImageSet, augment, channel_stats, fingerprint,
-                         load_images, make_builtin, normalize, resize_images, split_indices)
+from hpcviz.data import (
+    BUILTIN_CLASSES,
+    DATA_FORMS,
+    DataError,
+    ImageSet,
+    augment,
+    channel_stats,
+    fingerprint,
+    load_images,
+    make_builtin,
+    normalize,
+    resize_images,
+    split_indices,
+)
 from hpcviz.store import write_packed
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -8,10 +8,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcviz.activations import dump_activations
-from hpcviz.deconv import (PATHS, Deconvnet, DeconvError, _Tape, _back, _bn_op, _conv_op, _run,
-                           bn_scale, bn_transpose, conv_transpose, parse_paths, seed_signal, unpool)
+from hpcviz.deconv import (
+    PATHS,
+    DeconvError,
+    Deconvnet,
+    _back,
+    _bn_op,
+    _conv_op,
+    _run,
+    _Tape,
+    bn_scale,
+    bn_transpose,
+    conv_transpose,
+    parse_paths,
+    seed_signal,
+    unpool,
+)
 from hpcviz.models import block_names, build_model
-
 
 # --- the reference: autograd with every ReLU backward replaced by ReLU of the gradient -----------
 

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 pytestmark = [pytest.mark.gpu,
@@ -114,8 +113,15 @@ def test_the_training_step_never_syncs(tmp_path, where):
     from hpcviz import dist
     from hpcviz.data import fingerprint, load_images
     from hpcviz.store import write_packed
-    from hpcviz.train import Meters, Position, StopRequest, build_for_training, make_optimizer, prepare_data, \
-        train_one_epoch
+    from hpcviz.train import (
+        Meters,
+        Position,
+        StopRequest,
+        build_for_training,
+        make_optimizer,
+        prepare_data,
+        train_one_epoch,
+    )
     ds = load_images("builtin:40", 16)
     path = tmp_path / "set.h5"
     write_packed(path, ds.images.numpy(), ds.labels.numpy(), ds.classes, {"fingerprint": fingerprint(ds)})

@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from hpcviz.inversion import (PRIORS, InversionConfig, InversionError, alpha_norm, data_scale, invert,
-                              relative_error, tv_norm)
+from hpcviz.inversion import (
+    PRIORS,
+    InversionConfig,
+    InversionError,
+    alpha_norm,
+    data_scale,
+    invert,
+    relative_error,
+    tv_norm,
+)
 from hpcviz.models import build_model
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -3,14 +3,13 @@ import subprocess
 import sys
 
 import pytest
-
-from hpcviz.rundir import RunDir
-from hpcviz import checkpoint
-from hpcviz.config import ConfigError, LaunchConfig
-from hpcviz import launch as launch_mod
-from hpcviz.launch import LaunchError, _slurm_params, read_profile
-
 from conftest import ROOT
+
+from hpcviz import checkpoint
+from hpcviz import launch as launch_mod
+from hpcviz.config import ConfigError, LaunchConfig
+from hpcviz.launch import _slurm_params, read_profile
+from hpcviz.rundir import RunDir
 
 TINY = ["--arch", "resnet20", "--data", "builtin:20", "--image-size", "16", "--batch-size", "32",
         "--eval-batch-size", "64", "--epochs", "2", "--lr", "0.05", "--device", "cpu"]

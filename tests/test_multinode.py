@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, scontrol_field, wait_until
 
-from hpcviz.rundir import RunDir
 from hpcviz import checkpoint
 from hpcviz.jobstate import wait_for_job
-
-from conftest import ROOT, scontrol_field, wait_until
+from hpcviz.rundir import RunDir
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from hpcviz.config import VizConfig
-from hpcviz.rundir import Manifest, Plan, RunBusyError, RunDir, RunDirError, RunLock
+from hpcviz.rundir import Manifest, Plan, RunBusyError, RunDir, RunDirError
 
 
 def test_metrics_and_manifest(tmp_path):

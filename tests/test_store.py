@@ -14,9 +14,26 @@ import pytest
 import torch
 
 from hpcviz import store
-from hpcviz.store import (PACKED_FORMAT, SHARD_FORMAT, VIZ_FORMAT, PackedReader, PackedWriter, ShardWriter,
-                          StoreError, atomic_path, collate, dataset_stats, describe, list_datasets, read_attrs,
-                          read_image, read_packed, read_shard, verify_shard, write_packed)
+from hpcviz.store import (
+    PACKED_FORMAT,
+    SHARD_FORMAT,
+    VIZ_FORMAT,
+    PackedReader,
+    PackedWriter,
+    ShardWriter,
+    StoreError,
+    atomic_path,
+    collate,
+    dataset_stats,
+    describe,
+    list_datasets,
+    read_attrs,
+    read_image,
+    read_packed,
+    read_shard,
+    verify_shard,
+    write_packed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpcviz.rundir import RunDir
 from hpcviz import checkpoint
 from hpcviz import train as train_mod
 from hpcviz.config import ConfigError, TrainConfig
+from hpcviz.rundir import RunDir
 from hpcviz.train import TrainingError, lr_at, train
 
 

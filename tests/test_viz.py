@@ -5,8 +5,8 @@ import torch
 from hpcviz import store, viz
 from hpcviz.activations import dump_activations
 from hpcviz.data import normalize
-from hpcviz.launch import submit_array
 from hpcviz.errors import InputError
+from hpcviz.launch import submit_array
 from hpcviz.models import from_checkpoint
 from hpcviz.rundir import RunDir
 from hpcviz.viz import VizConfig, VizError, balanced_sample, make_plan, plan_shards, run_shard
