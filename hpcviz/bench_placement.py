@@ -50,7 +50,6 @@ def _rank(rank: int, port: int, cfg: TrainConfig, steps: int, done: Any) -> None
         Meters,
         Position,
         StopRequest,
-        _set_threads,
         build_for_training,
         make_optimizer,
         prepare_data,
@@ -59,7 +58,7 @@ def _rank(rank: int, port: int, cfg: TrainConfig, steps: int, done: Any) -> None
     dist.init(cfg.device if cfg.device != "auto" else "cpu")
     try:
         device = dist.pick_device(cfg.device)
-        _set_threads(device)
+        dist.share_cores()
         split = prepare_data(cfg, device)
         raw, model = build_for_training(cfg, len(split.classes), device)
         opt = make_optimizer(raw, cfg)

@@ -331,6 +331,24 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
+THREADS_VAR = "HPCVIZ_THREADS"  # set by a launcher that runs several single-process jobs here at once
+
+
+def share_cores() -> int:
+    """Give this process its share of the node's cores instead of all of them (torch's default), so that
+    several processes of one node (DDP ranks on CPUs, GPU ranks decoding and gathering data, local array
+    tasks) do not fight over them: SLURM's --cpus-per-task when it says so (one task per node included),
+    else $HPCVIZ_THREADS, else an even share of this process's affinity mask. Returns the thread count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for value in (os.environ.get("SLURM_CPUS_PER_TASK", ""), os.environ.get(THREADS_VAR, "")):
+        if value.isdigit() and int(value) > 0:
+            torch.set_num_threads(max(1, min(cores, int(value))))
+            return torch.get_num_threads()
+    if local_world_size() > 1:
+        torch.set_num_threads(max(1, cores // local_world_size()))
+    return torch.get_num_threads()
+
+
 def pick_device(requested: str) -> torch.device:
     """auto -> this rank's GPU if there is one, else CPU. A process that sees one GPU uses it (clusters that
     bind one GPU per task show each task only its own); with several, local rank k uses the k-th."""

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, JobError
+from .errors import DiskFullError, InputError, JobError
 
 log = logging.getLogger("hpcviz")
 
@@ -155,18 +155,26 @@ def read_results(paths: list[Path]) -> list[Any] | None:
     return out
 
 
-def is_input_error(line: str) -> bool:
-    """True for the last traceback line of one of hpcviz's bad-input errors (errors.InputError, e.g.
-    'hpcviz.data.DataError: --data X: ...'): that line says everything, no log tail is needed."""
+def error_class(line: str) -> type | None:
+    """The hpcviz error class that the last line of a job's traceback names ('hpcviz.data.DataError: ...'),
+    or None for any other line."""
     import importlib
     name = line.split(":", 1)[0].strip()
     module, _, cls = name.rpartition(".")
     if not module.startswith("hpcviz"):
-        return False
+        return None
     try:
-        return issubclass(getattr(importlib.import_module(module), cls), InputError)
-    except (ImportError, AttributeError, TypeError):
-        return False
+        found = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        return None
+    return found if isinstance(found, type) and issubclass(found, BaseException) else None
+
+
+def is_input_error(line: str) -> bool:
+    """True for the last traceback line of one of hpcviz's bad-input errors (errors.InputError) or of a full
+    disk: that line says everything (what, where, the hint), no log tail is needed."""
+    found = error_class(line)
+    return found is not None and issubclass(found, (InputError, DiskFullError))
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import submitit
 
 from .config import CLUSTERS, ConfigError, LaunchConfig, TrainConfig, check_choice
-from .errors import InputError, JobError
+from .errors import DiskFullError, InputError, JobError
 from .rundir import RunDir
 
 log = logging.getLogger("hpcviz")
@@ -323,14 +323,28 @@ def _follow_local(job: submitit.Job) -> None:
     follower.poll()
 
 
+def _job_error(job: submitit.Job, line: str, tail: str) -> Exception:
+    """The launcher's error for a job whose error (its traceback's last line) is `line`: a refused input is
+    the job's own one line (exit 2), a full disk its one line (exit 1), anything else that line and the tail
+    of the job's log."""
+    from .jobstate import error_class
+    found = error_class(line)
+    message = f"job {job.job_id}: {line.split(': ', 1)[-1]}"
+    if found is not None and issubclass(found, InputError):
+        return JobRefused(message)
+    if found is not None and issubclass(found, DiskFullError):
+        return DiskFullError(message)
+    return LaunchError(f"job {job.job_id} failed: {line}" + (f"\n{tail}" if tail else ""))
+
+
 def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: bool = False) -> Any:
-    """Block until the job ends. A job that refused its input raises JobRefused (its one line), any other
-    failure LaunchError with the log tail; a job that ended without a result (killed) says so.
+    """Block until the job ends; its failure becomes _job_error's error; a job that ended without a result
+    (killed) says so.
 
     SLURM jobs are watched through hpcviz.jobstate (sacct, else squeue/scontrol, else the
     run's files), so the wait ends whatever happened to the job.
     """
-    from .jobstate import JobFailed, is_input_error, read_results, result_paths, tail, wait_for_job
+    from .jobstate import JobFailed, read_results, result_paths, tail, wait_for_job
     ntasks = tasks_per_node(launch) * launch.nodes if launch else 1
     try:
         if isinstance(job, submitit.SlurmJob):
@@ -339,29 +353,22 @@ def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: b
             _follow_local(job)
             results = job.results()
     except JobFailed as e:
-        first = str(e).splitlines()[0].split(" failed: ", 1)[-1]
-        if is_input_error(first):
-            raise JobRefused(f"job {job.job_id}: {first.split(': ', 1)[-1]}") from None
-        raise LaunchError(str(e)) from None
+        first, _, rest = str(e).partition("\n")
+        if " failed: " not in first:  # it ended without a result, or still runs past the timeout
+            raise LaunchError(str(e)) from None
+        raise _job_error(job, first.split(" failed: ", 1)[-1], rest) from None
     except Exception as e:  # FailedJobError, UncompletedJobError, or the job's own exception
-        brief = type(e).__name__
-        if isinstance(job, submitit.DebugJob) and str(e).strip():  # the job's own exception, here
-            if isinstance(e, InputError):
-                raise JobRefused(f"job {job.job_id}: {e}") from None
-            brief += ": " + str(e).strip().splitlines()[0]
-        elif type(e).__name__ == "UncompletedJobError":
-            brief = "it ended without a result (killed, or out of memory?)"
+        line = f"{type(e).__module__}.{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if type(e).__name__ == "UncompletedJobError":
+            line = "it ended without a result (killed, or out of memory?)"
         try:  # the task's own exception, from the result file submitit wrote
             read_results(result_paths(job.paths.folder, str(job.job_id), ntasks))
         except JobFailed as failed:
-            if is_input_error(str(failed)):
-                raise JobRefused(f"job {job.job_id}: {str(failed).split(': ', 1)[-1]}") from None
-            brief = str(failed)
+            line = str(failed)
         except OSError:
             pass
         logs = "\n".join(tail(Path(str(p).replace("%t", "0"))) for p in (job.paths.stderr, job.paths.stdout))
-        raise LaunchError(f"job {job.job_id} failed: {brief}" + ("" if is_input_error(brief) else "\n" + logs)) \
-            from None
+        raise _job_error(job, line, logs) from None
     digests = {r.get("weights_sha256") for r in results if isinstance(r, dict)} - {None}
     if len(digests) > 1:  # every rank returns a digest of its weights: DDP must keep them identical
         raise LaunchError(f"job {job.job_id}: the {len(results)} ranks ended with different weights; "

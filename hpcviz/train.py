@@ -135,18 +135,6 @@ class StopRequest:
         self.previous = {}
 
 
-def _set_threads(device: torch.device) -> None:
-    # the ranks of a node (gloo on CPUs, or GPU ranks decoding and gathering data) share its cores instead
-    # of each taking all of them: SLURM's --cpus-per-task when it says (one task per node included), else
-    # an even share of this process's affinity mask
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if slurm.isdigit():
-        torch.set_num_threads(max(1, min(cores, int(slurm))))
-    elif dist.local_world_size() > 1:
-        torch.set_num_threads(max(1, cores // dist.local_world_size()))
-
-
 def build_for_training(cfg: TrainConfig, num_classes: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """(raw model, model to call for training: DDP-wrapped and/or compiled)."""
     torch.manual_seed(hash_ints(cfg.seed, 0xC0DE))
@@ -336,7 +324,7 @@ def _record_end(run: RunDir, error: Exception, started: bool) -> None:
 
 def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: list[bool]) -> dict[str, Any]:
     run = Path(cfg.run_dir)
-    _set_threads(device)
+    dist.share_cores()
     if cfg.batch_size % dist.world_size():
         raise ConfigError(f"--batch-size {cfg.batch_size}: must be divisible by the {dist.world_size()} processes; "
                           f"hint: use {cfg.batch_size - cfg.batch_size % dist.world_size()}")

@@ -166,6 +166,7 @@ def run_shard(run_dir: str, shard: int) -> str:
     if state["sha256"] != plan.checkpoint_sha256:
         raise VizError(f"{run.path / plan.checkpoint}: changed since the plan was made (sha256 differs); "
                        "hint: launch the visualization again")
+    dist.share_cores()
     device = dist.pick_device(plan.config.device)
     where = dist.describe_device(device)
     log.info("shard %d: %d images on %s (%s numerics)", shard, len(plan.shards[shard]), where,

@@ -138,21 +138,25 @@ def test_gpu_ranks_share_the_cores_too(monkeypatch):
     import os
 
     from hpcviz import dist
-    from hpcviz.train import _set_threads
+    _set_threads = dist.share_cores
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     monkeypatch.setattr(dist, "_ENV", dist.DistEnv(world_size=2, local_world_size=2))
     try:
-        _set_threads(torch.device("cuda", 1))
+        _set_threads()
         assert torch.get_num_threads() == max(1, cores // 2)
         monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # what SLURM gave the task
-        _set_threads(torch.device("cuda", 1))
+        _set_threads()
         assert torch.get_num_threads() == 1
         monkeypatch.setattr(dist, "_ENV", dist.DistEnv())  # one task per node: SLURM's count still holds
         torch.set_num_threads(cores)
-        _set_threads(torch.device("cpu"))
+        _set_threads()
         assert torch.get_num_threads() == 1
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+        monkeypatch.setenv(dist.THREADS_VAR, "1")  # local array tasks started together share the cores
+        torch.set_num_threads(cores)
+        assert _set_threads() == 1
     finally:
         torch.set_num_threads(before)
         monkeypatch.setattr(dist, "_ENV", dist.DistEnv())

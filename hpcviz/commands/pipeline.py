@@ -44,8 +44,11 @@ def _status(args: argparse.Namespace, run: RunDir) -> int:
     if args.wait:
         wait_pipeline(run)
         return 0
+    import sys
+
     from rich.console import Console
-    Console().print(render_status(pipeline_status(run)))
+    console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes: wide, no wrapping
+    console.print(render_status(pipeline_status(run)))
     return 0
 
 

@@ -54,11 +54,10 @@ def follow_training(job: submitit.Job, cfg: TrainConfig, launch: LaunchConfig) -
         if launch.cluster != "slurm":
             mark_lost(run, "train", str(e))
         last = find_checkpoint(run.checkpoints)
-        if last is None:
-            raise
         first, _, rest = str(e).partition("\n")
-        raise LaunchError(f"{first}; hint: continue it from {last} with the same command and --resume"
-                          + (f"\n{rest}" if rest else "")) from None
+        hint = (f"continue it from {last} with the same command and --resume" if last is not None else
+                "no checkpoint was saved yet: rerun the same command")
+        raise LaunchError(f"{first}; hint: {hint}" + (f"\n{rest}" if rest else "")) from None
 
 
 @command

@@ -50,7 +50,7 @@ class Plan:
                                                                      else theirs):
                 what = {"checkpoint_sha256": "another checkpoint (another model)",
                         "dataset_fingerprint": "another data set"}.get(k, f"another {k}")
-                return f"not this plan's: made from {what} ({k} {str(theirs)[:16]!s} != {str(mine)[:16]!s})"
+                return f"not this plan's: made from {what}: {k} {str(theirs)[:16]} != {str(mine)[:16]}"
         return None
 
     def same_request(self, other: Plan) -> bool:
