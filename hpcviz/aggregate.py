@@ -277,7 +277,7 @@ def _replace_dir(final: Path, files: dict[str, bytes]) -> None:
     old_tmp = [p for p in final.rglob("*.tmp-*")] if final.is_dir() else []
     for stale in old_tmp:
         stale.unlink(missing_ok=True)
-    check_space(parent, sum(len(b) for b in files.values()) + 4096 * len(files))
+    check_space(final, sum(len(b) for b in files.values()) + 4096 * len(files))
     staging, old = parent / f"{final.name}.tmp-{os.getpid()}", parent / f"{final.name}.old-{os.getpid()}"
     try:
         for rel, data in files.items():

@@ -95,7 +95,7 @@ def atomic_path(path: str | os.PathLike, needed: int | None = None) -> Iterator[
     final = Path(path)
     tmp = temp_name(final)
     if needed is not None:
-        check_space(final.parent, needed)
+        check_space(final, needed)
     try:
         yield tmp
         fsync_path(tmp)

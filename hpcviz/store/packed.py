@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import h5py
@@ -126,7 +127,7 @@ class PackedWriter:
 
     def __init__(self, path: str | os.PathLike, n: int, height: int, width: int, classes: Sequence[str],
                  attrs: Mapping[str, str | int | float]) -> None:
-        self.what = f"PackedWriter {os.fspath(path)}"
+        self.what, self.path = f"PackedWriter {os.fspath(path)}", Path(path)
         if min(n, height, width) < 1:
             raise StoreError(f"{self.what}: n={n}, height={height}, width={width} must all be >= 1; "
                              "hint: plan at least one image")
@@ -200,7 +201,7 @@ class PackedWriter:
     def _shrink(self, labels: np.ndarray) -> str:
         """Copy the `count` images written into a right-sized file in ~64 MB chunks, hashing as it goes."""
         shape = (self.count, *self._shape[1:])  # (count, 3, H, W)
-        check_space(self._small.parent, int(np.prod(shape)) + 9 * self.count)
+        check_space(self.path, int(np.prod(shape)) + 9 * self.count)
         h, step = _shape_hash(shape), max(1, _COPY_BYTES // int(np.prod(shape[1:])))
         with h5py.File(self._tmp, "r") as src, h5py.File(self._small, "w") as dst:
             out = dst.create_dataset("images", shape=shape, dtype=np.uint8)

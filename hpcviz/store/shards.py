@@ -136,7 +136,7 @@ class ShardWriter:
         self._bytes[0] += self.n * dt.itemsize * math.prod(rest)
         if self.compression is None:  # refuse now, not when the disk is full halfway through the task
             try:
-                check_space(self.path.parent, self._bytes[0] - self._bytes[1])
+                check_space(self.path, self._bytes[0] - self._bytes[1])
             except BaseException:
                 self.abort()
                 raise
