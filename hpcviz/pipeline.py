@@ -249,6 +249,17 @@ def _finished(run: RunDir, rows: list[tuple[str, str, str, str]], gone: list[int
     return (agg[2] not in ACTIVE and agg[2] not in ("", "submitted", "GONE")) or gone[0] >= 3
 
 
+def _settled(run: RunDir, rows: list[tuple[str, str, str, str]], within_s: float = 15.0) -> list:
+    """The final states: the aggregation's result file can come a few seconds before the scheduler calls
+    the job ended; ask again until it does (at most `within_s`)."""
+    from .jobstate import ACTIVE
+    end = time.monotonic() + within_s
+    while rows[-1][2] in ACTIVE and time.monotonic() < end:
+        time.sleep(1)
+        rows = pipeline_status(run)
+    return rows
+
+
 def wait_pipeline(run: RunDir, poll_s: float = 5.0, timeout_s: float | None = None) -> None:
     """Follow the stages until the aggregation has ended: a rich live table on a terminal, a line per
     change otherwise; then check_outcome (StageFailed when a stage failed or a shard is missing)."""
@@ -263,8 +274,7 @@ def wait_pipeline(run: RunDir, poll_s: float = 5.0, timeout_s: float | None = No
             rows = pipeline_status(run)
             done = _finished(run, rows, gone) or (timeout_s is not None and time.monotonic() - start > timeout_s)
             if done:
-                time.sleep(0 if live else 1)
-                rows = pipeline_status(run)  # the final states
+                rows = _settled(run, rows)
             if live:
                 live.update(render_status(rows))
             elif rows != last:
