@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
 from conftest import ROOT
 
 TRAIN = ["--cluster", "local", "--device", "cpu", "--data", "builtin:20", "--image-size", "16", "--arch", "resnet20",
@@ -183,8 +184,11 @@ def test_every_bad_input_is_one_line_and_changes_nothing(finished, tmp_path):
             problems.append(f"the run changed: {changed}")
         return f"{command} {' '.join(args)}: " + "; ".join(problems) + f"\n{r.stderr[-800:]}" if problems else ""
 
+    def worker(w: int) -> list[str]:  # a worker's cases one after the other, on its own copy
+        return [check(k) for k in range(w, len(CASES), workers)]
+
     with ThreadPoolExecutor(workers) as pool:
-        failures = [f for f in pool.map(check, range(len(CASES))) if f]
+        failures = [f for found in pool.map(worker, range(workers)) for f in found if f]
     assert not failures, "\n\n".join(failures)
     assert not (finished / "t").exists()  # nothing was created for the refused new runs either
 

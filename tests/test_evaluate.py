@@ -4,10 +4,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
 
 from hpcviz.evaluate import autocast_for, evaluate, remap_labels, summarize
 from hpcviz.models import build_model
+
+from conftest import ROOT
 
 
 def test_evaluate_matches_a_hand_count():

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import ROOT
 
 pytestmark = [pytest.mark.gpu,

@@ -3,13 +3,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 from hpcviz import checkpoint
 from hpcviz import launch as launch_mod
 from hpcviz.config import ConfigError, LaunchConfig
 from hpcviz.launch import _slurm_params, read_profile
 from hpcviz.rundir import RunDir
+
+from conftest import ROOT
 
 TINY = ["--arch", "resnet20", "--data", "builtin:20", "--image-size", "16", "--batch-size", "32",
         "--eval-batch-size", "64", "--epochs", "2", "--lr", "0.05", "--device", "cpu"]

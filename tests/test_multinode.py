@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, scontrol_field, wait_until
 
 from hpcviz import checkpoint
 from hpcviz.jobstate import wait_for_job
 from hpcviz.rundir import RunDir
+
+from conftest import ROOT, scontrol_field, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, wait_until
 
 from hpcviz import store, viz
 from hpcviz.commands import pipeline as launch_pipeline
 from hpcviz.config import TrainConfig
 from hpcviz.pipeline import PipelineTrainJob, check_request
 from hpcviz.rundir import RunDir
+
+from conftest import ROOT, wait_until
 
 TINY = ["--data", "builtin:20", "--image-size", "16", "--arch", "resnet20", "--epochs", "1", "--batch-size", "32",
         "--lr", "0.05", "--device", "cpu", "--images", "8", "--tasks", "2", "--invert-steps", "5",

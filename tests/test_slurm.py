@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, scontrol_field, wait_until
 
 from hpcviz import checkpoint
 from hpcviz.jobstate import wait_for_job
 from hpcviz.rundir import RunDir
+
+from conftest import ROOT, scontrol_field, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -193,6 +194,11 @@ def test_pipeline_with_dependencies_a_killed_task_and_retry(tmp_path):
     assert scontrol_field(ids["viz"], "Dependency").startswith(f"afterok:{ids['train']}")
     assert scontrol_field(ids["aggregate"], "Dependency").startswith(f"afterany:{ids['viz']}")
     assert "--kill-on-invalid-dep=yes" in (run / "logs" / f"{ids['viz']}_submission.sh").read_text()
+    # the submitted jobs hold the run: another command on it is refused, naming the job
+    busy = subprocess.run([sys.executable, str(ROOT / "jobs" / "aggregate.py"), "--run", str(run)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert busy.returncode == 2 and "is in use" in busy.stderr and "slurm job" in busy.stderr, busy.stderr
+    assert f"scancel {ids['train']}" in busy.stderr and not (run / "report").exists()
     subprocess.run(["scancel", f"{ids['viz']}_1"], check=True)  # killed while it waits for training
     wait_until(lambda: (run / "logs" / f"{ids['aggregate']}_0_result.pkl").exists(), 420, "the aggregation", 1)
     md = (run / "report" / "report.md").read_text()
