@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -298,3 +299,45 @@ def bench_invert(model: torch.nn.Module, images: torch.Tensor, mean, std, blocks
             "ratio": single_s * len(images) / batched_s, "max_abs_diff_batched_vs_single": same,
             "median_error": {b: float(out[b]["error"].median()) for b in blocks},
             "max_error": {b: float(out[b]["error"].max()) for b in blocks}}
+
+
+def bench_viz(run_dir: Path, scratch: Path, images: int = 16, split: str = "val", device: str = "auto",
+              batch_size: int = 64, baseline_steps: int = 1000) -> dict[str, Any]:
+    """The whole array task per image on held-out images of a trained run: today's way (the baseline: every
+    image loaded with the whole split, 1000 Adam steps per inversion, no stopping) and the default, in this
+    run, on the same images and device; seconds per image for the task and each part, and the median
+    inversion error and mean steps per block. Both write their shard into `scratch`, never into the run."""
+    import shutil
+
+    from . import checkpoint, dist, store, viz
+    from .config import VizConfig
+    state = checkpoint.load_checkpoint(RunDir(run_dir).checkpoints)
+    dev = dist.pick_device(device)
+    dist.share_cores()
+    out: dict[str, Any] = {"run": str(run_dir), "images": images, "split": split, "device": str(dev),
+                           "arch": state["config"]["arch"]}
+    for method in ("baseline", "default"):
+        run = RunDir(scratch / method)
+        shutil.rmtree(run.path, ignore_errors=True)
+        run.checkpoints.mkdir(parents=True)
+        for name in ("last.pt", "last.pt.sha256"):
+            shutil.copy(Path(state["path"]).with_name(name), run.checkpoints / name)
+        cfg = VizConfig(run_dir=str(run.path), split=split, images=images, tasks=1, batch_size=batch_size,
+                        device=device)
+        if method == "baseline":
+            cfg.invert_steps, cfg.invert_target, cfg.invert_solver = baseline_steps, 0.0, "adam"
+        plan = viz.make_plan(cfg)
+        run.write_plan(plan)
+        with dist.numerics(exact=True):
+            seconds = viz.visualize_shard(run, 0, plan, checkpoint.load_checkpoint(run.checkpoints), dev,
+                                          baseline=method == "baseline")
+        data = store.read_shard(run.shard(0), [f"invert_{k}/{b}" for b in plan.invert_blocks
+                                               for k in ("error", "steps")])
+        n = plan.n_images
+        out[method] = {"seconds_per_image": {k: v / n for k, v in seconds.items()},
+                       "median_error": {b: float(np.median(data[f"invert_error/{b}"])) for b in plan.invert_blocks},
+                       "mean_steps": {b: float(np.mean(data[f"invert_steps/{b}"])) for b in plan.invert_blocks}}
+    base, new = out["baseline"]["seconds_per_image"], out["default"]["seconds_per_image"]
+    out["ratio"] = base["total"] / new["total"]
+    out["inversion_ratio"] = base["inversion"] / max(new["inversion"], 1e-9)
+    return out

@@ -231,7 +231,12 @@ class VizConfig:
                               f"{', '.join(PATHS)}")
     invert_blocks: list[str] = option(factory=lambda: ["default"], help="blocks to invert: default (conv1 + "
                                       "each stage's last block) | all | none | names")
-    invert_steps: int = option(0, "optimisation steps per inversion (0 = the inversion's default)", unit="steps")
+    invert_steps: int = option(0, "at most this many optimisation steps per inversion (0 = the inversion's "
+                               "default, 800)", unit="steps")
+    invert_target: float = option(0.05, "an inversion stops once its relative feature error is at most this "
+                                  "(0 = run every step)")
+    invert_solver: str = option("lbfgs", "the inversion's optimiser (see hpcviz.rowopt)", choices=("lbfgs", "adam"))
+    invert_batch_size: int = option(0, "images inverted together (0 = 64 on a CPU, 1024 on a GPU)", unit="images")
     prior: str = option("tv", "tv (Mahendran & Vedaldi) | none (plain sum of squared errors)", choices=PRIORS)
     compression: str = option("", "HDF5 filter of the shards ('' = none, fastest)", choices=COMPRESSIONS)
     device: str = option("auto", "where each task computes", choices=DEVICES)
@@ -246,7 +251,7 @@ class VizConfig:
     def validate(self, prefix: str = "") -> VizConfig:
         """`prefix`: how the shared flags are spelt in this command (the pipeline's --viz-batch-size)."""
         _checks(self, {"images": (1, None), "tasks": (1, None), "per_task": (1, None), "batch_size": (1, None),
-                       "invert_steps": (0, None)}, prefix)
+                       "invert_steps": (0, None), "invert_target": (0, 1), "invert_batch_size": (0, None)}, prefix)
         if any(i < 0 for i in self.indices):
             raise ConfigError(f"--indices {min(self.indices)}: positions start at 0; hint: --indices 0,1,2")
         bad = [p for p in self.paths if p not in PATHS]

@@ -159,6 +159,50 @@ def check_split(spec: str, facts: SourceFacts, val_fraction: float) -> None:
                         "per class (e.g. builtin:20) or a larger --val-fraction")
 
 
+def source_labels(spec: str, skip_bad: bool = False) -> tuple[torch.Tensor, tuple[str, ...]] | None:
+    """(labels (N,) int64, classes) of a source without decoding its images, or None where that cannot be
+    known (CIFAR batches, an image folder with skip_bad: which files are unreadable is only known by decoding)."""
+    if spec == "builtin" or spec.startswith("builtin:"):
+        n = int(spec.partition(":")[2] or "500")
+        return torch.from_numpy(_builtin_labels(np.random.Generator(np.random.PCG64(0)), n)), BUILTIN_CLASSES
+    if spec.lower().endswith((".h5", ".hdf5")):
+        from .store import PackedReader, StoreError
+        try:
+            with PackedReader(spec) as reader:
+                return torch.from_numpy(np.asarray(reader.labels, dtype=np.int64)), tuple(reader.classes)
+        except StoreError as e:
+            raise DataError(f"--data {e}") from None
+    if os.path.isdir(spec) and not skip_bad:
+        classes, samples = _list_image_folder(spec)
+        return torch.tensor([label for _, label in samples], dtype=torch.int64), tuple(classes)
+    return None
+
+
+def load_rows(spec: str, image_size: int, rows: Sequence[int], skip_bad: bool = False) -> torch.Tensor:
+    """The images at positions `rows` of the source (N, 3, S, S) uint8, in the order given, reading only
+    those: rows of a packed file at `image_size`, the files of an image folder. Other sources (builtin,
+    CIFAR batches, a packed file of another size, a folder with skip_bad) are loaded whole, then indexed."""
+    idx = np.asarray(rows, dtype=np.int64)
+    if spec.lower().endswith((".h5", ".hdf5")):
+        from .store import PackedReader
+        with PackedReader(spec) as reader:
+            if tuple(reader.shape[2:]) == (image_size, image_size):
+                out = np.empty((len(idx), *reader.shape[1:]), np.uint8)
+                return torch.from_numpy(reader.read_rows(idx, out))
+    elif os.path.isdir(spec) and not skip_bad:
+        _, samples = _list_image_folder(spec)
+        tvio = _tv_io()
+        decoded = []
+        for i in idx.tolist():
+            img = _decode(samples[i][0], tvio)
+            if img is None:
+                raise _error(spec, f"cannot decode {samples[i][0]}", "pass --skip-bad to skip unreadable files")
+            decoded.append(resize_images(torch.from_numpy(img).permute(2, 0, 1)[None], image_size)[0])
+        return torch.stack(decoded) if decoded else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+    ds = load_images(spec, image_size, skip_bad=skip_bad)
+    return ds.images[torch.from_numpy(idx)]
+
+
 # ----------------------------------------------------------------------------- builtin
 def _builtin_params(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     """Per-image random parameters, (n,) each; unit image coordinates, x right, y down."""
@@ -212,6 +256,11 @@ def _builtin_mask(name: str, x: np.ndarray, y: np.ndarray, q: dict[str, np.ndarr
     return m.astype(np.float64)
 
 
+def _builtin_labels(rng: np.random.Generator, n_per_class: int) -> np.ndarray:
+    """The builtin set's labels: its generator's first draw (so source_labels needs no image)."""
+    return rng.permutation(np.repeat(np.arange(len(BUILTIN_CLASSES)), n_per_class))
+
+
 def make_builtin(n_per_class: int = 500, image_size: int = 32, seed: int = 0) -> ImageSet:
     """Procedural 10-class set, `n_per_class` images per class, drawn directly at `image_size`.
 
@@ -228,7 +277,7 @@ def make_builtin(n_per_class: int = 500, image_size: int = 32, seed: int = 0) ->
                         f"valid forms: {DATA_FORMS}; hint: use e.g. builtin:500")
     rng = np.random.Generator(np.random.PCG64(seed))
     n, size = n_per_class * len(BUILTIN_CLASSES), image_size
-    labels = rng.permutation(np.repeat(np.arange(len(BUILTIN_CLASSES)), n_per_class))  # (N,)
+    labels = _builtin_labels(rng, n_per_class)  # (N,)
     q = _builtin_params(rng, n)
     grid = (np.arange(size, dtype=np.float64) + 0.5) / size  # pixel centres
     x, y = grid[None, None, :], grid[None, :, None]  # (1, 1, S), (1, S, 1)

@@ -47,11 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_input
-from torchvision.models import resnet as tvr
 
 from .config import PATHS
 from .errors import InputError
-from .models import block_names
+from .forward import Block, ForwardPlan, Op, PlanError, apply, bn_op, bn_scale, conv_op, relu_op
+
+__all__ = ["PATHS", "SEEDS", "DeconvError", "Deconvnet", "conv_transpose", "bn_scale", "bn_transpose", "unpool",
+           "max_pool", "overlap", "seed_signal", "parse_paths", "apply", "conv_op", "bn_op", "relu_op"]
 
 SEEDS = ("all", "channel", "topk")
 _PATH_HINT = "hint: e.g. 'both', or per block 'layer4.1=shortcut,layer4.0=residual' (blocks not named: both)"
@@ -71,7 +73,7 @@ def conv_transpose(signal: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[
 
     `F.conv_transpose2d` with the output padding that restores the forward input's exact size
     (what `torch.nn.grad.conv2d_input` computes, but that one is several times slower on CPU)."""
-    padding = cast(tuple[int, ...], conv.padding)  # numeric padding only ('same'/'valid': see _conv_op)
+    padding = cast(tuple[int, ...], conv.padding)  # numeric padding only ('same'/'valid': see forward.conv_op)
     pad = []
     for i in range(2):
         k = conv.kernel_size[i]
@@ -83,12 +85,6 @@ def conv_transpose(signal: torch.Tensor, conv: nn.Conv2d, input_shape: Sequence[
                             conv.groups)
     return F.conv_transpose2d(signal, weight, None, conv.stride, padding, tuple(pad), conv.groups,
                               conv.dilation)
-
-
-def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
-    """gamma / sqrt(running_var + eps), per channel: the slope of eval-mode batch norm."""
-    inv = torch.rsqrt(cast(torch.Tensor, bn.running_var) + bn.eps)  # _bn_op requires running statistics
-    return inv if bn.weight is None else bn.weight * inv
 
 
 def bn_transpose(signal: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -216,21 +212,7 @@ def parse_paths(spec: str | Mapping[str, str], blocks: Sequence[str]) -> dict[st
 
 
 # ---------------------------------------------------------------------------------------------
-# the model as a plan of ops, the tape of one forward
-
-@dataclass
-class _Op:
-    kind: str  # "conv" | "bn" | "relu"
-    key: str   # module name, the tape's key
-    module: nn.Module | None = None
-
-
-@dataclass
-class _Block:
-    name: str
-    residual: list[_Op]
-    shortcut: list[_Op]  # [] = identity
-
+# the tape of one forward (the forward itself is hpcviz.forward's plan)
 
 @dataclass
 class _Tape:
@@ -244,70 +226,28 @@ class _Tape:
     pool_input_shape: tuple[int, ...] = ()
     acts: dict[str, torch.Tensor] = field(default_factory=dict)
 
-
-def _conv_op(module: nn.Module, key: str) -> _Op:
-    if not isinstance(module, nn.Conv2d) or isinstance(module.padding, str) or module.padding_mode != "zeros":
-        raise DeconvError(f"{key}: {type(module).__name__} is not a zero-padded nn.Conv2d; "
-                          "hint: Deconvnet supports the ResNets of hpcviz.models")
-    return _Op("conv", key, module)
-
-
-def _bn_op(module: nn.Module, key: str) -> _Op:
-    if not isinstance(module, nn.BatchNorm2d) or module.running_var is None:
-        raise DeconvError(f"{key}: {type(module).__name__} is not a BatchNorm2d with running statistics; "
-                          "hint: Deconvnet supports the ResNets of hpcviz.models")
-    return _Op("bn", key, module)
-
-
-def _relu_op(module: nn.Module, key: str) -> _Op:
-    if not isinstance(module, nn.ReLU):
-        raise DeconvError(f"{key}: {type(module).__name__} is not an nn.ReLU; "
-                          "hint: Deconvnet supports the ResNets of hpcviz.models")
-    return _Op("relu", key)
-
-
-def _block_plan(name: str, block: nn.Module) -> _Block:
-    convs: tuple[str, ...]
-    if isinstance(block, tvr.Bottleneck):
-        convs = ("conv1", "conv2", "conv3")
-    elif isinstance(block, tvr.BasicBlock):
-        convs = ("conv1", "conv2")
-    else:
-        raise DeconvError(f"{name}: {type(block).__name__} is not a torchvision BasicBlock or Bottleneck; "
-                          "hint: Deconvnet supports the ResNets of hpcviz.models")
-    residual: list[_Op] = []
-    for i, c in enumerate(convs, 1):
-        if i > 1:
-            residual.append(_relu_op(block.relu, f"{name}.relu"))
-        residual += [_conv_op(getattr(block, c), f"{name}.{c}"), _bn_op(getattr(block, f"bn{i}"), f"{name}.bn{i}")]
-    _relu_op(block.relu, f"{name}.relu")
-    shortcut: list[_Op] = []
-    if block.downsample is not None:
-        for j, m in enumerate(block.downsample.children() if isinstance(block.downsample, nn.Sequential)
-                              else [block.downsample]):
-            key = f"{name}.downsample.{j}"
-            shortcut.append(_conv_op(m, key) if isinstance(m, nn.Conv2d) else _bn_op(m, key))
-    return _Block(name, residual, shortcut)
-
-
-def _run(ops: list[_Op], h: torch.Tensor, tape: _Tape) -> torch.Tensor:
-    for i, op in enumerate(ops):
+    def note(self, ops: list[Op], i: int, h: torch.Tensor) -> None:
+        op = ops[i]
         if op.kind == "conv":
-            c = cast(nn.Conv2d, op.module)
-            tape.shapes[op.key] = tuple(h.shape)
-            h = F.conv2d(h, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+            self.shapes[op.key] = tuple(h.shape)
         elif op.kind == "bn":
-            bn = cast(nn.BatchNorm2d, op.module)
-            scale = tape.scales[op.key] = bn_scale(bn)
+            scale = self.scales[op.key] = bn_scale(cast(nn.BatchNorm2d, op.module))
             if i > 0 and ops[i - 1].kind == "conv":  # bn^T then conv^T = conv^T with the slope in its kernel
-                tape.folded[ops[i - 1].key] = cast(nn.Conv2d, ops[i - 1].module).weight * scale.view(-1, 1, 1, 1)
-            h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        else:
-            h = F.relu(h)
-    return h
+                self.folded[ops[i - 1].key] = cast(nn.Conv2d, ops[i - 1].module).weight * scale.view(-1, 1, 1, 1)
+
+    def pool(self, h: torch.Tensor, p: nn.MaxPool2d) -> torch.Tensor:
+        """The stem's max-pool, recording its switches for the unpooling."""
+        self.pool_input_shape = tuple(h.shape)
+        out, self.pool_indices = F.max_pool2d(h, p.kernel_size, p.stride, p.padding, p.dilation,
+                                              ceil_mode=p.ceil_mode, return_indices=True)
+        return out
 
 
-def _back(ops: list[_Op], g: torch.Tensor, tape: _Tape) -> torch.Tensor:
+def _run(ops: list[Op], h: torch.Tensor, tape: _Tape) -> torch.Tensor:
+    return apply(ops, h, tape)
+
+
+def _back(ops: list[Op], g: torch.Tensor, tape: _Tape) -> torch.Tensor:
     skip = False
     for i in range(len(ops) - 1, -1, -1):
         op = ops[i]
@@ -337,23 +277,11 @@ class Deconvnet:
     def __init__(self, model: nn.Module, exact: bool = True) -> None:
         self.model = model
         self.exact = exact  # deterministic unpooling (see `unpool`); False: one atomic scatter-add on GPUs
-        self.blocks = block_names(model)
         try:
-            # submodules as nn.Module (mypy: Tensor | Module); the _op helpers check their real types
-            self._stem = [_conv_op(cast(nn.Module, model.conv1), "conv1"), _bn_op(cast(nn.Module, model.bn1), "bn1"),
-                          _relu_op(cast(nn.Module, model.relu), "relu")]
-            pool = model.maxpool
-        except AttributeError as e:
-            raise DeconvError(f"model {type(model).__name__}: {e}; hint: Deconvnet supports the ResNets of "
-                              "hpcviz.models") from None
-        if isinstance(pool, nn.MaxPool2d):
-            self._pool: nn.MaxPool2d | None = pool
-        elif isinstance(pool, nn.Identity):
-            self._pool = None
-        else:
-            raise DeconvError(f"maxpool: {type(pool).__name__} is neither nn.MaxPool2d nor nn.Identity; "
-                              "hint: Deconvnet supports the ResNets of hpcviz.models")
-        self._plan = [_block_plan(n, model.get_submodule(n)) for n in self.blocks[1:]]
+            self.plan = ForwardPlan(model)
+        except PlanError as e:
+            raise DeconvError(str(e)) from None
+        self.blocks = self.plan.blocks
         self._tape: _Tape | None = None
 
     # --- checks -------------------------------------------------------------------------------
@@ -374,26 +302,16 @@ class Deconvnet:
         `upto` (for a float32 model the very tensors the seeds are taken from: do not modify them in
         place). x: the normalised input (B, C_in, H, W), moved to the model's device and dtype."""
         upto = self.blocks[-1] if upto is None else upto
-        last = self._check_block(upto)
-        conv1 = cast(nn.Conv2d, self.model.conv1)  # checked by _conv_op in __init__
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != conv1.in_channels:
+        self._check_block(upto)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.plan.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise DeconvError(f"input of shape {shape}: need (B, {conv1.in_channels}, H, W); "
+            raise DeconvError(f"input of shape {shape}: need (B, {self.plan.in_channels}, H, W); "
                               "hint: pass a normalised image batch")
         self._tape = None
+        conv1 = cast(nn.Conv2d, self.model.conv1)  # the weights as they are now (they may have moved)
         x = x.to(device=conv1.weight.device, dtype=conv1.weight.dtype)
         tape = _Tape(upto=upto, input_shape=tuple(x.shape))
-        h = _run(self._stem, x, tape)
-        tape.acts["conv1"] = h
-        if last > 0 and self._pool is not None:
-            p = self._pool
-            tape.pool_input_shape = tuple(h.shape)
-            h, tape.pool_indices = F.max_pool2d(h, p.kernel_size, p.stride, p.padding, p.dilation,
-                                                ceil_mode=p.ceil_mode, return_indices=True)
-        for blk in self._plan[:last]:
-            out = _run(blk.residual, h, tape)
-            h = F.relu(out + (_run(blk.shortcut, h, tape) if blk.shortcut else h))
-            tape.acts[blk.name] = h
+        tape.acts = self.plan.run(x, upto, tape.pool, tape)
         self._tape = tape
         return {n: a.float() for n, a in tape.acts.items()}
 
@@ -406,7 +324,7 @@ class Deconvnet:
                               f"hint: call forward(x, upto={block!r}) (or forward(x)) first")
         return tape
 
-    def _block_back(self, blk: _Block, g: torch.Tensor, path: str, tape: _Tape) -> torch.Tensor:
+    def _block_back(self, blk: Block, g: torch.Tensor, path: str, tape: _Tape) -> torch.Tensor:
         g = F.relu(g)  # the block's final ReLU
         if path == "shortcut":
             return _back(blk.shortcut, g, tape)
@@ -423,7 +341,7 @@ class Deconvnet:
             raise DeconvError("block 'conv1': not a residual block; hint: use backward('conv1', signal)")
         if path not in PATHS:
             raise DeconvError(f"path {path!r}: not one of {', '.join(PATHS)}; hint: path='both'")
-        return self._block_back(self._plan[self.blocks.index(block) - 1], signal, path, tape)
+        return self._block_back(self.plan.plan[self.blocks.index(block) - 1], signal, path, tape)
 
     @torch.no_grad()
     def backward(self, block: str, signal: torch.Tensor, path: str | Mapping[str, str] = "both") -> torch.Tensor:
@@ -433,12 +351,12 @@ class Deconvnet:
         paths = self._paths(path)
         # on CPU, oneDNN's transposed convolutions are several times faster in channels-last
         g = signal.contiguous(memory_format=torch.channels_last) if signal.device.type == "cpu" else signal
-        for blk in reversed(self._plan[:self.blocks.index(block)]):
+        for blk in reversed(self.plan.plan[:self.blocks.index(block)]):
             g = self._block_back(blk, g, paths[blk.name], tape)
         if block != "conv1" and tape.pool_indices is not None:
             g = unpool(g, tape.pool_indices, tape.pool_input_shape,
-                       overlap(self._pool) if self.exact and self._pool is not None else None)
-        return _back(self._stem, g, tape).contiguous()  # the stem's ReLU, bn1, conv1
+                       overlap(self.plan.pool) if self.exact and self.plan.pool is not None else None)
+        return _back(self.plan.stem, g, tape).contiguous()  # the stem's ReLU, bn1, conv1
 
     @torch.no_grad()
     def reconstruct(self, block: str, path: str | Mapping[str, str] = "both", seed: str = "all",

@@ -62,3 +62,45 @@ class StepProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+class TaskProgress:
+    """Progress of an array task over its work units (image passes): a rich bar on a terminal; in a log file
+    a line at the first update and at each new stage, else at most every `every_s` seconds, with what it is
+    doing and an ETA from the rate so far."""
+
+    def __init__(self, total: float, title: str, every_s: float = 20.0) -> None:
+        self.total, self.title, self.every_s = max(total, 1e-9), title, every_s
+        self.start = time.perf_counter()
+        self.last = self.start - every_s  # the first update is logged at once
+        self.done, self.bar, self.stage = 0.0, None, ""
+        if sys.stderr.isatty():
+            from rich.progress import Progress
+            self.bar = Progress(transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(title, total=self.total)
+
+    def update(self, done: float, text: str, stage: str = "") -> None:
+        """`done` units of `total` finished; `text` says what runs now (images, step k of m); a new `stage` is
+        logged at once."""
+        self.done = min(done, self.total)
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, description=f"{self.title}: {text}")
+        elif now - self.last >= self.every_s or stage != self.stage:
+            self.last, self.stage = now, stage
+            elapsed = now - self.start
+            eta = elapsed * (self.total - self.done) / self.done if self.done > 0 else float("nan")
+            logging.getLogger(LOGGER).info("%s: %s; %.0f%% done, %s elapsed, ETA %s", self.title, text,
+                                           100 * self.done / self.total, _clock(elapsed), _clock(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # nan: not known yet
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else (f"{m}m{s:02d}s" if m else f"{s}s")

@@ -8,9 +8,10 @@ redoes only what is missing.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,22 +53,39 @@ def plan_shards(indices: Sequence[int], tasks: int) -> list[list[int]]:
     return [list(map(int, part)) for part in np.array_split(np.asarray(indices, dtype=np.int64), tasks)]
 
 
-def load_split(train_cfg: dict[str, Any], split: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """The run's own train or val split, rebuilt from its config exactly as training carved it."""
-    from .data import load_images, split_indices
+def split_rows(train_cfg: dict[str, Any], split: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """(the split's positions in the source (M,), their labels (M,), classes), carved exactly as training
+    did, from the labels alone where the source allows (packed files, folders, builtin): no image is read."""
+    from .data import load_images, source_labels, split_indices
     if split not in SPLITS:
         raise VizError(f"--split {split!r}: not one of {', '.join(SPLITS)}; hint: --split val")
-    ds = load_images(train_cfg["data"], train_cfg["image_size"], skip_bad=train_cfg.get("skip_bad", False))
-    train_idx, val_idx = split_indices(ds.labels, train_cfg["val_fraction"], seed=train_cfg.get("split_seed", 0))
+    known = source_labels(train_cfg["data"], train_cfg.get("skip_bad", False))
+    if known is None:
+        ds = load_images(train_cfg["data"], train_cfg["image_size"], skip_bad=train_cfg.get("skip_bad", False))
+        known = ds.labels, ds.classes
+    labels, classes = known
+    train_idx, val_idx = split_indices(labels, train_cfg["val_fraction"], seed=train_cfg.get("split_seed", 0))
     idx = val_idx if split == "val" else train_idx
-    return ds.images[idx], ds.labels[idx], ds.classes
+    return idx, labels[idx], classes
+
+
+def load_split(train_cfg: dict[str, Any], split: str,
+               positions: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """(images (m, 3, S, S) uint8, labels (m,), classes) at `positions` of the run's own split (all when
+    None), reading only those images where the source allows (a packed file's rows, a folder's files)."""
+    from .data import load_rows
+    idx, labels, classes = split_rows(train_cfg, split)
+    pos = torch.arange(len(idx)) if positions is None else torch.as_tensor(list(positions), dtype=torch.int64)
+    images = load_rows(train_cfg["data"], train_cfg["image_size"], idx[pos].tolist(),
+                       skip_bad=train_cfg.get("skip_bad", False))
+    return images, labels[pos], classes
 
 
 def make_plan(cfg: VizConfig) -> Plan:
     """Resolve the images and shards of a request against the run's checkpoint and data."""
     run = RunDir(cfg.run_dir)
     state = checkpoint.load_checkpoint(run.checkpoints)
-    _, labels, _ = load_split(state["config"], cfg.split)
+    _, labels, _ = split_rows(state["config"], cfg.split)
     if cfg.indices:
         bad = [i for i in cfg.indices if not 0 <= i < len(labels)]
         if bad:
@@ -84,8 +102,8 @@ def make_plan(cfg: VizConfig) -> Plan:
     return Plan(config=cfg, checkpoint=run.rel(state["path"]), checkpoint_sha256=state["sha256"],
                 dataset_fingerprint=state.get("data_fingerprint", ""), split=cfg.split, blocks=blocks,
                 deconv_blocks=deconv, paths=list(cfg.paths), invert_blocks=inv, invert_steps=cfg.invert_steps,
-                prior=cfg.prior, fast=cfg.fast, shards=plan_shards(indices, cfg.n_tasks()), n_images=len(indices),
-                planned=now())
+                invert_target=cfg.invert_target, invert_solver=cfg.invert_solver, prior=cfg.prior, fast=cfg.fast,
+                shards=plan_shards(indices, cfg.n_tasks()), n_images=len(indices), planned=now())
 
 
 def resolve_request(model: torch.nn.Module, cfg: VizConfig) -> tuple[list[str], list[str], list[str]]:
@@ -98,7 +116,7 @@ def resolve_request(model: torch.nn.Module, cfg: VizConfig) -> tuple[list[str], 
     return blocks, deconv, resolve_invert_blocks(model, cfg.invert_blocks)
 
 
-def _write_deconv(w: store.ShardWriter, model: torch.nn.Module, x: torch.Tensor, plan: Plan, start: int) -> None:
+def _write_deconv(w: store.BackgroundWriter, model: torch.nn.Module, x: torch.Tensor, plan: Plan, start: int) -> None:
     """deconv/<block>/<path>: raw reconstructions in the network's (normalised) input space, float32."""
     if not plan.deconv_blocks:
         return
@@ -122,22 +140,29 @@ def resolve_invert_blocks(model: torch.nn.Module, spec: list[str]) -> list[str]:
     return resolve_blocks(model, None if spec == ["all"] else spec, "--invert-blocks") if spec else []
 
 
-def _write_inversions(w: store.ShardWriter, model: torch.nn.Module, x: torch.Tensor, plan: Plan,
-                      state: dict[str, Any], start: int) -> None:
-    """invert/<block> (raw, normalised input space, float32) and invert_error/<block> (relative feature error)."""
-    if not plan.invert_blocks:
-        return
+def _write_inversions(w: store.BackgroundWriter, model: torch.nn.Module, x: torch.Tensor, plan: Plan,
+                      state: dict[str, Any], start: int, progress: Any = None, fast_forward: bool = True) -> None:
+    """invert/<block> (raw, normalised input space, float32), invert_error/<block> (relative feature error)
+    and invert_steps/<block> (the optimiser steps each image took before it stopped)."""
     from .inversion import InversionConfig, invert
-    icfg = InversionConfig(prior=plan.prior, exact=not plan.fast)
+    icfg = InversionConfig(prior=plan.prior, exact=not plan.fast, target=plan.invert_target,
+                           solver=plan.invert_solver, fast_forward=fast_forward)
     if plan.invert_steps:
         icfg.steps = plan.invert_steps
-    out = invert(model, images=x, blocks=plan.invert_blocks, cfg=icfg, mean=state["mean"], std=state["std"])
+    if not plan.invert_target:  # 0: every step, as before stopping rules existed
+        icfg.window = 0
+    out = invert(model, images=x, blocks=plan.invert_blocks, cfg=icfg, mean=state["mean"], std=state["std"],
+                 progress=progress)
     for block, r in out.items():
         w.write(f"invert/{block}", start, r["x"].float().cpu().numpy(), dims=("image", "channel", "y", "x"),
-                attrs={"block": block, "steps": icfg.steps, "prior": icfg.prior,
+                attrs={"block": block, "max_steps": icfg.steps, "target": icfg.target, "prior": icfg.prior,
+                       "solver": icfg.solver,
                        "what": "inversion of the block's activation, raw, in the network's normalised input space"})
         w.write(f"invert_error/{block}", start, r["error"].float().cpu().numpy(), dims=("image",),
                 attrs={"block": block, "what": "relative feature error ||phi(x) - phi0|| / ||phi0||"})
+        w.write(f"invert_steps/{block}", start, r["steps"].to(torch.int32).numpy(), dims=("image",),
+                attrs={"block": block, "what": f"optimiser steps taken (at most {icfg.steps}; fewer once the "
+                       f"error reached {icfg.target:g} or stopped improving)"})
 
 
 def _root_attrs(run: RunDir, plan: Plan, state: dict[str, Any], shard: int) -> dict[str, Any]:
@@ -153,6 +178,8 @@ def _root_attrs(run: RunDir, plan: Plan, state: dict[str, Any], shard: int) -> d
 def run_shard(run_dir: str, shard: int) -> str:
     """One array task: write (or, if it verifies already, skip) shard `shard` of the run's plan."""
     from . import dist
+    from .log import setup_logging
+    setup_logging()  # progress and timing lines in the task's own log
     run = RunDir(run_dir)
     plan = run.read_plan()
     if shard >= len(plan.shards):  # the pipeline's array is sized before the plan: a smaller split
@@ -173,39 +200,89 @@ def run_shard(run_dir: str, shard: int) -> str:
              "fast" if plan.fast else "exact")
     run.update("viz", lambda rec: {"devices": {**rec.devices, str(shard): where}})
     with dist.numerics(exact=not plan.fast):
-        return _write_shard(run, shard, plan, state, device)
+        seconds = visualize_shard(run, shard, plan, state, device)
+    log.info("shard %d done: %d images in %.1f s (%s s) -> %s", shard, len(plan.shards[shard]), seconds["total"],
+             ", ".join(f"{k} {v:.1f}" for k, v in seconds.items() if k != "total"), path)
+    return str(path)
 
 
-def _write_shard(run: RunDir, shard: int, plan: Plan, state: dict[str, Any], device: torch.device) -> str:
+def inversion_batch(plan: Plan, device: torch.device) -> int:
+    """Images inverted together: --invert-batch-size, else 1024 on a GPU (thousands of rows fill it) and 64
+    on a CPU (the late steps, when few rows are left, use the cores better than with 32: ~10% faster per
+    image measured; it also bounds the memory of the curves and histories)."""
+    return plan.config.invert_batch_size or (1024 if device.type == "cuda" else 64)
+
+
+class _Clock:
+    """Seconds per part of a task; on a GPU each part is synchronised first, so the parts are its own."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, {"load": 0.0, "forward": 0.0, "deconv": 0.0, "inversion": 0.0}
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[name] += time.perf_counter() - t0
+
+
+def visualize_shard(run: RunDir, shard: int, plan: Plan, state: dict[str, Any], device: torch.device,
+                    baseline: bool = False) -> dict[str, float]:
+    """Forward (activations, logits), deconvnet and inversions of the shard's images, written by a thread
+    while the next batch is computed, progress lines in the log; returns the seconds per part and in total.
+    baseline: the way of before, for the benchmark: the whole split loaded to take the shard's images from it,
+    the inversions batched like the forward, with the plain (unfolded) functional forward."""
     from . import dist
     from .data import normalize
+    from .log import TaskProgress
     from .models import from_checkpoint
-    cfg, path = plan.config, run.shard(shard)
-    model = from_checkpoint(state, device)
-    images, labels, _ = load_split(state["config"], plan.split)
-    pos = torch.as_tensor(plan.shards[shard], dtype=torch.int64)
-    images, labels = images[pos], labels[pos]  # (n, 3, H, W) uint8, (n,)
-    t0 = time.perf_counter()
+    cfg, path, clock, t0 = plan.config, run.shard(shard), _Clock(device), time.perf_counter()
+    with clock.part("load"):
+        model = from_checkpoint(state, device)
+        if baseline:
+            images, labels, _ = load_split(state["config"], plan.split)
+            images, labels = images[plan.shards[shard]], labels[plan.shards[shard]]
+        else:
+            images, labels, _ = load_split(state["config"], plan.split, plan.shards[shard])  # (n, 3, H, W), (n,)
+    n, pos = len(images), torch.as_tensor(plan.shards[shard], dtype=torch.int64)
+    inv = cfg.batch_size if baseline else inversion_batch(plan, device)
+    progress = TaskProgress(2 * n if plan.invert_blocks else n, f"shard {shard}")
     attrs = {**_root_attrs(run, plan, state, shard), "device": dist.describe_device(device)}
-    with store.ShardWriter(path, len(pos), attrs, compression=cfg.compression or None) as w:
+    with store.ShardWriter(path, n, attrs, compression=cfg.compression or None) as sw, \
+            store.BackgroundWriter(sw) as w:
         w.write("index", 0, pos.numpy(), dims=("image",), attrs={"what": f"position in the {plan.split} split"})
         w.write("images", 0, images.numpy(), dims=("image", "channel", "y", "x"),
                 attrs={"what": "the exact uint8 pixels fed to the network (before normalisation)"})
         w.write("label", 0, labels.numpy(), dims=("image",))
-        for start in range(0, len(pos), cfg.batch_size):
+        for start in range(0, n, cfg.batch_size):
             x = normalize(images[start:start + cfg.batch_size].to(device), state["mean"], state["std"])
-            logits, acts = dump_activations(model, x, plan.blocks)  # (b, K), {block: (b, C, h, w)}
+            with clock.part("forward"):
+                logits, acts = dump_activations(model, x, plan.blocks)  # (b, K), {block: (b, C, h, w)}
+                # to float16 on the device: half the bytes to copy, and torch converts ~5x faster than numpy
+                maps = {b: a.half().cpu().numpy() for b, a in acts.items()}
             w.write("logits", start, logits.cpu().numpy(), dims=("image", "class"))
             w.write("pred", start, logits.argmax(1).cpu().numpy(), dims=("image",))
-            _write_deconv(w, model, x, plan, start)
-            _write_inversions(w, model, x, plan, state, start)
-            for block, a in acts.items():
-                # to float16 on the device: half the bytes to copy, and torch converts ~5x faster than numpy;
-                # the writer counts the values that overflowed to inf (fp16_overflow)
-                w.write(f"act/{block}", start, a.half().cpu().numpy(), dims=("image", "channel", "y", "x"),
-                        dtype=np.float16, attrs={"block": block, "what": "output of the block (after its ReLU)"})
-    log.info("shard %d: %d images in %.1f s -> %s", shard, len(pos), time.perf_counter() - t0, path)
-    return str(path)
+            for block, a in maps.items():  # the writer counts the values that overflowed to inf (fp16_overflow)
+                w.write(f"act/{block}", start, a, dims=("image", "channel", "y", "x"), dtype=np.float16,
+                        attrs={"block": block, "what": "output of the block (after its ReLU)"})
+            with clock.part("deconv"):
+                _write_deconv(w, model, x, plan, start)
+            progress.update(start + len(x), f"forward and deconvnet, images {start + len(x)}/{n}", "forward")
+        for start in range(0, n if plan.invert_blocks else 0, inv):
+            x = normalize(images[start:start + inv].to(device), state["mean"], state["std"])
+
+            def step(k: int, steps: int, running: int, rows: int, start: int = start, b: int = len(x)) -> None:
+                progress.update(n + start + b * (1 - running / rows),
+                                f"inversion of images {start}-{start + b - 1} of {n}: step {k} of at most {steps}, "
+                                f"{running} of {rows} inversions still running", "inversion")
+            with clock.part("inversion"):
+                _write_inversions(w, model, x, plan, state, start, step, fast_forward=not baseline)
+    progress.close()
+    return {**clock.seconds, "write": w.seconds, "total": time.perf_counter() - t0}
 
 
 def collate(run: RunDir, plan: Plan | None) -> dict[str, Any]:

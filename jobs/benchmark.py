@@ -12,6 +12,9 @@
           and ResNet-20.
   placement  training images/s of the host and stream data placements vs device-resident, and the
           peak memory of a 2-process CPU job with each, against the packed file's size.
+  viz     the whole array task per image (load, forward, deconvnet, inversion, write) and the median
+          inversion error per block, on held-out images of a trained run (--run): the default vs
+          today's way (each task loads the whole split, 1000 Adam steps per inversion, no stopping).
   gpu     the GPU check: `pytest -m gpu`, then train (ResNet-18, 32 px, both stems), dump, deconv,
           invert and the whole visualization stage on CUDA; a table and results/benchmarks/gpu.json.
 

@@ -19,9 +19,11 @@ from hpcviz.data import (
     channel_stats,
     fingerprint,
     load_images,
+    load_rows,
     make_builtin,
     normalize,
     resize_images,
+    source_labels,
     split_indices,
 )
 from hpcviz.store import write_packed
@@ -247,6 +249,44 @@ def test_packed_source(tmp_path):
     path.write_bytes(b"not hdf5")
     with pytest.raises(DataError, match="not an HDF5 file"):
         load_images(str(path))
+
+
+@pytest.mark.parametrize("source", ["builtin:3", "packed", "packed16", "folder", "cifar10"])
+def test_rows_and_labels_without_loading_the_whole_source(tmp_path, monkeypatch, source):
+    """load_rows gives exactly load_images' rows, and source_labels its labels; the packed file at its own size
+    and the folder are read row by row (load_images is never called, only the asked files are decoded)."""
+    import hpcviz.data as data
+    if source.startswith("packed"):
+        src = make_builtin(3, 8, seed=1)
+        spec = str(tmp_path / "p.h5")
+        write_packed(spec, src.images.numpy(), src.labels.numpy(), src.classes, {"source": "builtin:3"})
+    elif source == "folder":
+        write_image_folder(tmp_path)
+        spec = str(tmp_path)
+    elif source == "cifar10":
+        write_fake_cifar(tmp_path)
+        spec = f"cifar10:{tmp_path}"
+    else:
+        spec = source
+    size = 16 if source == "packed16" else 8
+    whole = load_images(spec, image_size=size)
+    rows = [5, 0, 3, 3]
+    labels = source_labels(spec)
+    if source == "cifar10":
+        assert labels is None  # only known by reading the batches
+    else:
+        assert labels is not None and torch.equal(labels[0], whole.labels) and labels[1] == whole.classes
+    decoded = []
+    if source in ("packed", "folder"):
+        def refuse(*a, **k):
+            raise AssertionError("load_images called: the whole source was read")
+        monkeypatch.setattr(data, "load_images", refuse)
+        real = data._decode
+        monkeypatch.setattr(data, "_decode", lambda path, tvio: decoded.append(path) or real(path, tvio))
+    got = load_rows(spec, size, rows)
+    assert got.dtype == torch.uint8 and torch.equal(got, whole.images[rows])
+    assert len(decoded) == (4 if source == "folder" else 0)
+    assert load_rows(spec, size, []).shape == (0, 3, size, size)
 
 
 # ----------------------------------------------------------------------------- builtin

@@ -13,12 +13,12 @@ from hpcviz.deconv import (
     DeconvError,
     Deconvnet,
     _back,
-    _bn_op,
-    _conv_op,
     _run,
     _Tape,
+    bn_op,
     bn_scale,
     bn_transpose,
+    conv_op,
     conv_transpose,
     parse_paths,
     seed_signal,
@@ -139,7 +139,7 @@ def test_linear_chain_is_the_adjoint_of_its_forward():
     convs = [nn.Conv2d(3, 5, 3, 2, 1, bias=True), nn.Conv2d(5, 4, 1, 1, 0, bias=False),
              nn.Conv2d(4, 6, 3, 2, 2, dilation=2, bias=False)]
     bns = [randomise_bn(nn.Sequential(nn.BatchNorm2d(c)), seed=i)[0].eval() for i, c in enumerate((5, 4, 6))]
-    ops = [op for i, (c, b) in enumerate(zip(convs, bns)) for op in (_conv_op(c, f"c{i}"), _bn_op(b, f"b{i}"))]
+    ops = [op for i, (c, b) in enumerate(zip(convs, bns)) for op in (conv_op(c, f"c{i}"), bn_op(b, f"b{i}"))]
     ops = [op.__class__(op.kind, op.key, op.module.double()) for op in ops]
     x = torch.randn(2, 3, 11, 13, dtype=torch.float64)  # odd sizes: the output padding must come back
     tape = _Tape(upto="", input_shape=tuple(x.shape))

@@ -87,7 +87,7 @@ def test_summarize_empty_run(tmp_path):
 def test_render_tree_and_stats(tmp_path):
     paths = make_run(tmp_path / "run")
     out = text(render_tree(describe(paths[0])))
-    assert "act/" in out and "layer1.0  (4, 6, 4, 4) float16  dims image×channel×y×x  chunks (1, 6, 4, 4)" in out
+    assert "act/" in out and "layer1.0  (4, 6, 4, 4) float16  dims image×channel×y×x  chunks (4, 6, 4, 4)" in out
     assert "block = layer1.0" in out and "fp16_overflow = 0" in out and "class_names = [a, b]" in out
     assert "index  (4,) int64" in out and "(dimension scale)" in out and "dim 0 → index" in out
     out = text(render_tree(describe(tmp_path / "run" / "viz" / "viz.h5")))

@@ -85,7 +85,7 @@ def test_loss_decreases(net):
 
 
 def test_prior_none_reaches_small_error(net):
-    cfg = InversionConfig(steps=200, lr=0.1, prior="none", jitter=0)
+    cfg = InversionConfig(steps=200, prior="none")
     out = invert(net, images=images(2), blocks=["conv1", "layer1.1"], cfg=cfg, mean=MEAN, std=STD)
     for b, o in out.items():
         assert o["error"].shape == (2,)
@@ -96,7 +96,7 @@ def test_batched_equals_one_at_a_time_and_deterministic(net):
     # float64: in float32 oneDNN picks other kernels for a batch of 1 than of 3 on some CPUs, and 15
     # non-convex steps amplify their last-bit differences past any tight tolerance (seen: 2e-3)
     net = copy.deepcopy(net).double()
-    cfg = InversionConfig(steps=15, jitter=1)
+    cfg = InversionConfig(steps=15)
     x = images(3).double()
     blocks = ["conv1", "layer2.0"]
     batched = invert(net, images=x, blocks=blocks, cfg=cfg, mean=MEAN, std=STD)
@@ -122,7 +122,7 @@ def test_targets_give_the_same_result_as_images(net):
 
 
 def test_forced_divergence_raises_a_clear_error(net):
-    cfg = InversionConfig(steps=30, lr=1e8, clamp=False)
+    cfg = InversionConfig(solver="adam", steps=30, lr=1e8, clamp=False)
     with pytest.raises(InversionError) as e:
         invert(net, images=images(2), blocks=["layer1.0"], cfg=cfg, mean=MEAN, std=STD)
     msg = str(e.value)
@@ -135,7 +135,7 @@ def test_model_untouched_and_bad_arguments(net):
     net.train()
     try:
         with pytest.raises(InversionError):
-            invert(net, images=images(1), blocks=["conv1"], cfg=InversionConfig(steps=20, lr=1e8, clamp=False),
+            invert(net, images=images(1), blocks=["conv1"], cfg=InversionConfig(solver="adam", steps=20, lr=1e8, clamp=False),
                    mean=MEAN, std=STD)
         invert(net, images=images(1), blocks=["conv1"], cfg=InversionConfig(steps=2), mean=MEAN, std=STD)
         assert net.training

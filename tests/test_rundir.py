@@ -63,7 +63,8 @@ def test_bad_json_and_a_cut_short_metrics_line(tmp_path):
 def _plan(**kw) -> Plan:
     values = dict(config=VizConfig(images=4), checkpoint="checkpoints/last.pt", checkpoint_sha256="ab" * 32,
                   dataset_fingerprint="cd" * 32, split="val", blocks=["conv1"], deconv_blocks=[], paths=["both"],
-                  invert_blocks=[], invert_steps=0, prior="tv", fast=False, shards=[[1, 2], [3, 4]], n_images=4)
+                  invert_blocks=[], invert_steps=0, invert_target=0.05, invert_solver="lbfgs", prior="tv", fast=False, shards=[[1, 2], [3, 4]],
+                  n_images=4)
     return Plan(**{**values, **kw})
 
 

@@ -163,6 +163,11 @@ def test_viz_array_of_two_tasks_and_a_rerun_of_one(tmp_path):
     assert manifest["status"] == "done" and len(manifest["job_ids"]) == 1  # one array
     assert sorted(manifest["tasks"]) == [f"{manifest['job_ids'][0]}_0", f"{manifest['job_ids'][0]}_1"]
     first = store.read_shard(run / "viz" / "viz.h5")
+    for k in (0, 1):  # each task's log: progress lines, then its timing by part
+        log = (run / "logs" / f"{manifest['job_ids'][0]}_{k}_0_log.err").read_text()
+        assert f"shard {k}: forward and deconvnet, images" in log and "ETA" in log, log
+        assert re.search(rf"shard {k} done: 10 images in [\d.]+ s \(load [\d.]+, forward [\d.]+, deconv [\d.]+, "
+                         r"inversion [\d.]+, write [\d.]+ s\)", log), log
     # a lost shard: reported by collation, then the rerun submits only that one
     (run / "viz" / "shards" / "shard-00001.h5").unlink()
     summary = store.collate([run / "viz" / "shards" / f"shard-0000{i}.h5" for i in (0, 1)], run / "viz" / "viz.h5")

@@ -527,9 +527,8 @@ def test_shard_round_trip(tmp_path):
     assert got["act/layer1.0"][2, 0, 0, 0] == 65504.0 and np.isinf(got["act/layer1.0"][1, 0, 0, 0])
     assert got["images"].dtype == np.uint8 and got["logits"].dtype == np.float32
     with h5py.File(path, "r") as f:
-        for name in ("images", "act/layer1.0", "deconv/layer1.0/residual"):
-            assert f[name].chunks == (1, *f[name].shape[1:]) and f[name].compression is None
-        assert f["index"].chunks == (6,) and f["logits"].chunks == (6, 2)  # small rows: many per chunk
+        for name in ("images", "act/layer1.0", "deconv/layer1.0/residual", "index", "logits"):
+            assert f[name].chunks == f[name].shape and f[name].compression is None  # whole images, up to 1 MiB
         for name, dims in DIMS.items():
             assert tuple(d.label for d in f[name].dims) == dims
             assert name == "index" or list(f[name].dims[0].keys()) == ["index"]
@@ -771,7 +770,7 @@ def test_describe_shard(tmp_path):
     assert desc["attrs"]["notes"].endswith("(1000 chars)") and len(desc["attrs"]["notes"]) < 200
     assert desc["attrs"]["classes"][-1] == "... (100 items)" and len(desc["attrs"]["classes"]) == 9
     act = {o["name"]: o for o in desc["objects"]}["act/layer1.0"]
-    assert act["shape"] == (3, 5, 2, 2) and act["dtype"] == "float16" and act["chunks"] == (1, 5, 2, 2)
+    assert act["shape"] == (3, 5, 2, 2) and act["dtype"] == "float16" and act["chunks"] == (3, 5, 2, 2)
     assert act["dims"] == list(DIMS["act/layer1.0"]) and act["scales"][0] == ["index"]
     assert act["attrs"] == {"block": "layer1.0", "fp16_overflow": 0} and not act["is_virtual"]
     assert [o["name"] for o in desc["objects"]] == ["act", "act/layer1.0", "deconv", "deconv/layer1.0",
@@ -832,3 +831,50 @@ def test_h5_tools_read_shard_and_viz(tmp_path):
         r = subprocess.run(["h5dump", "-H", "-p", str(path)], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and "DIMENSION_LIST" in r.stdout and "H5T_IEEE_F32LE" in r.stdout, r.stderr
     assert "VIRTUAL" in r.stdout and "shards/shard-00001.h5" in r.stdout
+
+
+def test_chunks_hold_whole_images_of_about_one_mebibyte(tmp_path, monkeypatch):
+    from hpcviz.store import shards
+    monkeypatch.setattr(shards, "CHUNK_BYTES", 1000)
+    with ShardWriter(tmp_path / "s.h5", 10, {}) as w:
+        w.write("act/big", 0, np.zeros((10, 8, 8, 8), np.float16), dims=("image", "channel", "y", "x"))  # 1 KiB/image
+        w.write("act/small", 0, np.zeros((10, 4, 2, 2), np.float32), dims=("image", "channel", "y", "x"))  # 64 B
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert f["act/big"].chunks == (1, 8, 8, 8)  # never less than one image
+        assert f["act/small"].chunks == (10, 4, 2, 2)  # as many whole images as fit, at most the shard
+
+
+@pytest.mark.parametrize("compression", [None, "lzf"])
+def test_chunks_assembled_from_any_batches_read_back_exactly(tmp_path, monkeypatch, compression):
+    """Batches that split chunks, out of order, a rewrite of rows already on disk, a last partial chunk:
+    the file holds exactly the last value written to every row (uncompressed: chunks written whole)."""
+    from hpcviz.store import shards
+    monkeypatch.setattr(shards, "CHUNK_BYTES", 4 * 48)  # 4 images of 48 B per chunk
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((11, 3, 2, 2)).astype(np.float32)  # chunks: rows 0-3, 4-7, 8-10
+    expect = data.copy()
+    with ShardWriter(tmp_path / "s.h5", 11, {}, compression=compression) as w:
+        for a, b in ((6, 9), (0, 4), (9, 11), (4, 6), (1, 2)):  # the last rewrites row 1 of a chunk on disk
+            part = data[a:b] * (2 if (a, b) == (1, 2) else 1)
+            expect[a:b] = part
+            w.write("act/x", a, part, dims=("image", "channel", "y", "x"))
+        if compression is None:
+            assert not any(w._pending.values()) and w._flushed["act/x"] == {0, 1, 2}
+    got = read_shard(tmp_path / "s.h5", ["act/x"])["act/x"]
+    assert np.array_equal(got, expect)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert f["act/x"].chunks == (4, 3, 2, 2) and np.array_equal(f["act/x"][8:11], expect[8:11])
+
+
+def test_background_writer_overlaps_and_hands_errors_back(tmp_path):
+    from hpcviz.store import BackgroundWriter
+    path = tmp_path / "s.h5"
+    with ShardWriter(path, 4, {}) as w, BackgroundWriter(w, depth=2) as bw:
+        for k in range(4):
+            bw.write("index", k, np.array([k]), dims=("image",))
+    assert read_shard(path, ["index"])["index"].tolist() == [0, 1, 2, 3] and bw.seconds > 0
+    with pytest.raises(StoreError, match="rows"):  # an error of the thread comes back, and nothing is left
+        with ShardWriter(tmp_path / "t.h5", 2, {}) as w, BackgroundWriter(w) as bw:
+            bw.write("index", 5, np.array([1]), dims=("image",))
+            bw.close()
+    assert not (tmp_path / "t.h5").exists() and not list(tmp_path.glob("t.h5.tmp-*"))

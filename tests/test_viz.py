@@ -1,3 +1,6 @@
+import logging
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +10,7 @@ from hpcviz.activations import dump_activations
 from hpcviz.data import normalize
 from hpcviz.errors import InputError
 from hpcviz.launch import submit_array
+from hpcviz.log import LOGGER
 from hpcviz.models import from_checkpoint
 from hpcviz.rundir import RunDir
 from hpcviz.viz import VizConfig, VizError, balanced_sample, make_plan, plan_shards, run_shard
@@ -51,9 +55,18 @@ def write_run_plan(run, **kw):
     return plan
 
 
-def test_shard_holds_what_the_network_computes(trained):
+def test_shard_holds_what_the_network_computes(trained, caplog):
     plan = write_run_plan(trained)
-    path = run_shard(str(trained), 1)
+    logging.getLogger(LOGGER).addHandler(caplog.handler)  # run_shard sets up its own handlers: these stay
+    try:
+        path = run_shard(str(trained), 1)
+    finally:
+        logging.getLogger(LOGGER).removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(re.fullmatch(r"shard 1: inversion of images 0-5 of 6: step \d+ of at most 15, \d+ of 24 inversions "
+                            r"still running; .* ETA .*", line) for line in lines), lines
+    assert re.fullmatch(r"shard 1 done: 6 images in [\d.]+ s \(load [\d.]+, forward [\d.]+, deconv [\d.]+, "
+                        r"inversion [\d.]+, write [\d.]+ s\) -> .*shard-00001.h5", lines[-1]), lines[-1]
     data = store.read_shard(path)
     attrs = store.verify_shard(path, 6)
     assert attrs["arch"] == "resnet20" and attrs["shard"] == 1 and len(attrs["class_names"]) == 10
@@ -87,6 +100,14 @@ def test_shard_holds_what_the_network_computes(trained):
     phi, phi0 = inv_acts["layer2.2"].flatten(1), acts["layer2.2"].flatten(1)
     expected = ((phi - phi0).norm(dim=1) / phi0.norm(dim=1)).numpy()
     np.testing.assert_allclose(data["invert_error/layer2.2"], expected, rtol=1e-3, atol=1e-5)
+    for block in ("conv1", "layer1.2", "layer2.2", "layer3.2"):  # every block: error and steps agree with the rule
+        _, a = dump_activations(model, torch.from_numpy(data[f"invert/{block}"]), [block])
+        err = ((a[block] - acts[block]).flatten(1).norm(dim=1) / acts[block].flatten(1).norm(dim=1)).numpy()
+        np.testing.assert_allclose(data[f"invert_error/{block}"], err, rtol=1e-3, atol=1e-5)
+        steps = data[f"invert_steps/{block}"]
+        assert steps.dtype == np.int32 and ((steps >= 5) & (steps <= 15)).all()  # checked every 5 steps
+        assert ((err <= 0.05 + 1e-5) | (steps == 15)).all()  # short of the target: it ran every step
+        assert (steps[err > 0.05 + 1e-5] == 15).all() and ((steps == 15) | (err <= 0.05 + 1e-5)).all()
 
 
 def test_rerun_skips_done_shards_and_redoes_a_killed_one(trained, monkeypatch):

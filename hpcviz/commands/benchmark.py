@@ -76,6 +76,13 @@ def get_args_parser(add_help: bool = False) -> Parser:
     pl.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     pl.add_argument("--port", type=int, default=29611)
     pl.add_argument("--out", default="results/benchmarks")
+    z = sub.add_parser("viz", help="the whole array task per image: the default vs today's way (1000 Adam steps)")
+    z.add_argument("--run", required=True, help="a trained run: its held-out images are visualized")
+    z.add_argument("--images", type=int, default=16)
+    z.add_argument("--split", default="val", help="val (held out, default) | train")
+    z.add_argument("--batch-size", type=int, default=64)
+    z.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    z.add_argument("--out", default="results/benchmarks")
     g = sub.add_parser("gpu", help="the GPU check: pytest -m gpu and every benchmark on CUDA (< 8 min)")
     g.add_argument("--data", default="auto")
     g.add_argument("--viz-images", type=int, default=256, help="images through the whole visualization stage")
@@ -129,6 +136,7 @@ def run_train(args: argparse.Namespace) -> dict:
 def _raw_write(path: Path, arrays: list, repeats: int) -> float:
     """Seconds to write the same bytes as one plain file, fsync'ed: the baseline."""
     import os
+    path.unlink(missing_ok=True)  # a fresh file, as the shard writer's is (freeing the old blocks is not timed)
     t0 = time.perf_counter()
     with open(path, "wb") as f:
         for _ in range(repeats):
@@ -157,6 +165,7 @@ def run_dump(args: argparse.Namespace) -> dict:
         raws, shards = [], []
         for _ in range(args.repeats):  # interleaved, so both see the same state of the disk and cache
             raws.append(_raw_write(tmp / "raw.bin", list(blocks.values()), repeats))
+            (tmp / f"shard-{comp or 'none'}.h5").unlink(missing_ok=True)
             t0 = time.perf_counter()
             with ShardWriter(tmp / f"shard-{comp or 'none'}.h5", n, {"bench": True}, compression=comp) as w:
                 for r in range(repeats):
@@ -234,6 +243,22 @@ def run_deconv(args: argparse.Namespace) -> dict:
           f"Captum-style {r['baseline_ms_per_image']:.1f} ms/image, speed-up {r['speedup']:.1f}x "
           f"(max relative difference {r['max_rel_diff_vs_baseline']:.1e})")
     return {"deconv": r}
+
+
+def run_viz(args: argparse.Namespace) -> dict:
+    from ..bench import bench_viz
+    r = bench_viz(Path(args.run), Path(args.out) / "viz-tmp", args.images, args.split, args.device, args.batch_size)
+    for method in ("baseline", "default"):
+        m = r[method]
+        s = m["seconds_per_image"]
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k != "total")
+        print(f"viz {r['arch']} on {r['device']}, {r['images']} {r['split']} images, {method}: "
+              f"{s['total']:.2f} s/image ({parts})")
+        print("  median inversion error: " + ", ".join(f"{b} {e:.3f} ({m['mean_steps'][b]:.0f} steps)"
+                                                     for b, e in m["median_error"].items()))
+    print(f"viz: the default is {r['ratio']:.1f}x faster per image than the baseline "
+          f"(inversion alone {r['inversion_ratio']:.1f}x)")
+    return {"viz": r}
 
 
 def run_placement(args: argparse.Namespace) -> dict:
@@ -318,7 +343,7 @@ def _print_gpu_table(out: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     setup_logging()
     result = {"train": run_train, "dump": run_dump, "deconv": run_deconv, "invert": run_invert,
-              "placement": run_placement, "gpu": run_gpu}[args.bench](args)
+              "placement": run_placement, "gpu": run_gpu, "viz": run_viz}[args.bench](args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.bench}-{time.strftime('%Y%m%d-%H%M%S')}.json"

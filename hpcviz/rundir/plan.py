@@ -16,7 +16,7 @@ from ..config import VizConfig, config_from_dict, config_to_dict
 
 # what a shard must agree with to be this plan's (each is also a root attr of every shard)
 SHARD_KEYS = ("checkpoint_sha256", "dataset_fingerprint", "split", "blocks", "deconv_blocks", "paths",
-              "invert_blocks", "invert_steps", "prior", "fast")
+              "invert_blocks", "invert_steps", "invert_target", "invert_solver", "prior", "fast")
 
 
 @dataclass
@@ -30,7 +30,9 @@ class Plan:
     deconv_blocks: list[str]
     paths: list[str]
     invert_blocks: list[str]
-    invert_steps: int                 # 0 = the inversion's default
+    invert_steps: int                 # at most; 0 = the inversion's default
+    invert_target: float              # an inversion stops at this relative error (0: never)
+    invert_solver: str                # lbfgs | adam
     prior: str
     fast: bool
     shards: list[list[int]]           # positions in the split, one list per array task

@@ -28,9 +28,18 @@ from ._common import StoreError, atomic_path
 from .collation import AGREE_ATTRS, VIZ_FORMAT, collate
 from .inspection import dataset_stats, describe, read_image
 from .packed import PACKED_FORMAT, PackedReader, PackedWriter, fingerprint_blocks, read_packed, write_packed
-from .shards import COMPRESSIONS, SHARD_FORMAT, ShardWriter, list_datasets, read_attrs, read_shard, verify_shard
+from .shards import (
+           COMPRESSIONS,
+           SHARD_FORMAT,
+           BackgroundWriter,
+           ShardWriter,
+           list_datasets,
+           read_attrs,
+           read_shard,
+           verify_shard,
+)
 
 __all__ = ["StoreError", "PACKED_FORMAT", "write_packed", "read_packed", "PackedWriter", "PackedReader",
-           "fingerprint_blocks", "AGREE_ATTRS", "COMPRESSIONS",
+           "fingerprint_blocks", "AGREE_ATTRS", "COMPRESSIONS", "BackgroundWriter",
            "atomic_path", "SHARD_FORMAT", "VIZ_FORMAT", "ShardWriter", "verify_shard", "read_shard",
            "list_datasets", "read_attrs", "collate", "describe", "dataset_stats", "read_image"]
