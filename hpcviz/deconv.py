@@ -243,10 +243,6 @@ class _Tape:
         return out
 
 
-def _run(ops: list[Op], h: torch.Tensor, tape: _Tape) -> torch.Tensor:
-    return apply(ops, h, tape)
-
-
 def _back(ops: list[Op], g: torch.Tensor, tape: _Tape) -> torch.Tensor:
     skip = False
     for i in range(len(ops) - 1, -1, -1):

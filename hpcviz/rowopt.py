@@ -234,7 +234,7 @@ def _lbfgs(fun: Fun, value_grad: ValueGrad, x0: torch.Tensor, cfg: RowOptConfig,
         gd = (gf * direction).sum(1)
         bad = gd >= 0  # not a descent direction (a poor history): steepest descent this once
         direction[bad], gd[bad] = -gf[bad], -(gf[bad] * gf[bad]).sum(1)
-        z_new, fn, gn, en, moved = _armijo(evaluate, project, z, rows, f, gd, direction)
+        z_new, fn, gn, en, moved = _armijo(evaluate, project, z, rows, (f, g, err), gd, direction)
         hist.push(z_new - z, gn - g, moved)
         z, f, g, err = z_new, fn, gn, en
         stop.record(rows, step, f)
@@ -260,13 +260,15 @@ def free_variables(z: torch.Tensor, g: torch.Tensor, lo: torch.Tensor | None, hi
     return (~(((z <= lo) & (g > 0)) | ((z >= hi) & (g < 0)))).to(z.dtype)
 
 
-def _armijo(evaluate: Callable, project: Callable, z: torch.Tensor, rows: torch.Tensor, f: torch.Tensor,
-            gd: torch.Tensor, direction: torch.Tensor, c1: float = 1e-4, tries: int = 12):
+def _armijo(evaluate: Callable, project: Callable, z: torch.Tensor, rows: torch.Tensor,
+            at_z: tuple[torch.Tensor, torch.Tensor, torch.Tensor], gd: torch.Tensor, direction: torch.Tensor,
+            c1: float = 1e-4, tries: int = 12):
     """Per row, the largest t in 1, 1/2, 1/4, ... with f(P(z + t d)) <= f + c1 t g.d (P: the projection onto
-    the box); each try evaluates only the rows still looking. Rows that find none stay where they are.
-    Returns (the new z, its f, gradient and err, which rows moved)."""
+    the box); each try evaluates only the rows still looking. at_z: (f, gradient, err) at z. Rows that find
+    none stay where they are, with those. Returns (the new z, its f, gradient and err, which rows moved)."""
+    f = at_z[0]
     t = torch.ones(len(rows), device=z.device)
-    z_new, fn, gn, en = z.clone(), f.clone(), torch.zeros_like(z), torch.zeros_like(f)
+    z_new, fn, gn, en = z.clone(), f.clone(), at_z[1].clone(), at_z[2].clone()
     pending = torch.ones(len(rows), dtype=torch.bool, device=z.device)
     for _ in range(tries):
         idx = pending.nonzero().flatten()
@@ -279,8 +281,4 @@ def _armijo(evaluate: Callable, project: Callable, z: torch.Tensor, rows: torch.
         t[idx[~ok]] *= 0.5
         if not pending.any():
             break
-    if pending.any():  # no decrease found: stay, with the gradient where we are
-        idx = pending.nonzero().flatten()
-        f2, g2, e2 = evaluate(z[idx], rows[idx])
-        fn[idx], gn[idx], en[idx] = f2, g2, e2
     return z_new, fn, gn, en, ~pending

@@ -13,8 +13,8 @@ from hpcviz.deconv import (
     DeconvError,
     Deconvnet,
     _back,
-    _run,
     _Tape,
+    apply,
     bn_op,
     bn_scale,
     bn_transpose,
@@ -144,7 +144,7 @@ def test_linear_chain_is_the_adjoint_of_its_forward():
     x = torch.randn(2, 3, 11, 13, dtype=torch.float64)  # odd sizes: the output padding must come back
     tape = _Tape(upto="", input_shape=tuple(x.shape))
     with torch.no_grad():
-        fx = _run(ops, x, tape) - _run(ops, torch.zeros_like(x), tape)  # the linear part
+        fx = apply(ops, x, tape) - apply(ops, torch.zeros_like(x), tape)  # the linear part
         y = torch.randn_like(fx)
         back = _back(ops, y, tape)
     assert back.shape == x.shape

@@ -29,14 +29,14 @@ from .collation import AGREE_ATTRS, VIZ_FORMAT, collate
 from .inspection import dataset_stats, describe, read_image
 from .packed import PACKED_FORMAT, PackedReader, PackedWriter, fingerprint_blocks, read_packed, write_packed
 from .shards import (
-           COMPRESSIONS,
-           SHARD_FORMAT,
-           BackgroundWriter,
-           ShardWriter,
-           list_datasets,
-           read_attrs,
-           read_shard,
-           verify_shard,
+    COMPRESSIONS,
+    SHARD_FORMAT,
+    BackgroundWriter,
+    ShardWriter,
+    list_datasets,
+    read_attrs,
+    read_shard,
+    verify_shard,
 )
 
 __all__ = ["StoreError", "PACKED_FORMAT", "write_packed", "read_packed", "PackedWriter", "PackedReader",
