@@ -23,6 +23,7 @@ from . import __version__, checkpoint, figures, report, store
 from .config import AggregateConfig, config_to_dict
 from .errors import InputError
 from .files import check_space, write_bytes
+from .report import Fixed
 from .rundir import RunDir, now
 from .viz import collate
 
@@ -56,9 +57,11 @@ def _task_states(run: RunDir, shards: list[int]) -> dict[int, str]:
                                                       "or purged") for s, tid in latest.items()}
 
 
-def collate_run(run: RunDir) -> dict[str, Any]:
-    """viz.collate, with each missing shard's array task state (SLURM) added to its reason."""
-    summary = collate(run, run.plan())
+def collate_run(run: RunDir, cfg: AggregateConfig | None = None) -> dict[str, Any]:
+    """viz.collate (with the dataset examples' projections when `cfg` asks for them), with each missing
+    shard's array task state (SLURM) added to its reason."""
+    summary = collate(run, run.plan(), project=bool(cfg and cfg.projections),
+                      device=cfg.projection_device if cfg else "auto")
     states = _task_states(run, sorted(summary["missing"]))
     summary["missing"] = {k: v + (f" ({states[k]})" if k in states else "") for k, v in summary["missing"].items()}
     return summary
@@ -78,11 +81,19 @@ class _Figures:
         self.meta, self.dpi = meta, dpi
         self.png: dict[str, bytes] = {}
         self.caption: dict[str, str] = {}
+        self.linked: set[str] = set()
 
-    def add(self, name: str, fig: Any, caption: str) -> tuple:
+    def add(self, name: str, fig: Any, caption: str, dpi: int | None = None) -> tuple:
         rel = f"figures/{name}.png"
-        self.png[rel], self.caption[rel] = _png(fig, self.meta, self.dpi), caption
+        self.png[rel], self.caption[rel] = _png(fig, self.meta, dpi or self.dpi), caption
         return ("fig", rel, caption)
+
+    def link(self, name: str, fig: Any, text: str, dpi: int | None = None) -> tuple[str, str]:
+        """A figure written to figures/ and linked from the report, never embedded (a block's full grid)."""
+        rel = f"figures/{name}.png"
+        self.png[rel] = _png(fig, self.meta, dpi or self.dpi)
+        self.linked.add(rel)
+        return (text, rel)
 
 
 def _training_blocks(inp: dict[str, Any], figs: _Figures, tables: dict) -> list[tuple]:
@@ -106,7 +117,10 @@ def _training_blocks(inp: dict[str, Any], figs: _Figures, tables: dict) -> list[
         doc.append(figs.add("training_curves", figures.training_curves(metrics),
                             "Loss and accuracy per epoch, train (solid) and validation (dashed)."))
     else:
-        doc.append(("warn", "no epoch finished: metrics.jsonl is missing or empty"))
+        doc.append(("p", f"Not trained here: the weights were imported from {man.imported_from} (sha256 "
+                         f"{man.imported_sha256}) with jobs/import_model.py; the parameters above are the "
+                         "recorded defaults, not how the model was trained.") if man.imported_from
+                   else ("warn", "no epoch finished: metrics.jsonl is missing or empty"))
     return doc
 
 
@@ -201,6 +215,62 @@ def _inversion_blocks(path: Path, names: list[str], cfg: AggregateConfig, figs: 
     return doc
 
 
+_EXAMPLES_TEXT = (
+    "For every channel of every block: the {k} images of the {n} visualized whose activation peaks highest "
+    "(anywhere in the map), as in Zeiler & Fergus 2014, Fig. 2. Each row is one channel: on the left the input "
+    "patches under the receptive field of the peak (grey-blue where the field leaves the image), on the right "
+    "each peak alone projected back to the pixels by the deconvnet (each tile scaled on its own). The bar is "
+    "the channel's class selectivity (mu_max - mu_rest) / (mu_max + mu_rest) of its mean activation per class, "
+    "0 = the same for every class, 1 = one class only, with the class it prefers. Shown: the {m} most "
+    "class-selective channels of each block; every block's full grid is linked below.")
+
+
+def _example_blocks(viz: dict[str, Any], cfg: AggregateConfig, figs: _Figures, tables: dict) -> list[tuple]:
+    doc: list[tuple] = [("h", 2, "7. What the channels respond to")]
+    path = viz["path"]
+    names = set(store.list_datasets(path)) if path is not None else set()
+    blocks = [n[len("selectivity/"):] for n in sorted(names) if n.startswith("selectivity/")]
+    if not blocks:
+        return doc + [("p", "No dataset examples were computed (--topk 0, or no shard holds images).")]
+    attrs = store.read_attrs(path)
+    order = {b: i for i, b in enumerate(attrs.get("blocks", blocks))}
+    blocks.sort(key=lambda b: order.get(b, len(order)))
+    classes = list(attrs.get("class_names", []))
+    head = store.read_shard(path, [f"topk/{blocks[0]}/index", "class_count"])
+    k, n = head[f"topk/{blocks[0]}/index"].shape[1], int(head["class_count"].sum())
+    doc.append(("p", _EXAMPLES_TEXT.format(k=k, n=n, m=cfg.example_channels)))
+    if viz["missing"]:
+        doc.append(("warn", f"the top-{k} lists are over the {n} images of the shards present; "
+                            f"{len(viz['missing'])} shard(s) are missing, so they are INCOMPLETE"))
+    projected = any(name.startswith("examples/") for name in names)
+    if not projected:
+        doc.append(("warn", "no projections in viz.h5 (aggregated with --no-projections): the lists and "
+                            "selectivities only"))
+    rows, links = [], []
+    for block in blocks:
+        data = store.read_shard(path, [f"selectivity/{block}", f"selective_class/{block}", f"topk/{block}/value"]
+                                + ([f"examples/{block}/patch", f"examples/{block}/deconv"] if projected else []))
+        sel, top = data[f"selectivity/{block}"], data[f"selective_class/{block}"]
+        best = np.argsort(-np.nan_to_num(sel, nan=-1.0), kind="stable")[:cfg.example_channels]
+        for c in best:
+            name = classes[int(top[c])] if 0 <= int(top[c]) < len(classes) else str(int(top[c]))
+            peak = float(data[f"topk/{block}/value"][c, 0])
+            rows.append([block, int(c), name, Fixed(float(sel[c]), 3), Fixed(peak, 3)])
+        if projected:
+            patch, deconv = data[f"examples/{block}/patch"], data[f"examples/{block}/deconv"]
+            doc.append(figs.add(f"examples_{block}", figures.examples_grid(
+                patch[best], deconv[best], best, sel[best], top[best], classes, block),
+                f"{block}: its {len(best)} most class-selective channels.", dpi=100))
+            every = np.arange(len(sel))
+            links.append(figs.link(f"examples_{block}_all", figures.examples_grid(
+                patch, deconv, every, sel, top, classes, block), f"{block} ({len(sel)} channels)", dpi=100))
+    tables["class_selectivity"] = (["block", "channel", "class", "selectivity", "top activation"], rows)
+    doc.append(("table", *tables["class_selectivity"]))
+    if links:
+        doc.append(("links", "Every channel of each block (full grids):", links))
+    return doc
+
+
 def _pipeline_blocks(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
     man = inp["manifest"]
     rows = []
@@ -209,7 +279,7 @@ def _pipeline_blocks(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
         ids = getattr(s, "job_ids", None) or ([s.job_id] if s.job_id else [])
         status = "running (this report)" if stage == "aggregate" else (s.status or "not run")
         rows.append([stage, status, ", ".join(map(str, ids)), s.updated])
-    doc: list[tuple] = [("h", 2, "7. Pipeline"), ("table", ["stage", "status", "job id(s)", "updated"], rows)]
+    doc: list[tuple] = [("h", 2, "8. Pipeline"), ("table", ["stage", "status", "job id(s)", "updated"], rows)]
     if viz["n_shards"]:
         shard_rows = [[f"shard-{s:05d}.h5", viz["sizes"][s], "missing" if s in viz["missing"] else "present",
                        viz["missing"].get(s, "")] for s in range(viz["n_shards"])]
@@ -237,7 +307,7 @@ def _warnings(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
 def build_report(run: RunDir, cfg: AggregateConfig) -> dict[str, Any]:
     """Everything of the report in memory: {doc, figures, tables, viz, meta}."""
     inp = read_inputs(run)
-    viz = collate_run(run)
+    viz = collate_run(run, cfg)
     name = run.path.resolve().name
     viz_config = {"viz": inp["plan"].to_dict()["config"]} if inp["plan"] else {}
     meta = {"run": name, "config": {**inp["config"], **viz_config, "aggregate": config_to_dict(cfg)},
@@ -251,7 +321,8 @@ def build_report(run: RunDir, cfg: AggregateConfig) -> dict[str, Any]:
             ("p", f"Checkpoint sha256 {ev.get('checkpoint_sha256') or 'unknown'}; dataset fingerprint "
                   f"{inp['manifest'].train.dataset_fingerprint or 'unknown'}.")]
     doc = head + _warnings(inp, viz) + _training_blocks(inp, figs, tables) + _accuracy_blocks(inp, figs, tables) \
-        + _filter_blocks(run, figs) + _viz_blocks(viz, cfg, figs, tables) + _pipeline_blocks(inp, viz) \
+        + _filter_blocks(run, figs) + _viz_blocks(viz, cfg, figs, tables) + _example_blocks(viz, cfg, figs, tables) \
+        + _pipeline_blocks(inp, viz) \
         + [("h", 2, "Appendix: configuration"), ("pre", json.dumps(meta["config"], indent=2, sort_keys=True))]
     return {"doc": doc, "figures": figs.png, "tables": tables, "viz": viz, "meta": meta}
 

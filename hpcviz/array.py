@@ -15,6 +15,7 @@ from typing import Any
 import submitit
 
 from . import viz
+from .collation import plan_parts, project_part, stale_parts
 from .config import LaunchConfig, VizConfig
 from .launch import LaunchError, make_executor, stage_launch, submit_array, wait_result
 from .rundir import RunDir, RunLock
@@ -44,16 +45,45 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False, loc
     run.write_plan(plan)
     run.write_config("viz", plan.to_dict()["config"])
     log.info("%d images in %d shards; %d to do", plan.n_images, len(plan.shards), len(todo))
-    out: dict[str, Any] = {"plan": plan, "todo": todo, "ids": [], "failed": [], "collation": None}
+    out: dict[str, Any] = {"plan": plan, "todo": todo, "ids": [], "failed": [], "collation": None,
+                           "projection_ids": [], "projection_failed": []}
     run.update("viz", status="done" if not todo else "submitted", cluster=launch.cluster, n_shards=len(plan.shards),
                n_images=plan.n_images, planned=plan.planned, error="", missing_shards=[])
     if ex is not None:
         out["ids"], jobs = submit_shards(run, ex, viz.run_shard, todo, launch, lock)
         if launch.cluster == "slurm" and not launch.wait:
+            parts = len(plan_parts(run, plan))
+            if parts:  # the second array, after the first; aggregation computes what it leaves undone
+                pex = make_executor(launch, run.logs, f"hpcviz-project-{run.path.resolve().name}")
+                pex.update_parameters(slurm_additional_parameters={**launch.extra, "dependency": "afterany:"
+                                                                   + ":".join(out["ids"])})
+                out["projection_ids"], _ = submit_projections(run, pex, list(range(parts)), launch, lock)
             return out
         out["failed"] = wait_all(jobs, todo, launch)
     out["collation"] = finish(run, plan, figures)
+    if plan.topk and out["collation"]["path"] is not None:
+        stale = stale_parts(run, plan)
+        if stale:  # the second array: the projections of every channel's top images, then collate again
+            pex = make_executor(launch, run.logs, f"hpcviz-project-{run.path.resolve().name}")
+            out["projection_ids"], jobs = submit_projections(run, pex, stale, launch, lock)
+            out["projection_failed"] = wait_all(jobs, stale, launch, what="projection part")
+            out["collation"] = finish(run, plan, figures=False)
     return out
+
+
+def submit_projections(run: RunDir, ex: submitit.Executor, parts: list[int], launch: LaunchConfig,
+                       lock: RunLock | None) -> tuple[list[str], list[submitit.Job]]:
+    """The projection array (hpcviz.collation.project_part): one task per part; the manifest and the lock
+    learn its ids."""
+    with _cores_shared(len(parts) if launch.cluster == "local" else 1):
+        jobs = submit_array(ex, project_part, str(run.path), parts, launch.cluster, launch.throttle)
+    ids = sorted({str(j.job_id).split("_")[0] for j in jobs}, key=lambda i: int(i) if i.isdigit() else 0)
+    if lock is not None:
+        lock.add_jobs([str(j.job_id) for j in jobs] if launch.cluster == "local" else ids, launch.cluster,
+                      array=launch.cluster == "slurm")
+    run.update("viz", lambda rec: {"projection_ids": [*rec.projection_ids, *ids]})
+    log.info("projections: %d part(s) submitted (%s)", len(parts), ", ".join(ids))
+    return ids, jobs
 
 
 def submit_shards(run: RunDir, ex: submitit.Executor, fn: Any, shards: list[int], launch: LaunchConfig,
@@ -99,14 +129,14 @@ def _cores_shared(concurrent: int) -> Iterator[None]:
             os.environ[THREADS_VAR] = before
 
 
-def wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig) -> list[str]:
+def wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig, what: str = "shard") -> list[str]:
     """One line per task that failed: 'shard K: why' (the task's own error, first line)."""
     failed = []
     for job, shard in zip(jobs, shards):
         try:
             wait_result(job, launch)
         except Exception as e:  # LaunchError, JobRefused: either way the shard's cause, in one line
-            failed.append(f"shard {shard}: {str(e).splitlines()[0]}")
+            failed.append(f"{what} {shard}: {str(e).splitlines()[0]}")
     return failed
 
 

@@ -221,8 +221,10 @@ def _path_forward(block: tvr.BasicBlock | tvr.Bottleneck, path: str) -> Callable
     return forward
 
 
-def captum_style_deconv(model: torch.nn.Module, x: torch.Tensor, block: str, path: str) -> torch.Tensor:
-    """Baseline: one full forward + backward per (block, path), ReLU backward replaced by ReLU-of-gradient."""
+def captum_style_deconv(model: torch.nn.Module, x: torch.Tensor, block: str, path: str,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Baseline: one full forward + backward per (block, path), ReLU backward replaced by ReLU-of-gradient;
+    seeded with the block's activation (times `mask`, when given: e.g. one position of one channel)."""
     import copy
 
     from .activations import block_modules
@@ -238,7 +240,8 @@ def captum_style_deconv(model: torch.nn.Module, x: torch.Tensor, block: str, pat
     try:
         xx = x.detach().clone().requires_grad_(True)
         m(xx)  # the full network, as Captum runs it
-        (grad,) = torch.autograd.grad(box["a"], xx, grad_outputs=box["a"].detach())
+        seed = box["a"].detach() if mask is None else box["a"].detach() * mask
+        (grad,) = torch.autograd.grad(box["a"], xx, grad_outputs=seed)
     finally:
         handle.remove()
     return grad

@@ -229,6 +229,8 @@ class VizConfig:
                                       "all | none | names")
     paths: list[str] = option(factory=lambda: list(PATHS), help=f"deconvnet paths at residual blocks: "
                               f"{', '.join(PATHS)}")
+    topk: int = option(9, "dataset examples: the images kept per channel of every dumped block, those of its "
+                       "largest spatial-max activation (0 = none)", unit="images")
     invert_blocks: list[str] = option(factory=lambda: ["default"], help="blocks to invert: default (conv1 + "
                                       "each stage's last block) | all | none | names")
     invert_steps: int = option(0, "at most this many optimisation steps per inversion (0 = the inversion's "
@@ -251,7 +253,8 @@ class VizConfig:
     def validate(self, prefix: str = "") -> VizConfig:
         """`prefix`: how the shared flags are spelt in this command (the pipeline's --viz-batch-size)."""
         _checks(self, {"images": (1, None), "tasks": (1, None), "per_task": (1, None), "batch_size": (1, None),
-                       "invert_steps": (0, None), "invert_target": (0, 1), "invert_batch_size": (0, None)}, prefix)
+                       "invert_steps": (0, None), "invert_target": (0, 1), "invert_batch_size": (0, None),
+                       "topk": (0, None)}, prefix)
         if any(i < 0 for i in self.indices):
             raise ConfigError(f"--indices {min(self.indices)}: positions start at 0; hint: --indices 0,1,2")
         bad = [p for p in self.paths if p not in PATHS]
@@ -268,11 +271,17 @@ class AggregateConfig:
     images: int = option(3, "images shown in the feature-map and deconvnet figures", flag="--report-images")
     invert_images: int = option(4, "images in the inversion figure")
     channels: int = option(8, "strongest channels per block in the feature-map figures")
+    example_channels: int = option(4, "most class-selective channels per block shown in the dataset-examples "
+                                   "section (every block's full grid is linked)")
+    projections: bool = option(True, "project each channel's top activations with the deconvnet (cached in "
+                               "viz/examples.h5)", flag="--no-projections")
+    projection_device: str = option("auto", "where the projections are computed", choices=DEVICES)
     embed: bool = option(True, "report.html embeds its figures (self-contained)", flag="--no-embed")
     dpi: int = option(100, "PNG resolution", unit="dots per inch", cli=False)
 
     def validate(self) -> AggregateConfig:
-        _checks(self, {"images": (1, None), "invert_images": (1, None), "channels": (1, None), "dpi": (10, None)})
+        _checks(self, {"images": (1, None), "invert_images": (1, None), "channels": (1, None), "dpi": (10, None),
+                       "example_channels": (1, None)})
         return self
 
 
@@ -342,3 +351,92 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any]) -> C:
 
 def dumps(cfg: Any) -> str:
     return json.dumps(config_to_dict(cfg), indent=2, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------ importing
+NORMALIZATIONS = ("imagenet", "data", "custom")
+# torchvision's ImageNet statistics, on the [0, 1] scale: what the weights of torchvision.models expect
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Triple = tuple[float, float, float]
+
+
+def _train_option(name: str, **changes: Any) -> Any:
+    """TrainConfig's option `name` (default, help, flag, unit, choices), with `changes`: an option that means the
+    same in both commands is defined once, and an imported run records the keys a trained run has."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    meta = {**f.metadata, "default": f.default, **changes}
+    return option(meta["default"], meta["help"], flag=meta["flag"], unit=meta["unit"], choices=meta["choices"])
+
+
+def _triple(flag: str, text: str, low: float, low_open: bool) -> Triple:
+    """'R,G,B' as three floats on the [0, 1] scale (above `low` when low_open); one ConfigError line otherwise."""
+    try:
+        r, g, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: three comma-separated numbers R,G,B on the [0, 1] scale expected; "
+                          f"hint: e.g. {flag} {','.join(map(str, IMAGENET_MEAN if flag == '--mean' else IMAGENET_STD))}"
+                          ) from None
+    for v in (r, g, b):
+        if not (low < v if low_open else low <= v) or not v <= 1:  # NaN fails both
+            raise ConfigError(f"{flag} {text}: each value must be in {'(' if low_open else '['}{low:g}, 1] (the "
+                              "[0, 1] pixel scale, not 0..255); hint: divide 0..255 statistics by 255")
+    return r, g, b
+
+
+@dataclass
+class ImportConfig:
+    weights: str = option("", "the state dict to import, in torchvision's layout: plain, or under a 'state_dict' or "
+                          "'model' entry; 'module.' prefixes (DataParallel) are dropped")
+    arch: str = _train_option("arch")
+    stem: str = _train_option("stem")
+    data: str = _train_option("data", help=f"the data the model classifies: its classes, and the validation split "
+                              f"carved as training would: {DATA_HELP}")
+    image_size: int = _train_option("image_size")
+    val_fraction: float = _train_option("val_fraction")
+    split_seed: int = _train_option("split_seed")
+    skip_bad: bool = _train_option("skip_bad")
+    download: bool = _train_option("download")
+    normalize: str = option("imagenet", "the input normalisation the weights expect: imagenet = torchvision's "
+                            "mean/std (its pretrained weights); data = the training split's statistics, as training "
+                            "computes them (weights trained by hpcviz); custom = --mean and --std",
+                            choices=NORMALIZATIONS)
+    mean: str = option("", "--normalize custom: per-channel mean R,G,B on the [0, 1] scale, e.g. 0.5,0.5,0.5")
+    std: str = option("", "--normalize custom: per-channel std R,G,B on the [0, 1] scale, e.g. 0.25,0.25,0.25")
+    evaluate: bool = option(True, "evaluate on the validation and training splits (eval.json), as training does at "
+                            "its end", flag="--no-eval")
+    device: str = option("auto", "where to evaluate", choices=DEVICES)
+    eval_batch_size: int = _train_option("eval_batch_size")
+    run_dir: str = option("", "the run directory to make (it must not hold a run yet)", flag="--run")
+
+    def stats(self) -> tuple[Triple, Triple] | None:
+        """(mean, std) of --normalize imagenet or custom; None for data (the training split's, computed then)."""
+        if self.normalize != "custom":
+            if self.mean or self.std:
+                raise ConfigError(f"--mean/--std with --normalize {self.normalize}: they are read only with "
+                                  "--normalize custom; hint: add --normalize custom, or drop them")
+            return (IMAGENET_MEAN, IMAGENET_STD) if self.normalize == "imagenet" else None
+        if not (self.mean and self.std):
+            raise ConfigError("--normalize custom needs --mean and --std; hint: e.g. --mean 0.5,0.5,0.5 "
+                              "--std 0.25,0.25,0.25")
+        return _triple("--mean", self.mean, 0.0, False), _triple("--std", self.std, 0.0, True)
+
+    def train_config(self) -> TrainConfig:
+        """The "train" config the imported run records: every TrainConfig key, this request's values where they
+        mean the same, training's defaults elsewhere; `init` names the weights and `recipe` says 'import' (the
+        report's training table shows it), since no epoch ran here."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(self, f.name)}
+        return TrainConfig(**shared, init=self.weights, recipe="import").validate()
+
+    def validate(self) -> ImportConfig:
+        _checks(self, {"eval_batch_size": (1, None)})
+        for flag, value in (("--weights", self.weights), ("--run", self.run_dir)):
+            if not value:
+                raise ConfigError(f"{flag}: required; hint: python jobs/import_model.py --weights FILE --arch "
+                                  "resnet50 --data SOURCE --run DIR")
+        if not os.path.isfile(self.weights):
+            raise ConfigError(f"--weights {self.weights}: no such file; hint: save one with "
+                              "torch.save(model.state_dict(), FILE)")
+        self.stats()
+        self.train_config()  # the options shared with training, checked as training checks them
+        return self

@@ -311,6 +311,23 @@ class Deconvnet:
         self._tape = tape
         return {n: a.float() for n, a in tape.acts.items()}
 
+    def activations(self, block: str) -> torch.Tensor:
+        """`block`'s activation (B, C, h, w) of the last forward (after `take`, its rows)."""
+        return self._need_tape(block).acts[block]
+
+    def take(self, rows: torch.Tensor) -> None:
+        """Make the last forward's tape that of the forward of x[rows] (rows may repeat), without running it
+        again: the projections of many channels' top images forward each image once."""
+        tape = self._need_tape(self._tape.upto if self._tape is not None else self.blocks[-1])
+        n = len(rows)
+        rows = rows.to(next(iter(tape.acts.values())).device)
+        tape.acts = {k: a[rows] for k, a in tape.acts.items()}
+        tape.shapes = {k: (n, *s[1:]) for k, s in tape.shapes.items()}
+        tape.input_shape = (n, *tape.input_shape[1:])
+        if tape.pool_indices is not None:
+            tape.pool_indices = tape.pool_indices[rows]
+            tape.pool_input_shape = (n, *tape.pool_input_shape[1:])
+
     # --- backward -----------------------------------------------------------------------------
     def _need_tape(self, block: str) -> _Tape:
         i = self._check_block(block)

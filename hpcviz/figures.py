@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["image_grid", "filter_grid", "feature_maps", "order_channels", "deconv_panel", "inversion_panel",
-           "training_curves", "class_accuracy", "confusion_matrix", "block_maps"]
+           "training_curves", "class_accuracy", "confusion_matrix", "block_maps", "example_montage", "examples_grid"]
 
 _SHAPES = "(3, H, W) or (N, 3, H, W) RGB images, or (C, h, w) feature maps"
 
@@ -283,4 +283,67 @@ def block_maps(image: np.ndarray, acts: dict, channels: int = 8, title: str = ""
             ax.set_yticks([])
     fig.suptitle(f"{title}{chr(10) if title else ''}feature maps: the {channels} strongest channels of each block "
                  "(one colour scale per row)", fontsize=9)
+    return fig
+
+
+def _to_uint8(tiles: np.ndarray) -> np.ndarray:
+    """(n, 3, P, Q) -> (n, P, Q, 3) uint8: uint8 as is, anything else min-max scaled per tile (a projection's
+    scale is arbitrary); an all-zero tile stays black."""
+    return np.stack([np.round(255 * _rgb_tile(t)).astype(np.uint8) if t.dtype != np.uint8 else np.moveaxis(t, 0, -1)
+                     for t in tiles]) if len(tiles) else np.zeros((0, *tiles.shape[2:], 3), np.uint8)
+
+
+def example_montage(patch: np.ndarray, deconv: np.ndarray, cell: int = 24, gap: int = 2) -> np.ndarray:
+    """The Zeiler & Fergus grid as pixels (H, W, 3) uint8: one row per channel, its k patches (uint8
+    (C, k, 3, P, Q)) then its k projections ((C, k, 3, P, Q), each min-max scaled), every tile enlarged
+    (nearest) to at least `cell` pixels, with `gap` white pixels between tiles and between the halves."""
+    c, k, _, p, q = patch.shape
+    s = max(1, -(-cell // max(p, q)))
+    th, tw = p * s, q * s
+    out = np.full((c * (th + gap) + gap, 2 * k * (tw + gap) + 3 * gap, 3), 255, np.uint8)
+    for half, tiles in enumerate((patch, deconv)):
+        pix = _to_uint8(np.asarray(tiles).reshape(c * k, *tiles.shape[2:])).reshape(c, k, p, q, 3)
+        pix = pix.repeat(s, axis=2).repeat(s, axis=3)
+        for j in range(k):
+            x0 = gap + half * (k * (tw + gap) + 2 * gap) + j * (tw + gap)
+            for i in range(c):
+                y0 = gap + i * (th + gap)
+                out[y0:y0 + th, x0:x0 + tw] = pix[i, j]
+    return out
+
+
+def examples_grid(patch: np.ndarray, deconv: np.ndarray, channels: np.ndarray, selectivity: np.ndarray,
+                  top_class: np.ndarray, classes: list[str], block: str, title: str = "") -> Figure:
+    """Per channel (rows; `channels` their numbers), its k strongest patches and their deconvnet projections,
+    and a bar of its class selectivity with the class it prefers. Drawn at one screen pixel per montage pixel
+    (so a block's full grid of hundreds of channels stays sharp)."""
+    montage = example_montage(patch, deconv)  # (H, W, 3)
+    dpi, label_px, bar_px, head_px = 100, 90, 150, 48
+    h, w = montage.shape[:2]
+    width, height = (label_px + w + bar_px + 20) / dpi, (h + head_px + 20) / dpi
+    fig = _figure(width, height, grid=True)
+    fig.set_dpi(dpi)
+    ax = fig.add_axes((label_px / dpi / width, 20 / dpi / height, w / dpi / width, h / dpi / height))
+    ax.imshow(montage, interpolation="nearest", aspect="auto")
+    row = h / len(channels)
+    ax.set_yticks([(i + 0.5) * row for i in range(len(channels))],
+                  [f"ch {int(c)}" for c in channels], fontsize=7)
+    k = patch.shape[1]
+    ax.set_xticks([w / 4, 3 * w / 4], [f"{k} strongest patches", "their projections"], fontsize=8)
+    ax.xaxis.tick_top()
+    bar = fig.add_axes(((label_px + w + 10) / dpi / width, 20 / dpi / height, (bar_px - 20) / dpi / width,
+                        h / dpi / height), sharey=None)
+    sel = np.nan_to_num(np.asarray(selectivity, np.float64))
+    bar.barh(np.arange(len(channels)), sel, height=0.7, color="#4c72b0")
+    bar.set_ylim(len(channels) - 0.5, -0.5)
+    bar.set_xlim(0, 1)
+    bar.set_yticks([])
+    bar.tick_params(labelsize=6)
+    bar.set_title("class selectivity", fontsize=7)
+    for i, (v, cl) in enumerate(zip(sel, top_class)):
+        name = classes[int(cl)] if 0 <= int(cl) < len(classes) else "?"
+        bar.text(min(v, 1.0) + 0.02 if v < 0.6 else 0.02, i, _label(f"{name} {v:.2f}"), va="center", fontsize=6,
+                 color="black" if v < 0.6 else "white")
+    fig.suptitle(f"{title}{chr(10) if title else ''}{block}: what each channel responds to (dataset examples)",
+                 fontsize=9, y=1 - 4 / dpi / height, va="top")
     return fig

@@ -19,7 +19,7 @@ from .errors import InputError
 from .files import fmt_bytes
 from .rundir import Plan, RunDir
 
-__all__ = ["render_tree", "render_stats", "summarize_run"]
+__all__ = ["render_tree", "render_stats", "summarize_run", "channel_examples", "render_channel"]
 
 NOT_RUN = "not run yet"
 _MAX_SHARD_ROWS = 20  # above this, the shard table lists only the shards with a problem
@@ -217,3 +217,55 @@ def summarize_run(run_dir: str | Path) -> Group:
                                    *_shards(run), _viz(run),
                                    Text(f"report: {report if report.is_file() else NOT_RUN}")]
     return Group(*parts)
+
+
+def channel_examples(path: str | Path, block: str, channel: int) -> dict[str, Any]:
+    """One channel's dataset examples from viz.h5: its top-k (value, split position, class, prediction, (y, x),
+    receptive field), selectivity and preferred class, and its patches and projections when aggregated."""
+    names = store.list_datasets(path)
+    blocks = [n.split("/")[1] for n in names if n.startswith("topk/") and n.endswith("/value")]
+    if not blocks:
+        raise InputError(f"{path}: holds no dataset examples (visualized with --topk 0, or collated before they "
+                         "existed); hint: launch the visualization again with --topk 9 (jobs/launch_viz.py --fresh)")
+    if block not in blocks:
+        raise InputError(f"--block {block!r}: not a block with dataset examples; valid: {', '.join(blocks)}; "
+                         f"hint: e.g. --block {blocks[-1]}")
+    lists = store.read_shard(path, [f"topk/{block}/{f}" for f in ("value", "index", "y", "x")]
+                             + [f"selectivity/{block}", f"selective_class/{block}"])
+    c = lists[f"topk/{block}/value"].shape[0]
+    if isinstance(channel, bool) or not 0 <= channel < c:
+        raise InputError(f"--channel {channel}: {block} has channels 0..{c - 1}; hint: e.g. --channel 0")
+    index = lists[f"topk/{block}/index"][channel]
+    rows_of = {int(p): r for r, p in enumerate(store.read_shard(path, ["index"])["index"])}
+    rows = [rows_of[int(p)] for p in index]
+    per_image = store.read_shard(path, ["label", "pred"], rows=rows)
+    attrs = store.read_attrs(path)
+    out = {"block": block, "channel": channel, "value": lists[f"topk/{block}/value"][channel], "index": index,
+           "y": lists[f"topk/{block}/y"][channel], "x": lists[f"topk/{block}/x"][channel],
+           "label": per_image["label"], "pred": per_image["pred"], "classes": list(attrs.get("class_names", [])),
+           "selectivity": float(lists[f"selectivity/{block}"][channel]),
+           "selective_class": int(lists[f"selective_class/{block}"][channel]),
+           "complete": bool(attrs.get("complete")), "n_images": attrs.get("n_images")}
+    if f"examples/{block}/patch" in names:
+        ex = store.read_shard(path, [f"examples/{block}/{f}" for f in ("patch", "deconv", "box")])
+        out.update({f: ex[f"examples/{block}/{f}"][channel] for f in ("patch", "deconv", "box")})
+    return out
+
+
+def render_channel(ex: dict[str, Any]) -> Group:
+    """The table `inspect_results.py RUN --block B --channel C` prints."""
+    def name(k: int) -> str:
+        return ex["classes"][k] if 0 <= k < len(ex["classes"]) else str(k)
+    table = Table(title=f"{ex['block']} channel {ex['channel']}: its top {len(ex['index'])} of {ex['n_images']} "
+                        f"images", title_justify="left")
+    for col in ("rank", "activation", "image", "class", "predicted", "(y, x)", "receptive field (y0:y1, x0:x1)"):
+        table.add_column(col, justify="right" if col in ("rank", "activation", "image") else "left")
+    for r in range(len(ex["index"])):
+        box = ex["box"][r] if "box" in ex else None
+        table.add_row(str(r), f"{float(ex['value'][r]):.4g}", str(int(ex["index"][r])), name(int(ex["label"][r])),
+                      name(int(ex["pred"][r])), f"({int(ex['y'][r])}, {int(ex['x'][r])})",
+                      f"{box[0]}:{box[2]}, {box[1]}:{box[3]}" if box is not None else "(not projected)")
+    note = "" if ex["complete"] else "  INCOMPLETE: shards were missing when collated"
+    head = Text(f"class selectivity {ex['selectivity']:.3f}, prefers {name(ex['selective_class'])}{note}",
+                "yellow" if note else "")
+    return Group(table, head)

@@ -21,7 +21,8 @@ import submitit
 
 from . import viz
 from .aggregate import aggregate
-from .array import launch_viz, submit_shards
+from .array import launch_viz, submit_projections, submit_shards
+from .collation import plan_parts, projection_parts
 from .config import AggregateConfig, LaunchConfig, TrainConfig, VizConfig
 from .errors import JobError
 from .launch import JobRefused, LaunchError, TrainJob, make_executor, stage_launch, submit_train, wait_result
@@ -93,19 +94,26 @@ def _executor(launch: LaunchConfig, run: RunDir, stage: str, dependency: str) ->
 
 
 def _submit_viz_and_aggregate(run: RunDir, shards: list[int], launch: LaunchConfig, agg_cfg: AggregateConfig,
-                              after: str, lock: RunLock | None) -> dict[str, Any]:
-    """The array (afterok on `after`, when given) over `shards`, then the aggregation afterany on it."""
+                              after: str, lock: RunLock | None, parts: int = 0) -> dict[str, Any]:
+    """The array (afterok on `after`, when given) over `shards`, the projection array of `parts` tasks
+    afterany on it, then the aggregation afterany on the last array submitted."""
     ids: list[str] = []
     if shards:
         ex = _executor(launch, run, "viz", f"afterok:{after}" if after else "")
         ids, _ = submit_shards(run, ex, viz.run_shard, shards, launch, lock)
-    ex = _executor(launch, run, "aggregate", "afterany:" + ":".join(ids) if ids else "")
+    pids: list[str] = []
+    if parts:
+        ex = _executor(launch, run, "project", "afterany:" + ":".join(ids) if ids else
+                       (f"afterok:{after}" if after else ""))
+        pids, _ = submit_projections(run, ex, list(range(parts)), stage_launch(launch, "viz"), lock)
+    last = pids or ids
+    ex = _executor(launch, run, "aggregate", "afterany:" + ":".join(last) if last else "")
     run.update("aggregate", status="submitted", error="")  # before: the job may end at once
     agg = ex.submit(aggregate_job, dataclasses.replace(agg_cfg, run_dir=str(run.path)))
     run.update("aggregate", job_id=str(agg.job_id))
     if lock is not None:
         lock.add_jobs([str(agg.job_id)], "slurm")
-    return {"viz": ids, "aggregate": str(agg.job_id), "n_tasks": len(shards)}
+    return {"viz": ids, "project": pids, "aggregate": str(agg.job_id), "n_tasks": len(shards)}
 
 
 def submit_pipeline(train_cfg: TrainConfig, viz_cfg: VizConfig, agg_cfg: AggregateConfig,
@@ -118,7 +126,12 @@ def submit_pipeline(train_cfg: TrainConfig, viz_cfg: VizConfig, agg_cfg: Aggrega
         lock.add_jobs([str(train_job.job_id)], "slurm")
     run.update("viz", status="pending", cluster="slurm", job_ids=[], tasks={}, error="")
     try:
-        ids = _submit_viz_and_aggregate(run, list(range(n_tasks)), launch, agg_cfg, str(train_job.job_id), lock)
+        from .models import build_model
+        stem = train_cfg.resolved_stem()
+        blocks = viz.resolve_request(build_model(train_cfg.arch, 10, stem), viz_cfg)[0]
+        parts = len(projection_parts(train_cfg.arch, stem, blocks, n_tasks, viz_cfg.topk))
+        ids = _submit_viz_and_aggregate(run, list(range(n_tasks)), launch, agg_cfg, str(train_job.job_id), lock,
+                                        parts)
     except Exception as e:  # no half pipeline: without its array and report the training is cancelled
         train_job.cancel(check=False)
         first = [line for line in str(e).strip().splitlines() if line.strip()]
@@ -168,7 +181,8 @@ def retry_failed(run: RunDir, launch: LaunchConfig, agg_cfg: AggregateConfig,
     log.info("retry: %d of %d shards to redo: %s", len(todo), len(plan.shards), todo)
     agg_cfg = dataclasses.replace(agg_cfg, run_dir=str(run.path))
     if launch.cluster == "slurm":
-        return {**_submit_viz_and_aggregate(run, todo, launch, agg_cfg, "", lock), "todo": todo}
+        return {**_submit_viz_and_aggregate(run, todo, launch, agg_cfg, "", lock, len(plan_parts(run, plan))),
+                "todo": todo}
     out = launch_viz(plan.config, dataclasses.replace(launch, wait=True), lock=lock, figures=False)
     return {**aggregate(agg_cfg), "viz_failed": out["failed"], "todo": todo}
 

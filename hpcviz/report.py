@@ -9,6 +9,7 @@ writes the files. A report is a list of blocks, rendered twice (Markdown and HTM
     ("table", headers, rows)      a table; cells are str, int, float or None
     ("fig", relpath, caption)     a figure (PNG relative to the report)
     ("pre", text)                 preformatted text (the config)
+    ("links", text, [(label, relpath), ...])   a line of links to files beside the report (full-size figures)
 
 Every text that comes from a run (class names, run names, config values, error messages) is
 untrusted: report.html escapes it (`html.escape`) and never contains a script; report.md writes `&`,
@@ -157,6 +158,12 @@ def to_markdown(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str:
     return "\n".join([cells(headers), rule, *(cells(r) for r in rows)]) + "\n"
 
 
+def _md_path(rel: str) -> str:
+    """A relative link target: block names hold only [A-Za-z0-9_.]; anything else is percent-encoded."""
+    from urllib.parse import quote
+    return quote(str(rel), safe="/._-")
+
+
 def render_markdown(doc: Sequence[Block]) -> str:
     out = []
     for block in doc:
@@ -173,6 +180,8 @@ def render_markdown(doc: Sequence[Block]) -> str:
             out.append(f"![{_md_text(block[2])}]({block[1]})\n\n*{_md_text(block[2])}*")
         elif kind == "pre":
             out.append("```\n" + str(block[1]).replace("```", "'''") + "\n```")
+        elif kind == "links":
+            out.append(_md_text(block[1]) + " " + ", ".join(f"[{_md_text(t)}]({_md_path(r)})" for t, r in block[2]))
         else:
             raise AssertionError(f"unknown report block {kind!r}")
     return "\n\n".join(out) + "\n"
@@ -218,6 +227,9 @@ def render_html(doc: Sequence[Block], title: str, images: Mapping[str, bytes] | 
                          f"<figcaption>{e(str(block[2]))}</figcaption></figure>")
         elif kind == "pre":
             parts.append(f"<pre>{e(str(block[1]))}</pre>")
+        elif kind == "links":
+            parts.append(f"<p>{e(str(block[1]))} " + ", ".join(f"<a href=\"{e(_md_path(r))}\">{e(str(t))}</a>"
+                                                           for t, r in block[2]) + "</p>")
         else:
             raise AssertionError(f"unknown report block {kind!r}")
     parts.append("</body></html>\n")

@@ -279,8 +279,9 @@ def load_resume_state(cfg: TrainConfig, num_classes: int, fingerprint: str | Non
     return state
 
 
-def _state(raw: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, split: Split,
-           pos: Position, meters: Meters) -> dict[str, Any]:
+def checkpoint_state(raw: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, split: Split,
+                     pos: Position, meters: Meters) -> dict[str, Any]:
+    """What a checkpoint holds (also written by hpcviz.importing, for a run that was not trained here)."""
     # CPU tensors: the checkpoint loads with plain torch.load(path, weights_only=True) on a machine without
     # a GPU; resuming moves the optimizer state to the parameters' device (Optimizer.load_state_dict)
     return {"model": checkpoint.to_cpu(raw.state_dict()), "optimizer": checkpoint.to_cpu(opt.state_dict()),
@@ -347,12 +348,16 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: l
         # the checkpoint holds the sums over all ranks: rank 0 carries them, the others start at 0
         pos, meters = Position(resume["epoch"], resume["step"]), Meters(resume["meters"] if dist.is_main() else None)
         log.info("resumed from %s at epoch %d step %d", resume["path"], pos.epoch + 1, pos.step)
+        # the weights expect the normalisation they were trained with: the same as the data's for a run trained
+        # here, but an imported run's (hpcviz.importing) may be ImageNet's
+        mean, std = resume["mean"], resume["std"]
+        split.mean, split.std = (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
     if dist.is_main():
-        _start_run_files(cfg, split, device, resume is not None, pos)
+        start_run_files(cfg, split, device, resume is not None, pos)
     started.append(True)
 
     def save(p: Position, m: Meters) -> None:
-        state = _state(raw, opt, cfg, split, p, m)  # every rank: meters.state() must run everywhere
+        state = checkpoint_state(raw, opt, cfg, split, p, m)  # every rank: meters.state() must run everywhere
         if dist.is_main():
             checkpoint.save_checkpoint(state, RunDir(run).checkpoints)
         dist.barrier()
@@ -374,10 +379,11 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: l
         _end_epoch(cfg, raw, split, pos, meters, train_s, images_before, opt)
         pos, meters = Position(pos.epoch + 1, 0), Meters()
         save(pos, meters)
-    return _final_eval(cfg, raw, split)
+    return final_eval(cfg, raw, split)
 
 
-def _start_run_files(cfg: TrainConfig, split: Split, device: torch.device, resumed: bool, pos: Position) -> None:
+def start_run_files(cfg: TrainConfig, split: Split, device: torch.device, resumed: bool, pos: Position) -> None:
+    """config.json's "train", the manifest's train record (running) and metrics.jsonl, as a run starts."""
     run = RunDir(cfg.run_dir)
     run.logs.mkdir(parents=True, exist_ok=True)
     run.write_config("train", config_to_dict(cfg))
@@ -405,7 +411,8 @@ def _end_epoch(cfg: TrainConfig, raw: nn.Module, split: Split, pos: Position, me
              cfg.epochs, train_loss, 100 * train_acc, val["loss"], 100 * val["accuracy"], record["images_per_s"])
 
 
-def _final_eval(cfg: TrainConfig, raw: nn.Module, split: Split) -> dict[str, Any]:
+def final_eval(cfg: TrainConfig, raw: nn.Module, split: Split) -> dict[str, Any]:
+    """Evaluate the validation and training splits; eval.json and the manifest's train record: done."""
     run = Path(cfg.run_dir)
     cl = cfg.channels_last
     val = summarize(evaluate(raw, split.val, split.mean, split.std, len(split.classes),

@@ -20,12 +20,14 @@ import torch
 
 from . import __version__, checkpoint, store
 from .activations import dump_activations, resolve_blocks
+from .collation import collate, project_part
 from .config import SPLITS, VizConfig, default_stem
 from .errors import InputError
+from .examples import TopK
 from .rundir import Plan, RunDir, now
 
 __all__ = ["VizConfig", "VizError", "SPLITS", "balanced_sample", "plan_shards", "load_split", "make_plan",
-           "resolve_request", "resolve_invert_blocks", "run_shard", "save_figures"]
+           "resolve_request", "resolve_invert_blocks", "run_shard", "save_figures", "collate", "project_part"]
 
 log = logging.getLogger("hpcviz")
 
@@ -103,7 +105,7 @@ def make_plan(cfg: VizConfig) -> Plan:
                 dataset_fingerprint=state.get("data_fingerprint", ""), split=cfg.split, blocks=blocks,
                 deconv_blocks=deconv, paths=list(cfg.paths), invert_blocks=inv, invert_steps=cfg.invert_steps,
                 invert_target=cfg.invert_target, invert_solver=cfg.invert_solver, prior=cfg.prior, fast=cfg.fast,
-                shards=plan_shards(indices, cfg.n_tasks()), n_images=len(indices), planned=now())
+                shards=plan_shards(indices, cfg.n_tasks()), n_images=len(indices), planned=now(), topk=cfg.topk)
 
 
 def resolve_request(model: torch.nn.Module, cfg: VizConfig) -> tuple[list[str], list[str], list[str]]:
@@ -220,7 +222,8 @@ class _Clock:
     """Seconds per part of a task; on a GPU each part is synchronised first, so the parts are its own."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds = device, {"load": 0.0, "forward": 0.0, "deconv": 0.0, "inversion": 0.0}
+        self.device = device
+        self.seconds = {"load": 0.0, "forward": 0.0, "topk": 0.0, "deconv": 0.0, "inversion": 0.0}
 
     @contextlib.contextmanager
     def part(self, name: str) -> Iterator[None]:
@@ -257,63 +260,56 @@ def visualize_shard(run: RunDir, shard: int, plan: Plan, state: dict[str, Any], 
     fw = _FORWARD_SHARE if plan.invert_blocks else 1.0
     progress = TaskProgress(fw * n + (n if plan.invert_blocks else 0), f"shard {shard}")
     attrs = {**_root_attrs(run, plan, state, shard), "device": dist.describe_device(device)}
-    with store.ShardWriter(path, n, attrs, compression=cfg.compression or None) as sw, \
-            store.BackgroundWriter(sw) as w:
-        w.write("index", 0, pos.numpy(), dims=("image",), attrs={"what": f"position in the {plan.split} split"})
-        w.write("images", 0, images.numpy(), dims=("image", "channel", "y", "x"),
-                attrs={"what": "the exact uint8 pixels fed to the network (before normalisation)"})
-        w.write("label", 0, labels.numpy(), dims=("image",))
-        for start in range(0, n, cfg.batch_size):
-            x = normalize(images[start:start + cfg.batch_size].to(device), state["mean"], state["std"])
-            with clock.part("forward"):
-                logits, acts = dump_activations(model, x, plan.blocks)  # (b, K), {block: (b, C, h, w)}
-                # to float16 on the device: half the bytes to copy, and torch converts ~5x faster than numpy
-                maps = {b: a.half().cpu().numpy() for b, a in acts.items()}
-            w.write("logits", start, logits.cpu().numpy(), dims=("image", "class"))
-            w.write("pred", start, logits.argmax(1).cpu().numpy(), dims=("image",))
-            for block, a in maps.items():  # the writer counts the values that overflowed to inf (fp16_overflow)
-                w.write(f"act/{block}", start, a, dims=("image", "channel", "y", "x"), dtype=np.float16,
-                        attrs={"block": block, "what": "output of the block (after its ReLU)"})
-            with clock.part("deconv"):
-                _write_deconv(w, model, x, plan, start)
-            progress.update(fw * (start + len(x)), f"forward and deconvnet, images {start + len(x)}/{n}", "forward")
-        for start in range(0, n if plan.invert_blocks else 0, inv):
-            x = normalize(images[start:start + inv].to(device), state["mean"], state["std"])
+    topk = TopK(plan.topk, len(state["classes"])) if plan.topk else None
+    pos_dev, labels_dev = pos.to(device), labels.to(device)
+    with store.ShardWriter(path, n, attrs, compression=cfg.compression or None) as sw:
+        with store.BackgroundWriter(sw) as w:
+            w.write("index", 0, pos.numpy(), dims=("image",), attrs={"what": f"position in the {plan.split} split"})
+            w.write("images", 0, images.numpy(), dims=("image", "channel", "y", "x"),
+                    attrs={"what": "the exact uint8 pixels fed to the network (before normalisation)"})
+            w.write("label", 0, labels.numpy(), dims=("image",))
+            for start in range(0, n, cfg.batch_size):
+                x = normalize(images[start:start + cfg.batch_size].to(device), state["mean"], state["std"])
+                _forward_batch(w, model, x, plan, start, clock, topk, pos_dev, labels_dev)
+                with clock.part("deconv"):
+                    _write_deconv(w, model, x, plan, start)
+                progress.update(fw * (start + len(x)), f"forward and deconvnet, images {start + len(x)}/{n}",
+                                "forward")
+            for start in range(0, n if plan.invert_blocks else 0, inv):
+                x = normalize(images[start:start + inv].to(device), state["mean"], state["std"])
 
-            def step(k: int, steps: int, running: int, rows: int, start: int = start, b: int = len(x)) -> None:
-                # rows leave fast at first (shallow blocks) while the deep ones cost the most: halfway
-                # between the share of rows done and of the step limit reached
-                progress.update(fw * n + start + b * (1 - running / rows + k / steps) / 2,
-                                f"inversion of images {start}-{start + b - 1} of {n}: step {k} of at most {steps}, "
-                                f"{running} of {rows} inversions still running", "inversion")
-            with clock.part("inversion"):
-                _write_inversions(w, model, x, plan, state, start, step, fast_forward=not baseline)
+                def step(k: int, steps: int, running: int, rows: int, start: int = start, b: int = len(x)) -> None:
+                    # rows leave fast at first (shallow blocks) while the deep ones cost the most: halfway
+                    # between the share of rows done and of the step limit reached
+                    progress.update(fw * n + start + b * (1 - running / rows + k / steps) / 2,
+                                    f"inversion of images {start}-{start + b - 1} of {n}: step {k} of at most "
+                                    f"{steps}, {running} of {rows} inversions still running", "inversion")
+                with clock.part("inversion"):
+                    _write_inversions(w, model, x, plan, state, start, step, fast_forward=not baseline)
+        for name, (array, dims, a) in (topk.results() if topk is not None else {}).items():
+            sw.write_summary(name, array, dims=dims, attrs={**a, "k": plan.topk})
     progress.close()
     return {**clock.seconds, "write": w.seconds, "total": time.perf_counter() - t0}
 
 
-def collate(run: RunDir, plan: Plan | None) -> dict[str, Any]:
-    """Collate the shards that belong to the plan into viz/viz.h5 (the reduce step). A shard that is missing,
-    incomplete or another plan's (another model, data set, request) is left out and named with its reason.
-    Returns {"n_images", "n_shards", "sizes", "missing": {shard: reason}, "path": viz.h5, or None when no
-    shard holds images (a stale viz.h5 is then removed), "reason": why not, when None}."""
-    if plan is None:
-        return {"n_images": 0, "n_shards": 0, "sizes": [], "missing": {}, "path": None,
-                "reason": "no visualization plan (viz/plan.json): the visualization array did not run"}
-    sizes = [len(s) for s in plan.shards]
-    missing = run.shard_problems(plan)
-    good = [k for k in range(len(sizes)) if k not in missing]
-    out = {"n_images": 0, "n_shards": len(sizes), "sizes": sizes, "missing": missing, "path": None}
-    if not good:
-        run.viz_file.unlink(missing_ok=True)  # derived from shards that are gone: it would only mislead
-        return {**out, "reason": f"none of the {len(sizes)} visualization shards is present and this plan's"}
-    try:
-        summary = store.collate([run.shard(k) for k in good], run.viz_file,
-                                {"plan_checkpoint_sha256": plan.checkpoint_sha256}, sizes=[sizes[k] for k in good],
-                                excluded={run.shard(k): why for k, why in missing.items()})
-    except store.StoreError as e:  # shards that disagree among themselves, or viz.h5 cannot be written
-        return {**out, "reason": f"the shards could not be collated: {e}"}
-    return {**out, "n_images": summary["n_images"], "path": run.viz_file}
+def _forward_batch(w: store.BackgroundWriter, model: torch.nn.Module, x: torch.Tensor, plan: Plan, start: int,
+                   clock: _Clock, topk: TopK | None, pos: torch.Tensor, labels: torch.Tensor) -> None:
+    """logits, pred and act/<block> of one batch; the dataset-examples map reads the activations as stored."""
+    with clock.part("forward"):
+        logits, acts = dump_activations(model, x, plan.blocks)  # (b, K), {block: (b, C, h, w)}
+        # to float16 on the device: half the bytes to copy, and torch converts ~5x faster than numpy
+        halves = {b: a.half() for b, a in acts.items()}
+    if topk is not None:
+        with clock.part("topk"):
+            for block, h in halves.items():
+                topk.update(block, h, pos[start:start + len(x)], labels[start:start + len(x)], acts[block])
+    with clock.part("forward"):
+        maps = {b: h.cpu().numpy() for b, h in halves.items()}
+    w.write("logits", start, logits.cpu().numpy(), dims=("image", "class"))
+    w.write("pred", start, logits.argmax(1).cpu().numpy(), dims=("image",))
+    for block, a in maps.items():  # the writer counts the values that overflowed to inf (fp16_overflow)
+        w.write(f"act/{block}", start, a, dims=("image", "channel", "y", "x"), dtype=np.float16,
+                attrs={"block": block, "what": "output of the block (after its ReLU)"})
 
 
 def save_figures(run_dir: str | Path, images: int = 2, max_channels: int = 32) -> list[Path]:

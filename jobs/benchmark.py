@@ -15,6 +15,9 @@
   viz     the whole array task per image (load, forward, deconvnet, inversion, write) and the median
           inversion error per block, on held-out images of a trained run (--run): the default vs
           today's way (each task loads the whole split, 1000 Adam steps per inversion, no stopping).
+  examples  the dataset examples at scale (ResNet-18 CIFAR stem, 10,000 images, k = 9, untrained weights):
+          an array task's time without and with the per-channel top-k map, the merge's time, the
+          projections' seconds per channel, and the merged lists against a brute-force top-k.
   gpu     the GPU check: `pytest -m gpu`, then train (ResNet-18, 32 px, both stems), dump, deconv,
           invert and the whole visualization stage on CUDA; a table and results/benchmarks/gpu.json.
 

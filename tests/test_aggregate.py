@@ -15,7 +15,9 @@ from hpcviz.rundir import RunDir
 HOSTILE = ["<script>alert(1)", "cat & dog", "$\\foo$ math"]  # the last would crash matplotlib's mathtext
 FIGURES = {"training_curves", "class_accuracy", "confusion_matrix", "conv1_filters", "feature_maps_0",
            "feature_maps_1", "deconv_0", "deconv_1", "inversions"}
-TABLES = {"accuracy", "per_class_accuracy", "inversion_error", "training_parameters"}
+TABLES = {"accuracy", "per_class_accuracy", "inversion_error", "training_parameters", "class_selectivity"}
+BLOCKS = ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]  # ResNet-20's
+EXAMPLES = {f"examples_{b}{full}" for b in BLOCKS for full in ("", "_all")}  # each block's selective and full grid
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,8 @@ def run(tmp_path_factory):
     run = root / "run"
     train(TrainConfig(data=str(root / "data"), image_size=16, arch="resnet20", epochs=1, batch_size=8, lr=0.05,
                       val_fraction=0.25, device="cpu", run_dir=str(run), log_every=1000))
-    plan = viz.make_plan(viz.VizConfig(run_dir=str(run), images=6, tasks=2, batch_size=4, invert_steps=10))
+    plan = viz.make_plan(viz.VizConfig(run_dir=str(run), images=6, tasks=2, batch_size=4, invert_steps=10,
+                                       topk=3))  # 3 examples per channel: their projections are the slow part
     RunDir(run).write_plan(plan)
     for s in range(2):
         viz.run_shard(str(run), s)
@@ -44,7 +47,7 @@ def run(tmp_path_factory):
 def test_report_has_every_figure_and_table(run):
     summary = aggregate(AggregateConfig(run_dir=str(run), images=2))
     out = run / "report"
-    assert {p.stem for p in (out / "figures").glob("*.png")} == FIGURES
+    assert {p.stem for p in (out / "figures").glob("*.png")} == FIGURES | EXAMPLES
     assert {p.name for p in (out / "tables").iterdir()} == {f"{t}.{e}" for t in TABLES for e in ("csv", "md")}
     assert summary["missing_shards"] == [] and summary["n_images"] == 6
     ev = json.loads((run / "eval.json").read_text())
@@ -58,8 +61,21 @@ def test_report_has_every_figure_and_table(run):
     assert float(inv["conv1"]["median"]) == pytest.approx(float(np.median(errors)), abs=1e-4)
     md = (out / "report.md").read_text()
     for section in ("1. Training", "2. Accuracy", "3. First-layer filters", "4. Feature maps",
-                    "5. Deconvnet reconstructions", "6. Inversions", "7. Pipeline", "Appendix: configuration"):
+                    "5. Deconvnet reconstructions", "6. Inversions", "7. What the channels respond to", "8. Pipeline",
+                    "Appendix: configuration"):
         assert f"## {section}" in md
+    # dataset examples: each block's most selective channels embedded, its full grid linked, a table of them
+    blocks = list(store.read_attrs(run / "viz" / "viz.h5")["blocks"])
+    html = (out / "report.html").read_text()
+    for block in blocks:
+        assert f"figures/examples_{block}.png" in md and (out / "figures" / f"examples_{block}_all.png").is_file()
+        assert f'<a href="figures/examples_{block}_all.png">' in html and f"examples_{block}_all.png)" in md
+    sel = list(csv.DictReader(open(out / "tables" / "class_selectivity.csv")))
+    assert len(sel) == 4 * len(blocks) and all(0 <= float(r["selectivity"]) <= 1 for r in sel)
+    merged = store.read_shard(run / "viz" / "viz.h5", [f"selectivity/{blocks[-1]}"])[f"selectivity/{blocks[-1]}"]
+    shown = [float(r["selectivity"]) for r in sel if r["block"] == blocks[-1]]
+    assert shown == pytest.approx(sorted(merged, reverse=True)[:4], abs=1e-3)  # the most selective, in order
+    assert "<script" not in html
     assert all(f"figures/{f}.png" in md for f in FIGURES) and "Warning" not in md
     with Image.open(out / "figures" / "conv1_filters.png") as im:  # every PNG records its config
         meta = json.loads(im.info["Description"])
@@ -73,8 +89,10 @@ def test_html_is_self_contained_and_escapes_class_names(run):
     page = (run / "report" / "report.html").read_text()
     assert "<script" not in page and "&lt;script&gt;alert(1)" in page and "cat &amp; dog" in page
     # the default shows 3 images: one more feature-map and deconvnet figure than above, and none left over
-    assert page.count('src="data:image/png;base64,') == len(FIGURES) + 2
-    assert {p.stem for p in (run / "report" / "figures").glob("*.png")} == FIGURES | {"feature_maps_2", "deconv_2"}
+    # the full grids are linked, never embedded
+    assert page.count('src="data:image/png;base64,') == len(FIGURES) + 2 + len(BLOCKS)
+    assert {p.stem for p in (run / "report" / "figures").glob("*.png")} == FIGURES | EXAMPLES | {"feature_maps_2",
+                                                                                              "deconv_2"}
     aggregate(AggregateConfig(run_dir=str(run), images=1))
     assert not (run / "report" / "figures" / "deconv_1.png").exists()  # stale figures are removed
     md = (run / "report" / "report.md").read_text().split("```")[0]

@@ -34,7 +34,7 @@ def test_viz_task_baseline_and_default_on_the_same_images(tmp_path):
     assert all(1 <= new["mean_steps"][b] <= 300 for b in blocks)
     for m in (base, new):
         s = m["seconds_per_image"]
-        assert set(s) == {"load", "forward", "deconv", "inversion", "write", "total"}
+        assert set(s) == {"load", "forward", "topk", "deconv", "inversion", "write", "total"}
         assert s["total"] >= s["load"] + s["forward"] + s["deconv"] + s["inversion"] > 0
         assert set(m["median_error"]) == set(blocks) and all(0 <= e < 10 for e in m["median_error"].values())
     assert out["ratio"] == base["seconds_per_image"]["total"] / new["seconds_per_image"]["total"]

@@ -62,7 +62,7 @@ def test_local_pipeline_then_status_then_retry(tmp_path, capsys):
     assert pipeline("--run", str(run), "--retry-failed", "--cluster", "debug") == 0
     assert RunDir(run).shard(0).stat().st_mtime_ns == mtime0  # the good shard was not redone
     again = store.read_shard(run / "viz" / "viz.h5")
-    assert set(again) == set(first) and all(np.array_equal(again[k], first[k]) for k in first)
+    assert set(again) == set(first) and all(np.array_equal(again[k], first[k], equal_nan=True) for k in first)
     assert "Warning" not in (run / "report" / "report.md").read_text()
     # a second run without --resume refuses; with it, finished stages are skipped
     assert pipeline("--cluster", "debug", "--run", str(run), *TINY) == 2
@@ -267,4 +267,6 @@ def test_two_pipelines_on_one_run_the_second_is_refused_at_once(tmp_path):
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
     assert [m["epoch"] for m in RunDir(run).read_metrics()] == [1, 2, 3]  # every epoch once
-    assert len(list((run / "logs").glob("*_0_log.err"))) == 2  # one training job, one array task, no more
+    parts = len(list((run / "viz" / "examples").glob("part-*.h5")))  # the projection array's tasks
+    assert parts >= 10  # at least one per block of ResNet-20
+    assert len(list((run / "logs").glob("*_0_log.err"))) == 2 + parts  # one training job, one array task, no more

@@ -65,8 +65,8 @@ def test_shard_holds_what_the_network_computes(trained, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert any(re.fullmatch(r"shard 1: inversion of images 0-5 of 6: step \d+ of at most 15, \d+ of 24 inversions "
                             r"still running; .* ETA .*", line) for line in lines), lines
-    assert re.fullmatch(r"shard 1 done: 6 images in [\d.]+ s \(load [\d.]+, forward [\d.]+, deconv [\d.]+, "
-                        r"inversion [\d.]+, write [\d.]+ s\) -> .*shard-00001.h5", lines[-1]), lines[-1]
+    assert re.fullmatch(r"shard 1 done: 6 images in [\d.]+ s \(load [\d.]+, forward [\d.]+, topk [\d.]+, "
+                        r"deconv [\d.]+, inversion [\d.]+, write [\d.]+ s\) -> .*shard-00001.h5", lines[-1]), lines[-1]
     data = store.read_shard(path)
     attrs = store.verify_shard(path, 6)
     assert attrs["arch"] == "resnet20" and attrs["shard"] == 1 and len(attrs["class_names"]) == 10

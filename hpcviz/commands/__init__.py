@@ -7,4 +7,5 @@ error into one `error:` line and its exit code (hpcviz.cli.command).
   pipeline   jobs/launch_pipeline.py    aggregate  jobs/aggregate.py
   evaluate   jobs/evaluate.py           inspect    jobs/inspect_results.py
   pack       jobs/pack_data.py          benchmark  jobs/benchmark.py
+  importing  jobs/import_model.py
 """

@@ -83,6 +83,19 @@ def get_args_parser(add_help: bool = False) -> Parser:
     z.add_argument("--batch-size", type=int, default=64)
     z.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     z.add_argument("--out", default="results/benchmarks")
+    e = sub.add_parser("examples", help="dataset examples: the map's cost in an array task, the merge, the "
+                       "projections per channel, exactness against a brute-force top-k")
+    e.add_argument("--data", default="auto", help="auto | any --data form (the training split is visualized)")
+    e.add_argument("--images", type=int, default=10000)
+    e.add_argument("--tasks", type=int, default=4, help="array tasks (shards), run one after the other here")
+    e.add_argument("--topk", type=int, default=9)
+    e.add_argument("--arch", default="resnet18")
+    e.add_argument("--stem", default="cifar")
+    e.add_argument("--image-size", type=int, default=32)
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--project-channels", type=int, default=16, help="channels per block whose projections are timed")
+    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    e.add_argument("--out", default="results/benchmarks")
     g = sub.add_parser("gpu", help="the GPU check: pytest -m gpu and every benchmark on CUDA (< 8 min)")
     g.add_argument("--data", default="auto")
     g.add_argument("--viz-images", type=int, default=256, help="images through the whole visualization stage")
@@ -261,6 +274,24 @@ def run_viz(args: argparse.Namespace) -> dict:
     return {"viz": r}
 
 
+def run_examples(args: argparse.Namespace) -> dict:
+    from ..bench_examples import bench_examples
+    r = bench_examples(Path(args.out) / "examples-tmp", resolve_data(args.data), args.images, args.tasks, args.topk,
+                       args.arch, args.stem, args.image_size, args.batch_size, args.device, args.project_channels)
+    m, g, x, p = r["map"], r["merge"], r["exactness"], r["projection"]
+    print(f"examples {r['arch']} ({r['stem']} stem), {r['images']} images in {r['tasks']} tasks, k={r['k']}, "
+          f"{r['blocks']} blocks, on {r['device']}")
+    print(f"  map: shard 0 {m['shard0_without_s']:.1f} s without, {m['shard0_with_s']:.1f} s with: "
+          f"+{100 * m['added']:.1f}% (its own clock: {100 * m['topk_share_of_tasks']:.1f}% of all tasks' time)")
+    print(f"  merge: collation {g['collate_s']:.2f} s (the reduce alone {g['reduce_s']:.2f} s) "
+          f"for {g['n_images']} images")
+    print(f"  exactness vs a brute-force top-k over viz.h5: {'EXACT' if x['exact'] else 'DIFFERS ' + str(x['wrong'])} "
+          f"({x['blocks_checked']} blocks, {x['seconds']:.0f} s)")
+    print("  projection, s per channel: " + ", ".join(f"{b} {s:.3f}" for b, s in p["seconds_per_channel"].items())
+          + f"; every channel: {p['all_channels_s']:.0f} s")
+    return {"examples": r}
+
+
 def run_placement(args: argparse.Namespace) -> dict:
     from ..bench_placement import bench_placement
     from ..store import PackedReader
@@ -343,7 +374,7 @@ def _print_gpu_table(out: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     setup_logging()
     result = {"train": run_train, "dump": run_dump, "deconv": run_deconv, "invert": run_invert,
-              "placement": run_placement, "gpu": run_gpu, "viz": run_viz}[args.bench](args)
+              "placement": run_placement, "gpu": run_gpu, "viz": run_viz, "examples": run_examples}[args.bench](args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.bench}-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import store
 from ..cli import Parser, command
 from ..errors import InputError
-from ..inspect import render_stats, render_tree, summarize_run
+from ..inspect import channel_examples, render_channel, render_stats, render_tree, summarize_run
 
 
 def get_args_parser(add_help: bool = False) -> Parser:
@@ -19,7 +19,29 @@ def get_args_parser(add_help: bool = False) -> Parser:
     p.add_argument("--index", type=int, default=None, help="one image (row) of DATASET instead of all of it")
     p.add_argument("--png", default=None, help="save DATASET's image (or feature maps) of --index as a PNG")
     p.add_argument("--max-items", type=int, default=64, help="at most this many images / channels in --png")
+    p.add_argument("--block", default=None, help="with --channel: that channel's dataset examples (its top-k "
+                   "images: activation, image, class, position); --png draws its patches and projections")
+    p.add_argument("--channel", type=int, default=None, help="a channel of --block")
     return p
+
+
+def save_channel_png(ex: dict, out: str) -> str:
+    """The channel's patches and projections, one row, as a PNG."""
+    import io
+
+    import numpy as np
+
+    from ..figures import examples_grid
+    from ..files import write_bytes
+    if "patch" not in ex:
+        raise InputError(f"--png: no projections of {ex['block']} in viz.h5 (the report was made with "
+                         "--no-projections, or not yet); hint: python jobs/aggregate.py --run RUN, then again")
+    fig = examples_grid(ex["patch"][None], ex["deconv"][None], np.array([ex["channel"]]),
+                        np.array([ex["selectivity"]]), np.array([ex["selective_class"]]), ex["classes"], ex["block"])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_bytes(out, buf.getvalue())
+    return f"wrote {out}"
 
 
 def save_png(path: Path, name: str, index: int | None, out: str, max_items: int) -> str:
@@ -45,6 +67,13 @@ def save_png(path: Path, name: str, index: int | None, out: str, max_items: int)
 
 
 def _check(args: argparse.Namespace, target: Path) -> None:
+    if (args.block is None) != (args.channel is None):
+        raise InputError("--block and --channel go together; hint: e.g. --block layer4.1 --channel 17")
+    if args.block is not None:
+        if args.dataset or args.index is not None:
+            raise InputError("--block/--channel take no DATASET or --index; hint: drop them")
+        _check_png(args)
+        return
     if args.max_items < 1:
         raise InputError(f"--max-items {args.max_items}: must be at least 1; hint: drop it for the default (64)")
     if target.is_dir() and (args.dataset or args.index is not None or args.png):
@@ -52,6 +81,10 @@ def _check(args: argparse.Namespace, target: Path) -> None:
                          f"hint: python jobs/inspect_results.py {target}/viz/viz.h5 act/layer1.0")
     if args.dataset is None and (args.index is not None or args.png):
         raise InputError("--index and --png need a DATASET; hint: run without them to list the datasets")
+    _check_png(args)
+
+
+def _check_png(args: argparse.Namespace) -> None:
     if args.png:
         folder = Path(args.png).absolute().parent
         if not folder.is_dir():
@@ -67,7 +100,13 @@ def main(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes: wide, no wrapping
     target = Path(args.target)
     _check(args, target)
-    if target.is_dir():
+    if args.block is not None:
+        path = target / "viz" / "viz.h5" if target.is_dir() else target
+        ex = channel_examples(path, args.block, args.channel)
+        console.print(render_channel(ex))
+        if args.png:
+            print(save_channel_png(ex, args.png))
+    elif target.is_dir():
         console.print(summarize_run(target))
     elif args.dataset is None:
         console.print(render_tree(store.describe(target)))

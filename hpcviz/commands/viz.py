@@ -46,12 +46,16 @@ def main(args: argparse.Namespace) -> int:
     with run.lock() as lock:
         out = launch_viz(cfg, launch, fresh=args.fresh, lock=lock)
     if out["collation"] is None:
-        print(f"submitted array job(s) {', '.join(out['ids'])}: {len(out['todo'])} task(s)\n  run dir: {run}\n"
+        proj = f"\n  projections (dataset examples): array job(s) {', '.join(out['projection_ids'])}, after it" \
+            if out["projection_ids"] else ""
+        print(f"submitted array job(s) {', '.join(out['ids'])}: {len(out['todo'])} task(s){proj}\n  run dir: {run}\n"
               f"  then:    python jobs/launch_viz.py --run {run} ... again collates (or add --wait)")
         return 0
     summary = out["collation"]
     n = summary["n_shards"]
     print(f"viz: {summary['n_images']} images in {n - len(summary['missing'])}/{n} shards -> {run.viz_file}")
+    for line in out["projection_failed"]:  # not fatal: the aggregation computes what they left undone
+        print(f"warning: {line} (jobs/aggregate.py computes it)")
     problem = failures(out)
     if problem:
         raise JobError(problem)

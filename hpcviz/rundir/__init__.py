@@ -79,6 +79,7 @@ class RunDir:
     shards_dir = property(lambda self: self.path / "viz" / "shards")
     plan_file = property(lambda self: self.path / "viz" / "plan.json")
     viz_file = property(lambda self: self.path / "viz" / "viz.h5")
+    examples_dir = property(lambda self: self.path / "viz" / "examples")  # projection parts (collation)
     figures_dir = property(lambda self: self.path / "viz" / "figures")
     report_dir = property(lambda self: self.path / "report")
     lock_file = property(lambda self: self.path / ".lock")
@@ -89,6 +90,9 @@ class RunDir:
 
     def shard(self, k: int) -> Path:
         return self.shards_dir / f"shard-{k:05d}.h5"
+
+    def examples_part(self, k: int) -> Path:
+        return self.examples_dir / f"part-{k:05d}.h5"
 
     def rel(self, path: str | os.PathLike) -> str:
         """`path` relative to the run directory (how the run's own files name each other)."""

@@ -39,6 +39,8 @@ class TrainRecord(StageRecord):
     step: int = 0
     val_accuracy: float | None = None
     train_accuracy: float | None = None
+    imported_from: str = ""           # the state dict an imported run's weights came from (no training here:
+    imported_sha256: str = ""         # jobs/import_model.py), as given, and its sha256
 
 
 @dataclass
@@ -50,6 +52,7 @@ class VizRecord(StageRecord):
     n_images: int = 0
     missing_shards: list[str] = field(default_factory=list)
     planned: str = ""                 # when viz/plan.json was written
+    projection_ids: list[str] = field(default_factory=list)  # the second array's (projections), oldest first
 
 
 @dataclass

@@ -16,7 +16,9 @@ from ..config import VizConfig, config_from_dict, config_to_dict
 
 # what a shard must agree with to be this plan's (each is also a root attr of every shard)
 SHARD_KEYS = ("checkpoint_sha256", "dataset_fingerprint", "split", "blocks", "deconv_blocks", "paths",
-              "invert_blocks", "invert_steps", "invert_target", "invert_solver", "prior", "fast")
+              "invert_blocks", "invert_steps", "invert_target", "invert_solver", "prior", "fast", "topk")
+# keys added after shards existed: a shard without the attr was made with this value (no dataset examples)
+_BEFORE = {"topk": 0}
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Plan:
     shards: list[list[int]]           # positions in the split, one list per array task
     n_images: int
     planned: str = ""                 # when it was made (TIME_FORMAT)
+    topk: int = 0                     # images kept per channel for the dataset examples (0: none)
     extra: dict[str, Any] = field(default_factory=dict)  # room for later stages; never renamed
 
     def shard_attrs(self) -> dict[str, Any]:
@@ -47,7 +50,7 @@ class Plan:
     def mismatch(self, attrs: dict[str, Any]) -> str | None:
         """Why a shard with root `attrs` is not this plan's, or None."""
         for k in SHARD_KEYS:
-            mine, theirs = getattr(self, k), attrs.get(k)
+            mine, theirs = getattr(self, k), attrs.get(k, _BEFORE.get(k))
             if (list(mine) if isinstance(mine, list) else mine) != (list(theirs) if isinstance(theirs, (list, tuple))
                                                                      else theirs):
                 what = {"checkpoint_sha256": "another checkpoint (another model)",

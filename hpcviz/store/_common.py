@@ -106,6 +106,40 @@ def _datasets(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
     return sorted(found, key=lambda item: item[0])
 
 
+def _per_image(ds: h5py.Dataset) -> bool:
+    """A dataset with one row per image (axis 0 labelled 'image', or unlabelled as in packed files); the others
+    are summaries over the images (topk/*, class_mean/*, examples/*), which collation merges, never concatenates."""
+    return ds.ndim > 0 and ds.dims[0].label in ("image", "")
+
+
+# NXdata-style tags (NeXus): H5Web and `silx view` plot a file's default image with no plugin. Groups under
+# /entry hold soft links to the data (never hard links: a second hard name would change what visititems
+# lists); h5ls/h5dump show the links as links.
+_NX_IMAGES = ("images", "act/", "deconv/", "invert/")
+
+
+def tag_nxdata(f: h5py.File) -> None:
+    """/entry (NXentry, the root's `default`) with one NXdata group per image dataset: entry/images,
+    entry/act_<block>, entry/deconv_<block>_<path>, entry/invert_<block>, entry/examples_<block> (the grid)."""
+    names = [n for n, ds in _datasets(f) if (n.startswith(_NX_IMAGES) and ds.ndim == 4)
+             or (n.startswith("examples/") and n.endswith("/grid"))]
+    if not names:
+        return
+    entry = f.require_group("entry")
+    entry.attrs["NX_class"] = "NXentry"
+    for name in names:
+        grid = name.endswith("/grid")
+        group = entry.require_group((name[:-len("/grid")] if grid else name).replace("/", "_"))
+        group.attrs.update({"NX_class": "NXdata", "signal": "data",
+                            "axes": np.array(["."] * (f[name].ndim - grid), dtype=h5py.string_dtype())})
+        if "data" not in group:
+            group["data"] = h5py.SoftLink("/" + name)
+        f[name].attrs["interpretation"] = "rgb-image" if grid else "image"
+    entry.attrs["default"] = "images" if "images" in names else entry[sorted(entry)[0]].name.rsplit("/", 1)[-1]
+    f.attrs["NX_class"] = "NXroot"
+    f.attrs["default"] = "entry"
+
+
 def _dataset(f: h5py.File, name: str, where: str) -> h5py.Dataset:
     """The dataset `name`, refusing a virtual one whose source files are gone."""
     obj = f.get(name.strip("/")) if name.strip("/") else f

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from ._common import StoreError, _datasets, _get_attrs, _open, _set_attrs, atomic_path
-from .shards import _SHARD_HINT, _SHARD_RESERVED, SHARD_FORMAT, _shard_problem
+from ._common import StoreError, _datasets, _get_attrs, _open, _per_image, _set_attrs, atomic_path, tag_nxdata
+from .shards import _SHARD_HINT, _SHARD_RESERVED, SHARD_FORMAT, _shard_problem, read_summaries
 
 VIZ_FORMAT = "hpcviz-viz-v1"
 # collate refuses to mix shards that disagree on these root attrs (other model, request or image set)
@@ -20,7 +20,59 @@ AGREE_ATTRS = ("checkpoint_sha256", "arch", "stem", "image_size", "class_names",
 # ============================================================ collate: one virtual view over the shards
 def _layout(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...], list[str], dict[str, Any]]]:
     with _open(path, "shard", _SHARD_HINT) as (f, _):
-        return {name: (ds.dtype, ds.shape, [d.label for d in ds.dims], _get_attrs(ds)) for name, ds in _datasets(f)}
+        return {name: (ds.dtype, ds.shape, [d.label for d in ds.dims], _get_attrs(ds)) for name, ds in _datasets(f)
+                if _per_image(ds)}
+
+
+Arrays = Mapping[str, tuple[np.ndarray, Sequence[str], Mapping[str, Any]]]  # name -> (array, dims, attrs)
+Reduce = Callable[[list[dict[str, np.ndarray]], dict[str, str]], Arrays]
+
+
+def _write_arrays(f: h5py.File, arrays: Arrays, where: str) -> None:
+    for name, (array, dims, attrs) in arrays.items():
+        ds = f.create_dataset(name, data=np.ascontiguousarray(array))
+        for axis, label in enumerate(dims):
+            ds.dims[axis].label = label
+        _set_attrs(ds, attrs, f"{where}: {name}")
+
+
+def write_arrays(path: str | os.PathLike, arrays: Arrays, attrs: Mapping[str, Any]) -> None:
+    """A small HDF5 file of whole arrays (e.g. viz/examples.h5), written atomically, NXdata-tagged."""
+    where = f"write {os.fspath(path)}"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(path), needed=sum(a.nbytes for a, _, _ in arrays.values()) + 2 ** 20) as tmp, \
+            h5py.File(tmp, "w", libver=("v110", "v110")) as f:
+        _write_arrays(f, arrays, where)
+        _set_attrs(f, attrs, where)
+        tag_nxdata(f)
+
+
+def _attach(f: h5py.File, paths: Sequence[Path], out: Path, where: str) -> None:
+    """The datasets of `paths` in `f`, as virtual datasets under their own names; a name found in several
+    files is their concatenation along axis 0, in the order given (e.g. a block's channels in parts)."""
+    meta: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    shapes: dict[str, list[tuple[str, tuple[int, ...], np.dtype]]] = {}
+    for path in paths:
+        rel = Path(os.path.relpath(Path(path).absolute(), out.parent)).as_posix()
+        with _open(path) as (src, _):
+            for name, ds in _datasets(src):
+                shapes.setdefault(name, []).append((rel, ds.shape, ds.dtype))
+                meta.setdefault(name, ([d.label for d in ds.dims], _get_attrs(ds)))
+    for name, parts in shapes.items():
+        rest, dtype = parts[0][1][1:], parts[0][2]
+        if any(s[1:] != rest or d != dtype for _, s, d in parts):
+            raise StoreError(f"{where}: {name} has other shapes or types in {[r for r, _, _ in parts]}; "
+                             "hint: compute those parts again")
+        layout = h5py.VirtualLayout(shape=(sum(s[0] for _, s, _ in parts), *rest), dtype=dtype)
+        pos = 0
+        for rel, shape, _ in parts:
+            layout[pos:pos + shape[0]] = h5py.VirtualSource(rel, name, shape=shape)
+            pos += shape[0]
+        v = f.create_virtual_dataset(name, layout)
+        labels, attrs = meta[name]
+        for axis, label in enumerate(labels):
+            v.dims[axis].label = label
+        _set_attrs(v, {k: x for k, x in attrs.items() if k != "interpretation"}, f"{where}: {name}")
 
 
 def _mismatch(ref: dict, other: dict, ref_root: dict, root: dict) -> str | None:
@@ -54,13 +106,17 @@ def _virtual(f: h5py.File, name: str, meta: tuple, present: list[tuple[str, dict
 
 def collate(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
             attrs: Mapping[str, Any] | None = None, sizes: Sequence[int] | None = None,
-            excluded: Mapping[str | os.PathLike, str] | None = None) -> dict[str, Any]:
+            excluded: Mapping[str | os.PathLike, str] | None = None, reduce: Reduce | None = None,
+            attach: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
     """Present every complete shard of `shard_paths` (the expected ones, in order) as one virtual file.
 
     Sources are named relative to out_path's directory, so the run directory can be moved. Missing or
     incomplete shards are left out (N = images in the present shards) and listed in missing_shards, as
     are shards whose image count differs from `sizes` (the planned count per shard), when given, and
     the shards the caller left out itself (`excluded`: path -> reason, e.g. another plan's shard).
+    `reduce(summaries, missing)`: the present shards' summary datasets ({name: array} each, from
+    read_summaries) merged into datasets of viz.h5 ({name: (array, dims, attrs)}); `attach`: files whose
+    datasets viz.h5 also presents, virtually, under their own names (e.g. viz/examples.h5).
     Returns {"n_images", "present": [relative names], "missing": {relative name: reason}}.
     """
     out = Path(out_path).absolute()
@@ -94,13 +150,18 @@ def collate(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLik
                   "missing_reasons": missing,
                   "varying_attrs": sorted(set(ref_root) - set(common) - set(_SHARD_RESERVED)),
                   "complete": not missing, **(attrs or {})}
+    merged = reduce([read_summaries(out.parent / rel) for rel, _, _ in present], missing) if reduce else {}
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         for name, meta in ref.items():
             _virtual(f, name, meta, present, where)
+        _write_arrays(f, merged, where)
+        if attach:
+            _attach(f, [Path(p) for p in attach], out, where)
         if isinstance(f.get("index"), h5py.Dataset):  # dimension scales work on virtual datasets too
             f["index"].make_scale("index")
             for name in ref:
                 if name != "index":
                     f[name].dims[0].attach_scale(f["index"])
         _set_attrs(f, root_attrs, where)
+        tag_nxdata(f)
     return {"n_images": n_images, "present": [rel for rel, _, _ in present], "missing": missing}

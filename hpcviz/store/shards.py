@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from ..files import check_space, disk_full, fsync_path, is_disk_full, leftovers
-from ._common import StoreError, _dataset, _datasets, _error, _get_attrs, _open, _set_attrs
+from ._common import StoreError, _dataset, _datasets, _error, _get_attrs, _open, _per_image, _set_attrs, tag_nxdata
 
 # ============================================================ shards: one file per array task
 SHARD_FORMAT = "hpcviz-shard-v1"
@@ -73,6 +73,7 @@ class ShardWriter:
         self._ranges: dict[str, list[tuple[int, int]]] = {}  # rows written, per dataset
         self._dims: dict[str, tuple[str, ...]] = {}
         self._handles: dict[str, h5py.Dataset] = {}  # an h5py lookup by name costs as much as a small write
+        self._summaries: set[str] = set()  # datasets over all the shard's images (write_summary)
         self._bytes = [0, 0]  # [of the datasets created, written so far]: each new dataset checks the free space
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for stale in leftovers(self.path):  # a killed writer's leftovers: one live writer per shard by design
@@ -133,6 +134,25 @@ class ShardWriter:
                 self.abort()
                 raise disk_full(self.path) if is_disk_full(e) else e from None
         self._ranges[name].append((start, stop))
+
+    def write_summary(self, name: str, array: np.ndarray, *, dims: Sequence[str],
+                      attrs: Mapping[str, Any] | None = None) -> None:
+        """A dataset over the shard's images as a whole (e.g. topk/<block>/value (C, k)), written at once:
+        its first axis must not be 'image' (collation merges these instead of concatenating them)."""
+        f, array = self._open_file(), np.ascontiguousarray(array)
+        if len(dims) != array.ndim or (dims and dims[0] == "image") or name in self._ranges:
+            raise StoreError(f"{self.where}: {name}: a summary needs dims labelling all {array.ndim} axes, the "
+                             f"first not 'image', written once (got {tuple(dims)}); hint: per-image rows go "
+                             "through write()")
+        try:
+            ds = f.create_dataset(name, data=array)
+        except OSError as e:
+            self.abort()
+            raise disk_full(self.path) if is_disk_full(e) else e from None
+        for axis, label in enumerate(dims):
+            ds.dims[axis].label = label
+        _set_attrs(ds, attrs or {}, f"{self.where}: {name}")
+        self._summaries.add(name)
 
     def _write_chunks(self, name: str, ds: h5py.Dataset, start: int, array: np.ndarray) -> None:
         """Rows [start, start + len(array)) into their chunks: a chunk that is complete goes to the file whole
@@ -212,6 +232,7 @@ class ShardWriter:
                 for name in self._ranges:
                     if name != "index":
                         f[name].dims[0].attach_scale(index)
+            tag_nxdata(f)
             f.attrs["complete"] = True  # last: a file without it is never accepted
             f.close()
             self._f = None
@@ -247,7 +268,7 @@ def _shard_problem(path: Path, n: int | None) -> tuple[str | None, dict[str, Any
                 return "incomplete (root attr complete is not True: its writer did not finish)", attrs
             want = attrs.get("n") if n is None else n
             for name, ds in _datasets(f):
-                if ds.shape[:1] != (want,):
+                if _per_image(ds) and ds.shape[:1] != (want,):
                     return f"dataset {name} has shape {ds.shape}, expected {want} rows", attrs
             if attrs.get("n") != want:
                 return f"holds {attrs.get('n')} images, expected {want}", attrs
@@ -271,7 +292,7 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def list_datasets(path: str | os.PathLike) -> list[str]:
-    """Every dataset path, sorted: ["act/conv1", ..., "images", "index", ...]."""
+    """Every dataset path, sorted: ["act/conv1", ..., "images", "index", ...] (summaries included)."""
     with _open(path) as (f, _):
         return [name for name, _ in _datasets(f)]
 
@@ -294,10 +315,23 @@ def _read_rows(ds: h5py.Dataset, rows: slice | Sequence[int] | None, where: str)
 
 def read_shard(path: str | os.PathLike, names: Sequence[str] | None = None,
                rows: slice | Sequence[int] | None = None) -> dict[str, np.ndarray]:
-    """Datasets `names` (all if None) at `rows` (all if None) of a shard or of viz.h5."""
+    """Datasets `names` (all if None; all per-image ones when `rows` is given) at `rows` (all if None) of a
+    shard or of viz.h5; a summary dataset (no image axis) is read whole."""
     with _open(path) as (f, where):
-        names = [name for name, _ in _datasets(f)] if names is None else list(names)
-        return {name: _read_rows(_dataset(f, name, where), rows, where) for name in names}
+        if names is None:
+            names = [name for name, ds in _datasets(f) if rows is None or _per_image(ds)]
+        names = list(names)
+        out = {}
+        for name in names:
+            ds = _dataset(f, name, where)
+            out[name] = _read_rows(ds, rows, where) if _per_image(ds) else ds[()]
+        return out
+
+
+def read_summaries(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every summary dataset (no image axis: topk/*, class_mean/*, class_count, ...) of a shard, whole."""
+    with _open(path, "shard", _SHARD_HINT) as (f, _):
+        return {name: ds[()] for name, ds in _datasets(f) if not _per_image(ds)}
 
 
 class BackgroundWriter:

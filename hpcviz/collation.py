@@ -1,0 +1,242 @@
+"""Collation, the reduce step of the visualization array: the shards of the plan presented as one virtual file
+(viz/viz.h5) with their dataset-example summaries merged exactly; and the projections of every channel's top
+images (viz/examples/part-NNNNN.h5, presented in viz.h5 too).
+
+The projections cost channels x k deconvnet passes, whatever the number of images: ResNet-18 (CIFAR stem) has
+1984 channels, 17,856 passes, 113 s on 2 CPU cores (benchmark.py examples), but ResNet-50 at 224 px has 15,168
+channels and ~7x the FLOPs per pass: ~1.7 h there (estimated). So they run as a second, small array
+(`project_part`, one task per range of channels, the viz array's resources), after the first and before the
+report; each task merges the shards' lists itself (a few MB, seconds). Aggregation then
+computes only what is missing or stale: a part is current while the checkpoint and its channels' merged lists
+are the same (its `digest`), so a report rerun, or a `--retry-failed` that changes no list, costs nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint, store
+from .rundir import Plan, RunDir, now
+
+__all__ = ["collate", "projection_parts", "plan_parts", "stale_parts", "project_part", "project_range", "merged_lists"]
+
+log = logging.getLogger("hpcviz")
+Part = tuple[str, int, int]  # (block, first channel, end)
+_LISTS = ("index", "y", "x")
+
+
+def collate(run: RunDir, plan: Plan | None, project: bool = False, device: str = "auto") -> dict[str, Any]:
+    """Collate the shards that belong to the plan into viz/viz.h5 (the reduce step): their per-image datasets
+    as one virtual view, their top-k lists and class means merged. A shard that is missing, incomplete or
+    another plan's (another model, data set, request) is left out and named with its reason, and the merge
+    says it is incomplete. The projection parts that are current are presented in viz.h5 too, when all are;
+    `project`: those missing or stale are computed here first (on `device`).
+    Returns {"n_images", "n_shards", "sizes", "missing": {shard: reason}, "path": viz.h5, or None when no
+    shard holds images (a stale viz.h5 is then removed), "reason": why not, when None, "examples": seconds
+    spent projecting here (0.0: every part was current), None when not asked}."""
+    if plan is None:
+        return {"n_images": 0, "n_shards": 0, "sizes": [], "missing": {}, "path": None, "examples": None,
+                "reason": "no visualization plan (viz/plan.json): the visualization array did not run"}
+    sizes = [len(s) for s in plan.shards]
+    missing = run.shard_problems(plan)
+    good = [k for k in range(len(sizes)) if k not in missing]
+    out = {"n_images": 0, "n_shards": len(sizes), "sizes": sizes, "missing": missing, "path": None, "examples": None}
+    if not good:
+        run.viz_file.unlink(missing_ok=True)  # derived from shards that are gone: it would only mislead
+        return {**out, "reason": f"none of the {len(sizes)} visualization shards is present and this plan's"}
+
+    def write(attach: list[Path]) -> dict[str, Any]:
+        from .examples import reduce_summaries
+        return store.collate([run.shard(k) for k in good], run.viz_file,
+                             {"plan_checkpoint_sha256": plan.checkpoint_sha256}, sizes=[sizes[k] for k in good],
+                             excluded={run.shard(k): why for k, why in missing.items()}, attach=attach,
+                             reduce=(lambda parts, gone: reduce_summaries(parts, plan.blocks, plan.topk, gone))
+                             if plan.topk else None)
+    try:
+        summary = write([])
+        if plan.topk:
+            t0 = time.perf_counter()
+            files = _current_parts(run, plan, project, device)
+            out["examples"] = time.perf_counter() - t0 if project else None
+            if files:
+                summary = write(files)
+    except store.StoreError as e:  # shards that disagree among themselves, or viz.h5 cannot be written
+        return {**out, "reason": f"the shards could not be collated: {e}"}
+    return {**out, "n_images": summary["n_images"], "path": run.viz_file}
+
+
+
+
+# ============================================================ projections, in parts
+def projection_parts(arch: str, stem: str, blocks: list[str], tasks: int, topk: int) -> list[Part]:
+    """The projection tasks of a request: (block, channels) ranges of similar cost, about one per array task
+    of the first array; known from the architecture alone, so a pipeline sizes the array before training."""
+    from .examples import block_channels, split_channels
+    from .models import build_model
+    if not topk:
+        return []
+    channels = block_channels(build_model(arch, 10, stem))
+    return split_channels({b: channels[b] for b in blocks}, tasks)
+
+
+def plan_parts(run: RunDir, plan: Plan) -> list[Part]:
+    tcfg = checkpoint.load_checkpoint(run.path / plan.checkpoint)["config"]  # the model the plan was made for
+    return projection_parts(tcfg["arch"], tcfg.get("stem", ""), plan.blocks, len(plan.shards), plan.topk)
+
+
+def stale_parts(run: RunDir, plan: Plan) -> list[int]:
+    """The parts whose file does not match viz.h5's merged lists (all of them without viz.h5)."""
+    parts = plan_parts(run, plan)
+    if not parts or not run.viz_file.is_file():
+        return list(range(len(parts)))
+    lists = merged_lists(run, plan)
+    return [i for i, p in enumerate(parts) if not _is_current(run.examples_part(i), _digest(plan, p, lists[p[0]]))]
+
+
+def merged_lists(run: RunDir, plan: Plan) -> dict[str, dict[str, np.ndarray]]:
+    merged = store.read_shard(run.viz_file, [f"topk/{b}/{f}" for b in plan.blocks for f in _LISTS])
+    return {b: {f: merged[f"topk/{b}/{f}"] for f in _LISTS} for b in plan.blocks}
+
+
+def _digest(plan: Plan, part: Part, lists: Mapping[str, np.ndarray]) -> str:
+    """What a part depends on: the checkpoint, the numerics and its channels' merged lists ({index,y,x} (C, k))."""
+    block, lo, hi = part
+    h = hashlib.sha256(f"{plan.checkpoint_sha256} {plan.fast} {block} {lo} {hi}".encode())
+    for f in _LISTS:
+        h.update(np.ascontiguousarray(lists[f][lo:hi], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _is_current(path: Path, digest: str) -> bool:
+    try:
+        return path.is_file() and store.read_attrs(path).get("digest") == digest
+    except store.StoreError:
+        return False
+
+
+def _current_parts(run: RunDir, plan: Plan, project: bool, device: str) -> list[Path]:
+    """The part files of viz.h5's merged lists, in order, computing the stale ones when `project`; [] unless
+    every part is current (viz.h5 presents all the channels of every block, or none)."""
+    parts, lists = plan_parts(run, plan), merged_lists(run, plan)
+    stale = [i for i, p in enumerate(parts) if not _is_current(run.examples_part(i), _digest(plan, p, lists[p[0]]))]
+    if stale and project:
+        log.info("projections: %d of %d parts to compute here", len(stale), len(parts))
+        rows = {int(p): r for r, p in enumerate(store.read_shard(run.viz_file, ["index"])["index"])}
+
+        def images(positions: np.ndarray) -> np.ndarray:
+            return store.read_shard(run.viz_file, ["images"], rows=[rows[int(p)] for p in positions])["images"]
+        state = checkpoint.load_checkpoint(run.path / plan.checkpoint)
+        for i in stale:
+            project_range(run, plan, state, i, parts[i], lists[parts[i][0]], images, device)
+        stale = []
+    return [] if stale else [run.examples_part(i) for i in range(len(parts))]
+
+
+def project_part(run_dir: str, part: int) -> str:
+    """One task of the projection array: part `part` of the plan's projections, from the lists merged over the
+    shards present now; skipped when its file is current. Returns the part file ('' when there is no such part)."""
+    from . import dist
+    from .examples import merge_topk
+    from .log import setup_logging
+    setup_logging()
+    run = RunDir(run_dir)
+    plan = run.read_plan()
+    state = checkpoint.load_checkpoint(run.path / plan.checkpoint)
+    tcfg = state["config"]
+    parts = projection_parts(tcfg["arch"], tcfg.get("stem", ""), plan.blocks, len(plan.shards), plan.topk)
+    if part >= len(parts):
+        log.info("projection part %d: the plan has %d parts, nothing to do", part, len(parts))
+        return ""
+    good = [k for k in range(len(plan.shards)) if run.shard_problem(k, plan) is None]
+    if not good:
+        raise store.StoreError(f"projection part {part}: no shard of the plan is present; hint: run the "
+                               "visualization array first")
+    block = parts[part][0]
+    summaries = [store.read_summaries(run.shard(k)) for k in good]
+    lists = merge_topk([{f: s[f"topk/{block}/{f}"] for f in ("value", *_LISTS)} for s in summaries], plan.topk)
+    where = {int(p): (k, r) for k in good for r, p in enumerate(plan.shards[k])}
+
+    def images(positions: np.ndarray) -> np.ndarray:  # (R, 3, H, W), read shard by shard
+        out: list[Any] = [None] * len(positions)
+        for k in sorted({where[int(p)][0] for p in positions}):
+            mine = [i for i, p in enumerate(positions) if where[int(p)][0] == k]
+            got = store.read_shard(run.shard(k), ["images"], rows=[where[int(positions[i])][1] for i in mine])
+            for i, img in zip(mine, got["images"]):
+                out[i] = img
+        return np.stack(out)
+    if _is_current(run.examples_part(part), _digest(plan, parts[part], lists)):
+        log.info("projection part %d: %s is current, skipped", part, run.examples_part(part))
+        return str(run.examples_part(part))
+    dist.share_cores()
+    with dist.numerics(exact=not plan.fast):
+        return str(project_range(run, plan, state, part, parts[part], lists, images, plan.config.device))
+
+
+def project_range(run: RunDir, plan: Plan, state: dict[str, Any], i: int, part: Part,
+                  lists: Mapping[str, np.ndarray], images: Callable[[np.ndarray], np.ndarray], device: str) -> Path:
+    """Part i: each channel's top images projected by the deconvnet from that channel's strongest activation
+    alone, beside the input patch under its receptive field (see hpcviz.examples); written atomically."""
+    from . import dist, figures
+    from .data import normalize
+    from .deconv import Deconvnet
+    from .examples import crop, field_box, project, receptive_field
+    from .models import from_checkpoint
+    t0 = time.perf_counter()
+    block, lo, hi = part
+    dev = dist.pick_device(device)
+    model = from_checkpoint(state, dev)
+    deconvnet = Deconvnet(model, exact=not plan.fast)
+    index, ys, xs = (np.asarray(lists[f][lo:hi]) for f in _LISTS)  # (c, k)
+    c, k = index.shape
+    field = receptive_field(model, block)
+    boxes = field_box(field, ys.reshape(-1), xs.reshape(-1))
+    fill = [round(255 * m) for m in state["mean"]]  # off-image pixels: what zero padding is in the input space
+    patches, projections, seeds = [], [], []
+    batch = plan.config.batch_size
+    for start in range(0, c * k, batch):
+        sel = slice(start, start + batch)
+        unique, rows = np.unique(index.reshape(-1)[sel], return_inverse=True)  # each image forward once
+        pixels = torch.from_numpy(images(unique))  # (u, 3, H, W) uint8
+        x = normalize(pixels.to(dev), state["mean"], state["std"])
+        rows_t = torch.from_numpy(rows.reshape(-1)).long()
+        ch = lo + torch.arange(start, start + len(rows_t)) // k
+        rec, value = project(deconvnet, x, block, ch, torch.from_numpy(ys.reshape(-1)[sel]).long(),
+                             torch.from_numpy(xs.reshape(-1)[sel]).long(), rows_t)
+        patches.append(crop(pixels[rows_t], boxes[sel], fill))
+        projections.append(crop(rec.cpu(), boxes[sel], 0.0))
+        seeds.append(value.cpu())
+    patch = torch.cat(patches).numpy().reshape(c, k, *patches[0].shape[1:])  # (c, k, 3, P, Q)
+    deconv = torch.cat(projections).numpy().reshape(c, k, *projections[0].shape[1:])
+    what: dict[str, Any] = {"block": block, "receptive_field": list(field)}
+    dims = ("channel", "rank", "rgb", "y", "x")
+    arrays: dict[str, tuple[np.ndarray, tuple[str, ...], dict[str, Any]]] = {
+        f"examples/{block}/patch": (patch, dims, {**what, "what": _PATCH_WHAT}),
+        f"examples/{block}/deconv": (deconv, dims, {**what, "what": _DECONV_WHAT}),
+        f"examples/{block}/index": (index, ("channel", "rank"), {"what": "the image's position in the split"}),
+        f"examples/{block}/channel": (np.arange(lo, hi, dtype=np.int32), ("channel",), {"what": "channel number"}),
+        f"examples/{block}/box": (boxes.reshape(c, k, 4), ("channel", "rank", "corner"),
+                                  {"what": "receptive field (y0, x0, y1, x1), ends exclusive; may leave the image"}),
+        f"examples/{block}/seed": (torch.cat(seeds).numpy().reshape(c, k), ("channel", "rank"),
+                                   {"what": "the activation the projection starts from (recomputed)"}),
+        f"examples/{block}/grid": (figures.example_montage(patch, deconv), ("y", "x", "rgb"),
+                                   {"what": "rows: channels; left: the k patches, right: their projections"})}
+    path = run.examples_part(i)
+    store.write_arrays(path, arrays, {"format": "hpcviz-examples-part-v1", "digest": _digest(plan, part, lists),
+                                      "block": block, "channels": [lo, hi], "k": k, "path": "both",
+                                      "checkpoint_sha256": plan.checkpoint_sha256, "created": now()})
+    took = time.perf_counter() - t0
+    log.info("projection part %d: %s channels %d-%d, %d projections in %.1f s (%.3f s per channel)", i, block, lo,
+             hi - 1, c * k, took, took / max(c, 1))
+    return path
+
+
+_PATCH_WHAT = "the input patch (uint8) under the receptive field of the channel's maximum, off-image: the mean colour"
+_DECONV_WHAT = ("deconvnet projection (path both) seeded with the channel's strongest activation only, raw, in the "
+                "network's normalised input space, cropped like the patch")
