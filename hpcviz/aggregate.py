@@ -225,6 +225,9 @@ _EXAMPLES_TEXT = (
     "class-selective channels of each block; every block's full grid is linked below.")
 
 
+_GRID_PAGE = 256  # channels per full-grid PNG: 256 rows of 64 px tiles stay far below Agg's 65,536 px limit
+
+
 def _example_blocks(viz: dict[str, Any], cfg: AggregateConfig, figs: _Figures, tables: dict) -> list[tuple]:
     doc: list[tuple] = [("h", 2, "7. What the channels respond to")]
     path = viz["path"]
@@ -244,8 +247,8 @@ def _example_blocks(viz: dict[str, Any], cfg: AggregateConfig, figs: _Figures, t
                             f"{len(viz['missing'])} shard(s) are missing, so they are INCOMPLETE"))
     projected = any(name.startswith("examples/") for name in names)
     if not projected:
-        doc.append(("warn", "no projections in viz.h5 (aggregated with --no-projections): the lists and "
-                            "selectivities only"))
+        doc.append(("warn", (viz.get("examples_error") or "no projections in viz.h5 (aggregated with "
+                             "--no-projections)") + ": the lists and selectivities only"))
     rows, links = [], []
     for block in blocks:
         data = store.read_shard(path, [f"selectivity/{block}", f"selective_class/{block}", f"topk/{block}/value"]
@@ -261,9 +264,13 @@ def _example_blocks(viz: dict[str, Any], cfg: AggregateConfig, figs: _Figures, t
             doc.append(figs.add(f"examples_{block}", figures.examples_grid(
                 patch[best], deconv[best], best, sel[best], top[best], classes, block),
                 f"{block}: its {len(best)} most class-selective channels.", dpi=100))
-            every = np.arange(len(sel))
-            links.append(figs.link(f"examples_{block}_all", figures.examples_grid(
-                patch, deconv, every, sel, top, classes, block), f"{block} ({len(sel)} channels)", dpi=100))
+            for lo in range(0, len(sel), _GRID_PAGE):  # pages: a PNG is at most 65,536 pixels high
+                page = np.arange(lo, min(lo + _GRID_PAGE, len(sel)))
+                name = f"examples_{block}_all" + (f"_{lo:04d}" if len(sel) > _GRID_PAGE else "")
+                text = f"{block} ({len(sel)} channels)" if len(sel) <= _GRID_PAGE else \
+                    f"{block} channels {lo}-{page[-1]}"
+                links.append(figs.link(name, figures.examples_grid(patch[page], deconv[page], page, sel[page],
+                                                                   top[page], classes, block), text, dpi=100))
     tables["class_selectivity"] = (["block", "channel", "class", "selectivity", "top activation"], rows)
     doc.append(("table", *tables["class_selectivity"]))
     if links:

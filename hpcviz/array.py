@@ -61,6 +61,8 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False, loc
             return out
         out["failed"] = wait_all(jobs, todo, launch)
     out["collation"] = finish(run, plan, figures)
+    if launch.cluster == "slurm" and not launch.wait:  # collating again: the projections are the aggregation's
+        return out
     if plan.topk and out["collation"]["path"] is not None:
         stale = stale_parts(run, plan)
         if stale:  # the second array: the projections of every channel's top images, then collate again

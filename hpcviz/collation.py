@@ -61,15 +61,21 @@ def collate(run: RunDir, plan: Plan | None, project: bool = False, device: str =
                              if plan.topk else None)
     try:
         summary = write([])
-        if plan.topk:
-            t0 = time.perf_counter()
-            files = _current_parts(run, plan, project, device)
-            out["examples"] = time.perf_counter() - t0 if project else None
-            if files:
-                summary = write(files)
     except store.StoreError as e:  # shards that disagree among themselves, or viz.h5 cannot be written
         return {**out, "reason": f"the shards could not be collated: {e}"}
-    return {**out, "n_images": summary["n_images"], "path": run.viz_file}
+    out.update(n_images=summary["n_images"], path=run.viz_file)
+    if plan.topk:
+        t0 = time.perf_counter()
+        try:  # the projections add to a good collation: failing, they take nothing from it
+            files = _current_parts(run, plan, project, device)
+            if files:
+                write(files)
+        except Exception as e:  # noqa: BLE001 (a full disk, CUDA out of memory, a changed checkpoint, ...)
+            out["examples_error"] = f"the projections failed: {' '.join(str(e).split())[:300]}"
+            log.warning("%s", out["examples_error"])
+            write([])  # as it was before the attempt
+        out["examples"] = time.perf_counter() - t0 if project else None
+    return out
 
 
 
@@ -105,10 +111,22 @@ def merged_lists(run: RunDir, plan: Plan) -> dict[str, dict[str, np.ndarray]]:
     return {b: {f: merged[f"topk/{b}/{f}"] for f in _LISTS} for b in plan.blocks}
 
 
+def _checkpoint(run: RunDir, plan: Plan) -> dict[str, Any]:
+    """The plan's checkpoint, refused when it changed since the plan (the shards' lists are of the old one)."""
+    from .viz import VizError
+    state = checkpoint.load_checkpoint(run.path / plan.checkpoint)
+    if state["sha256"] != plan.checkpoint_sha256:
+        raise VizError(f"{run.path / plan.checkpoint}: changed since the plan was made (sha256 differs): the "
+                       "projections would show other weights; hint: launch the visualization again")
+    return state
+
+
 def _digest(plan: Plan, part: Part, lists: Mapping[str, np.ndarray]) -> str:
-    """What a part depends on: the checkpoint, the numerics and its channels' merged lists ({index,y,x} (C, k))."""
+    """What a part depends on: the checkpoint, the numerics, the images (split, data) and its channels' merged
+    lists ({index,y,x} (C, k))."""
     block, lo, hi = part
-    h = hashlib.sha256(f"{plan.checkpoint_sha256} {plan.fast} {block} {lo} {hi}".encode())
+    h = hashlib.sha256(f"{plan.checkpoint_sha256} {plan.fast} {plan.split} {plan.dataset_fingerprint} "
+                       f"{plan.config.example_size} {block} {lo} {hi}".encode())
     for f in _LISTS:
         h.update(np.ascontiguousarray(lists[f][lo:hi], dtype=np.int64).tobytes())
     return h.hexdigest()
@@ -127,12 +145,12 @@ def _current_parts(run: RunDir, plan: Plan, project: bool, device: str) -> list[
     parts, lists = plan_parts(run, plan), merged_lists(run, plan)
     stale = [i for i, p in enumerate(parts) if not _is_current(run.examples_part(i), _digest(plan, p, lists[p[0]]))]
     if stale and project:
+        state = _checkpoint(run, plan)
         log.info("projections: %d of %d parts to compute here", len(stale), len(parts))
         rows = {int(p): r for r, p in enumerate(store.read_shard(run.viz_file, ["index"])["index"])}
 
         def images(positions: np.ndarray) -> np.ndarray:
             return store.read_shard(run.viz_file, ["images"], rows=[rows[int(p)] for p in positions])["images"]
-        state = checkpoint.load_checkpoint(run.path / plan.checkpoint)
         for i in stale:
             project_range(run, plan, state, i, parts[i], lists[parts[i][0]], images, device)
         stale = []
@@ -148,7 +166,7 @@ def project_part(run_dir: str, part: int) -> str:
     setup_logging()
     run = RunDir(run_dir)
     plan = run.read_plan()
-    state = checkpoint.load_checkpoint(run.path / plan.checkpoint)
+    state = _checkpoint(run, plan)
     tcfg = state["config"]
     parts = projection_parts(tcfg["arch"], tcfg.get("stem", ""), plan.blocks, len(plan.shards), plan.topk)
     if part >= len(parts):
@@ -186,7 +204,7 @@ def project_range(run: RunDir, plan: Plan, state: dict[str, Any], i: int, part: 
     from . import dist, figures
     from .data import normalize
     from .deconv import Deconvnet
-    from .examples import crop, field_box, project, receptive_field
+    from .examples import crop, field_box, project, receptive_field, shrink
     from .models import from_checkpoint
     t0 = time.perf_counter()
     block, lo, hi = part
@@ -209,8 +227,9 @@ def project_range(run: RunDir, plan: Plan, state: dict[str, Any], i: int, part: 
         ch = lo + torch.arange(start, start + len(rows_t)) // k
         rec, value = project(deconvnet, x, block, ch, torch.from_numpy(ys.reshape(-1)[sel]).long(),
                              torch.from_numpy(xs.reshape(-1)[sel]).long(), rows_t)
-        patches.append(crop(pixels[rows_t], boxes[sel], fill))
-        projections.append(crop(rec.cpu(), boxes[sel], 0.0))
+        size = plan.config.example_size
+        patches.append(shrink(crop(pixels[rows_t], boxes[sel], fill), size))
+        projections.append(shrink(crop(rec.cpu(), boxes[sel], 0.0), size))
         seeds.append(value.cpu())
     patch = torch.cat(patches).numpy().reshape(c, k, *patches[0].shape[1:])  # (c, k, 3, P, Q)
     deconv = torch.cat(projections).numpy().reshape(c, k, *projections[0].shape[1:])
@@ -237,6 +256,7 @@ def project_range(run: RunDir, plan: Plan, state: dict[str, Any], i: int, part: 
     return path
 
 
-_PATCH_WHAT = "the input patch (uint8) under the receptive field of the channel's maximum, off-image: the mean colour"
+_PATCH_WHAT = ("the input patch (uint8) under the receptive field of the channel's maximum, off-image: the mean "
+               "colour; at most example_size pixels a side (area-averaged)")
 _DECONV_WHAT = ("deconvnet projection (path both) seeded with the channel's strongest activation only, raw, in the "
-                "network's normalised input space, cropped like the patch")
+                "network's normalised input space, cropped and sized like the patch")

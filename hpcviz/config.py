@@ -231,6 +231,8 @@ class VizConfig:
                               f"{', '.join(PATHS)}")
     topk: int = option(9, "dataset examples: the images kept per channel of every dumped block, those of its "
                        "largest spatial-max activation (0 = none)", unit="images")
+    example_size: int = option(64, "dataset examples: patches and projections are stored at most this many pixels "
+                               "a side (a larger receptive field is downsampled)", unit="pixels")
     invert_blocks: list[str] = option(factory=lambda: ["default"], help="blocks to invert: default (conv1 + "
                                       "each stage's last block) | all | none | names")
     invert_steps: int = option(0, "at most this many optimisation steps per inversion (0 = the inversion's "
@@ -254,7 +256,7 @@ class VizConfig:
         """`prefix`: how the shared flags are spelt in this command (the pipeline's --viz-batch-size)."""
         _checks(self, {"images": (1, None), "tasks": (1, None), "per_task": (1, None), "batch_size": (1, None),
                        "invert_steps": (0, None), "invert_target": (0, 1), "invert_batch_size": (0, None),
-                       "topk": (0, None)}, prefix)
+                       "topk": (0, None), "example_size": (8, None)}, prefix)
         if any(i < 0 for i in self.indices):
             raise ConfigError(f"--indices {min(self.indices)}: positions start at 0; hint: --indices 0,1,2")
         bad = [p for p in self.paths if p not in PATHS]
@@ -273,8 +275,8 @@ class AggregateConfig:
     channels: int = option(8, "strongest channels per block in the feature-map figures")
     example_channels: int = option(4, "most class-selective channels per block shown in the dataset-examples "
                                    "section (every block's full grid is linked)")
-    projections: bool = option(True, "project each channel's top activations with the deconvnet (cached in "
-                               "viz/examples.h5)", flag="--no-projections")
+    projections: bool = option(True, "project each channel's top activations with the deconvnet where the "
+                               "projection array left them undone (viz/examples/part-*.h5)", flag="--no-projections")
     projection_device: str = option("auto", "where the projections are computed", choices=DEVICES)
     embed: bool = option(True, "report.html embeds its figures (self-contained)", flag="--no-embed")
     dpi: int = option(100, "PNG resolution", unit="dots per inch", cli=False)

@@ -27,7 +27,8 @@ from torch import nn
 from .errors import InputError
 
 __all__ = ["TopK", "merge_topk", "merge_class_means", "selectivity", "reduce_summaries", "brute_force_topk",
-           "receptive_field", "block_channels", "split_channels", "field_box", "crop", "project", "TOPK_FIELDS"]
+           "receptive_field", "block_channels", "split_channels", "field_box", "crop", "shrink", "project",
+           "TOPK_FIELDS"]
 
 TOPK_FIELDS = ("value", "index", "y", "x")  # topk/<block>/<field>, each (C, k)
 
@@ -270,6 +271,16 @@ def crop(images: torch.Tensor, boxes: np.ndarray, fill: Sequence[float] | float 
         if ye > ys and xe > xs:
             out[i, :, ys - y0:ye - y0, xs - x0:xe - x0] = images[i, :, ys:ye, xs:xe]
     return out
+
+
+def shrink(tiles: torch.Tensor, size: int) -> torch.Tensor:
+    """Tiles (R, C, P, Q) at most `size` pixels a side, by area averaging (aspect kept); uint8 stays uint8."""
+    p, q = tiles.shape[-2:]
+    if max(p, q) <= size:
+        return tiles
+    out = (max(1, round(p * size / max(p, q))), max(1, round(q * size / max(p, q))))
+    small = torch.nn.functional.interpolate(tiles.float(), size=out, mode="area")
+    return small.round().clamp(0, 255).to(torch.uint8) if tiles.dtype == torch.uint8 else small.to(tiles.dtype)
 
 
 @torch.no_grad()

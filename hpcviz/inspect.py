@@ -246,9 +246,8 @@ def channel_examples(path: str | Path, block: str, channel: int) -> dict[str, An
            "selectivity": float(lists[f"selectivity/{block}"][channel]),
            "selective_class": int(lists[f"selective_class/{block}"][channel]),
            "complete": bool(attrs.get("complete")), "n_images": attrs.get("n_images")}
-    if f"examples/{block}/patch" in names:
-        ex = store.read_shard(path, [f"examples/{block}/{f}" for f in ("patch", "deconv", "box")])
-        out.update({f: ex[f"examples/{block}/{f}"][channel] for f in ("patch", "deconv", "box")})
+    if f"examples/{block}/patch" in names:  # the channel's row only: a block's examples can be large
+        out.update({f: store.read_image(path, f"examples/{block}/{f}", channel) for f in ("patch", "deconv", "box")})
     return out
 
 

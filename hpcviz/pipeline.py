@@ -196,9 +196,10 @@ def retry_cluster(run: RunDir, requested: str) -> str:
 
 # ------------------------------------------------------------------------------------------ status
 
-def _shard_states(run: RunDir, manifest: Manifest) -> list[tuple[int, str, str]]:
-    """(shard, task id, state) per planned (or, before the plan, submitted) shard; a shard that belongs to
-    the plan is 'done (verified)' whatever the scheduler says, one that does not says why."""
+def _shard_states(run: RunDir, manifest: Manifest) -> list[tuple[int, str, str, str]]:
+    """(shard, task id, state, detail) per planned (or, before the plan, submitted) shard; a shard that belongs
+    to the plan is 'done (verified)' whatever the scheduler says, one that does not says why (in the detail
+    too when the state is the scheduler's)."""
     from .jobstate import latest_tasks, task_states
     plan = run.plan()
     latest = latest_tasks(manifest.viz.tasks)  # the newest task of each shard
@@ -208,13 +209,15 @@ def _shard_states(run: RunDir, manifest: Manifest) -> list[tuple[int, str, str]]
     for s in range(n):
         tid = latest.get(s, "")
         problem = run.shard_problem(s, plan) if plan else "waiting for the plan"
+        missing = "" if not problem or not plan else \
+            "missing" if problem.startswith("no such file") else f"missing: {problem}"
         if not problem:
             state = "done (verified)"
         elif live.get(tid) and live[tid] != "COMPLETED" or not plan:
             state = live.get(tid) or problem
         else:
-            state = "missing" if problem.startswith("no such file") else f"missing: {problem}"
-        rows.append((s, tid, state))
+            state, missing = missing, ""
+        rows.append((s, tid, state, missing))
     return rows
 
 
@@ -235,7 +238,7 @@ def pipeline_status(run: RunDir) -> list[tuple[str, str, str, str]]:
         if stage == "aggregate" and rec.missing_shards:
             detail += f", missing {', '.join(rec.missing_shards)}"
         rows.append((stage, rec.job_id, state or detail.split(",")[0], detail))
-    shards = [(f"viz[{s}]", tid, state, "") for s, tid, state in _shard_states(run, manifest)]
+    shards = [(f"viz[{s}]", tid, state, detail) for s, tid, state, detail in _shard_states(run, manifest)]
     return [rows[0], *shards, rows[1]]
 
 

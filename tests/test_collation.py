@@ -203,3 +203,42 @@ def test_inspect_prints_a_channels_top_k_and_draws_it(run, tmp_path, capsys):
         assert cli.main(parser.parse_args([str(run), *bad])) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {match}") and err.count("\n") == 1, err
+
+
+def test_a_changed_checkpoint_stops_the_projections_not_the_collation(run, tmp_path):
+    """Weights that changed after the plan (training resumed): the shards' lists are the old model's, so the
+    projection refuses them; collation still presents the shards and the merge, and says why."""
+    import shutil
+
+    from hpcviz import checkpoint
+    from hpcviz.collation import project_part
+    from hpcviz.viz import VizError
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    r = RunDir(copy)
+    shutil.rmtree(r.examples_dir, ignore_errors=True)
+    state = torch.load(copy / "checkpoints" / "last.pt", weights_only=True)
+    state["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+    checkpoint.save_checkpoint(state, r.checkpoints)
+    summary = collate(r, r.read_plan(), project=True)
+    assert summary["path"] == r.viz_file and summary["n_images"] == 11
+    assert "changed since the plan was made" in summary["examples_error"]
+    names = store.list_datasets(r.viz_file)
+    assert "topk/conv1/index" in names and not [n for n in names if n.startswith("examples/")]
+    with pytest.raises(VizError, match="changed since the plan was made"):
+        project_part(str(copy), 0)
+
+
+def test_a_plan_from_before_the_dataset_examples_keeps_its_meaning(run):
+    """plan.json written before --topk existed: no examples, in the plan and in its request (so a retry
+    repeats the same request instead of meeting 'another request')."""
+    import json
+
+    from hpcviz.rundir import Plan
+    values = json.loads((run / "viz" / "plan.json").read_text())
+    values.pop("topk")
+    values["config"].pop("topk")
+    values["config"].pop("example_size")
+    old = Plan.from_dict(values, str(run))
+    assert old.topk == 0 and old.config.topk == 0
+    assert old.mismatch({k: v for k, v in old.shard_attrs().items() if k != "topk"}) is None  # an old shard

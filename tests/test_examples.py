@@ -178,3 +178,14 @@ def test_projection_forwards_each_image_once_with_the_same_result(arch, stem):
     shared, v1 = project(Deconvnet(model), x, block, ch, ys, xs, rows)
     each, v2 = project(Deconvnet(model), x[rows], block, ch, ys, xs)
     assert torch.allclose(shared, each, atol=1e-6 * each.abs().max().item()) and torch.equal(v1, v2)
+
+
+def test_shrink_averages_areas_and_keeps_the_aspect():
+    tiles = torch.arange(2 * 3 * 12 * 8, dtype=torch.float32).reshape(2, 3, 12, 8)
+    from hpcviz.examples import shrink
+    small = shrink(tiles, 6)
+    assert small.shape == (2, 3, 6, 4)
+    assert torch.allclose(small[1, 2, 0, 0], tiles[1, 2, :2, :2].mean())
+    assert shrink(tiles, 12) is tiles  # small enough already
+    u = shrink(torch.full((1, 3, 10, 10), 200, dtype=torch.uint8), 5)
+    assert u.dtype == torch.uint8 and (u == 200).all()

@@ -166,8 +166,8 @@ def test_viz_array_of_two_tasks_and_a_rerun_of_one(tmp_path):
     for k in (0, 1):  # each task's log: progress lines, then its timing by part
         log = (run / "logs" / f"{manifest['job_ids'][0]}_{k}_0_log.err").read_text()
         assert f"shard {k}: forward and deconvnet, images" in log and "ETA" in log, log
-        assert re.search(rf"shard {k} done: 10 images in [\d.]+ s \(load [\d.]+, forward [\d.]+, deconv [\d.]+, "
-                         r"inversion [\d.]+, write [\d.]+ s\)", log), log
+        assert re.search(rf"shard {k} done: 10 images in [\d.]+ s \(load [\d.]+, forward [\d.]+, topk [\d.]+, "
+                         r"deconv [\d.]+, inversion [\d.]+, write [\d.]+ s\)", log), log
     # a lost shard: reported by collation, then the rerun submits only that one
     (run / "viz" / "shards" / "shard-00001.h5").unlink()
     summary = store.collate([run / "viz" / "shards" / f"shard-0000{i}.h5" for i in (0, 1)], run / "viz" / "viz.h5")
@@ -176,7 +176,7 @@ def test_viz_array_of_two_tasks_and_a_rerun_of_one(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1 to do" in r.stderr
     again = store.read_shard(run / "viz" / "viz.h5")
-    assert set(again) == set(first) and all(np.array_equal(again[k], first[k]) for k in first)
+    assert set(again) == set(first) and all(np.array_equal(again[k], first[k], equal_nan=True) for k in first)
 
 
 def test_pipeline_with_dependencies_a_killed_task_and_retry(tmp_path):
@@ -194,10 +194,12 @@ def test_pipeline_with_dependencies_a_killed_task_and_retry(tmp_path):
            *viz_args, "--report-images", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    ids = {k: re.search(rf"{k} (?:job|array) (\d+)", r.stdout).group(1) for k in ("train", "viz", "aggregate")}
-    # the dependencies, as the scheduler holds them
+    ids = {k: re.search(rf"{k} (?:job|array) (\d+)", r.stdout).group(1)
+           for k in ("train", "viz", "project", "aggregate")}
+    # the dependencies, as the scheduler holds them: train -> viz array -> projection array -> aggregation
     assert scontrol_field(ids["viz"], "Dependency").startswith(f"afterok:{ids['train']}")
-    assert scontrol_field(ids["aggregate"], "Dependency").startswith(f"afterany:{ids['viz']}")
+    assert scontrol_field(ids["project"], "Dependency").startswith(f"afterany:{ids['viz']}")
+    assert scontrol_field(ids["aggregate"], "Dependency").startswith(f"afterany:{ids['project']}")
     assert "--kill-on-invalid-dep=yes" in (run / "logs" / f"{ids['viz']}_submission.sh").read_text()
     # the submitted jobs hold the run: another command on it is refused, naming the job
     busy = subprocess.run([sys.executable, str(ROOT / "jobs" / "aggregate.py"), "--run", str(run)],
@@ -228,7 +230,8 @@ def test_pipeline_with_dependencies_a_killed_task_and_retry(tmp_path):
                         "--wait"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got, want = store.read_shard(run / "viz" / "viz.h5"), store.read_shard(ref / "viz" / "viz.h5")
-    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k], equal_nan=True) for k in want)
+    assert "examples/layer3.2/patch" in got  # the projections, by the second array in both
     assert store.read_attrs(run / "viz" / "viz.h5")["complete"] is True
 
 

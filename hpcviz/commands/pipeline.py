@@ -33,7 +33,9 @@ def _print_submitted(run: RunDir, ids: dict) -> None:
     print(f"submitted pipeline for {run}:\n"
           f"  train job {ids['train']}\n"
           f"  viz array {', '.join(ids['viz'])} ({ids['n_tasks']} tasks, afterok:{ids['train']})\n"
-          f"  aggregate job {ids['aggregate']} (afterany on the array)\n"
+          + (f"  project array {', '.join(ids['project'])} (the dataset examples' projections, afterany on the "
+             "viz array)\n" if ids.get("project") else "")
+          + f"  aggregate job {ids['aggregate']} (afterany on the last array)\n"
           f"  status:  python jobs/launch_pipeline.py --run {run} --status   (or --wait to follow)\n"
           f"  report:  {run.report_dir / 'report.html'} when the aggregation has run\n"
           f"  retry:   python jobs/launch_pipeline.py --run {run} --retry-failed")
@@ -65,7 +67,8 @@ def _retry(args: argparse.Namespace, run: RunDir) -> int:
         result = retry_failed(run, launch, agg_cfg, lock)
     if launch.cluster == "slurm":
         print(f"resubmitted {len(result['todo'])} shard(s) {result['todo']} as array "
-              f"{', '.join(result['viz']) or '-'}; aggregate job {result['aggregate']}")
+              f"{', '.join(result['viz']) or '-'}; projection array {', '.join(result['project']) or '-'}; "
+              f"aggregate job {result['aggregate']}")
         if launch.wait:
             wait_pipeline(run)
         return 0

@@ -70,5 +70,7 @@ class Plan:
     @classmethod
     def from_dict(cls, values: dict[str, Any], run_dir: str) -> Plan:
         values = dict(values)
-        values["config"] = config_from_dict(VizConfig, {**values["config"], "run_dir": run_dir})
+        # a plan from before an option existed: its config has the value the plan was made with
+        before = {"topk": values.get("topk", _BEFORE["topk"])}
+        values["config"] = config_from_dict(VizConfig, {**before, **values["config"], "run_dir": run_dir})
         return cls(**values)

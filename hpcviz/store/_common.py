@@ -17,6 +17,7 @@ from ..files import atomic_path, fsync_path, leftovers
 __all__ = ["StoreError", "atomic_path", "fsync_path", "leftovers"]
 
 _SCALE_ATTRS = ("CLASS", "NAME", "REFERENCE_LIST", "DIMENSION_LIST", "DIMENSION_LABELS")  # shown as dims
+_NX_ATTRS = ("NX_class", "default", "signal", "axes", "interpretation")  # for HDF5 viewers (tag_nxdata)
 _FILE_HINT = "hint: list what exists with python jobs/inspect_results.py RUN_DIR"
 
 
@@ -67,8 +68,9 @@ def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any], where: str) -> None
 
 
 def _get_attrs(obj: h5py.HLObject) -> dict[str, Any]:
-    """Attrs as plain Python values, JSON ones decoded; dimension-scale bookkeeping left out."""
-    out: dict[str, Any] = {k: _plain(obj.attrs[k]) for k in obj.attrs.keys() if k not in _SCALE_ATTRS}
+    """Attrs as plain Python values, JSON ones decoded; dimension-scale and viewer (NXdata) bookkeeping left out."""
+    out: dict[str, Any] = {k: _plain(obj.attrs[k]) for k in obj.attrs.keys()
+                           if k not in _SCALE_ATTRS and k not in _NX_ATTRS}
     for key in out.pop("json_attrs", []):
         with contextlib.suppress(KeyError, TypeError, ValueError):
             out[key] = json.loads(out[key])
@@ -150,7 +152,8 @@ def _dataset(f: h5py.File, name: str, where: str) -> h5py.Dataset:
                 group = f["/".join(parts[:i])]
                 break
         prefix = group.name.strip("/") + "/" if group.name != "/" else ""
-        valid = [prefix + k + ("/" if isinstance(group.get(k), h5py.Group) else "") for k in group.keys()]
+        valid = [prefix + k + ("/" if isinstance(group.get(k), h5py.Group) else "") for k in group.keys()
+                 if group.get(k, getclass=True) is not h5py.Group or "NX_class" not in group[k].attrs]  # viewers' links
         raise _error(where, f"no dataset {name!r}; valid: {', '.join(valid) or '(none)'}",
                      "hint: show the tree with python jobs/inspect_results.py FILE")
     if obj.is_virtual:

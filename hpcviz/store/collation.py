@@ -37,7 +37,7 @@ def _write_arrays(f: h5py.File, arrays: Arrays, where: str) -> None:
 
 
 def write_arrays(path: str | os.PathLike, arrays: Arrays, attrs: Mapping[str, Any]) -> None:
-    """A small HDF5 file of whole arrays (e.g. viz/examples.h5), written atomically, NXdata-tagged."""
+    """A small HDF5 file of whole arrays (e.g. a projection part), written atomically, NXdata-tagged."""
     where = f"write {os.fspath(path)}"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(Path(path), needed=sum(a.nbytes for a, _, _ in arrays.values()) + 2 ** 20) as tmp, \
@@ -116,7 +116,8 @@ def collate(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLik
     the shards the caller left out itself (`excluded`: path -> reason, e.g. another plan's shard).
     `reduce(summaries, missing)`: the present shards' summary datasets ({name: array} each, from
     read_summaries) merged into datasets of viz.h5 ({name: (array, dims, attrs)}); `attach`: files whose
-    datasets viz.h5 also presents, virtually, under their own names (e.g. viz/examples.h5).
+    datasets viz.h5 also presents, virtually, under their own names (e.g. the projection parts, whose
+    datasets of one name are concatenated along their first axis).
     Returns {"n_images", "present": [relative names], "missing": {relative name: reason}}.
     """
     out = Path(out_path).absolute()

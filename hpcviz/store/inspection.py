@@ -42,7 +42,11 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     with _open(path) as (f, _):
         objects: list[dict[str, Any]] = []
 
+        viewers = [k for k in f if isinstance(f[k], h5py.Group) and f[k].attrs.get("NX_class") == "NXentry"]
+
         def visit(name: str, obj: h5py.HLObject) -> None:
+            if name.split("/")[0] in viewers:  # the soft links for HDF5 viewers (tag_nxdata): no data of their own
+                return
             entry = {"name": name, "kind": "group", "attrs": {k: _short(v) for k, v in _get_attrs(obj).items()}}
             objects.append({**entry, **_meta(obj)} if isinstance(obj, h5py.Dataset) else entry)
 
