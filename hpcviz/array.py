@@ -54,9 +54,7 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False, loc
         if launch.cluster == "slurm" and not launch.wait:
             parts = len(plan_parts(run, plan))
             if parts:  # the second array, after the first; aggregation computes what it leaves undone
-                pex = make_executor(launch, run.logs, f"hpcviz-project-{run.path.resolve().name}")
-                pex.update_parameters(slurm_additional_parameters={**launch.extra, "dependency": "afterany:"
-                                                                   + ":".join(out["ids"])})
+                pex = stage_executor(launch, run, "project", "afterany:" + ":".join(out["ids"]))
                 out["projection_ids"], _ = submit_projections(run, pex, list(range(parts)), launch, lock)
             return out
         out["failed"] = wait_all(jobs, todo, launch)
@@ -66,11 +64,21 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False, loc
     if plan.topk and out["collation"]["path"] is not None:
         stale = stale_parts(run, plan)
         if stale:  # the second array: the projections of every channel's top images, then collate again
-            pex = make_executor(launch, run.logs, f"hpcviz-project-{run.path.resolve().name}")
+            pex = stage_executor(launch, run, "project", "")
             out["projection_ids"], jobs = submit_projections(run, pex, stale, launch, lock)
             out["projection_failed"] = wait_all(jobs, stale, launch, what="projection part")
             out["collation"] = finish(run, plan, figures=False)
     return out
+
+
+def stage_executor(launch: LaunchConfig, run: RunDir, stage: str, dependency: str) -> submitit.Executor:
+    """An executor for one stage of the run (its resources: launch.stage_launch), after `dependency`."""
+    staged = stage_launch(launch, stage)
+    ex = make_executor(staged, run.logs, f"hpcviz-{stage}-{run.path.resolve().name}")
+    if dependency:
+        ex.update_parameters(slurm_additional_parameters={**staged.extra, "dependency": dependency,
+                                                          "kill_on_invalid_dep": "yes"})
+    return ex
 
 
 def submit_projections(run: RunDir, ex: submitit.Executor, parts: list[int], launch: LaunchConfig,

@@ -72,8 +72,7 @@ def collate(run: RunDir, plan: Plan | None, project: bool = False, device: str =
                 write(files)
         except Exception as e:  # noqa: BLE001 (a full disk, CUDA out of memory, a changed checkpoint, ...)
             out["examples_error"] = f"the projections failed: {' '.join(str(e).split())[:300]}"
-            log.warning("%s", out["examples_error"])
-            write([])  # as it was before the attempt
+            log.warning("%s", out["examples_error"])  # viz.h5 is as write([]) left it: each write is atomic
         out["examples"] = time.perf_counter() - t0 if project else None
     return out
 
@@ -93,17 +92,27 @@ def projection_parts(arch: str, stem: str, blocks: list[str], tasks: int, topk: 
 
 
 def plan_parts(run: RunDir, plan: Plan) -> list[Part]:
-    tcfg = checkpoint.load_checkpoint(run.path / plan.checkpoint)["config"]  # the model the plan was made for
-    return projection_parts(tcfg["arch"], tcfg.get("stem", ""), plan.blocks, len(plan.shards), plan.topk)
+    """The plan's parts, for the model it was made for: its architecture from viz.h5's root attrs once this
+    plan is collated (no checkpoint to read), else from the checkpoint."""
+    attrs = store.read_attrs(run.viz_file) if run.viz_file.is_file() else {}
+    if attrs.get("plan_checkpoint_sha256") != plan.checkpoint_sha256:
+        attrs = checkpoint.load_checkpoint(run.path / plan.checkpoint)["config"]
+    return projection_parts(attrs["arch"], attrs.get("stem", ""), plan.blocks, len(plan.shards), plan.topk)
 
 
 def stale_parts(run: RunDir, plan: Plan) -> list[int]:
     """The parts whose file does not match viz.h5's merged lists (all of them without viz.h5)."""
+    return _staleness(run, plan)[2]
+
+
+def _staleness(run: RunDir, plan: Plan) -> tuple[list[Part], dict[str, dict[str, np.ndarray]], list[int]]:
+    """(the plan's parts, viz.h5's merged lists, the parts whose file does not match them)."""
     parts = plan_parts(run, plan)
     if not parts or not run.viz_file.is_file():
-        return list(range(len(parts)))
+        return parts, {}, list(range(len(parts)))
     lists = merged_lists(run, plan)
-    return [i for i, p in enumerate(parts) if not _is_current(run.examples_part(i), _digest(plan, p, lists[p[0]]))]
+    return parts, lists, [i for i, p in enumerate(parts)
+                          if not _is_current(run.examples_part(i), _digest(plan, p, lists[p[0]]))]
 
 
 def merged_lists(run: RunDir, plan: Plan) -> dict[str, dict[str, np.ndarray]]:
@@ -142,8 +151,7 @@ def _is_current(path: Path, digest: str) -> bool:
 def _current_parts(run: RunDir, plan: Plan, project: bool, device: str) -> list[Path]:
     """The part files of viz.h5's merged lists, in order, computing the stale ones when `project`; [] unless
     every part is current (viz.h5 presents all the channels of every block, or none)."""
-    parts, lists = plan_parts(run, plan), merged_lists(run, plan)
-    stale = [i for i, p in enumerate(parts) if not _is_current(run.examples_part(i), _digest(plan, p, lists[p[0]]))]
+    parts, lists, stale = _staleness(run, plan)
     if stale and project:
         state = _checkpoint(run, plan)
         log.info("projections: %d of %d parts to compute here", len(stale), len(parts))

@@ -158,7 +158,7 @@ def reduce_summaries(parts: Sequence[Mapping[str, np.ndarray]], blocks: Sequence
     status = {"complete": not missing, "n_images": n, "missing_shards": sorted(missing)}
     note = "" if not missing else f" (INCOMPLETE: {len(missing)} shard(s) missing)"
     out: dict[str, tuple[np.ndarray, tuple[str, ...], dict[str, Any]]] = {}
-    means, count = merge_class_means([p[f"class_mean/{blocks[0]}"] for p in parts], [p["class_count"] for p in parts])
+    count = np.sum([np.asarray(p["class_count"], np.int64) for p in parts], axis=0)
     out["class_count"] = (count, ("class",), {**status, "what": "images per class"})
     for block in blocks:
         merged = merge_topk([{f: p[f"topk/{block}/{f}"] for f in TOPK_FIELDS} for p in parts], k)

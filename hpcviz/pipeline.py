@@ -21,11 +21,11 @@ import submitit
 
 from . import viz
 from .aggregate import aggregate
-from .array import launch_viz, submit_projections, submit_shards
+from .array import launch_viz, stage_executor, submit_projections, submit_shards
 from .collation import plan_parts, projection_parts
 from .config import AggregateConfig, LaunchConfig, TrainConfig, VizConfig
 from .errors import JobError
-from .launch import JobRefused, LaunchError, TrainJob, make_executor, stage_launch, submit_train, wait_result
+from .launch import JobRefused, LaunchError, TrainJob, stage_launch, submit_train, wait_result
 from .rundir import Manifest, RunDir, RunLock, now
 
 log = logging.getLogger("hpcviz")
@@ -84,30 +84,21 @@ def check_request(train_cfg: TrainConfig, viz_cfg: VizConfig) -> int:
     return viz_cfg.n_tasks()
 
 
-def _executor(launch: LaunchConfig, run: RunDir, stage: str, dependency: str) -> submitit.Executor:
-    staged = stage_launch(launch, stage)
-    ex = make_executor(staged, run.logs, f"hpcviz-{stage}-{run.path.resolve().name}")
-    if dependency:
-        ex.update_parameters(slurm_additional_parameters={**staged.extra, "dependency": dependency,
-                                                          "kill_on_invalid_dep": "yes"})
-    return ex
-
-
 def _submit_viz_and_aggregate(run: RunDir, shards: list[int], launch: LaunchConfig, agg_cfg: AggregateConfig,
                               after: str, lock: RunLock | None, parts: int = 0) -> dict[str, Any]:
     """The array (afterok on `after`, when given) over `shards`, the projection array of `parts` tasks
     afterany on it, then the aggregation afterany on the last array submitted."""
     ids: list[str] = []
     if shards:
-        ex = _executor(launch, run, "viz", f"afterok:{after}" if after else "")
+        ex = stage_executor(launch, run, "viz", f"afterok:{after}" if after else "")
         ids, _ = submit_shards(run, ex, viz.run_shard, shards, launch, lock)
     pids: list[str] = []
     if parts:
-        ex = _executor(launch, run, "project", "afterany:" + ":".join(ids) if ids else
+        ex = stage_executor(launch, run, "project", "afterany:" + ":".join(ids) if ids else
                        (f"afterok:{after}" if after else ""))
         pids, _ = submit_projections(run, ex, list(range(parts)), stage_launch(launch, "viz"), lock)
     last = pids or ids
-    ex = _executor(launch, run, "aggregate", "afterany:" + ":".join(last) if last else "")
+    ex = stage_executor(launch, run, "aggregate", "afterany:" + ":".join(last) if last else "")
     run.update("aggregate", status="submitted", error="")  # before: the job may end at once
     agg = ex.submit(aggregate_job, dataclasses.replace(agg_cfg, run_dir=str(run.path)))
     run.update("aggregate", job_id=str(agg.job_id))

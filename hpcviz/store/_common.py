@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,16 @@ def _datasets(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
     found: list[tuple[str, h5py.Dataset]] = []
     f.visititems(lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
     return sorted(found, key=lambda item: item[0])
+
+
+def _write_arrays(f: h5py.File, arrays: Mapping[str, tuple[np.ndarray, Sequence[str], Mapping[str, Any]]],
+                  where: str) -> None:
+    """Whole arrays as datasets {name: (array, dims, attrs)}, every axis labelled."""
+    for name, (array, dims, attrs) in arrays.items():
+        ds = f.create_dataset(name, data=np.ascontiguousarray(array))
+        for axis, label in enumerate(dims):
+            ds.dims[axis].label = label
+        _set_attrs(ds, attrs, f"{where}: {name}")
 
 
 def _per_image(ds: h5py.Dataset) -> bool:

@@ -9,7 +9,17 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._common import StoreError, _datasets, _get_attrs, _open, _per_image, _set_attrs, atomic_path, tag_nxdata
+from ._common import (
+    StoreError,
+    _datasets,
+    _get_attrs,
+    _open,
+    _per_image,
+    _set_attrs,
+    _write_arrays,
+    atomic_path,
+    tag_nxdata,
+)
 from .shards import _SHARD_HINT, _SHARD_RESERVED, SHARD_FORMAT, _shard_problem, read_summaries
 
 VIZ_FORMAT = "hpcviz-viz-v1"
@@ -26,14 +36,6 @@ def _layout(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...], list[str],
 
 Arrays = Mapping[str, tuple[np.ndarray, Sequence[str], Mapping[str, Any]]]  # name -> (array, dims, attrs)
 Reduce = Callable[[list[dict[str, np.ndarray]], dict[str, str]], Arrays]
-
-
-def _write_arrays(f: h5py.File, arrays: Arrays, where: str) -> None:
-    for name, (array, dims, attrs) in arrays.items():
-        ds = f.create_dataset(name, data=np.ascontiguousarray(array))
-        for axis, label in enumerate(dims):
-            ds.dims[axis].label = label
-        _set_attrs(ds, attrs, f"{where}: {name}")
 
 
 def write_arrays(path: str | os.PathLike, arrays: Arrays, attrs: Mapping[str, Any]) -> None:
@@ -72,7 +74,7 @@ def _attach(f: h5py.File, paths: Sequence[Path], out: Path, where: str) -> None:
         labels, attrs = meta[name]
         for axis, label in enumerate(labels):
             v.dims[axis].label = label
-        _set_attrs(v, {k: x for k, x in attrs.items() if k != "interpretation"}, f"{where}: {name}")
+        _set_attrs(v, attrs, f"{where}: {name}")
 
 
 def _mismatch(ref: dict, other: dict, ref_root: dict, root: dict) -> str | None:

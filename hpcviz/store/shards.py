@@ -14,7 +14,18 @@ import h5py
 import numpy as np
 
 from ..files import check_space, disk_full, fsync_path, is_disk_full, leftovers
-from ._common import StoreError, _dataset, _datasets, _error, _get_attrs, _open, _per_image, _set_attrs, tag_nxdata
+from ._common import (
+    StoreError,
+    _dataset,
+    _datasets,
+    _error,
+    _get_attrs,
+    _open,
+    _per_image,
+    _set_attrs,
+    _write_arrays,
+    tag_nxdata,
+)
 
 # ============================================================ shards: one file per array task
 SHARD_FORMAT = "hpcviz-shard-v1"
@@ -139,19 +150,16 @@ class ShardWriter:
                       attrs: Mapping[str, Any] | None = None) -> None:
         """A dataset over the shard's images as a whole (e.g. topk/<block>/value (C, k)), written at once:
         its first axis must not be 'image' (collation merges these instead of concatenating them)."""
-        f, array = self._open_file(), np.ascontiguousarray(array)
-        if len(dims) != array.ndim or (dims and dims[0] == "image") or name in self._ranges:
+        f, array = self._open_file(), np.asarray(array)
+        if len(dims) != array.ndim or (dims and dims[0] == "image") or name in self._ranges or name in self._summaries:
             raise StoreError(f"{self.where}: {name}: a summary needs dims labelling all {array.ndim} axes, the "
                              f"first not 'image', written once (got {tuple(dims)}); hint: per-image rows go "
                              "through write()")
         try:
-            ds = f.create_dataset(name, data=array)
+            _write_arrays(f, {name: (array, dims, attrs or {})}, self.where)
         except OSError as e:
             self.abort()
             raise disk_full(self.path) if is_disk_full(e) else e from None
-        for axis, label in enumerate(dims):
-            ds.dims[axis].label = label
-        _set_attrs(ds, attrs or {}, f"{self.where}: {name}")
         self._summaries.add(name)
 
     def _write_chunks(self, name: str, ds: h5py.Dataset, start: int, array: np.ndarray) -> None:
