@@ -9,6 +9,7 @@ conv1 filters, feature maps, deconvnet reconstructions by path, inversions with 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ from .errors import InputError
 from .files import check_space, write_bytes
 from .report import Fixed
 from .rundir import RunDir, now
+from .runstate import RunState, report_inputs, run_state
 from .viz import collate
 
 __all__ = ["AggregateConfig", "AggregateError", "aggregate", "build_report", "read_inputs", "collate_run"]
@@ -245,12 +247,12 @@ def _example_blocks(viz: dict[str, Any], cfg: AggregateConfig, figs: _Figures, t
     if viz["missing"]:
         doc.append(("warn", f"the top-{k} lists are over the {n} images of the shards present; "
                             f"{len(viz['missing'])} shard(s) are missing, so they are INCOMPLETE"))
-    projected = any(name.startswith("examples/") for name in names)
-    if not projected:
+    if viz.get("examples_error") or not any(name.startswith("examples/") for name in names):
         doc.append(("warn", (viz.get("examples_error") or "no projections in viz.h5 (aggregated with "
-                             "--no-projections)") + ": the lists and selectivities only"))
+                             "--no-projections)") + ": the lists and selectivities only where not shown"))
     rows, links = [], []
     for block in blocks:
+        projected = f"examples/{block}/patch" in names
         data = store.read_shard(path, [f"selectivity/{block}", f"selective_class/{block}", f"topk/{block}/value"]
                                 + ([f"examples/{block}/patch", f"examples/{block}/deconv"] if projected else []))
         sel, top = data[f"selectivity/{block}"], data[f"selective_class/{block}"]
@@ -294,6 +296,22 @@ def _pipeline_blocks(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
     return doc
 
 
+def _stale_warnings(state: RunState) -> list[tuple]:
+    """The items made from another checkpoint than the run's, named at the top of the report."""
+    stale = [i for i in state.items if i.state == "stale" and i.name != "report"]
+    if not stale:
+        return []
+    viz = [i for i in stale if i.name.startswith(("viz", "project"))]
+    made = sorted({(i.detail.split("made from checkpoint ")[-1].split()[0].rstrip(",")) for i in stale
+                   if "made from checkpoint " in i.detail})
+    what = ", ".join(["eval.json (the accuracy)"] * any(i.name == "eval" for i in stale)
+                     + [f"{len(viz)} visualization file(s)"] * bool(viz))
+    return [("warn", f"STALE: the run's checkpoint changed (now sha256 {(state.checkpoint_sha256 or 'none')[:12]}); "
+                     f"{what} were made from {' and '.join(made) or 'another checkpoint'}: the accuracy, feature maps, "
+                     "reconstructions, inversions and dataset examples below show the old weights, the first-layer "
+                     "filters the new ones. hint: python jobs/launch_pipeline.py --run RUN --retry-failed redoes them")]
+
+
 def _warnings(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
     out = []
     train = inp["manifest"].train
@@ -312,26 +330,34 @@ def _warnings(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
 
 
 def build_report(run: RunDir, cfg: AggregateConfig) -> dict[str, Any]:
-    """Everything of the report in memory: {doc, figures, tables, viz, meta}."""
+    """Everything of the report in memory: {doc, figures, tables, viz, meta, inputs, problems}."""
     inp = read_inputs(run)
     viz = collate_run(run, cfg)
+    state = run_state(run)  # after the collation: what the report is made of, verified
     name = run.path.resolve().name
     viz_config = {"viz": inp["plan"].to_dict()["config"]} if inp["plan"] else {}
     meta = {"run": name, "config": {**inp["config"], **viz_config, "aggregate": config_to_dict(cfg)},
-            "checkpoint_sha256": (inp["eval"] or {}).get("checkpoint_sha256")}
+            "checkpoint_sha256": state.checkpoint_sha256,  # the filters are drawn from it
+            "eval_checkpoint_sha256": (inp["eval"] or {}).get("checkpoint_sha256"),
+            "viz_checkpoint_sha256": inp["plan"].checkpoint_sha256 if inp["plan"] else None}
     figs, tables = _Figures(meta, cfg.dpi), cast(dict[str, Any], {})
     ev = inp["eval"] or {}
     head = [("h", 1, f"hpcviz report: {name}"),
             ("p", f"Generated {now().replace('T', ' ')} by hpcviz {__version__} from {run}."
                   + "".join(f" {label} accuracy {100 * ev[key]:.2f}%." for label, key in
                             (("Validation", "accuracy"), ("Train", "train_accuracy")) if ev.get(key) is not None)),
-            ("p", f"Checkpoint sha256 {ev.get('checkpoint_sha256') or 'unknown'}; dataset fingerprint "
+            ("p", f"Checkpoint sha256 {state.checkpoint_sha256 or 'unknown'}; dataset fingerprint "
                   f"{inp['manifest'].train.dataset_fingerprint or 'unknown'}.")]
-    doc = head + _warnings(inp, viz) + _training_blocks(inp, figs, tables) + _accuracy_blocks(inp, figs, tables) \
+    doc = head + _stale_warnings(state) + _warnings(inp, viz) + _training_blocks(inp, figs, tables) \
+        + _accuracy_blocks(inp, figs, tables) \
         + _filter_blocks(run, figs) + _viz_blocks(viz, cfg, figs, tables) + _example_blocks(viz, cfg, figs, tables) \
         + _pipeline_blocks(inp, viz) \
         + [("h", 2, "Appendix: configuration"), ("pre", json.dumps(meta["config"], indent=2, sort_keys=True))]
-    return {"doc": doc, "figures": figs.png, "tables": tables, "viz": viz, "meta": meta}
+    problems = [f"{i.name} {i.state}: {i.detail}" for i in state.items if not i.ok and i.name != "report"]
+    if viz.get("examples_error"):
+        problems.append(viz["examples_error"])
+    return {"doc": doc, "figures": figs.png, "tables": tables, "viz": viz, "meta": meta, "problems": problems,
+            "inputs": report_inputs(run, state.plan, state.checkpoint_sha256)}
 
 
 def _render(built: dict[str, Any], title: str, embed: bool) -> dict[str, bytes]:
@@ -372,22 +398,40 @@ def _replace_dir(final: Path, files: dict[str, bytes]) -> None:
 
 
 def aggregate(cfg: AggregateConfig) -> dict[str, Any]:
-    """Write <run>/report/: figures/*.png, tables/*.csv and *.md, report.md, report.html, report.json."""
+    """Write <run>/report/: figures/*.png, tables/*.csv and *.md, report.md, report.html, report.json. The
+    manifest's aggregate record is `running` meanwhile and `failed` (with the error) when it fails: a killed or
+    failed aggregation never leaves the record of an earlier one `done`."""
     run = RunDir(cfg.run_dir)
+    if not run.is_run():
+        read_inputs(run)  # the refusal, before the manifest is touched
+    run.update("aggregate", status="running", error="")
+    try:
+        return _aggregate(run, cfg)
+    except BaseException as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        with contextlib.suppress(Exception):  # a full disk may refuse this too: the error itself matters
+            run.update("aggregate", status="failed", error=f"{type(e).__name__}: {first}"[:300])
+        raise
+
+
+def _aggregate(run: RunDir, cfg: AggregateConfig) -> dict[str, Any]:
     built = build_report(run, cfg)
     viz = built["viz"]
     missing = [run.shard(s).name for s in sorted(viz["missing"])]
     summary = {"report": "report/report.html", "figures": sorted(built["figures"]),
                "tables": sorted(built["tables"]), "n_images": viz["n_images"], "missing_shards": missing,
-               "missing_reasons": {run.shard(s).name: r for s, r in viz["missing"].items()}, **built["meta"]}
+               "missing_reasons": {run.shard(s).name: r for s, r in viz["missing"].items()}, **built["meta"],
+               "inputs": built["inputs"], "problems": built["problems"], "complete": not built["problems"]}
     files = _render(built, f"hpcviz report: {built['meta']['run']}", cfg.embed)
     files["report.json"] = (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode()
     _replace_dir(run.report_dir, files)
     run.write_config("aggregate", config_to_dict(cfg))
-    status = "done" if not missing and viz["path"] is not None else "partial"
+    status = "done" if not built["problems"] else "partial"
     if viz["n_shards"]:
-        run.update("viz", status=status, missing_shards=missing, n_images=viz["n_images"])
-    run.update("aggregate", status=status, report=summary["report"], missing_shards=missing, error="")
+        run.update("viz", status="done" if not missing and viz["path"] is not None else "partial",
+                   missing_shards=missing, n_images=viz["n_images"])
+    run.update("aggregate", status=status, report=summary["report"], missing_shards=missing,
+               error="; ".join(built["problems"])[:300])
     log.info("report: %s (%d figures, %d tables%s)", run.report_dir / "report.html", len(built["figures"]),
              len(built["tables"]), f"; missing shards: {', '.join(missing)}" if missing else "")
     return {**summary, "report": str(run.report_dir / "report.html")}

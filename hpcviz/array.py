@@ -47,7 +47,7 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False, loc
     log.info("%d images in %d shards; %d to do", plan.n_images, len(plan.shards), len(todo))
     out: dict[str, Any] = {"plan": plan, "todo": todo, "ids": [], "failed": [], "collation": None,
                            "projection_ids": [], "projection_failed": []}
-    run.update("viz", status="done" if not todo else "submitted", cluster=launch.cluster, n_shards=len(plan.shards),
+    run.update("viz", status="submitted", cluster=launch.cluster, n_shards=len(plan.shards),
                n_images=plan.n_images, planned=plan.planned, error="", missing_shards=[])
     if ex is not None:
         out["ids"], jobs = submit_shards(run, ex, viz.run_shard, todo, launch, lock)
@@ -154,9 +154,10 @@ def finish(run: RunDir, plan: Any, figures: bool = True) -> dict[str, Any]:
     """Collate into viz/viz.h5, record the outcome in the manifest, draw viz/figures/ when asked."""
     summary = viz.collate(run, plan)
     missing = [run.shard(k).name for k in sorted(summary["missing"])]
-    status = "done" if summary["path"] is not None and not missing else ("partial" if summary["path"] else "failed")
+    whole = summary["path"] is not None and not missing and not summary.get("examples_error")
+    status = "done" if whole else ("partial" if summary["path"] else "failed")
     run.update("viz", status=status, missing_shards=missing, n_images=summary["n_images"],
-               error="" if summary["path"] else summary.get("reason", ""))
+               error=summary.get("examples_error", "") if summary["path"] else summary.get("reason", ""))
     if summary["n_images"] and figures:
         log.info("%d figures in %s", len(viz.save_figures(run.path)), run.figures_dir)
     return summary

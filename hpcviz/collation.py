@@ -25,7 +25,8 @@ import torch
 from . import checkpoint, store
 from .rundir import Plan, RunDir, now
 
-__all__ = ["collate", "projection_parts", "plan_parts", "stale_parts", "project_part", "project_range", "merged_lists"]
+__all__ = ["collate", "projection_parts", "plan_parts", "stale_parts", "part_states", "project_part", "project_range",
+           "merged_lists"]
 
 log = logging.getLogger("hpcviz")
 Part = tuple[str, int, int]  # (block, first channel, end)
@@ -36,8 +37,10 @@ def collate(run: RunDir, plan: Plan | None, project: bool = False, device: str =
     """Collate the shards that belong to the plan into viz/viz.h5 (the reduce step): their per-image datasets
     as one virtual view, their top-k lists and class means merged. A shard that is missing, incomplete or
     another plan's (another model, data set, request) is left out and named with its reason, and the merge
-    says it is incomplete. The projection parts that are current are presented in viz.h5 too, when all are;
-    `project`: those missing or stale are computed here first (on `device`).
+    says it is incomplete. The projection parts that are current are presented in viz.h5 too (below);
+    `project`: those missing or stale are computed here first (on `device`). The parts of a block are presented
+    when all of them are current (a block's channels whole, or not at all); "examples_error" says which blocks
+    are not, and why.
     Returns {"n_images", "n_shards", "sizes", "missing": {shard: reason}, "path": viz.h5, or None when no
     shard holds images (a stale viz.h5 is then removed), "reason": why not, when None, "examples": seconds
     spent projecting here (0.0: every part was current), None when not asked}."""
@@ -66,13 +69,17 @@ def collate(run: RunDir, plan: Plan | None, project: bool = False, device: str =
     out.update(n_images=summary["n_images"], path=run.viz_file)
     if plan.topk:
         t0 = time.perf_counter()
-        try:  # the projections add to a good collation: failing, they take nothing from it
-            files = _current_parts(run, plan, project, device)
-            if files:
+        files, error = _current_parts(run, plan, project, device)
+        if error:
+            out["examples_error"] = error
+            if project:
+                log.warning("%s", error)
+        if files:  # the projections add to a good collation: failing, they take nothing from it
+            try:
                 write(files)
-        except Exception as e:  # noqa: BLE001 (a full disk, CUDA out of memory, a changed checkpoint, ...)
-            out["examples_error"] = f"the projections failed: {' '.join(str(e).split())[:300]}"
-            log.warning("%s", out["examples_error"])  # viz.h5 is as write([]) left it: each write is atomic
+            except store.StoreError as e:  # viz.h5 is as write([]) left it: each write is atomic
+                out["examples_error"] = f"the projections could not be presented: {e}"
+                log.warning("%s", out["examples_error"])
         out["examples"] = time.perf_counter() - t0 if project else None
     return out
 
@@ -103,6 +110,21 @@ def plan_parts(run: RunDir, plan: Plan) -> list[Part]:
 def stale_parts(run: RunDir, plan: Plan) -> list[int]:
     """The parts whose file does not match viz.h5's merged lists (all of them without viz.h5)."""
     return _staleness(run, plan)[2]
+
+
+def part_states(run: RunDir, plan: Plan) -> list[tuple[int, str, str]]:
+    """(part, state, detail) of every projection part of the plan: done, missing or stale (its lists are not
+    viz.h5's merged lists: made from other shards, another checkpoint or another run)."""
+    parts, _, stale = _staleness(run, plan)
+    out = []
+    for i, (block, lo, hi) in enumerate(parts):
+        what = f"{block} channels {lo}-{hi - 1}"
+        if not run.examples_part(i).is_file():
+            out.append((i, "missing", f"{what}: no {run.rel(run.examples_part(i))}"))
+        else:
+            out.append((i, "stale" if i in stale else "done", what + (": not the lists of viz.h5 (other shards, "
+                                                                      "checkpoint or run)" if i in stale else "")))
+    return out
 
 
 def _staleness(run: RunDir, plan: Plan) -> tuple[list[Part], dict[str, dict[str, np.ndarray]], list[int]]:
@@ -148,21 +170,31 @@ def _is_current(path: Path, digest: str) -> bool:
         return False
 
 
-def _current_parts(run: RunDir, plan: Plan, project: bool, device: str) -> list[Path]:
-    """The part files of viz.h5's merged lists, in order, computing the stale ones when `project`; [] unless
-    every part is current (viz.h5 presents all the channels of every block, or none)."""
+def _current_parts(run: RunDir, plan: Plan, project: bool, device: str) -> tuple[list[Path], str]:
+    """(the part files of the blocks whose every part matches viz.h5's merged lists, in order; why the other
+    blocks' are not presented, '' when all are). `project`: the stale parts are computed here first (on
+    `device`); a part that fails stops the computing (the same cause would fail the next) but takes nothing
+    away: the blocks whose parts are all current are still presented."""
     parts, lists, stale = _staleness(run, plan)
+    error = ""
     if stale and project:
-        state = _checkpoint(run, plan)
-        log.info("projections: %d of %d parts to compute here", len(stale), len(parts))
-        rows = {int(p): r for r, p in enumerate(store.read_shard(run.viz_file, ["index"])["index"])}
+        try:
+            state = _checkpoint(run, plan)
+            log.info("projections: %d of %d parts to compute here", len(stale), len(parts))
+            rows = {int(p): r for r, p in enumerate(store.read_shard(run.viz_file, ["index"])["index"])}
 
-        def images(positions: np.ndarray) -> np.ndarray:
-            return store.read_shard(run.viz_file, ["images"], rows=[rows[int(p)] for p in positions])["images"]
-        for i in stale:
-            project_range(run, plan, state, i, parts[i], lists[parts[i][0]], images, device)
-        stale = []
-    return [] if stale else [run.examples_part(i) for i in range(len(parts))]
+            def images(positions: np.ndarray) -> np.ndarray:
+                return store.read_shard(run.viz_file, ["images"], rows=[rows[int(p)] for p in positions])["images"]
+            for i in list(stale):
+                project_range(run, plan, state, i, parts[i], lists[parts[i][0]], images, device)
+                stale.remove(i)
+        except Exception as e:  # noqa: BLE001 (a full disk, out of memory, a changed checkpoint, ...)
+            error = " ".join(str(e).split())[:300] or type(e).__name__
+    gone = sorted({parts[i][0] for i in stale}, key=plan.blocks.index)
+    if gone:
+        why = f"the projections failed: {error}" if error else "the projections are not computed yet"
+        error = f"{why}; not shown for {', '.join(gone)}"
+    return [run.examples_part(i) for i, p in enumerate(parts) if p[0] not in gone], error
 
 
 def project_part(run_dir: str, part: int) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as td
 
-from .errors import JobError
+from .errors import InputError, JobError
 
 DEFAULT_PORT = 29500
 
@@ -349,13 +349,19 @@ def share_cores() -> int:
     return torch.get_num_threads()
 
 
-def pick_device(requested: str) -> torch.device:
+def check_device(requested: str, flag: str = "--device") -> None:
+    """--device cuda (or `flag`) where no CUDA device is visible: one InputError line naming the option."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{flag} cuda: no CUDA device is visible here; hint: use {flag} cpu or {flag} auto")
+
+
+def pick_device(requested: str, flag: str = "--device") -> torch.device:
     """auto -> this rank's GPU if there is one, else CPU. A process that sees one GPU uses it (clusters that
-    bind one GPU per task show each task only its own); with several, local rank k uses the k-th."""
+    bind one GPU per task show each task only its own); with several, local rank k uses the k-th. `flag`: the
+    option that asked, for the error."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DistError("--device cuda: no CUDA device is visible; hint: use --device cpu or --device auto")
+    check_device(requested, flag)
     n = torch.cuda.device_count()
     if n == 1:
         return torch.device("cuda", 0)

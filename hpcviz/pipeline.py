@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from .config import AggregateConfig, LaunchConfig, TrainConfig, VizConfig
 from .errors import JobError
 from .launch import JobRefused, LaunchError, TrainJob, stage_launch, submit_train, wait_result
 from .rundir import Manifest, RunDir, RunLock, now
+from .runstate import SCOPES, Item, run_state
+from .train import evaluate_checkpoint
 
 log = logging.getLogger("hpcviz")
 
@@ -85,9 +88,10 @@ def check_request(train_cfg: TrainConfig, viz_cfg: VizConfig) -> int:
 
 
 def _submit_viz_and_aggregate(run: RunDir, shards: list[int], launch: LaunchConfig, agg_cfg: AggregateConfig,
-                              after: str, lock: RunLock | None, parts: int = 0) -> dict[str, Any]:
+                              after: str, lock: RunLock | None, parts: int = 0,
+                              also: list[str] | None = None) -> dict[str, Any]:
     """The array (afterok on `after`, when given) over `shards`, the projection array of `parts` tasks
-    afterany on it, then the aggregation afterany on the last array submitted."""
+    afterany on it, then the aggregation afterany on the last array submitted (and on the jobs `also`)."""
     ids: list[str] = []
     if shards:
         ex = stage_executor(launch, run, "viz", f"afterok:{after}" if after else "")
@@ -97,7 +101,7 @@ def _submit_viz_and_aggregate(run: RunDir, shards: list[int], launch: LaunchConf
         ex = stage_executor(launch, run, "project", "afterany:" + ":".join(ids) if ids else
                        (f"afterok:{after}" if after else ""))
         pids, _ = submit_projections(run, ex, list(range(parts)), stage_launch(launch, "viz"), lock)
-    last = pids or ids
+    last = (pids or ids) + list(also or [])
     ex = stage_executor(launch, run, "aggregate", "afterany:" + ":".join(last) if last else "")
     run.update("aggregate", status="submitted", error="")  # before: the job may end at once
     agg = ex.submit(aggregate_job, dataclasses.replace(agg_cfg, run_dir=str(run.path)))
@@ -166,14 +170,34 @@ def mark_lost(run: RunDir, stage: str, why: str) -> None:
 
 def retry_failed(run: RunDir, launch: LaunchConfig, agg_cfg: AggregateConfig,
                  lock: RunLock | None = None) -> dict[str, Any]:
-    """Resubmit only the shards of `run` that are missing or not its plan's, then aggregate again."""
+    """Redo what `run` lacks: the shards that are missing or not its plan's, the projections, the report. A
+    checkpoint that changed since makes everything derived from it stale: eval.json is evaluated anew and the
+    same request planned again from the run's checkpoint, so every shard and projection is redone too."""
     plan = run.read_plan()
-    todo = sorted(run.shard_problems(plan))
-    log.info("retry: %d of %d shards to redo: %s", len(todo), len(plan.shards), todo)
+    state = run_state(run)
     agg_cfg = dataclasses.replace(agg_cfg, run_dir=str(run.path))
+    evaluation = state.item("eval")
+    reeval = evaluation is not None and evaluation.state == "stale"
+    if state.checkpoint_sha256 and plan.checkpoint_sha256 != state.checkpoint_sha256:
+        plan = viz.make_plan(dataclasses.replace(plan.config, run_dir=str(run.path)))
+        run.write_plan(plan)
+        run.write_config("viz", plan.to_dict()["config"])
+        log.info("retry: the checkpoint changed since the plan: planned again from %s", plan.checkpoint)
+    todo = sorted(run.shard_problems(plan))
+    log.info("retry: %d of %d shards to redo: %s%s", len(todo), len(plan.shards), todo,
+             "; eval.json too" if reeval else "")
+    eval_job = None
+    if reeval:
+        ex = stage_executor(launch, run, "viz", "")  # one process, a GPU where the array has one
+        eval_job = ex.submit(evaluate_checkpoint, str(run.path), plan.config.device)
+        if lock is not None:
+            lock.add_jobs([str(eval_job.job_id)], launch.cluster)
     if launch.cluster == "slurm":
-        return {**_submit_viz_and_aggregate(run, todo, launch, agg_cfg, "", lock, len(plan_parts(run, plan))),
-                "todo": todo}
+        after = [str(eval_job.job_id)] if eval_job is not None else []
+        return {**_submit_viz_and_aggregate(run, todo, launch, agg_cfg, "", lock, len(plan_parts(run, plan)),
+                                            after), "todo": todo}
+    if eval_job is not None:
+        wait_result(eval_job, launch)
     out = launch_viz(plan.config, dataclasses.replace(launch, wait=True), lock=lock, figures=False)
     return {**aggregate(agg_cfg), "viz_failed": out["failed"], "todo": todo}
 
@@ -186,75 +210,96 @@ def retry_cluster(run: RunDir, requested: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ status
+_MAX_PART_ROWS = 20  # above this, the projection parts are one summary row plus a row per part not done
 
-def _shard_states(run: RunDir, manifest: Manifest) -> list[tuple[int, str, str, str]]:
-    """(shard, task id, state, detail) per planned (or, before the plan, submitted) shard; a shard that belongs
-    to the plan is 'done (verified)' whatever the scheduler says, one that does not says why (in the detail
-    too when the state is the scheduler's)."""
-    from .jobstate import latest_tasks, task_states
-    plan = run.plan()
-    latest = latest_tasks(manifest.viz.tasks)  # the newest task of each shard
-    live = task_states(latest.values()) if manifest.viz.cluster == "slurm" else {}
-    n = len(plan.shards) if plan else (max(latest) + 1 if latest else 0)
-    rows = []
-    for s in range(n):
-        tid = latest.get(s, "")
-        problem = run.shard_problem(s, plan) if plan else "waiting for the plan"
-        missing = "" if not problem or not plan else \
-            "missing" if problem.startswith("no such file") else f"missing: {problem}"
-        if not problem:
-            state = "done (verified)"
-        elif live.get(tid) and live[tid] != "COMPLETED" or not plan:
-            state = live.get(tid) or problem
-        else:
-            state, missing = missing, ""
-        rows.append((s, tid, state, missing))
-    return rows
+
+def _task_ids(manifest: Manifest, parts: list[Item]) -> dict[str, str]:
+    """{item name: the newest array task id} of each shard and, on SLURM, each projection part."""
+    from .jobstate import latest_tasks
+    out = {f"viz[{k}]": t for k, t in latest_tasks(manifest.viz.tasks).items()}
+    arrays = manifest.viz.projection_ids
+    if arrays and manifest.viz.cluster == "slurm":  # part i is task i of the newest projection array
+        out.update({p.name: f"{arrays[-1]}_{p.name[len('project['):-1]}" for p in parts})
+    return out
+
+
+def _row(item: Item, job: str, live: dict[str, str]) -> tuple[str, str, str, str]:
+    """(stage, job id, state, detail): a verified item is 'done (verified)' whatever the scheduler says; one that
+    is not shows the scheduler's state while its job is queued, running or failed, else its own."""
+    sched = live.get(job, "")
+    if item.ok:
+        state = "done (verified)"
+    elif sched and sched != "COMPLETED":
+        state = sched
+    else:
+        state = item.state
+    detail = item.detail if state == item.state or item.ok else f"{item.state}: {item.detail}"
+    return item.name, job, state, f"job {sched}; {detail}" if sched and item.name in ("train", "report") else detail
 
 
 def pipeline_status(run: RunDir) -> list[tuple[str, str, str, str]]:
-    """(stage, job id, state, detail) for train, every array task (viz[k]) and aggregate."""
-    from .jobstate import query_state
+    """(stage, job id, state, detail) for train, eval, every array task (viz[k]), viz.h5, every projection part
+    (project[i]) and the aggregation: each state verified from the run's files (hpcviz.runstate), with the
+    scheduler's state where a job is still queued or running."""
+    from .jobstate import query_state, task_states
     if not run.manifest_file.exists():
         raise viz.VizError(f"--run {run}: no manifest.json; hint: start it with jobs/launch_pipeline.py")
     manifest = run.manifest()
+    state = run_state(run)
     slurm = (manifest.pipeline.cluster or manifest.train.cluster) == "slurm"
+    parts = [i for i in state.items if i.name.startswith("project[")]
+    jobs = {"train": manifest.train.job_id, "report": manifest.aggregate.job_id, **_task_ids(manifest, parts)}
+    live: dict[str, str] = {}
+    if slurm:
+        live = task_states([j for n, j in jobs.items() if n.startswith(("viz[", "project[")) and j])
+        live.update({j: query_state(j)[0] for j in (jobs["train"], jobs["report"]) if j})
     rows = []
-    for stage in ("train", "aggregate"):
-        rec = manifest.record(stage)
-        state = query_state(rec.job_id)[0] if slurm and rec.job_id else ""
-        detail = rec.status or "not run"
-        if stage == "train" and rec.val_accuracy is not None:
-            detail += f", val accuracy {100 * rec.val_accuracy:.2f}%"
-        if stage == "aggregate" and rec.missing_shards:
-            detail += f", missing {', '.join(rec.missing_shards)}"
-        rows.append((stage, rec.job_id, state or detail.split(",")[0], detail))
-    shards = [(f"viz[{s}]", tid, state, detail) for s, tid, state, detail in _shard_states(run, manifest)]
-    return [rows[0], *shards, rows[1]]
+    for item in state.items:
+        if item in parts and len(parts) > _MAX_PART_ROWS and item.ok:
+            continue
+        rows.append(_row(item, jobs.get(item.name, ""), live))
+        if item.name == "viz.h5" and len(parts) > _MAX_PART_ROWS:
+            bad = [p.name for p in parts if not p.ok]
+            rows.append(("project", "", "done (verified)" if not bad else f"{len(bad)} of {len(parts)} not done",
+                         f"{len(parts)} parts" + (f"; not done: {', '.join(bad[:8])}" if bad else "")))
+    rec = manifest.aggregate
+    name, job, st, detail = rows[-1]
+    if rec.status == "running" and not live.get(job):
+        detail += f" (the manifest says the aggregation is {rec.status}: killed?)"
+    elif rec.status == "failed":
+        detail += f" (the last aggregation failed: {rec.error})"
+    rows[-1] = ("aggregate", job, st, detail)
+    return rows
+
+
+_BAD = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "missing", "failed", "stale", "incomplete", "foreign",
+        "partial")
 
 
 def render_status(rows: list[tuple[str, str, str, str]]) -> Any:
+    """The status table; every cell is plain text (a run's names never reach rich's markup)."""
     from rich.table import Table
+    from rich.text import Text
     table = Table(title="hpcviz pipeline")
     for col in ("stage", "job id", "state", "detail"):
         table.add_column(col)
     for row in rows:
         first = row[2].split()[0].rstrip(":") if row[2] else ""
-        style = "green" if row[2].startswith(("COMPLETED", "done")) else (
-            "red" if first in ("FAILED", "CANCELLED", "TIMEOUT", "missing", "OUT_OF_MEMORY", "failed") else "")
-        table.add_row(*row, style=style)
+        style = "green" if row[2].startswith(("COMPLETED", "done")) else ("red" if first in _BAD else "")
+        table.add_row(*(Text(cell) for cell in row), style=style)
     return table
 
 
 def _finished(run: RunDir, rows: list[tuple[str, str, str, str]], gone: list[int]) -> bool:
     """The aggregation has ended: its result file exists, or the scheduler says it ended. 'GONE' (no
     source knows the job) counts only after 3 polls in a row: a controller restart must not end a wait."""
-    from .jobstate import ACTIVE
-    agg = rows[-1]
-    if not agg[1] or (run.logs / f"{agg[1]}_0_result.pkl").exists():
+    from .jobstate import ACTIVE, query_state
+    job = rows[-1][1]
+    if not job or (run.logs / f"{job}_0_result.pkl").exists():
         return True
-    gone[0] = gone[0] + 1 if agg[2] == "GONE" else 0
-    return (agg[2] not in ACTIVE and agg[2] not in ("", "submitted", "GONE")) or gone[0] >= 3
+    state = query_state(job)[0]
+    gone[0] = gone[0] + 1 if state == "GONE" else 0
+    return (state not in ACTIVE and state not in ("", "GONE")) or gone[0] >= 3
 
 
 def _settled(run: RunDir, rows: list[tuple[str, str, str, str]], within_s: float = 15.0) -> list:
@@ -297,24 +342,37 @@ def wait_pipeline(run: RunDir, poll_s: float = 5.0, timeout_s: float | None = No
     check_outcome(run)
 
 
-def check_outcome(run: RunDir) -> None:
-    """Nothing when training is done and the report complete; StageFailed saying what is not, otherwise."""
-    manifest = run.manifest()
-    train, v, agg = manifest.train, manifest.viz, manifest.aggregate
+def check_outcome(run: RunDir, stages: Sequence[str] = SCOPES) -> None:
+    """Nothing when every item of `stages` (default: all; launch_viz: viz) verifies (hpcviz.runstate);
+    StageFailed saying what is not, and how to redo it, otherwise."""
+    state = run_state(run)
+    bad = state.problems(stages)
+    if not bad:
+        return
+    raise StageFailed(describe_problems(run, bad))
+
+
+def describe_problems(run: RunDir, bad: list[Item]) -> str:
+    """One line: the first items that are not done, then the command that redoes them."""
     where = Path(run.path)
-    if train.status != "done":
-        why = f" ({train.error.splitlines()[0]})" if train.error else ""
-        raise StageFailed(f"training {train.status or 'did not run'}{why}; see {where / 'logs'} and "
-                          f"{where / 'report' / 'report.html'}")
-    if v.status == "failed":
-        raise StageFailed(f"the visualization failed: {(v.error or '?').splitlines()[0]}; see {where / 'logs'}")
-    if not run.plan_file.exists():
-        raise StageFailed(f"no visualization plan: the array did not run; hint: python jobs/launch_viz.py --run {run}")
-    if agg.status != "done":
-        missing = ", ".join(agg.missing_shards) or f"the report (aggregate: {agg.status or 'not run'})"
-        raise StageFailed(f"missing {missing}; hint: python jobs/launch_pipeline.py --run {run} --retry-failed")
+    first = bad[0]
+    if first.name == "train":
+        why = f" ({first.detail.splitlines()[0]})" if first.detail else ""
+        return (f"training {first.state}{why}; see {where / 'logs'} and {where / 'report' / 'report.html'}")
+    if first.name == "viz" and first.state == "failed":
+        return f"the visualization failed: {first.detail}; see {where / 'logs'}"
+    if first.name == "viz":
+        return f"no visualization plan: the array did not run; hint: python jobs/launch_viz.py --run {run}"
+    shown = "; ".join(f"{i.name} {i.state}" + (f" ({i.detail})" if i.detail else "") for i in bad[:4])
+    more = f"; and {len(bad) - 4} more" if len(bad) > 4 else ""
+    if all(i.name in ("report", "project") or i.name.startswith("project[") for i in bad):
+        hint = f"python jobs/aggregate.py --run {run}"
+    else:
+        hint = f"python jobs/launch_pipeline.py --run {run} --retry-failed"
+    return f"not complete: {shown}{more}; hint: {hint}"
 
 
 __all__ = ["PipelineTrainJob", "aggregate_job", "check_request", "submit_pipeline", "run_local", "retry_failed",
-           "retry_cluster", "pipeline_status", "render_status", "wait_pipeline", "check_outcome", "mark_lost",
+           "retry_cluster", "pipeline_status", "render_status", "wait_pipeline", "check_outcome", "describe_problems",
+           "mark_lost",
            "StageFailed", "STAGES"]

@@ -8,6 +8,7 @@ it, after a crash, a requeue or a time limit, gives bit-identical weights.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -24,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__, checkpoint, dist, placement
-from .config import ConfigError, TrainConfig, config_to_dict
+from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .data import DataError, augment, norm_tensors, normalize, split_indices
 from .errors import JobError
 from .evaluate import autocast_for, evaluate, summarize
 from .log import StepProgress, setup_logging
-from .models import build_model, load_init
+from .models import build_model, from_checkpoint, load_init
 from .placement import Feed
 from .rundir import RunDir
 
@@ -431,6 +432,22 @@ def final_eval(cfg: TrainConfig, raw: nn.Module, split: Split) -> dict[str, Any]
                  100 * train_res["accuracy"], run / "eval.json")
     return {"status": "done", "val_accuracy": val["accuracy"], "train_accuracy": train_res["accuracy"],
             "run_dir": str(run), "rank": dist.rank(), "weights_sha256": weights_digest(raw)}
+
+
+def evaluate_checkpoint(run_dir: str, device: str = "auto") -> dict[str, Any]:
+    """eval.json anew from the checkpoint the run holds now (it changed since eval.json was written): the
+    validation and training splits, as training evaluates them at its end, with the checkpoint's own
+    normalisation (an imported run's is not the data's)."""
+    setup_logging()
+    run = RunDir(run_dir)
+    state = checkpoint.load_checkpoint(run.checkpoints)
+    cfg = config_from_dict(TrainConfig, {**state["config"], "run_dir": run_dir, "resume": ""})
+    dev = dist.pick_device(device)
+    split = dataclasses.replace(prepare_data(cfg, dev), mean=tuple(state["mean"]), std=tuple(state["std"]))
+    model = from_checkpoint(state, dev)
+    if cfg.channels_last:  # as training evaluates
+        model = model.to(memory_format=torch.channels_last)
+    return final_eval(cfg, model, split)
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -4,7 +4,9 @@ changed, added or removed. Plus the parsers derived from the configs (hpcviz.cli
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
+from hpcviz import store
 
 from conftest import ROOT
 
@@ -216,3 +220,126 @@ def test_options_come_from_the_config_fields():
     assert "gpus" not in given(args, LaunchConfig)  # not given: None, so that the launcher resolves it
     v = viz.get_args_parser().parse_args(["--run", "r", "--deconv-blocks", "none", "--indices", "1,2"])
     assert given(v, VizConfig)["deconv_blocks"] == [] and given(v, VizConfig)["indices"] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------ the run's state
+# What a run holds is verified from its files (hpcviz.runstate), never read from the manifest alone: a broken
+# run makes `--status --wait`, the report and every launcher exit non-zero, naming what is not done.
+
+def _drop_shard(run: Path) -> None:
+    (run / "viz" / "shards" / "shard-00001.h5").unlink()
+
+
+def _truncate_shard(run: Path) -> None:
+    path = run / "viz" / "shards" / "shard-00001.h5"
+    path.write_bytes(path.read_bytes()[:4096])
+
+
+def _drop_part(run: Path) -> None:
+    (run / "viz" / "examples" / "part-00003.h5").unlink()
+
+
+def _swap_checkpoint(run: Path) -> None:
+    """Another run's last.pt and its sha256 sidecar copied in (a checkpoint that verifies, of other weights)."""
+    other = run.parent / "other-ckpt"
+    for name in ("last.pt", "last.pt.sha256"):
+        shutil.copy(other / "checkpoints" / name, run / "checkpoints" / name)
+
+
+# (what breaks the run, command, arguments, exit code, what the error line must say); the run is not changed
+STATE_CASES = [
+    (_drop_shard, P, ["--run", "{run}", "--status", "--wait"], 1, "viz[1] missing"),
+    (_truncate_shard, P, ["--run", "{run}", "--status", "--wait"], 1, "viz[1] "),
+    (_drop_part, P, ["--run", "{run}", "--status", "--wait"], 1, "project[3] missing"),
+    (_swap_checkpoint, P, ["--run", "{run}", "--status", "--wait"], 1, "eval stale"),
+    (None, "aggregate.py", ["--run", "{run}", "--projection-device", "cuda"], 2,
+     "--projection-device cuda: no CUDA device is visible here"),
+    (None, P, ["--run", "{run}", "--retry-failed", "--cluster", "local", "--projection-device", "cuda"], 2,
+     "--projection-device cuda: no CUDA device is visible here"),
+]
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(finished) -> Path:
+    """A checkpoint of other weights (another seed) on the same data, beside the finished run."""
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / T), "--run", str(finished / "other-ckpt"), *TRAIN,
+                        "--seed", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return finished / "other-ckpt"
+
+
+def test_a_broken_run_is_never_called_done(finished, other_checkpoint, tmp_path):
+    """Each case on its own copy of the finished run, broken as the case says: the command exits with the
+    code, one error line naming what is not done, and changes nothing. A sound run's wait exits 0."""
+    r = run_case(P, ["--run", "{run}", "--status", "--wait"], finished, finished / "run")
+    assert r.returncode == 0 and not r.stderr.count("error:"), r.stderr[-2000:]
+    failures = []
+    for k, (breaks, command, args, code, message) in enumerate(STATE_CASES):
+        run = tmp_path / f"case{k}" / "run"
+        shutil.copytree(finished / "run", run, symlinks=True)
+        shutil.copytree(other_checkpoint, run.parent / "other-ckpt")
+        if breaks:
+            breaks(run)
+        before = snapshot(run)
+        r = run_case(command, args, finished, run)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        problems = [f"exit {r.returncode}, expected {code}"] if r.returncode != code else []
+        if len(errors) != 1 or message not in errors[0]:
+            problems.append(f"error lines {errors}, expected one with {message!r}")
+        if "Traceback" in r.stderr:
+            problems.append("a traceback")
+        if snapshot(run) != before:
+            problems.append("the run changed")
+        if problems:
+            failures.append(f"{getattr(breaks, '__name__', '-')} {command} {' '.join(args)}: {'; '.join(problems)}"
+                            f"\n{r.stderr[-800:]}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_a_changed_checkpoint_makes_everything_stale_and_retry_redoes_it(finished, other_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished / "run", run, symlinks=True)
+    shutil.copytree(other_checkpoint, tmp_path / "other-ckpt")
+    _swap_checkpoint(run)
+    new_sha = (run / "checkpoints" / "last.pt.sha256").read_text().strip()
+    r = run_case("aggregate.py", ["--run", "{run}"], finished, run)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "eval stale" in errors[0], r.stderr[-2000:]
+    md = (run / "report" / "report.md").read_text()
+    head = md[:md.index("## 1. Training")]
+    assert "STALE: the run's checkpoint changed" in head and new_sha[:12] in head and "--retry-failed" in head
+    from PIL import Image
+    meta = json.loads(Image.open(run / "report" / "figures" / "conv1_filters.png").info["Description"])
+    assert meta["checkpoint_sha256"] == new_sha  # the filters are drawn from the new weights, and say so
+    r = run_case(P, ["--run", "{run}", "--retry-failed", "--cluster", "local"], finished, run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "viz" / "plan.json").read_text())["checkpoint_sha256"] == new_sha
+    assert json.loads((run / "eval.json").read_text())["checkpoint_sha256"] == new_sha
+    assert "STALE" not in (run / "report" / "report.md").read_text()
+    r = run_case(P, ["--run", "{run}", "--status", "--wait"], finished, run)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+
+
+def test_a_failed_projection_is_an_error_and_keeps_what_was_valid(finished, tmp_path):
+    """launch_viz whose projection parts cannot be written: exit 1 naming them; the shards, viz.h5 and the parts
+    of other blocks stay presented; the aggregation then shows every block whose parts are current."""
+    run = tmp_path / "run"
+    shutil.copytree(finished / "run", run, symlinks=True)
+    shutil.rmtree(run / "viz" / "examples")
+    (run / "viz" / "examples").write_text("not a folder")  # every part write fails
+    r = run_case(V, ["--run", "{run}", *VIZ, "--seed", "1", "--fresh"], finished, run)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "projection part(s) failed" in errors[0], r.stderr[-2000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["viz"]["status"] != "done" and manifest["viz"]["error"]
+    assert store.read_attrs(run / "viz" / "viz.h5")["complete"] is True  # the shards' collation is kept
+    r = run_case(P, ["--run", "{run}", "--status", "--wait"], finished, run)
+    assert r.returncode == 1 and "project[" in r.stderr, r.stderr[-2000:]
+    status = run_case(P, ["--run", "{run}", "--status"], finished, run).stdout
+    assert re.search(r"aggregate .*stale.*made before .*the shards", status), status  # the seed-0 report
+    (run / "viz" / "examples").unlink()  # the cause fixed: the aggregation computes the parts
+    r = run_case("aggregate.py", ["--run", "{run}"], finished, run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_case(P, ["--run", "{run}", "--status", "--wait"], finished, run)
+    assert r.returncode == 0, r.stderr[-2000:]

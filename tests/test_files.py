@@ -3,6 +3,7 @@ previous files left whole: in the library and through every command that writes 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -107,6 +108,8 @@ def test_every_command_on_a_full_disk_says_so_in_one_line_and_keeps_the_files(sm
     r = cli("aggregate.py", "--run", str(run))
     one_line(r, "needs")
     assert snapshot(run / "report") == report and not list(run.glob("report.*-*"))
+    record = json.loads((run / "manifest.json").read_text())["aggregate"]  # never left 'done' by a failed one
+    assert record["status"] == "failed" and "no space left" in record["error"], record
     # a packed data set, an evaluation: nothing half-written left behind
     r = cli("pack_data.py", "--data", "builtin:100", "--out", str(small_fs / "packed.h5"))
     one_line(r, str(small_fs / "packed.h5"), "needs 2.9 MiB")

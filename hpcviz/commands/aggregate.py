@@ -25,6 +25,10 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--run {run}: not a run directory (no config.json, manifest.json or checkpoints/); "
                              "hint: train first (jobs/launch_train.py or jobs/launch_pipeline.py)")
     from ..aggregate import aggregate  # matplotlib and torch: once the request is known to be good
+    from ..dist import check_device
+    from ..pipeline import StageFailed, check_outcome
+    if cfg.projections:
+        check_device(cfg.projection_device, "--projection-device")
     with run.lock():
         summary = aggregate(cfg)
     missing = summary["missing_shards"]
@@ -32,4 +36,8 @@ def main(args: argparse.Namespace) -> int:
     if missing:
         raise JobError(f"the report lacks {len(missing)} shard(s): {', '.join(missing[:5])}; hint: python "
                        f"jobs/launch_pipeline.py --run {run} --retry-failed")
+    try:
+        check_outcome(run)
+    except StageFailed as e:  # the report is written and says so too
+        raise JobError(f"the report is written, but the run is {e}") from None
     return 0

@@ -25,8 +25,17 @@ def get_args_parser(add_help: bool = False) -> Parser:
     return p
 
 
-def _report_config(args: argparse.Namespace, run: str) -> AggregateConfig:
-    return AggregateConfig(**given(args, AggregateConfig, skip=("run_dir",)), run_dir=run).validate()
+def _report_config(args: argparse.Namespace, run: str, cluster: str) -> AggregateConfig:
+    """The aggregation's request; --projection-device cuda checked against where the aggregation runs: here
+    (local, debug), or a SLURM job of one CPU process (the projection array has the GPUs there)."""
+    cfg = AggregateConfig(**given(args, AggregateConfig, skip=("run_dir",)), run_dir=run).validate()
+    if cfg.projections and cfg.projection_device == "cuda":
+        if cluster == "slurm":
+            raise ConfigError("--projection-device cuda: the aggregation job has no GPU (the projection array "
+                              "runs on the visualization's GPUs); hint: drop it (auto)")
+        from ..dist import check_device
+        check_device(cfg.projection_device, "--projection-device")
+    return cfg
 
 
 def _print_submitted(run: RunDir, ids: dict) -> None:
@@ -62,7 +71,7 @@ def _retry(args: argparse.Namespace, run: RunDir) -> int:
     requested = given(args, LaunchConfig)
     requested["cluster"] = retry_cluster(run, requested.get("cluster", "auto"))
     launch = check_launch(config_from_dict(LaunchConfig, requested), getattr(args, "viz_device", None) or "auto")
-    agg_cfg = _report_config(args, str(run.path))
+    agg_cfg = _report_config(args, str(run.path), launch.cluster)
     with run.lock() as lock:
         result = retry_failed(run, launch, agg_cfg, lock)
     if launch.cluster == "slurm":
@@ -104,7 +113,7 @@ def _launch(args: argparse.Namespace) -> int:
     viz_cfg = config_from_dict(VizConfig, {**given(args, VizConfig, prefix="viz-", skip=("run_dir",)),
                                            "run_dir": cfg.run_dir})
     check_request(cfg, viz_cfg)
-    agg_cfg = _report_config(args, cfg.run_dir)
+    agg_cfg = _report_config(args, cfg.run_dir, launch.cluster)
     check_train_request(cfg)
     run = RunDir(cfg.run_dir)
     with run.lock() as lock:

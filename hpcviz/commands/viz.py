@@ -54,9 +54,17 @@ def main(args: argparse.Namespace) -> int:
     summary = out["collation"]
     n = summary["n_shards"]
     print(f"viz: {summary['n_images']} images in {n - len(summary['missing'])}/{n} shards -> {run.viz_file}")
-    for line in out["projection_failed"]:  # not fatal: the aggregation computes what they left undone
-        print(f"warning: {line} (jobs/aggregate.py computes it)")
     problem = failures(out)
     if problem:
         raise JobError(problem)
+    failed = out["projection_failed"]
+    if failed:  # the shards and viz.h5 are kept; the aggregation computes what the parts left undone
+        raise JobError(f"{len(failed)} projection part(s) failed: {failed[0]}; the shards and viz.h5 are kept; "
+                       f"hint: fix the cause, then python jobs/aggregate.py --run {run} computes them"
+                       + "".join(f"\n{line}" for line in failed[1:8]))
+    from ..pipeline import StageFailed, check_outcome
+    try:
+        check_outcome(run, ("viz",))
+    except StageFailed as e:
+        raise JobError(f"the visualization is {e}") from None
     return 0

@@ -150,6 +150,7 @@ def collate(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLik
     root_attrs = {**{k: v for k, v in common.items() if k not in _SHARD_RESERVED},
                   "format": VIZ_FORMAT, "shard_format": SHARD_FORMAT, "n": n_images, "n_images": n_images,
                   "shards": [rel for rel, _, _ in present], "missing_shards": list(missing),
+                  "shard_created": [str(root.get("created", "")) for _, root, _ in present],
                   "missing_reasons": missing,
                   "varying_attrs": sorted(set(ref_root) - set(common) - set(_SHARD_RESERVED)),
                   "complete": not missing, **(attrs or {})}
