@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import submitit
@@ -28,16 +26,12 @@ from .config import AggregateConfig, LaunchConfig, TrainConfig, VizConfig
 from .errors import JobError
 from .launch import JobRefused, LaunchError, TrainJob, stage_launch, submit_train, wait_result
 from .rundir import Manifest, RunDir, RunLock, now
-from .runstate import SCOPES, Item, run_state
+from .runstate import Item, StageFailed, check_outcome, describe_problems, run_state
 from .train import evaluate_checkpoint
 
 log = logging.getLogger("hpcviz")
 
 STAGES = ("train", "viz", "aggregate")
-
-
-class StageFailed(JobError):
-    """A stage of the pipeline failed, or shards are missing from the report."""
 
 
 class PlanFailed(JobError):
@@ -340,36 +334,6 @@ def wait_pipeline(run: RunDir, poll_s: float = 5.0, timeout_s: float | None = No
         if live:
             live.stop()
     check_outcome(run)
-
-
-def check_outcome(run: RunDir, stages: Sequence[str] = SCOPES) -> None:
-    """Nothing when every item of `stages` (default: all; launch_viz: viz) verifies (hpcviz.runstate);
-    StageFailed saying what is not, and how to redo it, otherwise."""
-    state = run_state(run)
-    bad = state.problems(stages)
-    if not bad:
-        return
-    raise StageFailed(describe_problems(run, bad))
-
-
-def describe_problems(run: RunDir, bad: list[Item]) -> str:
-    """One line: the first items that are not done, then the command that redoes them."""
-    where = Path(run.path)
-    first = bad[0]
-    if first.name == "train":
-        why = f" ({first.detail.splitlines()[0]})" if first.detail else ""
-        return (f"training {first.state}{why}; see {where / 'logs'} and {where / 'report' / 'report.html'}")
-    if first.name == "viz" and first.state == "failed":
-        return f"the visualization failed: {first.detail}; see {where / 'logs'}"
-    if first.name == "viz":
-        return f"no visualization plan: the array did not run; hint: python jobs/launch_viz.py --run {run}"
-    shown = "; ".join(f"{i.name} {i.state}" + (f" ({i.detail})" if i.detail else "") for i in bad[:4])
-    more = f"; and {len(bad) - 4} more" if len(bad) > 4 else ""
-    if all(i.name in ("report", "project") or i.name.startswith("project[") for i in bad):
-        hint = f"python jobs/aggregate.py --run {run}"
-    else:
-        hint = f"python jobs/launch_pipeline.py --run {run} --retry-failed"
-    return f"not complete: {shown}{more}; hint: {hint}"
 
 
 __all__ = ["PipelineTrainJob", "aggregate_job", "check_request", "submit_pipeline", "run_local", "retry_failed",

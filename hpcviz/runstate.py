@@ -20,16 +20,22 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import checkpoint, store
 from .collation import part_states
-from .errors import InputError
+from .errors import InputError, JobError
 from .rundir import Plan, RunDir
 
-__all__ = ["Item", "RunState", "run_state", "report_inputs", "SCOPES"]
+__all__ = ["Item", "RunState", "run_state", "report_inputs", "check_outcome", "describe_problems", "StageFailed",
+           "SCOPES"]
 
 DONE = "done"
+
+
+class StageFailed(JobError):
+    """A stage of the run did not finish, or what it made is missing, stale or another run's."""
 SCOPES = ("train", "viz", "report")  # the stages whose items a command promises: launch_train, launch_viz, ...
 
 
@@ -202,3 +208,33 @@ def run_state(run: RunDir) -> RunState:
         items += _viz_items(run, state.plan, sha)
     items.append(_report_item(run, state.plan, sha))
     return state
+
+
+def check_outcome(run: RunDir, stages: Sequence[str] = SCOPES) -> None:
+    """Nothing when every item of `stages` (default: all; launch_viz: viz) verifies (hpcviz.runstate);
+    StageFailed saying what is not, and how to redo it, otherwise."""
+    state = run_state(run)
+    bad = state.problems(stages)
+    if not bad:
+        return
+    raise StageFailed(describe_problems(run, bad))
+
+
+def describe_problems(run: RunDir, bad: list[Item]) -> str:
+    """One line: the first items that are not done, then the command that redoes them."""
+    where = Path(run.path)
+    first = bad[0]
+    if first.name == "train":
+        why = f" ({first.detail.splitlines()[0]})" if first.detail else ""
+        return (f"training {first.state}{why}; see {where / 'logs'} and {where / 'report' / 'report.html'}")
+    if first.name == "viz" and first.state == "failed":
+        return f"the visualization failed: {first.detail}; see {where / 'logs'}"
+    if first.name == "viz":
+        return f"no visualization plan: the array did not run; hint: python jobs/launch_viz.py --run {run}"
+    shown = "; ".join(f"{i.name} {i.state}" + (f" ({i.detail})" if i.detail else "") for i in bad[:4])
+    more = f"; and {len(bad) - 4} more" if len(bad) > 4 else ""
+    if all(i.name in ("report", "project") or i.name.startswith("project[") for i in bad):
+        hint = f"python jobs/aggregate.py --run {run}"
+    else:
+        hint = f"python jobs/launch_pipeline.py --run {run} --retry-failed"
+    return f"not complete: {shown}{more}; hint: {hint}"

@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
                              "hint: train first (jobs/launch_train.py or jobs/launch_pipeline.py)")
     from ..aggregate import aggregate  # matplotlib and torch: once the request is known to be good
     from ..dist import check_device
-    from ..pipeline import StageFailed, check_outcome
+    from ..runstate import StageFailed, check_outcome
     if cfg.projections:
         check_device(cfg.projection_device, "--projection-device")
     with run.lock():

@@ -82,6 +82,11 @@ def main(args: argparse.Namespace) -> int:
         result = follow_training(job, cfg, launch)
     print(f"{result.get('status', 'done')}: {cfg.run_dir} "
           f"(val accuracy {100 * result.get('val_accuracy', float('nan')):.2f}%)")
+    from ..runstate import StageFailed, check_outcome
+    try:  # a run that stopped (a signal, a time limit) or whose files do not verify is not done
+        check_outcome(RunDir(cfg.run_dir), ("train",))
+    except StageFailed as e:
+        raise LaunchError(f"{e}; hint: continue it with the same command and --resume") from None
     return 0
 
 

@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
         raise JobError(f"{len(failed)} projection part(s) failed: {failed[0]}; the shards and viz.h5 are kept; "
                        f"hint: fix the cause, then python jobs/aggregate.py --run {run} computes them"
                        + "".join(f"\n{line}" for line in failed[1:8]))
-    from ..pipeline import StageFailed, check_outcome
+    from ..runstate import StageFailed, check_outcome
     try:
         check_outcome(run, ("viz",))
     except StageFailed as e:
