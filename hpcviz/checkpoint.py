@@ -69,14 +69,37 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: str | os.PathLike) -> Path:
             f.write(data)
         if last.exists() and _verifies(last):
             # keep a good previous checkpoint; a corrupt last.pt is simply replaced
+            known = _WRITTEN.pop(last.absolute(), None)
             os.replace(last, prev)
             os.replace(_sidecar(last), _sidecar(prev))
-        write_bytes(_sidecar(last), (_sha256_bytes(data) + "\n").encode())
+            if known is not None:  # a rename keeps the size and mtime
+                _remember(prev, known[2])
+        sha = _sha256_bytes(data)
+        write_bytes(_sidecar(last), (sha + "\n").encode())
+    _remember(last, sha)
     return last
 
 
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
+
+
+# checkpoints this process wrote: path -> (size, mtime_ns, sha256). Saving verifies last.pt before keeping it as
+# prev.pt; for a file this process wrote and nobody touched since, that costs a stat, not a hash of the file
+_WRITTEN: dict[Path, tuple[int, int, str]] = {}
+
+
+def _remember(path: Path, sha: str) -> None:
+    st = path.stat()
+    _WRITTEN[path.absolute()] = (st.st_size, st.st_mtime_ns, sha)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256_file, without reading a checkpoint this process wrote and nobody changed since."""
+    path = Path(path)
+    st = path.stat()
+    size, mtime, sha = _WRITTEN.get(path.absolute(), (-1, -1, ""))
+    return sha if (size, mtime) == (st.st_size, st.st_mtime_ns) else sha256_file(path)
 
 
 def _verifies(path: Path) -> bool:
@@ -85,7 +108,7 @@ def _verifies(path: Path) -> bool:
         return False
     sides = [_sidecar(path)] + [_sidecar(path.with_name(n)) for n in (LAST, PREV) if n != path.name]
     known = {s.read_text().strip() for s in sides if s.is_file()}
-    return bool(known) and sha256_file(path) in known
+    return bool(known) and file_sha256(path) in known
 
 
 def find_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:

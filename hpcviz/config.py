@@ -133,6 +133,9 @@ class TrainConfig:
     log_every: int = option(50, "steps between progress lines in log files", unit="steps")
     checkpoint_every: int = option(0, "steps between checkpoints inside an epoch (0 = only at epoch ends)",
                                    unit="steps")
+    checkpoint_minutes: float = option(10.0, "a checkpoint at the first epoch end this long after the last one (0 = "
+                                       "every epoch); always at the end and on a stop signal (time limit, "
+                                       "preemption, requeue)", unit="minutes")
     dist_timeout_min: float = option(30.0, "the rendezvous and the first collective (ranks may still be "
                                      "loading data)", flag="--dist-timeout", unit="minutes")
     collective_timeout_min: float = option(10.0, "every later collective (a hung rank ends the job)",
@@ -148,7 +151,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         _checks(self, {"image_size": (1, None), "epochs": (1, None), "batch_size": (1, None),
                        "eval_batch_size": (1, None), "data_workers": (1, None), "log_every": (1, None),
-                       "checkpoint_every": (0, None), "momentum": (0, 1), "weight_decay": (0, None),
+                       "checkpoint_every": (0, None), "checkpoint_minutes": (0, None), "momentum": (0, 1),
+                       "weight_decay": (0, None),
                        "warmup_epochs": (0, None)})
         check_range("--val-fraction", self.val_fraction, 0, 1, high_open=True, hint="e.g. --val-fraction 0.1")
         if self.val_fraction <= 0:
@@ -206,6 +210,11 @@ class LaunchConfig:
     wait: bool = option(False, "follow the job until it ends and exit with its outcome")
     throttle: int = option(0, "at most this many array tasks at once (SLURM; 0 = no limit)")
     extra: dict[str, str] = option(factory=dict, help="raw extra sbatch options", cli=False)
+
+    def job_device(self, device: str) -> str:
+        """The device a job is told to use: cpu where this launch (resolved) asks for no GPU, so that a CPU run never
+        initialises CUDA, even on a node whose GPUs it can see; else `device`."""
+        return "cpu" if device == "auto" and self.gpus == 0 else device
 
     def validate(self) -> LaunchConfig:
         _checks(self, {"nproc": (1, None), "nodes": (1, None), "cpus_per_task": (0, None), "mem_gb": (0, None),

@@ -290,8 +290,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def any_ranks(flags: list[bool | torch.Tensor], device: torch.device | str = "cpu") -> list[bool]:
     """flags[i] is True on every rank if it is True on any rank: how all ranks agree to stop at one step.
     A flag may be a 0-d tensor on `device` (read with the others in one copy: one sync, not one each)."""
-    t = torch.stack([f.to(device, torch.float32) if isinstance(f, torch.Tensor)
-                     else torch.tensor(1.0 if f else 0.0, device=device) for f in flags])
+    device = torch.device(device)
+    host = torch.tensor([float(bool(f)) for f in flags if not isinstance(f, torch.Tensor)])
+    if device.type == "cuda":  # pinned: the copy to the GPU does not wait (the read-back below is the one sync)
+        host = host.pin_memory()
+    moved, k = host.to(device, non_blocking=True), iter(range(len(host)))
+    t = torch.stack([f.to(device, torch.float32).reshape(()) if isinstance(f, torch.Tensor) else moved[next(k)]
+                     for f in flags])
     if is_dist():
         td.all_reduce(t, op=td.ReduceOp.MAX)
     return [bool(v > 0) for v in t.tolist()]
@@ -405,7 +410,7 @@ def numerics(exact: bool = True) -> Iterator[None]:
 def sync_allowed() -> Iterator[None]:
     """Marks a deliberate host-device sync (the checks every N steps): under
     torch.cuda.set_sync_debug_mode('error') everything else that syncs raises."""
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_initialized():  # a CPU run: asking for the mode would initialise CUDA
         yield
         return
     mode = torch.cuda.get_sync_debug_mode()

@@ -81,7 +81,10 @@ class TopK:
                               "width": torch.tensor(w)}
         means = (act.float() if full is None else full).mean(dim=(2, 3)).double()  # (B, C)
         sums = self._sums.setdefault(block, torch.zeros(self.n_classes, c, dtype=torch.float64, device=act.device))
-        sums.index_add_(0, labels.to(act.device), means)
+        # a one-hot matmul, not index_add_: on GPUs index_add_ adds floats with atomics, in an order that changes
+        # from run to run (a retried shard must give the same class means); no host sync either
+        classes = torch.arange(self.n_classes, device=act.device)
+        sums += (labels.to(act.device)[:, None] == classes).to(torch.float64).T @ means  # (K, B) @ (B, C)
         if block == next(iter(self._lists)):  # count the images once per batch, at the first block
             add = torch.bincount(labels.to(act.device), minlength=self.n_classes)[:self.n_classes]
             self.count = add if self.count is None else self.count + add

@@ -301,6 +301,7 @@ def train(cfg: TrainConfig, alone: bool = False) -> dict[str, Any]:
     setup_logging()
     stop = StopRequest()
     started: list[bool] = []
+    benchmark = torch.backends.cudnn.benchmark  # _train turns it on for GPUs: the caller's setting comes back
     try:
         return _train(cfg, dist.pick_device(cfg.device), stop, started)
     except Exception as e:
@@ -308,6 +309,7 @@ def train(cfg: TrainConfig, alone: bool = False) -> dict[str, Any]:
             _record_end(RunDir(cfg.run_dir), e, bool(started))
         raise
     finally:
+        torch.backends.cudnn.benchmark = benchmark
         stop.restore()
         dist.cleanup()
 
@@ -366,6 +368,7 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: l
     log.info("training %s (%s stem) on %d images of %d classes, %d steps/epoch, %d process(es); rank 0 on %s; "
              "data placement %s", cfg.arch, cfg.resolved_stem(), split.train.n, len(split.classes), steps_per_epoch,
              dist.world_size(), dist.describe_device(device), split.placement)
+    saved = time.monotonic()
     while pos.epoch < cfg.epochs:
         t0 = time.perf_counter()
         images_before = meters.state()["n"]
@@ -379,7 +382,11 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: l
         dist.broadcast_buffers(raw)
         _end_epoch(cfg, raw, split, pos, meters, train_s, images_before, opt)
         pos, meters = Position(pos.epoch + 1, 0), Meters()
-        save(pos, meters)
+        # by time, not every epoch (an epoch can take seconds); the last always, a stop signal always (above)
+        due = pos.epoch == cfg.epochs or time.monotonic() - saved >= 60 * cfg.checkpoint_minutes
+        if dist.any_ranks([due], device)[0]:  # rank 0's clock is not rank 1's: all save, or none
+            save(pos, meters)
+            saved = time.monotonic()
     return final_eval(cfg, raw, split)
 
 
@@ -423,7 +430,7 @@ def final_eval(cfg: TrainConfig, raw: nn.Module, split: Split) -> dict[str, Any]
     ckpt = checkpoint.find_checkpoint(rundir.checkpoints) if dist.is_main() else None
     result = {"split": "val", **val, "train_accuracy": train_res["accuracy"], "train_n": train_res["n"],
               "checkpoint": rundir.rel(ckpt) if ckpt else None,
-              "checkpoint_sha256": checkpoint.sha256_file(ckpt) if ckpt else None,
+              "checkpoint_sha256": checkpoint.file_sha256(ckpt) if ckpt else None,
               "data": cfg.data, "data_fingerprint": split.fingerprint, "config": config_to_dict(cfg)}
     if dist.is_main():
         rundir.write_eval(result)

@@ -248,3 +248,34 @@ def test_gloo_across_nodes_refuses_a_loopback_host_address(monkeypatch):
     dist._check_gloo_address(dist.DistEnv(rank=1, world_size=2, master_addr="127.0.0.1"))  # all on this host
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
     dist._check_gloo_address(env)  # the user chose the interface
+
+
+@pytest.fixture
+def cuda_forbidden(monkeypatch):
+    """torch.cuda says a GPU is there, but initialising CUDA fails the test (an exclusive-process GPU, or ~0.5 GB of
+    GPU 0 per rank): what a CPU run sees on a GPU node."""
+    def boom(*args, **kwargs):
+        raise AssertionError("CUDA was initialised by a CPU run")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", boom)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", boom)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", boom)
+    monkeypatch.setattr(torch.cuda, "get_device_name", boom)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", boom)
+
+
+@pytest.mark.slow
+def test_cpu_runs_never_touch_cuda(cuda_forbidden, tmp_path, capsys):
+    """--device cpu, or --gpus 0 with the default device: training, the array and the report never initialise
+    CUDA, although torch.cuda reports a device (the debug cluster runs the jobs in this process)."""
+    from hpcviz.commands import pipeline
+    run = tmp_path / "cpu"
+    args = ["--cluster", "debug", "--gpus", "0", "--run", str(run), "--data", "builtin:20", "--image-size", "16",
+            "--arch", "resnet20", "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--images", "4", "--tasks",
+            "1", "--invert-steps", "5", "--report-images", "1", "--invert-images", "1"]
+    assert pipeline.main(pipeline.get_args_parser().parse_args(args)) == 0, capsys.readouterr().err[-2000:]
+    config = __import__("json").loads((run / "config.json").read_text())
+    assert config["train"]["device"] == "cpu" and config["viz"]["device"] == "cpu"
+    with dist.sync_allowed():  # the training loop's checks: no CUDA call on a CPU run
+        pass

@@ -208,7 +208,7 @@ def _kill_task_when(run: Path, ready, timeout: float = 120) -> None:
 def test_kill_9_at_each_stage_then_rerun(tmp_path):
     run = tmp_path / "k"
     train = ["--run", str(run), "--cluster", "local", "--device", "cpu", "--data", "builtin:60", "--image-size", "16",
-             "--arch", "resnet20", "--epochs", "4", "--batch-size", "32", "--lr", "0.05"]
+             "--arch", "resnet20", "--epochs", "4", "--batch-size", "32", "--lr", "0.05", "--checkpoint-minutes", "0"]
     # training: the job dies (SIGKILL) after its first checkpoint; the error says how to continue, the record failed
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "launch_train.py"), *train], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -160,3 +160,16 @@ def test_gpu_ranks_share_the_cores_too(monkeypatch):
     finally:
         torch.set_num_threads(before)
         monkeypatch.setattr(dist, "_ENV", dist.DistEnv())
+
+
+@pytest.mark.parametrize("minutes, saves", [(10.0, 1), (0.0, 3)])
+def test_checkpoints_by_time_and_never_a_second_hash(tiny_cfg, monkeypatch, minutes, saves):
+    """Epochs of a second save once, at the end, by default (every 10 minutes); with 0 every epoch. Keeping the
+    previous checkpoint as prev.pt reads no file again: this process wrote it (only eval.json's hash is read,
+    and that from memory)."""
+    written, hashed = [], []
+    save = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda state, d: written.append(state["epoch"]) or save(state, d))
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p: hashed.append(p) or pytest.fail("a checkpoint re-hashed"))
+    train(tiny_cfg(epochs=3, checkpoint_minutes=minutes))
+    assert written == list(range(4 - saves, 4)) and not hashed

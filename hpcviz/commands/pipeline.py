@@ -6,7 +6,7 @@ import argparse
 from ..cli import Parser, add_options, command, given
 from ..config import AggregateConfig, ConfigError, LaunchConfig, VizConfig, config_from_dict
 from ..errors import Interrupted
-from ..launch import check_launch, check_train_request, prepare_run
+from ..launch import check_launch, check_train_request, prepare_run, stage_launch
 from ..log import setup_logging
 from ..rundir import RunDir
 from . import train
@@ -112,6 +112,7 @@ def _launch(args: argparse.Namespace) -> int:
         raise ConfigError("--cluster inline: the pipeline submits jobs; hint: --cluster slurm or local")
     viz_cfg = config_from_dict(VizConfig, {**given(args, VizConfig, prefix="viz-", skip=("run_dir",)),
                                            "run_dir": cfg.run_dir})
+    viz_cfg.device = stage_launch(launch, "viz").job_device(viz_cfg.device)
     check_request(cfg, viz_cfg)
     agg_cfg = _report_config(args, cfg.run_dir, launch.cluster)
     check_train_request(cfg)

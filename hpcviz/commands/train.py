@@ -39,6 +39,7 @@ def build_configs(args: argparse.Namespace) -> tuple[TrainConfig, LaunchConfig]:
     cfg = make_train_config(overrides, args.recipe or "default")
     cfg.run_dir = cfg.run_dir if getattr(args, "run", None) else default_run(cfg)
     launch = check_launch(config_from_dict(LaunchConfig, given(args, LaunchConfig)), cfg.device)
+    cfg.device = launch.job_device(cfg.device)
     return cfg, launch
 
 

@@ -7,7 +7,7 @@ import argparse
 from ..cli import Parser, add_options, command, given
 from ..config import ConfigError, LaunchConfig, VizConfig, config_from_dict
 from ..errors import JobError
-from ..launch import check_launch
+from ..launch import check_launch, stage_launch
 from ..log import setup_logging
 from ..rundir import RunDir
 
@@ -38,6 +38,7 @@ def main(args: argparse.Namespace) -> int:
     setup_logging()
     cfg = config_from_dict(VizConfig, given(args, VizConfig)).validate()
     launch = check_launch(config_from_dict(LaunchConfig, given(args, LaunchConfig)), cfg.device)
+    cfg.device = stage_launch(launch, "viz").job_device(cfg.device)
     run = RunDir(cfg.run_dir)
     if not run.checkpoints.is_dir():
         raise ConfigError(f"--run {run}: no checkpoints/ in it; hint: train first (jobs/launch_train.py), or check "
