@@ -105,7 +105,7 @@ def _launch(args: argparse.Namespace) -> int:
                                            "run_dir": cfg.run_dir})
     check_request(cfg, viz_cfg)
     agg_cfg = _report_config(args, cfg.run_dir)
-    check_train_request(cfg)
+    check_train_request(cfg, launch)
     run = RunDir(cfg.run_dir)
     with run.lock() as lock:
         prepare_run(cfg, launch.cluster, "continue it (finished stages are skipped)")
