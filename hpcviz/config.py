@@ -65,7 +65,7 @@ def _num(value: float) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _bound(value: float) -> str:
+def _bound(value: float | None) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

@@ -337,7 +337,8 @@ def _latin1(text: str, encoding: str = "latin1", errors: str = "strict") -> byte
 
 
 def _cifar_globals() -> dict[tuple[str, str], object]:
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    import importlib
+    multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
     return {("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,   # numpy < 2 wrote this name
             ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,  # numpy >= 2
             ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,

@@ -36,7 +36,8 @@ def main(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     n, height, width, _fingerprint = pack(src, out, attrs)
     mb = os.path.getsize(out) / 2 ** 20
-    print(f"wrote {out}: {n} images, {len(src.classes)} classes ({', '.join(src.classes)}), "
+    from ..report import terminal_text  # class names from --data: shown as written, never as terminal codes
+    print(f"wrote {out}: {n} images, {len(src.classes)} classes ({terminal_text(', '.join(src.classes))}), "
           f"{height}x{width}, {mb:.1f} MB, {time.perf_counter() - start:.1f} s")
     return 0
 
