@@ -156,7 +156,8 @@ def check_train_request(cfg: TrainConfig, launch: LaunchConfig | None = None) ->
     check_split(cfg.data, facts, cfg.val_fraction)
     check_batch(cfg, facts, launch)
     if launch is not None and launch.cluster != "inline":
-        check_memory(cfg, launch, facts)
+        from .memory import check_train
+        check_train(cfg, launch, facts)
     if cfg.init:
         try:
             state = checkpoint.torch_load(cfg.init)
@@ -189,19 +190,6 @@ def check_batch(cfg: TrainConfig, facts: Any, launch: LaunchConfig | None = None
             raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {n_train} training images of --data "
                               f"{cfg.data} (an epoch would have no step); hint: use --batch-size {n_train} or less, "
                               "or more data")
-
-
-def check_memory(cfg: TrainConfig, launch: LaunchConfig, facts: Any) -> None:
-    """The node's and each GPU's memory against what the job will hold (hpcviz.memory), resolved launch only."""
-    from . import memory
-    host, gpu = memory.train_need(cfg, launch, facts)
-    what = f"--image-size {cfg.image_size} with --data {cfg.data}"
-    memory.check(what, host, memory.host_limit(launch), "a smaller --image-size or --batch-size, a packed file read "
-                 "by rows (jobs/pack_data.py, then --data FILE.h5 --data-placement stream), or more memory "
-                 "(--mem-gb on SLURM)")
-    if launch.cluster != "slurm":
-        memory.check(f"{what} --data-placement device", gpu, memory.gpu_limit(),
-                     "--data-placement auto (it keeps what does not fit off the GPU) or stream")
 
 
 def tasks_per_node(launch: LaunchConfig) -> int:

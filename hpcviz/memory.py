@@ -35,8 +35,8 @@ from .data import SourceFacts
 from .errors import InputError
 from .files import fmt_bytes
 
-__all__ = ["MemoryRefused", "Need", "images_in", "forward_bytes", "train_need", "import_need", "eval_need",
-           "pack_need", "host_limit", "check"]
+__all__ = ["MemoryRefused", "Need", "images_in", "forward_bytes", "train_need", "check_train", "import_need",
+           "eval_need", "pack_need", "host_limit", "gpu_limit", "check"]
 
 _BUILTIN_TEMP = 122        # bytes per pixel of a drawn chunk (tracemalloc: 122 at 1024 and 2048 px, 104 at 256)
 _BUILTIN_CHUNK = 2 ** 20   # pixels per chunk of make_builtin (at least one image)
@@ -135,6 +135,17 @@ def train_need(cfg: TrainConfig, launch: LaunchConfig, facts: SourceFacts, train
                     max(1, launch.nodes) * training)
         host.add(*step)
     return host, gpu
+
+
+def check_train(cfg: TrainConfig, launch: LaunchConfig, facts: SourceFacts) -> None:
+    """A training request's node and GPU memory (train_need) against the limits, for a resolved launch."""
+    host, gpu = train_need(cfg, launch, facts)
+    what = f"--image-size {cfg.image_size} with --data {cfg.data}"
+    check(what, host, host_limit(launch), "a smaller --image-size or --batch-size, a packed file read by rows "
+          "(jobs/pack_data.py, then --data FILE.h5 --data-placement stream), or more memory (--mem-gb on SLURM)")
+    if launch.cluster != "slurm":
+        check(f"{what} --data-placement device", gpu, gpu_limit(),
+              "--data-placement auto (it keeps what does not fit off the GPU) or stream")
 
 
 def import_need(cfg: TrainConfig, facts: SourceFacts, on_cpu: bool) -> Need:
