@@ -145,19 +145,15 @@ def _check_local_gpus(gpus: int) -> None:
 
 def check_train_request(cfg: TrainConfig, launch: LaunchConfig | None = None) -> None:
     """Every check of a training request that decodes nothing and needs no GPU, before anything is queued or
-    written: --data (paths, layout, a packed file's labels, an empty validation split), --batch-size against
-    the training split (and the processes of `launch`), the memory the data and batches need (hpcviz.memory),
-    --init, and the checkpoint --resume continues against this run (arch, stem, classes, data where known; the
-    job checks again with the data loaded)."""
+    written: --data (paths, layout, a packed file's labels, an empty validation split), --init, the checkpoint
+    --resume continues against this run (arch, stem, classes, data where known; the job checks again with the
+    data loaded), then --batch-size against the training split (and the processes of `launch`) and the memory
+    the data and batches need (hpcviz.memory)."""
     from . import checkpoint
     from .data import check_source, check_split, peek
     check_source(cfg.data, cfg.download)
     facts = peek(cfg.data, cfg.image_size)
     check_split(cfg.data, facts, cfg.val_fraction)
-    check_batch(cfg, facts, launch)
-    if launch is not None and launch.cluster != "inline":
-        from .memory import check_train
-        check_train(cfg, launch, facts)
     if cfg.init:
         try:
             state = checkpoint.torch_load(cfg.init)
@@ -172,6 +168,10 @@ def check_train_request(cfg: TrainConfig, launch: LaunchConfig | None = None) ->
         if found is not None:
             checkpoint.check_resumable(checkpoint.load_checkpoint(found), cfg,
                                        len(facts.classes) if facts.classes else None, facts.fingerprint)
+    check_batch(cfg, facts, launch)  # sizes last: a --resume of another data set says that first
+    if launch is not None and launch.cluster != "inline":
+        from .memory import check_train
+        check_train(cfg, launch, facts)
 
 
 def check_batch(cfg: TrainConfig, facts: Any, launch: LaunchConfig | None = None) -> None:
