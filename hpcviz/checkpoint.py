@@ -127,6 +127,15 @@ def find_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(weights_only=True) without its UserWarnings (a plain pickle of protocol > 2 warns twice before
+    it is refused): the caller turns a refusal into its own one-line error."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint file or the best one in a directory; verified, weights_only."""
     path = Path(path)
@@ -140,7 +149,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     elif _sidecar(path).is_file() and not _verifies(path):
         raise CheckpointError(f"{path}: does not match its sha256 (truncated or corrupt); hint: use prev.pt beside it")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch_load(path, map_location)
     except Exception as e:  # torch raises several types for a bad zip/pickle
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
                               "hint: pass a file written by hpcviz or torch.save(state_dict)") from None

@@ -79,6 +79,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, title: str = "", 
         kind = hints[f.name]
         if kind is bool:
             kw["action"] = "store_false" if f.default is True else "store_true"
+            if f.default is True:  # the field's help says what the default does; the flag turns it off
+                assert flag_of(f, prefix).startswith("--no-"), f"{f.name}: a default-on switch needs a --no- flag"
+                kw["help"] = f"turn off: {help_text}"
         elif kind == list[int]:
             kw.update(type=ints, metavar="I,J,...")
         elif kind == list[str]:

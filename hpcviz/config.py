@@ -65,14 +65,19 @@ def _num(value: float) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def _bound(value: float | None) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def check_range(flag: str, value: float, low: float | None = None, high: float | None = None,
                 high_open: bool = False, hint: str = "") -> None:
     """low <= value <= high (or < high when high_open); one ConfigError line otherwise."""
     bad = (low is not None and not value >= low) or (high is not None and not (
         value < high if high_open else value <= high))
     if bad:
-        span = (f"at least {low:g}" if high is None else f"in [{low:g}, {high:g}{')' if high_open else ']'}"
-                if low is not None else f"at most {high:g}")
+        span = (f"at least {_bound(low)}" if high is None else
+                f"in [{_bound(low)}, {_bound(high)}{')' if high_open else ']'}" if low is not None else
+                f"at most {_bound(high)}")
         raise ConfigError(f"{flag} {_num(value)}: must be {span}; hint: {hint or 'drop it for the default'}")
 
 
@@ -85,6 +90,22 @@ def _checks(cfg: Any, ranges: Mapping[str, tuple[float | None, float | None]], p
             check_choice(flag_of(f, prefix), value, f.metadata["choices"])
         if f.name in ranges and value is not None:
             check_range(flag_of(f, prefix), value, *ranges[f.name])
+
+
+# Every seed: what numpy's generators (any integer >= 0) and torch.manual_seed (< 2**64) both accept, and no more
+# than the legacy np.random.seed takes, so a seed means one stream everywhere
+SEED_MAX = 2 ** 32 - 1
+
+
+def check_seeds(cfg: Any, names: Sequence[str], prefix: str = "") -> None:
+    """The seeds `names` of `cfg` in 0..SEED_MAX, refused with their option's name (e.g. --viz-seed)."""
+    for f in dataclasses.fields(cfg):
+        if f.name in names:
+            value = getattr(cfg, f.name)
+            flag = flag_of(f, prefix)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+                raise ConfigError(f"{flag} {value}: a seed is a whole number in [0, {SEED_MAX}] (what numpy's and "
+                                  f"torch's generators all accept); hint: e.g. {flag} 0")
 
 
 # options that training and visualization both have: where both are on one command line (the pipeline)
@@ -154,6 +175,7 @@ class TrainConfig:
                        "checkpoint_every": (0, None), "checkpoint_minutes": (0, None), "momentum": (0, 1),
                        "weight_decay": (0, None),
                        "warmup_epochs": (0, None)})
+        check_seeds(self, ("seed", "split_seed"))
         check_range("--val-fraction", self.val_fraction, 0, 1, high_open=True, hint="e.g. --val-fraction 0.1")
         if self.val_fraction <= 0:
             raise ConfigError(f"--val-fraction {_num(self.val_fraction)}: must be above 0 (the validation split "
@@ -266,6 +288,7 @@ class VizConfig:
         _checks(self, {"images": (1, None), "tasks": (1, None), "per_task": (1, None), "batch_size": (1, None),
                        "invert_steps": (0, None), "invert_target": (0, 1), "invert_batch_size": (0, None),
                        "topk": (0, None), "example_size": (8, None)}, prefix)
+        check_seeds(self, ("seed",), prefix)
         if any(i < 0 for i in self.indices):
             raise ConfigError(f"--indices {min(self.indices)}: positions start at 0; hint: --indices 0,1,2")
         bad = [p for p in self.paths if p not in PATHS]
@@ -337,6 +360,7 @@ class PackConfig:
 
     def validate(self) -> PackConfig:
         _checks(self, {"image_size": (1, None)})
+        check_seeds(self, ("seed",))
         for flag, value in (("--data", self.data), ("--out", self.out)):
             if not value:
                 raise ConfigError(f"{flag}: required; hint: python jobs/pack_data.py --data DIR --out FILE.h5")

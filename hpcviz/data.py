@@ -121,6 +121,8 @@ class SourceFacts:
     classes: tuple[str, ...] | None
     per_class: tuple[int, ...] | None   # images per class
     fingerprint: str | None             # fingerprint() of the set at the requested image size
+    stored: tuple[int, int] | None = None  # (H, W) of the images as stored (packed files, CIFAR-10)
+    n: int | None = None                # images (where per_class is not known: CIFAR-10 batches)
 
 
 def peek(spec: str, image_size: int) -> SourceFacts:
@@ -138,21 +140,30 @@ def peek(spec: str, image_size: int) -> SourceFacts:
                 counts = np.bincount(reader.labels, minlength=len(reader.classes))
                 same_size = tuple(reader.shape[2:]) == (image_size, image_size)
                 fp = str(reader.attrs.get("fingerprint", "")) if same_size else ""
-                return SourceFacts(tuple(reader.classes), tuple(int(c) for c in counts), fp or None)
+                return SourceFacts(tuple(reader.classes), tuple(int(c) for c in counts), fp or None,
+                                   (int(reader.shape[2]), int(reader.shape[3])))
         except StoreError as e:
             raise DataError(f"--data {e}") from None
     if os.path.isdir(spec) and not spec.startswith(("cifar10:", "cifar10-test:")):
         classes, samples = _list_image_folder(spec)
         counts = np.bincount([label for _, label in samples], minlength=len(classes))
         return SourceFacts(tuple(classes), tuple(int(c) for c in counts), None)
+    if spec.startswith(("cifar10:", "cifar10-test:")):  # torchvision's layout: 5 batches of 10,000, or 1
+        return SourceFacts(None, None, None, (32, 32), 10000 if spec.startswith("cifar10-test:") else 50000)
     return SourceFacts(None, None, None)
+
+
+def split_sizes(per_class: Sequence[int], val_fraction: float) -> tuple[int, int]:
+    """(training, validation) images of split_indices' stratified split of classes of these sizes."""
+    n_val = sum(min(int(n * val_fraction + 0.5), n - 1) for n in per_class if n)
+    return sum(per_class) - n_val, n_val
 
 
 def check_split(spec: str, facts: SourceFacts, val_fraction: float) -> None:
     """Refuse a source whose validation split would be empty (split_indices' rounding, per class)."""
     if facts.per_class is None:
         return
-    n_val = sum(min(int(n * val_fraction + 0.5), n - 1) for n in facts.per_class if n)
+    n_val = split_sizes(facts.per_class, val_fraction)[1]
     if n_val == 0:
         raise DataError(f"--data {spec}: the validation split would be empty ({sum(facts.per_class)} images, at most "
                         f"{max(facts.per_class)} per class, --val-fraction {val_fraction:g}); hint: use more images "
@@ -301,15 +312,55 @@ def make_builtin(n_per_class: int = 500, image_size: int = 32, seed: int = 0) ->
 
 
 # ----------------------------------------------------------------------------- cifar10
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: dicts, lists, strings, bytes, numbers and numpy arrays
+    (rebuilt by numpy's `_reconstruct` from `ndarray` and `dtype`); the batches were pickled by Python 2,
+    protocol 2. A pickle may call any importable function as it loads (`__reduce__`): every other global is
+    refused before anything is called, so a hostile batch runs nothing."""
+
+    def find_class(self, module: str, name: str) -> object:
+        allowed = _cifar_globals().get((module, name))
+        if allowed is None:
+            raise _Refused(f"{module}.{name}")
+        return allowed
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global that a CIFAR-10 batch never holds."""
+
+
+def _latin1(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    """What Python 3's protocol-2 pickles call for bytes (`_codecs.encode(text, 'latin1')`), that codec only."""
+    if encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise _Refused(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    import importlib
+    multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
+    return {("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,   # numpy < 2 wrote this name
+            ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,  # numpy >= 2
+            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): _latin1}
+
+
 def _read_cifar_pickle(spec: str, path: str) -> dict:
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")  # the batches were pickled by Python 2
+            entry = _CifarUnpickler(f, encoding="latin1").load()  # the batches were pickled by Python 2
     except FileNotFoundError:
         raise _error(spec, f"missing {path}", "pass --download to fetch CIFAR-10 into DIR, or point DIR at "
                      "the folder that contains cifar-10-batches-py") from None
+    except _Refused as e:
+        raise _error(spec, f"{path} is not a CIFAR-10 batch: its pickle calls {e}, which a batch never holds "
+                     "(only dicts, lists, strings, numbers and numpy arrays); refused before running anything",
+                     "do not use files from an unknown source; fetch the real ones with --download") from None
     except Exception as e:  # unpickling garbage raises anything from EOFError to UnpicklingError
-        raise _error(spec, f"cannot read {path} ({type(e).__name__})", "delete it and pass --download") from e
+        raise _error(spec, f"cannot read {path} ({type(e).__name__})", "delete it and pass --download") from None
+    if not isinstance(entry, dict):
+        raise _error(spec, f"{path} holds a {type(entry).__name__}, not a CIFAR-10 batch (a dict)",
+                     "delete it and pass --download")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InputError
+from .report import terminal_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -41,8 +42,9 @@ def _check(a: np.ndarray, rgb: bool, max_items: int) -> None:
 
 
 def _label(text: object) -> str:
-    """Text from the data (class names) shown literally: matplotlib would parse $...$ as math."""
-    return str(text).replace("$", r"\$")
+    """Text from the data (class names) shown literally: matplotlib would parse $...$ as math, and has no glyph
+    for a control character (shown as \\xNN, as on a terminal)."""
+    return terminal_text(text).replace("$", r"\$")
 
 
 def _figure(width: float, height: float, grid: bool = False) -> Figure:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import DiskFullError
+from .errors import DiskFullError, InputError
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -50,9 +50,30 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and (e.errno in _FULL or "No space left" in str(e) or "quota exceeded" in str(e))
 
 
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into `folder` (missing, not writable, a read-only or pseudo file system such
+    as /proc, which stores no files and reports 0 bytes free), or None."""
+    p = Path(folder)
+    if not p.is_dir():
+        return "does not exist" if not p.exists() else "is not a directory"
+    st = os.statvfs(p)
+    if st.f_blocks == 0:
+        return "is on a pseudo file system that stores no files (such as /proc or /sys)"
+    if st.f_flag & os.ST_RDONLY:
+        return "is on a read-only file system"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return "is not writable by you"
+    return None
+
+
 def check_space(path: str | os.PathLike, needed: int, margin: int = 64 << 10) -> None:
-    """Refuse before writing `needed` bytes to `path` when they would not fit (a margin left for metadata)."""
+    """Refuse before writing `needed` bytes to `path` when they would not fit (a margin left for metadata);
+    a folder that cannot hold files at all is bad input, not a full disk."""
     if needed + margin > free_bytes(path):
+        folder = Path(path).absolute().parent
+        problem = folder_problem(folder) if folder.is_dir() else None
+        if problem:
+            raise InputError(f"{os.fspath(path)}: cannot be written: {folder} {problem}; hint: write it elsewhere")
         raise disk_full(path, needed)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, dist
+from . import checkpoint, dist, memory
 from .config import ARCHS, STEMS, ConfigError, ImportConfig, TrainConfig
 from .data import check_source, check_split, peek
 from .errors import InputError
@@ -51,7 +51,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a state-dict file (weights_only): plain, or under 'state_dict'/'model', wrapper
     prefixes ('module.', '_orig_mod.') dropped."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = checkpoint.torch_load(path)
     except Exception as e:  # torch raises several types for a file that is not a (safe) state dict
         raise WeightsError(f"--weights {path}: not a readable state dict ({type(e).__name__}); hint: save one with "
                            "torch.save(model.state_dict(), FILE) (a pickled model object is refused: weights only)"
@@ -171,6 +171,10 @@ def prepare_import(cfg: ImportConfig) -> Prepared:
     check_source(tcfg.data, tcfg.download)
     facts = peek(tcfg.data, tcfg.image_size)
     check_split(tcfg.data, facts, tcfg.val_fraction)
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    memory.check(f"--image-size {tcfg.image_size} with --data {tcfg.data}", memory.import_need(tcfg, facts, on_cpu),
+                 memory.host_limit(), "a smaller --image-size or --eval-batch-size, --no-eval, or a machine with more "
+                 "memory")
     state = read_state_dict(cfg.weights)
     if facts.classes is not None:  # known without decoding: refuse before the images are read
         check_weights(state, cfg.weights, tcfg, facts.classes)

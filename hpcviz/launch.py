@@ -143,20 +143,20 @@ def _check_local_gpus(gpus: int) -> None:
                           f"{'or --nproc N for CPU processes' if not have else ''}".rstrip())
 
 
-def check_train_request(cfg: TrainConfig) -> None:
+def check_train_request(cfg: TrainConfig, launch: LaunchConfig | None = None) -> None:
     """Every check of a training request that decodes nothing and needs no GPU, before anything is queued or
-    written: --data (paths, layout, a packed file's labels, an empty validation split), --init, and the
-    checkpoint --resume continues against this run (arch, stem, classes, data where known; the job checks
-    again with the data loaded)."""
+    written: --data (paths, layout, a packed file's labels, an empty validation split), --init, the checkpoint
+    --resume continues against this run (arch, stem, classes, data where known; the job checks again with the
+    data loaded), then --batch-size against the training split (and the processes of `launch`) and the memory
+    the data and batches need (hpcviz.memory)."""
     from . import checkpoint
     from .data import check_source, check_split, peek
     check_source(cfg.data, cfg.download)
     facts = peek(cfg.data, cfg.image_size)
     check_split(cfg.data, facts, cfg.val_fraction)
     if cfg.init:
-        import torch
         try:
-            state = torch.load(cfg.init, map_location="cpu", weights_only=True)
+            state = checkpoint.torch_load(cfg.init)
         except Exception as e:  # torch raises several types for a file that is not a state dict
             raise ConfigError(f"--init {cfg.init}: not a readable state dict ({type(e).__name__}); hint: save one "
                               "with torch.save(model.state_dict(), PATH)") from None
@@ -168,6 +168,28 @@ def check_train_request(cfg: TrainConfig) -> None:
         if found is not None:
             checkpoint.check_resumable(checkpoint.load_checkpoint(found), cfg,
                                        len(facts.classes) if facts.classes else None, facts.fingerprint)
+    check_batch(cfg, facts, launch)  # sizes last: a --resume of another data set says that first
+    if launch is not None and launch.cluster != "inline":
+        from .memory import check_train
+        check_train(cfg, launch, facts)
+
+
+def check_batch(cfg: TrainConfig, facts: Any, launch: LaunchConfig | None = None) -> None:
+    """--batch-size: divisible by the processes (when `launch` knows them), and no larger than the training split
+    (when the source's classes are known: data.SourceFacts), as the training job would find once started."""
+    from .data import split_sizes
+    if launch is not None and launch.cluster != "inline" and launch.gpus is not None:
+        world = tasks_per_node(launch) * launch.nodes
+        if cfg.batch_size % world:
+            raise ConfigError(f"--batch-size {cfg.batch_size}: must be divisible by the {world} processes (the global "
+                              f"batch is split evenly); hint: use a multiple of {world}, e.g. "
+                              f"{max(world, cfg.batch_size - cfg.batch_size % world)}")
+    if facts.per_class is not None:
+        n_train = split_sizes(facts.per_class, cfg.val_fraction)[0]
+        if cfg.batch_size > n_train:
+            raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {n_train} training images of --data "
+                              f"{cfg.data} (an epoch would have no step); hint: use --batch-size {n_train} or less, "
+                              "or more data")
 
 
 def tasks_per_node(launch: LaunchConfig) -> int:

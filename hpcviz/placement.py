@@ -215,10 +215,11 @@ def source_fingerprint(src: Source) -> str:
 def _free_device_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    return _available_host_bytes() // max(1, dist.local_world_size())  # each rank holds its own copy
+    return available_host_bytes() // max(1, dist.local_world_size())  # each rank holds its own copy
 
 
-def _available_host_bytes() -> int:
+def available_host_bytes() -> int:
+    """MemAvailable of this machine (8 GiB when /proc/meminfo cannot be read)."""
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if ":" in line}
@@ -237,7 +238,7 @@ def choose(requested: str, src: Source, device: torch.device) -> str:
                              "hint: pack it with jobs/pack_data.py --image-size S")
     if requested != "auto":
         return requested
-    size, free_dev, free_host = src.nbytes, _free_device_bytes(device), _available_host_bytes()
+    size, free_dev, free_host = src.nbytes, _free_device_bytes(device), available_host_bytes()
     if size <= 0.4 * free_dev:
         choice = "device"
     elif size <= 0.5 * free_host or src.reader is None:

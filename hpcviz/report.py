@@ -14,7 +14,8 @@ writes the files. A report is a list of blocks, rendered twice (Markdown and HTM
 Every text that comes from a run (class names, run names, config values, error messages) is
 untrusted: report.html escapes it (`html.escape`) and never contains a script; report.md writes `&`,
 `<` and `>` as HTML entities (Markdown passes raw HTML through) and backslash-escapes brackets,
-backticks, backslashes and table pipes (no link, image or code span can come from a class name).
+backticks, backslashes, emphasis marks, table pipes and dollars (a class name shows as written); terminal
+output shows control characters as \\xNN (`terminal_text`).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ Block = tuple
 Cell = Any
 
 __all__ = ["accuracy_table", "per_class_table", "inversion_table", "params_table", "to_csv", "to_markdown",
-           "render_markdown", "render_html"]
+           "render_markdown", "render_html", "terminal_text"]
 
 
 class Fixed(float):
@@ -138,20 +139,30 @@ def to_csv(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str:
     return buf.getvalue()
 
 
-_MD_SPECIAL = re.compile(r"([\\`\[\]])")  # no link or image without [ ], no code span without `
+# no link or image without [ ], no code span without `, no emphasis, strike-through or math ($) from a run
+_MD_SPECIAL = re.compile(r"([\\`\[\]*_~$|])")
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}  # C0, DEL, C1: terminal escapes
+
+
+def terminal_text(text: Any) -> str:
+    """Untrusted text for a terminal: control characters (ESC sequences, carriage returns, newlines) shown as
+    \\xNN, so a class or file name can neither restyle nor overwrite what is printed. (rich markup is the
+    caller's: pass the result as a rich Text, never as a markup string.)"""
+    return str(text).translate(_CONTROL)
 
 
 def _md_text(text: Any) -> str:
     """Untrusted text for Markdown, on one line: HTML-special characters as entities (Markdown passes
-    raw HTML through) and the brackets, backticks and backslashes of Markdown backslash-escaped, so no
-    link, image or code span can be smuggled in through a class name; emphasis is harmless."""
-    one_line = str(text).replace("\r", " ").replace("\n", " ")
+    raw HTML through) and Markdown's brackets, backticks, backslashes, emphasis (* _ ~), table pipes and math
+    dollars backslash-escaped, so a class name shows as written: no link, image, code span, emphasis or
+    formula can be smuggled in."""
+    one_line = terminal_text(str(text).replace("\r", " ").replace("\n", " "))
     return html.escape(_MD_SPECIAL.sub(r"\\\1", one_line), quote=False)
 
 
 def to_markdown(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str:
     def cells(values):
-        return "| " + " | ".join(_md_text(_cell(v)).replace("|", "\\|") for v in values) + " |"
+        return "| " + " | ".join(_md_text(_cell(v)) for v in values) + " |"
     numeric = [all(isinstance(r[k], (int, float)) or r[k] is None for r in rows) and bool(rows)
                for k in range(len(headers))]
     rule = "|" + "|".join(" ---: " if num else " --- " for num in numeric) + "|"
@@ -194,8 +205,14 @@ figcaption{font-size:.85em;color:#555}.warn{background:#fff3cd;border-left:4px s
 pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}"""
 
 
+def _e(text: Any) -> str:
+    """Untrusted text for HTML: its special characters as entities, line breaks as spaces (as in Markdown), other
+    control characters as \\xNN."""
+    return html.escape(terminal_text(str(text).replace("\r", " ").replace("\n", " ")))
+
+
 def _html_table(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str:
-    e = html.escape
+    e = _e
     head = "".join(f"<th>{e(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td class=\"n\">{e(_cell(v))}</td>" if isinstance(v, (int, float))
                                     else f"<td>{e(_cell(v))}</td>" for v in r) + "</tr>\n" for r in rows)
@@ -205,7 +222,7 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str:
 def render_html(doc: Sequence[Block], title: str, images: Mapping[str, bytes] | None = None) -> str:
     """One HTML page. `images`: {relpath: PNG bytes} to embed as data URIs (self-contained); figures
     not in it are linked by their relative path."""
-    e = html.escape
+    e = _e
     images = images or {}
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
              f"<style>{_CSS}</style></head><body>"]
@@ -226,7 +243,7 @@ def render_html(doc: Sequence[Block], title: str, images: Mapping[str, bytes] | 
             parts.append(f"<figure><img src=\"{src}\" alt=\"{e(str(block[2]))}\">"
                          f"<figcaption>{e(str(block[2]))}</figcaption></figure>")
         elif kind == "pre":
-            parts.append(f"<pre>{e(str(block[1]))}</pre>")
+            parts.append(f"<pre>{html.escape(str(block[1]))}</pre>")  # its lines are ours (JSON escapes the rest)
         elif kind == "links":
             parts.append(f"<p>{e(str(block[1]))} " + ", ".join(f"<a href=\"{e(_md_path(r))}\">{e(str(t))}</a>"
                                                            for t, r in block[2]) + "</p>")

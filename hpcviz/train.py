@@ -141,7 +141,7 @@ def build_for_training(cfg: TrainConfig, num_classes: int, device: torch.device)
     torch.manual_seed(hash_ints(cfg.seed, 0xC0DE))
     raw = build_model(cfg.arch, num_classes, cfg.stem)
     if cfg.init:
-        load_init(raw, torch.load(cfg.init, map_location="cpu", weights_only=True))
+        load_init(raw, checkpoint.torch_load(cfg.init))
     raw = raw.to(device)
     if cfg.channels_last:  # faster on GPUs (tensor cores) and, with oneDNN, several times on CPUs
         raw = raw.to(memory_format=torch.channels_last)

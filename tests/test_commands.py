@@ -27,6 +27,48 @@ VIZ = ["--cluster", "local", "--device", "cpu", "--images", "4", "--tasks", "2",
 PIPE = [*TRAIN, *VIZ[4:], "--report-images", "1", "--invert-images", "1"]
 T, V, P = "launch_train.py", "launch_viz.py", "launch_pipeline.py"
 
+# ---- issue 20 (helper i20b): every bad value refused before work, nothing foreign read or run; the inputs are
+# made by issue20_inputs (called by the fixture `finished`), the special setups are the test_issue20_* below
+IMPORT = ["--weights", "{tmp}/r20.pt", "--arch", "resnet20", "--data", "builtin:20", "--image-size", "16", "--run",
+          "{tmp}/t", "--device", "cpu"]
+NEEDS = "needs about"  # the memory estimate's line: hpcviz.memory
+ISSUE20_CASES = [
+    # seeds: 0..2**32-1, named by their own option, before anything starts (was: a traceback, a job's failure,
+    # or a whole epoch trained first)
+    (T, ["--run", "{tmp}/t", *TRAIN, "--split-seed", "-1"], 2, "--split-seed -1: a seed is a whole number in [0, "),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--seed", "4294967296"], 2, "--seed 4294967296: a seed is a whole number"),
+    (V, ["--run", "{run}", *VIZ, "--fresh", "--seed", "-1"], 2, "--seed -1: a seed is a whole number"),
+    (P, ["--run", "{tmp}/t", *PIPE, "--viz-seed", "-1"], 2, "--viz-seed -1: a seed is a whole number"),
+    ("pack_data.py", ["--data", "builtin:2", "--out", "{tmp}/s.h5", "--seed", "-1"], 2, "--seed -1: a seed"),
+    ("import_model.py", [*IMPORT, "--split-seed", "-1"], 2, "--split-seed -1: a seed is a whole number"),
+    # what the data's size allows, checked with the other options (was: refused inside the training job)
+    (P, ["--run", "{tmp}/t", *PIPE, "--batch-size", "256"], 2,
+     "--batch-size 256: larger than the 180 training images of --data builtin:20"),
+    (T, ["--run", "{tmp}/t", *TRAIN, "--batch-size", "33", "--nproc", "2"], 2,
+     "--batch-size 33: must be divisible by the 2 processes (the global batch"),
+    # memory: the estimate against what there is, before allocating (was: ArrayMemoryError, or GBs allocated)
+    (T, ["--run", "{tmp}/t", *TRAIN, "--image-size", "100000"], 2, f"--image-size 100000 with --data builtin:20: {NEEDS}"),
+    (P, ["--run", "{tmp}/t", *PIPE, "--image-size", "4096"], 2, f"--image-size 4096 with --data builtin:20: {NEEDS}"),
+    ("import_model.py", [*IMPORT, "--image-size", "100000"], 2, f"--image-size 100000 with --data builtin:20: {NEEDS}"),
+    ("import_model.py", [*IMPORT, "--image-size", "4096"], 2, f"--image-size 4096 with --data builtin:20: {NEEDS}"),
+    ("pack_data.py", ["--data", "builtin:2", "--out", "{tmp}/s.h5", "--image-size", "100000"], 2, NEEDS),
+    ("evaluate.py", ["--run", "{run}", "--data", "builtin:1000000000"], 2,
+     f"--data builtin:1000000000 at the run's image size 16: {NEEDS}"),
+    # a CIFAR-10 batch whose pickle would run a shell command: refused unread (test_issue20_cifar: it never ran)
+    ("pack_data.py", ["--data", "cifar10:{tmp}/cifar_evil", "--out", "{tmp}/c.h5"], 2,
+     "data_batch_1 is not a CIFAR-10 batch: its pickle calls posix.system"),
+    ("import_model.py", [*IMPORT, "--data", "cifar10:{tmp}/cifar_evil"], 2,
+     "data_batch_1 is not a CIFAR-10 batch: its pickle calls posix.system"),
+    # inspection
+    ("inspect_results.py", ["{run}", "--block", "layer3.2", "--channel", "5", "--max-items", "-3"], 2,
+     "--max-items -3: must be at least 1"),
+    ("inspect_results.py", ["{run}/viz/viz.h5", "images", "--index", "0", "--png", "/proc/x.png"], 2,
+     "the folder /proc is on a pseudo file system that stores no files"),
+    # weights that torch refuses: one line (test_issue20_weights: and nothing else on stderr)
+    ("import_model.py", [*IMPORT, "--weights", "{tmp}/plain.pkl"], 2, "plain.pkl: not a readable state dict"),
+    ("import_model.py", [*IMPORT, "--weights", "{tmp}/object.pt"], 2, "object.pt: not a readable state dict"),
+]
+
 # (command, arguments, exit code, what the error line must say); {run}: a finished run, {tmp}: a scratch folder
 CASES = [
     # training options that are out of range or not one of the choices
@@ -123,6 +165,7 @@ CASES = [
     ("pack_data.py", ["--data", "/no/such", "--out", "{tmp}/y.h5"], 2, "--data /no/such: no such directory"),
     ("pack_data.py", ["--data", "builtin:2", "--out", "{run}/viz/viz.h5"], 2, "already exists; hint: pass --force"),
     ("pack_data.py", ["--data", "builtin:2", "--out", "{tmp}/z.h5", "--image-size", "0"], 2, "--image-size 0"),
+    *ISSUE20_CASES,
 ]
 
 
@@ -149,6 +192,7 @@ def finished(tmp_path_factory) -> Path:
         (base / "three" / name).mkdir(parents=True)
         for i in range(10):
             Image.new("RGB", (16, 16), (i * 20, 40, 80)).save(base / "three" / name / f"{i}.png")
+    issue20_inputs(base)
     return base
 
 
@@ -343,3 +387,215 @@ def test_a_failed_projection_is_an_error_and_keeps_what_was_valid(finished, tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_case(P, ["--run", "{run}", "--status", "--wait"], finished, run)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ issue 20 (i20b)
+# Inputs of ISSUE20_CASES and the special setups below: what a run must refuse, or show as written.
+HOSTILE_CLASSES = ["[/]", "[red]a", "$x$", "$", "*b*_c_", "<b>&amp;</b>", "a|b [l](http://e)", "$\\undefined$",
+                   "esc\x1b[31mred"]
+
+
+class _Touch:
+    """A pickle whose loading runs `touch PATH` (what a hostile CIFAR-10 batch could do)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.path}'",))
+
+
+def write_cifar(root: Path, marker: Path | None = None) -> None:
+    """torchvision's CIFAR-10 layout, tiny: 5 training batches and a test batch of 2 images each, dicts pickled with
+    protocol 2 as the real ones are (numpy arrays, lists, str, bytes); with `marker`, data_batch_1 is _Touch(marker)."""
+    import pickle
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        batch = {"batch_label": name, "labels": [k % 10, (k + 1) % 10], "filenames": [b"a.png", b"b.png"],
+                 "data": rng.integers(0, 256, (2, 3072), dtype=np.uint8)}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": 2, "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    if marker is not None:
+        (folder / "data_batch_1").write_bytes(pickle.dumps(_Touch(marker), protocol=2))
+
+
+def issue20_inputs(base: Path) -> None:
+    import pickle
+
+    import torch
+
+    from hpcviz.models import build_model
+    torch.save(build_model("resnet20", 10, "cifar").state_dict(), base / "r20.pt")
+    (base / "plain.pkl").write_bytes(pickle.dumps({"conv1.weight": np.zeros(3)}, protocol=4))  # not torch.save
+    torch.save({"fc.weight": object()}, base / "object.pt")  # torch.save of what is not a tensor
+    write_cifar(base / "cifar_evil", marker=base / "pwned")
+    write_cifar(base / "cifar_good")
+
+
+def _one_error(r: subprocess.CompletedProcess, code: int, message: str) -> None:
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == code and len(errors) == 1 and message in errors[0], (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+
+
+def test_issue20_cifar(finished, tmp_path):
+    """A CIFAR-10 batch whose pickle runs a shell command is refused before it runs (through both commands that
+    read CIFAR-10 from disk), and a genuine batch, pickled as the real ones, still loads."""
+    marker = finished / "pwned"
+    for command, args in (("pack_data.py", ["--data", "cifar10:{tmp}/cifar_evil", "--out", "{tmp}/c.h5"]),
+                          ("import_model.py", [*IMPORT, "--run", str(tmp_path / "imp"), "--data",
+                                               "cifar10:{tmp}/cifar_evil"])):
+        _one_error(run_case(command, args, finished, finished), 2, "is not a CIFAR-10 batch")
+        assert not marker.exists(), f"{command} ran the pickle's command"
+    r = run_case("pack_data.py", ["--data", "cifar10:{tmp}/cifar_good", "--out", str(tmp_path / "good.h5")],
+                 finished, finished)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with h5py.File(tmp_path / "good.h5") as f:
+        assert f["images"].shape == (10, 3, 32, 32) and list(f["labels"][:4]) == [0, 1, 1, 2]
+
+
+def test_issue20_weights(finished, tmp_path):
+    """Weights torch refuses: the error line and nothing else (no torch UserWarning lines before it)."""
+    for weights in ("plain.pkl", "object.pt"):
+        r = run_case("import_model.py", [*IMPORT, "--weights", f"{{tmp}}/{weights}"], finished, finished)
+        _one_error(r, 2, f"{weights}: not a readable state dict")
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_issue20_no_flags_say_what_they_do():
+    """Every --no-X option of every command: its help says what giving it does (turn off ...), not what X does."""
+    seen = set()
+    for job in sorted((ROOT / "jobs").glob("*.py")):
+        if job.name == "benchmark.py":  # subcommands, no --no-X option
+            continue
+        r = subprocess.run([sys.executable, str(job), "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "COLUMNS": "1000"})
+        assert r.returncode == 0, r.stderr
+        for line in r.stdout.splitlines():
+            words = line.split()
+            if words and words[0].startswith("--no-"):
+                assert " ".join(words[1:]).startswith("turn off:"), f"{job.name}: {line.strip()}"
+                seen.add(words[0])
+    assert {"--no-augment", "--no-nesterov", "--no-channels-last", "--no-projections", "--no-embed",
+            "--no-eval"} <= seen
+
+
+def test_issue20_foreign_projection_part(finished, tmp_path):
+    """A projection part that is not this run's (another run's, copied in: its digest differs) is never read
+    as this run's: --block/--channel shows the lists without it, --png and a read of examples/* are refused,
+    as the aggregation would recompute it (collation.stale_parts)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished / "run", run, symlinks=True)
+    part = run / "viz" / "examples" / "part-00009.h5"
+    with h5py.File(part, "r+") as f:  # what a part of another run (other images, lists or weights) differs in
+        assert f.attrs["block"] == "layer3.2"
+        f.attrs["digest"] = "0" * 64
+        f["examples/layer3.2/box"][...] = 7
+    png = tmp_path / "x.png"
+    r = run_case("inspect_results.py", [str(run), "--block", "layer3.2", "--channel", "5", "--png", str(png)],
+                 finished, run)
+    _one_error(r, 2, "viz/examples/part-00009.h5 is not this run's projection part")
+    assert not png.exists() and not r.stdout.strip()  # refused before anything is printed
+    r = run_case("inspect_results.py", [str(run), "--block", "layer3.2", "--channel", "5"], finished, run)
+    assert r.returncode == 0 and "projections not shown" in r.stdout and "7:7" not in r.stdout, r.stdout
+    r = run_case("inspect_results.py", [str(run / "viz" / "viz.h5"), "examples/layer3.2/box", "--index", "5"],
+                 finished, run)
+    _one_error(r, 2, "is not this run's projection part")
+    r = run_case("inspect_results.py", [str(run), "--block", "layer3.1", "--channel", "5", "--png", str(png)],
+                 finished, run)
+    assert r.returncode == 0 and png.is_file(), r.stderr[-2000:]  # the other parts are this run's
+
+
+@pytest.mark.slow
+def test_issue20_changed_checkpoint_says_why(finished, tmp_path):
+    """After the checkpoint changed, the projections cannot be made: --png says that, not --no-projections."""
+    from hpcviz import checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(finished / "run", run, symlinks=True)
+    state = checkpoint.load_checkpoint(run / "checkpoints")
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    checkpoint.save_checkpoint({k: v for k, v in state.items() if k not in ("path", "sha256")}, run / "checkpoints")
+    (run / "viz" / "examples" / "part-00003.h5").unlink()  # so that the aggregation must project again
+    subprocess.run([sys.executable, str(ROOT / "jobs" / "aggregate.py"), "--run", str(run)], cwd=ROOT,
+                   capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    r = run_case("inspect_results.py", [str(run), "--block", "layer3.2", "--channel", "5", "--png",
+                                        str(tmp_path / "x.png")], finished, run)
+    _one_error(r, 2, "checkpoints/last.pt changed since the visualization was planned")
+
+
+def test_issue20_virtual_sources(finished, tmp_path):
+    """HDF5 looks for a virtual dataset's missing source in the current directory too (no prefix can stop it):
+    raw h5py from a folder holding shards/shard-00001.h5 reads that decoy as the run's missing shard. hpcviz's
+    readers (store.open_checked, read_shard, inspect_results.py) refuse it, exit 2; from the viz folder raw h5py
+    reads fill values instead (the README's advice)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished / "run", run, symlinks=True)
+    viz, decoy = run / "viz", tmp_path / "decoy"
+    (decoy / "shards").mkdir(parents=True)
+    shutil.copy(viz / "shards" / "shard-00000.h5", decoy / "shards" / "shard-00001.h5")  # other images' data
+    with h5py.File(viz / "shards" / "shard-00000.h5") as f:
+        n0, decoy_index = len(f["index"]), f["index"][()].tolist()
+    (viz / "shards" / "shard-00001.h5").unlink()
+    read = [sys.executable, "-c", "import h5py, json, sys\nwith h5py.File(sys.argv[1]) as f:\n"
+            "    print(json.dumps(f['index'][()].tolist()))", str(viz / "viz.h5")]
+    from_decoy = json.loads(subprocess.run(read, cwd=decoy, capture_output=True, text=True, timeout=60).stdout)
+    assert from_decoy[n0:] == decoy_index  # HDF5 read the decoy as the run's shard 1, without a word
+    from_viz = json.loads(subprocess.run(read, cwd=viz, capture_output=True, text=True, timeout=60).stdout)
+    assert from_viz[n0:] == [-1] * (len(from_viz) - n0)  # from the viz folder: fill values, no other file's data
+    checked = ("import sys\nfrom hpcviz import store\ntry:\n    with store.open_checked(sys.argv[1]) as f:\n"
+               "        print(list(f['index'][()]))\nexcept store.StoreError as e:\n    print('refused', e)")
+    r = subprocess.run([sys.executable, "-c", checked, str(viz / "viz.h5")], cwd=decoy, capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.stdout.startswith("refused") and "shards/shard-00001.h5, which is missing" in r.stdout, r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "inspect_results.py"), str(viz / "viz.h5"), "index"],
+                       cwd=decoy, capture_output=True, text=True, timeout=120)
+    _one_error(r, 2, "shards/shard-00001.h5, which is missing")  # bad input: nothing ran and failed
+
+
+@pytest.mark.slow
+def test_issue20_hostile_class_names(tmp_path):
+    """Class names are shown as written everywhere: rich (no markup), Markdown, HTML, figures (no mathtext),
+    terminal (no control codes). A run with such classes, made cheaply by import_model.py from a packed file."""
+    import torch
+
+    from hpcviz.data import make_builtin
+    from hpcviz.models import build_model
+    from hpcviz.store import PackedWriter
+    k = len(HOSTILE_CLASSES)
+    w = PackedWriter(tmp_path / "hostile.h5", 10 * k, 16, 16, HOSTILE_CLASSES, {"source": "test"})
+    w.append(make_builtin(10, 16).images.numpy()[:10 * k], np.arange(10 * k) % k)
+    w.close()
+    torch.save(build_model("resnet20", k, "cifar").state_dict(), tmp_path / "w.pt")
+    run = tmp_path / "run"
+    steps = [("import_model.py", ["--weights", str(tmp_path / "w.pt"), "--arch", "resnet20", "--data",
+                                  str(tmp_path / "hostile.h5"), "--image-size", "16", "--run", str(run),
+                                  "--device", "cpu", "--normalize", "data"]),
+             ("launch_viz.py", ["--run", str(run), "--cluster", "local", "--device", "cpu", "--images", "9",
+                                "--tasks", "1", "--split", "train", "--blocks", "conv1,layer3.2", "--deconv-blocks",
+                                "none", "--invert-blocks", "none"]),
+             ("aggregate.py", ["--run", str(run)]),
+             ("inspect_results.py", [str(run)]),
+             ("inspect_results.py", [str(run / "viz" / "viz.h5")]),
+             ("inspect_results.py", [str(run), "--block", "layer3.2", "--channel", "0", "--png",
+                                     str(tmp_path / "ch.png")])]
+    out = {}
+    for command, args in steps:
+        r = run_case(command, args, tmp_path, run)
+        assert r.returncode == 0 and "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr[-3000:]
+        assert "\x1b" not in r.stdout + r.stderr, command  # a control code from a class name reaches no terminal
+        out[command] = r.stdout
+    shown = out["inspect_results.py"]
+    assert "[/]" in shown and "[red]a" in shown and "esc\\x1b[31mred" in shown  # literal, not rich markup
+    md = (run / "report" / "report.md").read_text() + (run / "report" / "tables" / "per_class_accuracy.md").read_text()
+    for name in ("\\[/\\]", "\\[red\\]a", "\\$x\\$", "\\*b\\*\\_c\\_", "&lt;b&gt;&amp;amp;&lt;/b&gt;",
+                 "a\\|b \\[l\\](http://e)", "esc\\\\x1b\\[31mred"):
+        assert name in md, name
+    page = (run / "report" / "report.html").read_text()
+    assert "&lt;b&gt;&amp;amp;&lt;/b&gt;" in page and "<b>&amp;" not in page and "\x1b" not in page + md
+    from PIL import Image
+    for png in [*(run / "report" / "figures").glob("*.png"), tmp_path / "ch.png"]:
+        with Image.open(png) as im:
+            im.load()  # every figure was drawn: mathtext did not choke on "$\\undefined$"

@@ -52,7 +52,7 @@ def test_two_gloo_processes_stay_in_sync(tmp_path, where):
     (["--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
     (["--data", "builtin:many"], "N_PER_CLASS 'many' is not a positive integer"),
     (["--data", "EMPTY"], "no class subfolders"),
-    (["--data", "CORRUPT", "--cluster", "local"], "cannot decode"),
+    (["--data", "CORRUPT", "--cluster", "local", "--batch-size", "8"], "cannot decode"),  # 19 training images
     (["--gpus", "64", "--cluster", "local", "--device", "auto"], "--gpus 64: this machine has"),
     (["--cluster", "moon"], "--cluster 'moon': not one of auto, slurm, local, debug"),
     (["--lr", "-1", "--cluster", "local"], "--lr -1.0: must be positive"),

@@ -66,7 +66,7 @@ def test_auto_picks_by_size(packed, monkeypatch):
     assert placement.choose("auto", src, dev) == "device"
     monkeypatch.setattr(placement, "_free_device_bytes", lambda d: src.nbytes)  # does not fit 40% of the device
     assert placement.choose("auto", src, dev) == "host"
-    monkeypatch.setattr(placement, "_available_host_bytes", lambda: src.nbytes)  # nor half the node's memory
+    monkeypatch.setattr(placement, "available_host_bytes", lambda: src.nbytes)  # nor half the node's memory
     assert placement.choose("auto", src, dev) == "stream"
     with pytest.raises(placement.PlacementError, match="not one of"):
         placement.choose("disk", src, dev)

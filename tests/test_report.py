@@ -56,9 +56,13 @@ HOSTILE = '<script>alert("x")</script> & <img src=x onerror=alert(1)>'
 
 def test_markdown_syntax_in_untrusted_text_stays_text():
     caption = "x](http://evil/p.png) ![y"  # would close our image and open a remote one
-    md = report.render_markdown([("fig", "figures/a.png", caption), ("p", "[t](javascript:alert(1)) *b* `c`")])
+    md = report.render_markdown([("fig", "figures/a.png", caption),
+                                 ("p", "[t](javascript:alert(1)) *b* `c` $x$ _d_ ~~e~~ \x1b[31mred")])
     assert "![x\\](http://evil/p.png) !\\[y](figures/a.png)" in md
-    assert "\\[t\\](javascript:alert(1)) *b* \\`c\\`" in md
+    # emphasis, strike-through and math (GitHub renders $...$) are escaped too: a class name shows as written,
+    # and a control character is \xNN, not a terminal code in a file someone may `cat`
+    assert "\\[t\\](javascript:alert(1)) \\*b\\* \\`c\\` \\$x\\$ \\_d\\_ \\~\\~e\\~\\~ \\\\x1b\\[31mred" in md
+    assert "\x1b" not in md
 
 
 def test_html_and_markdown_escape_every_text_and_embed_figures():

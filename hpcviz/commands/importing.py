@@ -25,7 +25,9 @@ def get_args_parser(add_help: bool = False) -> Parser:
 def summary(cfg: ImportConfig, prepared: Prepared, result: dict[str, Any]) -> str:
     """What was written, and the next command."""
     run, tcfg, split = RunDir(cfg.run_dir), prepared.train_cfg, prepared.split
-    classes = ", ".join(split.classes[:_CLASSES_SHOWN]) + (", ..." if len(split.classes) > _CLASSES_SHOWN else "")
+    from ..report import terminal_text  # class names from --data: shown as written, never as terminal codes
+    classes = terminal_text(", ".join(split.classes[:_CLASSES_SHOWN])) + (
+        ", ..." if len(split.classes) > _CLASSES_SHOWN else "")
     stats = "  ".join(f"{name} {','.join(f'{v:.4g}' for v in values)}"
                       for name, values in (("mean", split.mean), ("std", split.std)))
     if "val_accuracy" in result:

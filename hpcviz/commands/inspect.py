@@ -8,7 +8,15 @@ from pathlib import Path
 from .. import store
 from ..cli import Parser, command
 from ..errors import InputError
-from ..inspect import channel_examples, render_channel, render_stats, render_tree, summarize_run
+from ..inspect import (
+    channel_examples,
+    projection_problem,
+    render_channel,
+    render_stats,
+    render_tree,
+    run_of,
+    summarize_run,
+)
 
 
 def get_args_parser(add_help: bool = False) -> Parser:
@@ -34,8 +42,9 @@ def save_channel_png(ex: dict, out: str) -> str:
     from ..figures import examples_grid
     from ..files import write_bytes
     if "patch" not in ex:
-        raise InputError(f"--png: no projections of {ex['block']} in viz.h5 (the report was made with "
-                         "--no-projections, or not yet); hint: python jobs/aggregate.py --run RUN, then again")
+        why = ex["not_projected"]
+        raise InputError(f"--png: no projections of {ex['block']} channel {ex['channel']} to draw: {why}"
+                         + ("" if "hint:" in why else "; hint: python jobs/aggregate.py --run RUN, then again"))
     fig = examples_grid(ex["patch"][None], ex["deconv"][None], np.array([ex["channel"]]),
                         np.array([ex["selectivity"]]), np.array([ex["selective_class"]]), ex["classes"], ex["block"])
     buf = io.BytesIO()
@@ -69,13 +78,13 @@ def save_png(path: Path, name: str, index: int | None, out: str, max_items: int)
 def _check(args: argparse.Namespace, target: Path) -> None:
     if (args.block is None) != (args.channel is None):
         raise InputError("--block and --channel go together; hint: e.g. --block layer4.1 --channel 17")
+    if args.max_items < 1:
+        raise InputError(f"--max-items {args.max_items}: must be at least 1; hint: drop it for the default (64)")
     if args.block is not None:
         if args.dataset or args.index is not None:
             raise InputError("--block/--channel take no DATASET or --index; hint: drop them")
         _check_png(args)
         return
-    if args.max_items < 1:
-        raise InputError(f"--max-items {args.max_items}: must be at least 1; hint: drop it for the default (64)")
     if target.is_dir() and (args.dataset or args.index is not None or args.png):
         raise InputError(f"{target} is a run directory; DATASET, --index and --png need an .h5 file; "
                          f"hint: python jobs/inspect_results.py {target}/viz/viz.h5 act/layer1.0")
@@ -86,12 +95,28 @@ def _check(args: argparse.Namespace, target: Path) -> None:
 
 def _check_png(args: argparse.Namespace) -> None:
     if args.png:
+        from ..files import folder_problem
         folder = Path(args.png).absolute().parent
-        if not folder.is_dir():
-            raise InputError(f"--png {args.png}: the folder {folder} does not exist; hint: create it first "
-                             "(mkdir -p), or write the PNG elsewhere")
+        problem = folder_problem(folder)
+        if problem:
+            raise InputError(f"--png {args.png}: the folder {folder} {problem}; hint: "
+                             + ("create it first (mkdir -p), or " if problem == "does not exist" else "")
+                             + "write the PNG elsewhere")
+        if Path(args.png).is_dir():
+            raise InputError(f"--png {args.png}: is a directory; hint: name a file, e.g. --png maps.png")
         if not args.png.lower().endswith(".png"):
             raise InputError(f"--png {args.png}: must end in .png; hint: e.g. --png maps.png")
+
+
+def _check_examples(target: Path, dataset: str, index: int | None) -> None:
+    """A run's viz.h5 presents its projection parts: refuse to read one that is not this run's (as for --block)."""
+    parts = dataset.strip("/").split("/")
+    run = run_of(target)
+    if run is None or parts[0] != "examples" or len(parts) < 3:
+        return
+    why = projection_problem(run, parts[1], None if parts[2] == "grid" else index, presented=True)
+    if why:
+        raise InputError(f"{dataset}: {why}")
 
 
 @command
@@ -102,15 +127,17 @@ def main(args: argparse.Namespace) -> int:
     _check(args, target)
     if args.block is not None:
         path = target / "viz" / "viz.h5" if target.is_dir() else target
-        ex = channel_examples(path, args.block, args.channel)
+        ex = channel_examples(path, args.block, args.channel, run_of(path))
+        png = save_channel_png(ex, args.png) if args.png else ""  # refused before anything is printed
         console.print(render_channel(ex))
-        if args.png:
-            print(save_channel_png(ex, args.png))
+        if png:
+            print(png)
     elif target.is_dir():
         console.print(summarize_run(target))
     elif args.dataset is None:
         console.print(render_tree(store.describe(target)))
     else:
+        _check_examples(target, args.dataset, args.index)
         console.print(render_stats(store.dataset_stats(target, args.dataset, args.index)))
         if args.png:
             print(save_png(target, args.dataset, args.index, args.png, args.max_items))

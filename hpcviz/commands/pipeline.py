@@ -115,7 +115,7 @@ def _launch(args: argparse.Namespace) -> int:
     viz_cfg.device = stage_launch(launch, "viz").job_device(viz_cfg.device)
     check_request(cfg, viz_cfg)
     agg_cfg = _report_config(args, cfg.run_dir, launch.cluster)
-    check_train_request(cfg)
+    check_train_request(cfg, launch)
     run = RunDir(cfg.run_dir)
     with run.lock() as lock:
         prepare_run(cfg, launch.cluster, "continue it (finished stages are skipped)")

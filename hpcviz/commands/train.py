@@ -65,7 +65,7 @@ def follow_training(job: submitit.Job, cfg: TrainConfig, launch: LaunchConfig) -
 def main(args: argparse.Namespace) -> int:
     setup_logging()
     cfg, launch = build_configs(args)
-    check_train_request(cfg)
+    check_train_request(cfg, launch)
     if launch.cluster == "inline":  # one rank of srun/torchrun: train here, exit 3 if stopped on a signal
         result = TrainJob(requeue_via_submitit=False)(cfg)
         if result.get("rank", 0) == 0:

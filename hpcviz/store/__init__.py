@@ -17,14 +17,14 @@ view viz.h5 (``hpcviz-viz-v1``, written by `collate`) share the layout of DESIGN
 Attributes: scalars and flat lists of str/numbers are stored natively (h5dump shows them); other
 values (dicts, nested lists) as JSON strings whose names are listed in the attr ``json_attrs``.
 
-Modules: _common (StoreError, atomic_path, attribute encoding, opening with clear errors), packed
+Modules: _common (StoreError, atomic_path, attribute encoding, opening with clear errors, open_checked), packed
 (write_packed, PackedWriter, read_packed, PackedReader), shards (ShardWriter, verify_shard, read_shard, read_summaries,
 list_datasets, read_attrs), collation (collate, write_arrays) and inspection (describe, dataset_stats, read_image).
 Import from hpcviz.store; patch module-level settings (e.g. inspection._STATS_ELEMS) in the submodule that uses them.
 """
 from __future__ import annotations
 
-from ._common import StoreError, atomic_path
+from ._common import StoreError, atomic_path, open_checked
 from .collation import AGREE_ATTRS, VIZ_FORMAT, collate, write_arrays
 from .inspection import dataset_stats, describe, read_image
 from .packed import PACKED_FORMAT, PackedReader, PackedWriter, fingerprint_blocks, read_packed, write_packed
@@ -44,4 +44,4 @@ __all__ = ["StoreError", "PACKED_FORMAT", "write_packed", "read_packed", "Packed
            "fingerprint_blocks", "AGREE_ATTRS", "COMPRESSIONS", "BackgroundWriter",
            "atomic_path", "SHARD_FORMAT", "VIZ_FORMAT", "ShardWriter", "verify_shard", "read_shard",
            "list_datasets", "read_attrs", "read_summaries", "collate", "write_arrays", "describe", "dataset_stats",
-           "read_image"]
+           "read_image", "open_checked"]

@@ -172,11 +172,32 @@ def _dataset(f: h5py.File, name: str, where: str) -> h5py.Dataset:
 
 
 def _check_sources(f: h5py.File, ds: h5py.Dataset, where: str) -> None:
-    """A virtual dataset whose source file is gone reads as fill values without any error: refuse it."""
-    base = Path(f.filename).parent
-    prefix = os.environ.get("HDF5_VDS_PREFIX")  # HDF5 looks there first
+    """Refuse a virtual dataset whose source file is not where HDF5 looks first. HDF5 (2.0) looks for a relative
+    source under HDF5_VDS_PREFIX's folders, then next to the file, then in the current directory (a prefix, even
+    `${ORIGIN}`, only adds a place to look; none can be removed): a source missing next to viz.h5 reads another
+    file of the same name from wherever the reader runs, or fill values, both without any error."""
+    base = Path(f.filename).absolute().parent
+    prefixes = [Path(p) for p in os.environ.get("HDF5_VDS_PREFIX", "").split(":") if p and "$" not in p]
     for name in sorted({m.file_name for m in ds.virtual_sources()} - {"."}):
-        options = [Path(name)] if os.path.isabs(name) else [base / name] + ([Path(prefix) / name] if prefix else [])
-        if not any(p.is_file() for p in options):
-            raise _error(where, f"/{ds.name.strip('/')} reads from {name}, which is missing (it would read back "
-                                "as fill values)", "hint: rerun the array task that writes it, then collate again")
+        if os.path.isabs(name):
+            found = [Path(name)] if Path(name).is_file() else []
+        else:
+            found = [p / name for p in prefixes if (p / name).is_file()] + [base / name] * (base / name).is_file()
+        if not found:
+            raise _error(where, f"/{ds.name.strip('/')} reads from {name}, which is missing next to it (HDF5 would "
+                                "read fill values, or a file of that name in the current directory)",
+                         "hint: rerun the array task that writes it, then collate again")
+        if (base / name).is_file() and found[0] != base / name and not found[0].samefile(base / name):
+            raise _error(where, f"/{ds.name.strip('/')} would read {found[0]} (HDF5_VDS_PREFIX) in place of "
+                                f"{base / name}", "hint: unset HDF5_VDS_PREFIX")
+
+
+@contextlib.contextmanager
+def open_checked(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """An hpcviz file as a read-only h5py.File, for reading with h5py directly: every virtual dataset's sources
+    checked first (see _check_sources), so that no data of another file is read as this one's."""
+    with _open(path) as (f, where):
+        for _, ds in _datasets(f):
+            if ds.is_virtual:
+                _check_sources(f, ds, where)
+        yield f
