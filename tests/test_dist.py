@@ -56,8 +56,8 @@ def test_bad_rank_is_refused(monkeypatch):
 def _worker(rank: int, port: int, out: dict) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from hpcviz.evaluate import evaluate
     from hpcviz.models import build_model
+    from hpcviz.train.evaluation import evaluate
     dist.init("cpu", timeout_min=1)
     try:
         torch.manual_seed(0)
@@ -65,7 +65,7 @@ def _worker(rank: int, port: int, out: dict) -> None:
         g = torch.Generator().manual_seed(1)
         images = torch.randint(0, 256, (13, 3, 8, 8), dtype=torch.uint8, generator=g)  # 13: uneven over 2 ranks
         labels = torch.randint(0, 4, (13,), generator=g)
-        from hpcviz.placement import feed_tensors
+        from hpcviz.data.placement import feed_tensors
         res = evaluate(model, feed_tensors(images, labels, torch.device("cpu")), (0.5,) * 3, (0.25,) * 3, 4,
                        batch_size=4)
         agree = dist.any_ranks([rank == 1, False])

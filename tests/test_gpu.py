@@ -26,8 +26,8 @@ def _cfg(tmp_path, name, **kw):
 
 
 def test_train_on_cuda_bf16_channels_last_then_resume(tmp_path):
-    from hpcviz import checkpoint
-    from hpcviz.train import train
+    from hpcviz.train import checkpoint
+    from hpcviz.train.loop import train
     cfg = _cfg(tmp_path, "r", amp="bf16", channels_last=True, epochs=1)
     first = train(cfg)
     assert first["status"] == "done"
@@ -58,8 +58,8 @@ def test_viz_on_cuda_matches_the_cpu(tmp_path):
     """Deconvnet on CUDA equals the CPU result within 1e-4 (relative, exact numerics: no TF32, deterministic
     unpooling); short inversions are finite with errors within 0.02 of the CPU's."""
     from hpcviz import dist
-    from hpcviz.deconv import PATHS, Deconvnet
-    from hpcviz.inversion import InversionConfig, invert
+    from hpcviz.explain.deconv import PATHS, Deconvnet
+    from hpcviz.explain.inversion import InversionConfig, invert
     from hpcviz.models import build_model
     torch.manual_seed(0)
     for arch, stem in (("resnet18", "imagenet"), ("resnet20", "")):
@@ -90,10 +90,10 @@ def model_last(model) -> str:
 
 @pytest.mark.parametrize("where", ["device", "host", "stream"])
 def test_every_placement_on_cuda(tmp_path, where):
-    from hpcviz import placement
-    from hpcviz.data import fingerprint, load_images, split_indices
+    from hpcviz.data import placement
+    from hpcviz.data.sources import fingerprint, load_images, split_indices
     from hpcviz.store import write_packed
-    from hpcviz.train import train
+    from hpcviz.train.loop import train
     ds = load_images("builtin:20", 16)
     path = tmp_path / "set.h5"
     write_packed(path, ds.images.numpy(), ds.labels.numpy(), ds.classes, {"fingerprint": fingerprint(ds)})
@@ -112,9 +112,9 @@ def test_the_training_step_never_syncs(tmp_path, where):
     """torch.cuda.set_sync_debug_mode('error') over a whole epoch: only the checks every N steps (marked
     dist.sync_allowed) may wait for the device."""
     from hpcviz import dist
-    from hpcviz.data import fingerprint, load_images
+    from hpcviz.data.sources import fingerprint, load_images
     from hpcviz.store import write_packed
-    from hpcviz.train import (
+    from hpcviz.train.loop import (
         Meters,
         Position,
         StopRequest,

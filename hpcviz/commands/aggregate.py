@@ -24,9 +24,9 @@ def main(args: argparse.Namespace) -> int:
     if not run.is_run():
         raise ConfigError(f"--run {run}: not a run directory (no config.json, manifest.json or checkpoints/); "
                              "hint: train first (jobs/launch_train.py or jobs/launch_pipeline.py)")
-    from ..aggregate import aggregate  # matplotlib and torch: once the request is known to be good
     from ..dist import check_device
-    from ..runstate import StageFailed, check_outcome
+    from ..report.aggregate import aggregate  # matplotlib and torch: once the request is known to be good
+    from ..viz.state import StageFailed, check_outcome
     if cfg.projections:
         check_device(cfg.projection_device, "--projection-device")
     with run.lock():

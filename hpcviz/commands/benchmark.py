@@ -113,7 +113,7 @@ def resolve_data(spec: str) -> str:
     if not SHARED_TAR.exists():
         print(f"note: {SHARED_TAR} not found: using the built-in data set", file=sys.stderr)
         return "builtin"
-    from ..data import fingerprint, load_images
+    from ..data.sources import fingerprint, load_images
     from ..store import write_packed
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,7 +128,7 @@ def resolve_data(spec: str) -> str:
 
 
 def run_train(args: argparse.Namespace) -> dict:
-    from ..bench import bench_train_throughput, time_to_accuracy
+    from ..bench.viz import bench_train_throughput, time_to_accuracy
     from ..config import make_train_config
     data = resolve_data(args.data)
     cfg = make_train_config(dict(data=data, arch=args.arch, stem=args.stem, device=args.device,
@@ -164,7 +164,7 @@ def run_dump(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from ..bench import block_bytes, sample_activations
+    from ..bench.viz import block_bytes, sample_activations
     from ..store import ShardWriter
     blocks = sample_activations(args.arch, "", args.image_size, args.batch_size, device=args.device)  # {block: fp16}
     repeats = max(1, args.images // args.batch_size)
@@ -207,8 +207,8 @@ def run_dump(args: argparse.Namespace) -> dict:
 def run_invert(args: argparse.Namespace) -> dict:
     import torch
 
-    from ..bench import bench_invert
-    from ..data import channel_stats, load_images, normalize
+    from ..bench.viz import bench_invert
+    from ..data.sources import channel_stats, load_images, normalize
     from ..models import block_names, build_model
     if args.arch:
         model, label = build_model(args.arch, 10, args.stem).eval(), f"{args.arch} (untrained)"
@@ -219,8 +219,8 @@ def run_invert(args: argparse.Namespace) -> dict:
         if not runs:
             raise ConfigError("--run: no trained run found; hint: python jobs/benchmark.py train --to-accuracy, "
                              "or pass --run results/<run>, or --arch resnet20 for an untrained model")
-        from ..checkpoint import load_checkpoint
         from ..models import from_checkpoint
+        from ..train.checkpoint import load_checkpoint
         state = load_checkpoint(runs[-1])
         model = from_checkpoint(state)
         label, mean, std = f"{state['config']['arch']} trained ({runs[-1].parent.name})", state["mean"], state["std"]
@@ -230,7 +230,7 @@ def run_invert(args: argparse.Namespace) -> dict:
         pixels = ds.images[torch.randperm(len(ds))[: args.images]]
         mean, std = channel_stats(ds.images)
     else:  # a class-balanced sample of the run's own split: held-out images unless --split train
-        from ..viz import balanced_sample, load_split
+        from ..viz.task import balanced_sample, load_split
         split_x, split_y, _ = load_split(state["config"], args.split)
         pixels = split_x[torch.as_tensor(balanced_sample(split_y.numpy(), args.images, seed=0))]
         label += f", {args.split} split"
@@ -249,7 +249,7 @@ def run_invert(args: argparse.Namespace) -> dict:
 
 
 def run_deconv(args: argparse.Namespace) -> dict:
-    from ..bench import bench_deconv
+    from ..bench.viz import bench_deconv
     r = bench_deconv(args.arch, args.stem, args.batch_size, args.image_size, args.device, args.repeats)
     print(f"deconv {r['arch']} ({r['stem']} stem) on {r['device']}, batch {r['batch']} at {r['image_size']} px, "
           f"{r['reconstructions']} reconstructions (blocks x paths): {r['ours_ms_per_image']:.1f} ms/image vs "
@@ -259,7 +259,7 @@ def run_deconv(args: argparse.Namespace) -> dict:
 
 
 def run_viz(args: argparse.Namespace) -> dict:
-    from ..bench import bench_viz
+    from ..bench.viz import bench_viz
     r = bench_viz(Path(args.run), Path(args.out) / "viz-tmp", args.images, args.split, args.device, args.batch_size)
     for method in ("baseline", "default"):
         m = r[method]
@@ -275,7 +275,7 @@ def run_viz(args: argparse.Namespace) -> dict:
 
 
 def run_examples(args: argparse.Namespace) -> dict:
-    from ..bench_examples import bench_examples
+    from ..bench.examples import bench_examples
     r = bench_examples(Path(args.out) / "examples-tmp", resolve_data(args.data), args.images, args.tasks, args.topk,
                        args.arch, args.stem, args.image_size, args.batch_size, args.device, args.project_channels)
     m, g, x, p = r["map"], r["merge"], r["exactness"], r["projection"]
@@ -293,7 +293,7 @@ def run_examples(args: argparse.Namespace) -> dict:
 
 
 def run_placement(args: argparse.Namespace) -> dict:
-    from ..bench_placement import bench_placement
+    from ..bench.placement import bench_placement
     from ..store import PackedReader
     data = resolve_data(args.data)
     with PackedReader(data) as reader:
@@ -339,7 +339,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
                                   repeats=3))["deconv"]
     out["invert"] = run_invert(ns(run="", arch="resnet18", stem="cifar", data=data, split="val", images=64,
                                   single=1, steps=0, blocks="", device="cuda"))["invert"]
-    from ..bench import bench_viz_stage
+    from ..bench.viz import bench_viz_stage
     out["viz"] = bench_viz_stage(data, args.viz_images, Path(args.out) / "gpu-viz-run")
     out["seconds"] = time.perf_counter() - t0
     _print_gpu_table(out)

@@ -5,7 +5,7 @@ import argparse
 
 from ..cli import Parser, add_options, command, given
 from ..config import EvalConfig, LaunchConfig, config_from_dict, default_eval_name
-from ..launch import check_launch, make_executor, wait_result
+from ..launch.executors import check_launch, make_executor, wait_result
 from ..log import setup_logging
 from ..rundir import RunDir, RunDirError
 
@@ -29,10 +29,10 @@ def main(args: argparse.Namespace) -> int:
     if not run.checkpoints.is_dir():
         raise RunDirError(f"--run {run}: no checkpoints/ in it; hint: pass a run directory made by "
                           "jobs/launch_train.py")
-    from ..data import check_source  # torch: once the options are known to be good
+    from ..data.sources import check_source  # torch: once the options are known to be good
     check_source(cfg.data)
     _check_memory(cfg, launch, run)
-    from ..evaluate import evaluate_run
+    from ..train.evaluation import evaluate_run
     with run.lock():
         if launch.cluster == "inline":
             result = evaluate_run(cfg)
@@ -47,9 +47,9 @@ def _check_memory(cfg: EvalConfig, launch: LaunchConfig, run: RunDir) -> None:
     """The source decoded whole at the run's image size, and its batches on a CPU, against the memory there is."""
     import torch
 
-    from .. import memory
     from ..config import default_stem
-    from ..data import peek
+    from ..data import memory
+    from ..data.sources import peek
     train = run.read_config().get("train") or {}
     if not {"arch", "image_size"} <= set(train):
         return

@@ -10,7 +10,7 @@ from ..log import setup_logging
 from ..rundir import RunDir
 
 if TYPE_CHECKING:  # torch: imported by main once the options are known to be good
-    from ..importing import Prepared
+    from ..train.weights import Prepared
 
 _CLASSES_SHOWN = 8
 
@@ -25,7 +25,7 @@ def get_args_parser(add_help: bool = False) -> Parser:
 def summary(cfg: ImportConfig, prepared: Prepared, result: dict[str, Any]) -> str:
     """What was written, and the next command."""
     run, tcfg, split = RunDir(cfg.run_dir), prepared.train_cfg, prepared.split
-    from ..report import terminal_text  # class names from --data: shown as written, never as terminal codes
+    from ..report.render import terminal_text  # class names from --data: shown as written, never as terminal codes
     classes = terminal_text(", ".join(split.classes[:_CLASSES_SHOWN])) + (
         ", ..." if len(split.classes) > _CLASSES_SHOWN else "")
     stats = "  ".join(f"{name} {','.join(f'{v:.4g}' for v in values)}"
@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     setup_logging()
     cfg = config_from_dict(ImportConfig, given(args, ImportConfig)).validate()
     run = RunDir(cfg.run_dir)
-    from ..importing import prepare_import, write_import  # torch: once the options are known to be good
+    from ..train.weights import prepare_import, write_import  # torch: once the options are known to be good
     prepared = prepare_import(cfg)  # every check, and the reading: nothing is written before the lock is held
     with run.lock():
         result = write_import(prepared)

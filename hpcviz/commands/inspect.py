@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import store
 from ..cli import Parser, command
 from ..errors import InputError
-from ..inspect import (
+from ..report.inspection import (
     channel_examples,
     projection_problem,
     render_channel,
@@ -39,8 +39,8 @@ def save_channel_png(ex: dict, out: str) -> str:
 
     import numpy as np
 
-    from ..figures import examples_grid
     from ..files import write_bytes
+    from ..report.figures import examples_grid
     if "patch" not in ex:
         why = ex["not_projected"]
         raise InputError(f"--png: no projections of {ex['block']} channel {ex['channel']} to draw: {why}"
@@ -57,8 +57,8 @@ def save_png(path: Path, name: str, index: int | None, out: str, max_items: int)
     """Draw image `index` of `name` (or the first images of an RGB dataset when no index) into `out`."""
     import io
 
-    from ..figures import image_grid
     from ..files import write_bytes
+    from ..report.figures import image_grid
     first = store.read_image(path, name, 0 if index is None else index)
     feature_maps = name.strip("/").startswith("act/")
     if first.ndim != 3 or (not feature_maps and first.shape[0] != 3):

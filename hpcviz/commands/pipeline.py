@@ -6,7 +6,7 @@ import argparse
 from ..cli import Parser, add_options, command, given
 from ..config import AggregateConfig, ConfigError, LaunchConfig, VizConfig, config_from_dict
 from ..errors import Interrupted
-from ..launch import check_launch, check_train_request, prepare_run, stage_launch
+from ..launch.executors import check_launch, check_train_request, prepare_run, stage_launch
 from ..log import setup_logging
 from ..rundir import RunDir
 from . import train
@@ -51,7 +51,7 @@ def _print_submitted(run: RunDir, ids: dict) -> None:
 
 
 def _status(args: argparse.Namespace, run: RunDir) -> int:
-    from ..pipeline import pipeline_status, render_status, wait_pipeline
+    from ..launch.pipeline import pipeline_status, render_status, wait_pipeline
     if args.wait:
         wait_pipeline(run)
         return 0
@@ -64,7 +64,7 @@ def _status(args: argparse.Namespace, run: RunDir) -> int:
 
 
 def _retry(args: argparse.Namespace, run: RunDir) -> int:
-    from ..pipeline import check_outcome, retry_cluster, retry_failed, wait_pipeline
+    from ..launch.pipeline import check_outcome, retry_cluster, retry_failed, wait_pipeline
     if not run.manifest_file.exists():
         raise ConfigError(f"--run {run}: no manifest.json; hint: start it with jobs/launch_pipeline.py")
     run.read_plan()  # a run that never planned has nothing to retry: refused before anything else
@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from ..pipeline import check_outcome, check_request, run_local, submit_pipeline, wait_pipeline
+    from ..launch.pipeline import check_outcome, check_request, run_local, submit_pipeline, wait_pipeline
     cfg, launch = train.build_configs(args)
     if launch.cluster == "inline":
         raise ConfigError("--cluster inline: the pipeline submits jobs; hint: --cluster slurm or local")

@@ -7,7 +7,15 @@ import submitit
 
 from ..cli import Parser, add_options, command, given
 from ..config import RECIPES, LaunchConfig, TrainConfig, config_from_dict, make_train_config
-from ..launch import LaunchError, TrainJob, check_launch, check_train_request, prepare_run, submit_train, wait_result
+from ..launch.executors import (
+    LaunchError,
+    TrainJob,
+    check_launch,
+    check_train_request,
+    prepare_run,
+    submit_train,
+    wait_result,
+)
 from ..log import setup_logging
 from ..rundir import RunDir, RunLock
 
@@ -46,8 +54,8 @@ def build_configs(args: argparse.Namespace) -> tuple[TrainConfig, LaunchConfig]:
 def follow_training(job: submitit.Job, cfg: TrainConfig, launch: LaunchConfig) -> dict:
     """Wait for a training job; a job that died (killed, out of memory) leaves the record failed and the error
     says how to continue from the last checkpoint."""
-    from ..checkpoint import find_checkpoint
-    from ..pipeline import mark_lost
+    from ..launch.pipeline import mark_lost
+    from ..train.checkpoint import find_checkpoint
     try:
         return wait_result(job, launch, follow=launch.wait)
     except LaunchError as e:
@@ -83,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
         result = follow_training(job, cfg, launch)
     print(f"{result.get('status', 'done')}: {cfg.run_dir} "
           f"(val accuracy {100 * result.get('val_accuracy', float('nan')):.2f}%)")
-    from ..runstate import StageFailed, check_outcome
+    from ..viz.state import StageFailed, check_outcome
     try:  # a run that stopped (a signal, a time limit) or whose files do not verify is not done
         check_outcome(RunDir(cfg.run_dir), ("train",))
     except StageFailed as e:

@@ -7,7 +7,7 @@ import argparse
 from ..cli import Parser, add_options, command, given
 from ..config import ConfigError, LaunchConfig, VizConfig, config_from_dict
 from ..errors import JobError
-from ..launch import check_launch, stage_launch
+from ..launch.executors import check_launch, stage_launch
 from ..log import setup_logging
 from ..rundir import RunDir
 
@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     if not run.checkpoints.is_dir():
         raise ConfigError(f"--run {run}: no checkpoints/ in it; hint: train first (jobs/launch_train.py), or check "
                        "the path")
-    from ..array import launch_viz  # torch: imported once the options are known to be good
+    from ..viz.submit import launch_viz  # torch: imported once the options are known to be good
     with run.lock() as lock:
         out = launch_viz(cfg, launch, fresh=args.fresh, lock=lock)
     if out["collation"] is None:
@@ -63,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         raise JobError(f"{len(failed)} projection part(s) failed: {failed[0]}; the shards and viz.h5 are kept; "
                        f"hint: fix the cause, then python jobs/aggregate.py --run {run} computes them"
                        + "".join(f"\n{line}" for line in failed[1:8]))
-    from ..runstate import StageFailed, check_outcome
+    from ..viz.state import StageFailed, check_outcome
     try:
         check_outcome(run, ("viz",))
     except StageFailed as e:

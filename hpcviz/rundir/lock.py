@@ -49,7 +49,7 @@ def _pid_alive(pid: int) -> bool:
 def _job_state(job: dict[str, Any], host: str) -> str:
     """The state of a job the holder left ('' when it has ended)."""
     if job.get("cluster") == "slurm":
-        from ..jobstate import ACTIVE, array_states, query_state
+        from ..scheduler import ACTIVE, array_states, query_state
         working = ACTIVE - {"COMPLETING"}  # a completing job has written its results
         if job.get("array"):
             states = [s for s in array_states(str(job["id"])).values() if s in working]

@@ -25,20 +25,20 @@ Import from hpcviz.store; patch module-level settings (e.g. inspection._STATS_EL
 from __future__ import annotations
 
 from ._common import StoreError, atomic_path, open_checked
-from .collation import AGREE_ATTRS, VIZ_FORMAT, collate, write_arrays
-from .inspection import dataset_stats, describe, read_image
+from .describe import dataset_stats, describe, read_image
 from .packed import PACKED_FORMAT, PackedReader, PackedWriter, fingerprint_blocks, read_packed, write_packed
 from .shards import (
-    COMPRESSIONS,
-    SHARD_FORMAT,
-    BackgroundWriter,
-    ShardWriter,
-    list_datasets,
-    read_attrs,
-    read_shard,
-    read_summaries,
-    verify_shard,
+           COMPRESSIONS,
+           SHARD_FORMAT,
+           BackgroundWriter,
+           ShardWriter,
+           list_datasets,
+           read_attrs,
+           read_shard,
+           read_summaries,
+           verify_shard,
 )
+from .virtual import AGREE_ATTRS, VIZ_FORMAT, collate, write_arrays
 
 __all__ = ["StoreError", "PACKED_FORMAT", "write_packed", "read_packed", "PackedWriter", "PackedReader",
            "fingerprint_blocks", "AGREE_ATTRS", "COMPRESSIONS", "BackgroundWriter",

@@ -102,7 +102,7 @@ def _hash_tail(h: hashlib._Hash, labels: np.ndarray, classes: Sequence[str]) -> 
 
 def fingerprint_blocks(shape: Sequence[int], blocks: Iterable[np.ndarray], labels: np.ndarray,
                        classes: Sequence[str]) -> str:
-    """hpcviz.data.fingerprint of a set of `shape` (N, 3, H, W) whose images arrive as uint8 blocks in order:
+    """hpcviz.data.sources.fingerprint of a set of `shape` (N, 3, H, W) whose images arrive as uint8 blocks in order:
     one bounded pass, for sets that are never held whole."""
     h = _shape_hash(tuple(int(v) for v in shape))  # type: ignore[arg-type]
     for block in blocks:

@@ -1,0 +1,1 @@
+"""Data: the sources (--data), transforms, placement on devices, packing."""

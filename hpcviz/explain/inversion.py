@@ -1,0 +1,303 @@
+"""Feature inversion (Mahendran & Vedaldi 2015, 2016): recover an input from a block's activation.
+
+Given target activations phi0 = phi(x0) at a block (from images, or stored), find x that minimises,
+per image,
+
+    E(x) = ||phi(x) - phi0||^2 / ||phi0||^2  +  lam_a * ||x||_alpha^alpha  +  lam_v * TV_beta(x)
+
+with prior "tv" (the 2016 objective), or with prior "none" the course report's plain sum of squared
+errors ||phi(x) - phi0||^2 (no normalisation, no regulariser).
+
+- ||x||_alpha^alpha = sum over channels and pixels of |x|^alpha (`alpha_norm`);
+- TV_beta(x) = sum over channels and pixels of (dx^2 + dy^2)^(beta/2), with forward differences
+  dx = x[., ., u, v+1] - x[., ., u, v], dy = x[., ., u+1, v] - x[., ., u, v] over height and width and
+  the Neumann (replicate) boundary: dx = 0 in the last column, dy = 0 in the last row, so every
+  difference of the image is counted exactly once (`tv_norm`).
+
+Scaling to the data range (2016 paper, sec. "balancing the terms"). The network input is normalised
+per channel, pixel range [0, 1] -> [(0 - m_c)/s_c, (1 - m_c)/s_c], of width r_c = 1/s_c. With
+r = mean_c r_c the paper's constants (B = 80 typical pixel value for a range of width 255, V = B/6.5
+typical difference) become
+
+    B = (80/255) * r,        V = B / 6.5,
+    lam_a = lambda_alpha / (C*H*W * B^alpha),      lam_v = lambda_tv / (C*H*W * V^beta),
+
+so that each regulariser is ~ lambda * O(1) for a natural image of that range and size, like the
+normalised feature loss; `lambda_alpha`/`lambda_tv` of the config are dimensionless multipliers that
+need no per-layer tuning. The learning rate is also relative to the range: Adam's step is lr * r.
+x is projected onto the valid box [(0 - m)/s, (1 - m)/s] after every step (`clamp`, default on).
+
+Optimisation (hpcviz.rowopt): every (block, image) pair is its own problem, one row of one batch; they
+never interact, and each row stops on its own once its relative feature error is at most `target`
+(0.05), once it cannot reach it at its recent rate of progress within `steps` steps (a plateau; see
+hpcviz.rowopt), or after `steps` steps, whichever comes first: a batch does not wait for its slowest
+image, and the steps and the final error of every row are returned. The default solver is L-BFGS per
+row, kept in the valid box by projection (one forward and backward per step once its unit steps are
+accepted), which reaches a given error in several times fewer passes than Adam (4.6x faster per image on a
+trained ResNet-20, measured by `jobs/benchmark.py viz`); `solver="adam"` is Adam with step decay, x
+projected onto the box. x0 = small seeded noise, the same for every image and block, so a
+batched run and one-image runs start alike. Several blocks are inverted in one call with ONE forward per
+step: the rows of all blocks are stacked along the batch and each block's rows leave the stack at its
+output (`ForwardPlan.stacked`, with batch norm folded into the convolutions: the same function with half
+the ops). The forward is functional (eval-mode batch norm; the model is neither modified nor hooked), on
+the model's device; on CUDA each step's forward and backward is a replayed CUDA graph (`graphs`, see
+hpcviz.graphs).
+
+The API is split in three: `make_targets` (phi0 of every block, from images or stored activations),
+`Objective` (the per-row objective and error) and `invert` (the optimisation, per row).
+
+A non-finite loss or x blowing up raises InversionError naming the block, step and loss.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PRIORS
+from ..errors import InputError, JobError
+from .cuda_graphs import PaddedSteps
+from .deconv import max_pool
+from .forward import ForwardPlan, PlanError
+from .rowopt import RowOptConfig, minimise
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+_B_RATIO = 80.0 / 255.0     # the 2016 paper's typical pixel value B = 80 on a 0..255 range
+_V_RATIO = 1.0 / 6.5        # V = B / 6.5
+SOLVERS = ("lbfgs", "adam")
+
+
+class InversionError(JobError, FloatingPointError):
+    """The optimisation diverged (one line: block, step, loss and a hint)."""
+
+
+@dataclass
+class InversionConfig:
+    solver: str = "lbfgs"             # lbfgs | adam (see hpcviz.rowopt)
+    steps: int = 800                  # at most this many steps per image and block
+    target: float = 0.05              # a row stops once ||phi(x) - phi0|| / ||phi0|| <= target (0: never)
+    plateau: float = 1e-3             # ... or once its objective improved less than this (relative), or its
+    window: int = 100                 # error's rate over this many steps misses the target (0: never)
+    history: int = 20                 # lbfgs: curvature pairs per row
+    lr: float = 0.015                 # adam: step size, in units of the data range width r = mean(1/std)
+    milestones: tuple[float, ...] = (0.8, 0.95)   # adam: fractions of the steps where lr is multiplied by gamma
+    gamma: float = 0.1                # adam: step-decay factor
+    alpha: float = 6.0                # exponent of the alpha-norm prior
+    beta: float = 2.0                 # exponent of the TV prior
+    lambda_alpha: float = 1e-5        # multiplier of the range-normalised alpha-norm, 1/(C H W B^alpha)
+    lambda_tv: float = 1e-4           # multiplier of the range-normalised TV, 1/(C H W V^beta)
+    prior: str = "tv"                 # one of PRIORS
+    clamp: bool = True                # keep x in the valid pixel box (projected after every step)
+    init_scale: float = 0.01          # x0 noise std, in units of the range width
+    seed: int = 0
+    exact: bool = True                # deterministic max-pool backward on GPUs (False: torch's atomic one, faster)
+    fast_forward: bool = True         # batch norm folded into the convolutions, channels-last on CPUs (False:
+    #                                   the plain functional forward of before, for the benchmark's baseline)
+    graphs: bool = True               # on CUDA: each step a replayed CUDA graph (hpcviz.graphs)
+
+
+# --------------------------------------------------------------------------------------------
+# the terms, per image
+
+def alpha_norm(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """||x||_alpha^alpha per image: sum over channels and pixels of |x|^alpha, (B,)."""
+    return x.abs().pow(alpha).flatten(1).sum(1)
+
+
+def tv_norm(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """TV_beta per image, (B,): sum over channels and pixels of (dx^2 + dy^2)^(beta/2), forward
+    differences over width (dx) and height (dy), zero past the last column / row (Neumann boundary)."""
+    dx = F.pad(x[..., :, 1:] - x[..., :, :-1], (0, 1, 0, 0))
+    dy = F.pad(x[..., 1:, :] - x[..., :-1, :], (0, 0, 0, 1))
+    sq = dx * dx + dy * dy
+    if beta == 2:
+        t = sq
+    else:  # the gradient of s^(beta/2) is infinite at 0 for beta < 2: a tiny floor keeps it finite
+        t = (sq + (1e-12 if beta < 2 else 0.0)).pow(beta / 2)
+    return t.flatten(1).sum(1)
+
+
+def relative_error(phi: torch.Tensor, phi0: torch.Tensor) -> torch.Tensor:
+    """||phi - phi0|| / ||phi0|| per image, (B,) (an all-zero phi0 counts as norm 1e-12)."""
+    d = (phi.float() - phi0.float()).flatten(1).norm(dim=1)
+    return d / phi0.float().flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def data_scale(mean: Sequence[float], std: Sequence[float]) -> tuple[float, float, float]:
+    """(r, B, V): the mean range width 1/std, the typical pixel value and the typical difference."""
+    r = float(sum(1.0 / float(s) for s in std) / len(std))
+    b = _B_RATIO * r
+    return r, b, _V_RATIO * b
+
+
+# --------------------------------------------------------------------------------------------
+# the targets, the objective, the optimisation
+
+def make_targets(plan: ForwardPlan, blocks: Sequence[str] | str | None, images: torch.Tensor | None = None,
+            stored: Mapping[str, torch.Tensor] | None = None,
+            input_size: tuple[int, int] | None = None) -> tuple[list[str], dict[str, torch.Tensor], tuple[int, int]]:
+    """(block names in forward order, {block: phi0 (B, C, h, w) float32}, the input's (H, W)): from the
+    normalised images (one no-grad forward up to the deepest block) or from stored activations."""
+    blocks = [blocks] if isinstance(blocks, str) else blocks
+    if not blocks:
+        blocks = list(stored) if stored else plan.blocks
+    unknown = [b for b in blocks if b not in plan.blocks]
+    if unknown:
+        raise InputError(f"blocks {','.join(unknown)}: not blocks of this model; valid: {', '.join(plan.blocks)}")
+    names = [b for b in plan.blocks if b in set(blocks)]
+    if images is not None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise InputError(f"images of shape {tuple(images.shape)}: need (B, 3, H, W) normalised input")
+        with torch.no_grad():
+            acts = plan.run(images.to(plan.device, plan.dtype), names[-1], lambda h, p: max_pool(h, p, False))
+        return names, {b: acts[b].float() for b in names}, (int(images.shape[-2]), int(images.shape[-1]))
+    if not stored:
+        raise InputError("invert: give images= (normalised input) or targets= {block: activation}")
+    missing = [b for b in names if b not in stored]
+    if missing:
+        raise InputError(f"targets lack blocks {','.join(missing)}; hint: pass images= instead")
+    phi0 = {b: stored[b].to(plan.device, torch.float32) for b in names}
+    if len({p.shape[0] for p in phi0.values()}) > 1:
+        raise InputError("targets: blocks with different batch sizes")
+    hw = phi0[names[0]].shape
+    return names, phi0, input_size or _input_size(plan, names[0], (int(hw[-2]), int(hw[-1])))
+
+
+def _input_size(plan: ForwardPlan, block: str, hw: tuple[int, int]) -> tuple[int, int]:
+    """The input (H, W) whose activation at `block` has spatial size hw (probe: stride at 64 px)."""
+    pool = lambda h, p: max_pool(h, p, False)  # noqa: E731
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, 64, 64, device=plan.device, dtype=plan.dtype)
+        s = 64 // plan.stacked(probe, [block], [1], pool)[0].shape[-1]
+        size = (hw[0] * s, hw[1] * s)
+        got = plan.stacked(torch.zeros(1, 3, *size, device=plan.device, dtype=plan.dtype), [block], [1], pool)
+    if tuple(got[0].shape[-2:]) != tuple(hw):
+        raise InputError(f"targets of block {block}: cannot infer the input size from {tuple(hw)}; "
+                         "hint: pass images=, or input_size=(H, W)")
+    return size
+
+
+class Objective:
+    """The per-row objective: rows are (block, image) pairs, block-major in forward order; row k is block
+    names[k // n], image k % n. Called with x (r, 3, H, W) and the sorted row numbers it holds, it returns
+    (E (r,), relative error (r,)) in one stacked forward (see the module docstring)."""
+
+    def __init__(self, plan: ForwardPlan, names: list[str], phi0: dict[str, torch.Tensor], hw: tuple[int, int],
+                 cfg: InversionConfig, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.plan, self.names, self.cfg = plan, names, cfg
+        self.n = phi0[names[0]].shape[0]
+        self.targets = phi0
+        self.norms = torch.cat([phi0[b].flatten(1).pow(2).sum(1) for b in names]).clamp_min(1e-12)  # (R,)
+        c, (h, w) = 3, hw
+        r, bval, vval = data_scale(mean, std)
+        self.r = r
+        self.lam_a = cfg.lambda_alpha / (c * h * w * bval ** cfg.alpha)
+        self.lam_v = cfg.lambda_tv / (c * h * w * vval ** cfg.beta)
+        m = torch.as_tensor(mean, dtype=torch.float32, device=plan.device).view(1, -1, 1, 1)
+        s = torch.as_tensor(std, dtype=torch.float32, device=plan.device).view(1, -1, 1, 1)
+        self.lo, self.hi = (0 - m) / s, (1 - m) / s
+        self.channels_last = cfg.fast_forward and plan.device.type == "cpu"  # oneDNN: ~15% faster per step
+
+    def counts(self, rows: torch.Tensor) -> list[int]:
+        """How many of the (sorted) rows belong to each block (one host sync)."""
+        return torch.bincount(torch.div(rows, self.n, rounding_mode="floor"), minlength=len(self.names)).tolist()
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.evaluate(x, rows, self.counts(rows))
+
+    def evaluate(self, x: torch.Tensor, rows: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, error) of the rows, `counts` rows of each block: no host sync (a CUDA graph can capture it)."""
+        wanted = [b for b, k in zip(self.names, counts) if k]
+        sizes = [k for k in counts if k]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        phis = self.plan.stacked(x, wanted, sizes, lambda h, p: max_pool(h, p, self.cfg.exact))
+        images = rows % self.n
+        sse, start = [], 0
+        for b, p in zip(wanted, phis):
+            t = self.targets[b][images[start:start + len(p)]]
+            sse.append((p - t).flatten(1).pow(2).sum(1))
+            start += len(p)
+        err2 = torch.cat(sse)
+        rel = err2 / self.norms[rows]
+        error = rel.detach().sqrt()
+        if self.cfg.prior == "none":
+            return err2, error
+        return rel + self.lam_a * alpha_norm(x, self.cfg.alpha) + self.lam_v * tv_norm(x, self.cfg.beta), error
+
+
+def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
+           images: torch.Tensor | None = None, blocks: Sequence[str] | str | None = None,
+           cfg: InversionConfig | None = None, mean: Sequence[float] = CIFAR10_MEAN,
+           std: Sequence[float] = CIFAR10_STD, input_size: tuple[int, int] | None = None,
+           progress: Callable[[int, int, int, int], None] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Inversions of `blocks` (default: the keys of `targets`, else every block) for a batch.
+
+    images: the normalised network input (B, 3, H, W) the targets are taken from; or targets:
+    {block: (B, C, h, w)} stored activations (H, W from `input_size` or inferred). mean/std: the
+    per-channel normalisation of the input (the data range; see the module doc for the lambdas).
+    Returns {block: {"x": (B, 3, H, W) float32 on the CPU, normalised input space; "error": (B,)
+    relative feature error ||phi(x)-phi0||/||phi0|| of the final x; "steps": (B,) int64, the steps each
+    took; "loss": (B, cfg.steps) objective per image and step, held at its last value once the image
+    stopped}}. progress(step, steps, running, rows) is called at each check (every few steps): step k of at
+    most `steps`, and how many of the (block, image) rows are still running. Raises InversionError if it
+    diverges, InputError on bad input."""
+    cfg = cfg or InversionConfig()
+    if cfg.prior not in PRIORS:
+        raise InputError(f"prior {cfg.prior!r}: not one of {', '.join(PRIORS)}; hint: prior='tv'")
+    if cfg.solver not in SOLVERS:
+        raise InputError(f"solver {cfg.solver!r}: not one of {', '.join(SOLVERS)}; hint: solver='lbfgs'")
+    if cfg.steps < 1:
+        raise InputError(f"steps {cfg.steps}: need >= 1")
+    try:
+        plan = ForwardPlan(model)
+        plan = plan.folded(channels_last=plan.device.type == "cpu") if cfg.fast_forward else plan
+    except PlanError as e:
+        raise InputError(str(e)) from None
+    names, phi0, (h, w) = make_targets(plan, blocks, images=images, stored=targets, input_size=input_size)
+    objective = Objective(plan, names, phi0, (h, w), cfg, mean, std)
+    n, rows = objective.n, len(names) * objective.n
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    noise = (cfg.init_scale * objective.r) * torch.randn(1, 3, h, w, generator=g)  # the same start for every row
+    x0 = noise.to(plan.device).expand(rows, 3, h, w).clone()
+    lo, hi = (objective.lo, objective.hi) if cfg.clamp else (None, None)
+    if cfg.clamp:
+        x0 = torch.maximum(torch.minimum(x0, objective.hi), objective.lo)
+    opt = RowOptConfig(method=cfg.solver, steps=cfg.steps, target=cfg.target, plateau=cfg.plateau,
+                       window=cfg.window, history=cfg.history, lr=cfg.lr, milestones=cfg.milestones,
+                       gamma=cfg.gamma)
+    check = _divergence_check(names, n, cfg)
+
+    def on_check(step: int, running: torch.Tensor, f: torch.Tensor) -> None:
+        check(step, running, f)
+        if progress is not None:
+            progress(step + 1, cfg.steps, len(running), rows)
+    steps = PaddedSteps(objective, plan.device) if cfg.graphs and plan.device.type == "cuda" else None
+    result = minimise(objective, x0, opt, lo, hi, objective.r, on_check, steps)
+    if not torch.isfinite(result.x).all().item() or not torch.isfinite(result.value).all().item():
+        raise InversionError(f"inversion of blocks {','.join(names)}: non-finite x after {cfg.steps} steps; "
+                             "hint: lower lr or raise lambda_tv")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for j, b in enumerate(names):
+        sl = slice(j * n, (j + 1) * n)
+        out[b] = {"x": result.x[sl].float().cpu(), "error": result.err[sl].float().cpu(),
+                  "steps": result.steps[sl].cpu(), "loss": result.curves[sl].float().cpu()}
+    return out
+
+
+def _divergence_check(names: list[str], n: int,
+                      cfg: InversionConfig) -> Callable[[int, torch.Tensor, torch.Tensor], None]:
+    """A check of the running rows' objectives: a non-finite value is an InversionError naming the block."""
+    def check(step: int, rows: torch.Tensor, f: torch.Tensor) -> None:
+        bad = ~torch.isfinite(f)
+        if bad.any().item():
+            row = int(rows[bad.nonzero()[0, 0]])
+            raise InversionError(
+                f"inversion of block {names[row // n]} diverged at step {step + 1}/{cfg.steps} (image {row % n}, "
+                f"loss {f[bad][0].item()}); hint: lower lr (now {cfg.lr:g}) or raise lambda_tv "
+                f"(now {cfg.lambda_tv:g}), or keep clamp=True")
+    return check

@@ -1,0 +1,1 @@
+"""Launching: submitit executors and profiles, the pipeline's job graph."""

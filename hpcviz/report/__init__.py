@@ -1,0 +1,1 @@
+"""The report: aggregation, figures, Markdown/HTML, what inspect_results prints."""

@@ -1,0 +1,1 @@
+"""Training: the loop, the submitted job, evaluation, checkpoints, importing weights."""
