@@ -233,6 +233,10 @@ class LaunchConfig:
     throttle: int = option(0, "at most this many array tasks at once (SLURM; 0 = no limit)")
     extra: dict[str, str] = option(factory=dict, help="raw extra sbatch options", cli=False)
 
+    def tasks_per_node(self) -> int:
+        """One task per GPU, else --nproc CPU processes."""
+        return self.gpus if self.gpus else max(1, self.nproc)
+
     def job_device(self, device: str) -> str:
         """The device a job is told to use: cpu where this launch (resolved) asks for no GPU, so that a CPU run never
         initialises CUDA, even on a node whose GPUs it can see; else `device`."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -10,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,3 +82,52 @@ def tiny_cfg(tmp_path):
         base.update(kw)
         return TrainConfig(**base)
     return make
+
+
+# ------------------------------------------------------------------------------------------ data sets on disk
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_fake_cifar(root: Path, n: int = 4, bytes_keys: bool = False) -> dict[str, np.ndarray]:
+    """The torchvision layout root/cifar-10-batches-py, n images per batch file (md5s will not match)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, n)]
+        (folder / name).write_bytes(pickle.dumps({key("data"): data, key("labels"): labels}))
+        written[name] = data
+    (folder / "batches.meta").write_bytes(pickle.dumps({key("label_names"): CIFAR_CLASSES}))
+    return written
+
+
+def write_image_folder(root: Path, size: tuple[int, int] = (8, 8)) -> dict[str, np.ndarray]:
+    """root/{cat,ant}/ with two PNGs and a JPEG each (ant sorts first); returns the PNG pixels by path."""
+    rng = np.random.default_rng(1)
+    pngs = {}
+    for cls in ("cat", "ant"):
+        (root / cls).mkdir(parents=True)
+        for i, ext in enumerate(("png", "PNG", "jpg")):
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)  # (H, W, 3)
+            path = root / cls / f"img{i}.{ext}"
+            Image.fromarray(pixels).save(path, format="PNG" if ext.lower() == "png" else "JPEG")
+            if ext.lower() == "png":
+                pngs[str(path)] = pixels
+        (root / cls / "notes.txt").write_text("not an image, and not an image extension: ignored")
+    return pngs
+
+
+def write_mixed_folder(root: Path) -> list[Path]:
+    """The write_image_folder set plus photos of other sizes (some already 6x6) and two unreadable files."""
+    write_image_folder(root)
+    rng = np.random.default_rng(2)
+    for i, (h, w) in enumerate([(12, 10), (6, 6), (30, 17), (12, 10), (6, 6)]):
+        cls = ("ant", "cat")[i % 2]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / cls / f"x{i}.png")
+    bad = [root / "cat" / "broken.jpg", root / "ant" / "text.png"]
+    bad[0].write_bytes((root / "cat" / "img2.jpg").read_bytes()[:60])  # truncated JPEG
+    bad[1].write_text("hello")
+    return bad

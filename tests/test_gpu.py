@@ -91,7 +91,8 @@ def model_last(model) -> str:
 @pytest.mark.parametrize("where", ["device", "host", "stream"])
 def test_every_placement_on_cuda(tmp_path, where):
     from hpcviz.data import placement
-    from hpcviz.data.sources import fingerprint, load_images, split_indices
+    from hpcviz.data.sources import fingerprint, load_images
+    from hpcviz.data.transforms import split_indices
     from hpcviz.store import write_packed
     from hpcviz.train.loop import train
     ds = load_images("builtin:20", 16)

@@ -23,18 +23,23 @@ import numpy as np
 import torch
 
 from .. import dist, store
+from ..config import ImportConfig, VizConfig
+from ..data.sources import peek
+from ..explain.dataset_examples import brute_force_topk, reduce_summaries
+from ..models import block_names, build_model
 from ..rundir import RunDir
 from ..train import checkpoint
+from ..train.weights import prepare_import, write_import
+from ..viz.collation import collate
+from ..viz.plan import make_plan
+from ..viz.projection import merged_lists, project_range
+from ..viz.task import visualize_shard
 
 __all__ = ["bench_examples"]
 
 
 def make_scratch_run(scratch: Path, arch: str, stem: str, data: str, image_size: int) -> RunDir:
     """A run of an untrained `arch` over `data`, made by importing its random weights (no evaluation)."""
-    from ..config import ImportConfig
-    from ..data.sources import peek
-    from ..models import build_model
-    from ..train.weights import prepare_import, write_import
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     classes = peek(data, image_size).classes
@@ -60,7 +65,6 @@ def _peaks(path: Path, block: str, rows: int) -> np.ndarray:
 def check_exact(path: Path, blocks: list[str], k: int) -> dict[str, Any]:
     """The merged top-k values and positions against a brute-force sort of every image's spatial maximum."""
     index = store.read_shard(path, ["index"])["index"]
-    from ..explain.dataset_examples import brute_force_topk
     wrong = {}
     for block in blocks:
         ref = brute_force_topk(_peaks(path, block, 512)[:, :, None, None], index, k)  # each map read as its maximum
@@ -72,8 +76,7 @@ def check_exact(path: Path, blocks: list[str], k: int) -> dict[str, Any]:
 
 def time_projection(run: RunDir, blocks: list[str], channels: int, device: str) -> dict[str, float]:
     """Seconds per channel (its k projections, patches, grid and part file) of each block, over its first
-    `channels` channels, by the projection array's own code (`collation.project_range`)."""
-    from ..viz.collation import merged_lists, project_range
+    `channels` channels, by the projection array's own code (`projection.project_range`)."""
     plan = run.read_plan()
     state = checkpoint.load_checkpoint(run.checkpoints)
     lists = merged_lists(run, plan)
@@ -93,14 +96,12 @@ def time_projection(run: RunDir, blocks: list[str], channels: int, device: str) 
 def bench_examples(scratch: Path, data: str, images: int = 10000, tasks: int = 4, k: int = 9,
                    arch: str = "resnet18", stem: str = "cifar", image_size: int = 32, batch_size: int = 256,
                    device: str = "auto", project_channels: int = 16) -> dict[str, Any]:
-    from ..config import VizConfig
-    from ..viz import task as viz
     run = make_scratch_run(scratch, arch, stem, data, image_size)
     dev = dist.pick_device(device)
     dist.share_cores()
     cfg = VizConfig(run_dir=str(run.path), split="train", images=images, tasks=tasks, batch_size=batch_size, topk=k,
                     deconv_blocks=[], invert_blocks=[], device=device)
-    plan = viz.make_plan(cfg)
+    plan = make_plan(cfg)
     run.write_plan(plan)
     state = checkpoint.load_checkpoint(run.checkpoints)
     out: dict[str, Any] = {"arch": arch, "stem": stem, "images": plan.n_images, "tasks": tasks, "k": k,
@@ -109,20 +110,18 @@ def bench_examples(scratch: Path, data: str, images: int = 10000, tasks: int = 4
         # the same shard without the map, then with it (twice each, alternating; the faster of each counts)
         bare, mapped = [], []
         for _ in range(2):
-            bare.append(viz.visualize_shard(run, 0, dataclasses.replace(plan, topk=0), state, dev)["total"])
-            mapped.append(viz.visualize_shard(run, 0, plan, state, dev))
+            bare.append(visualize_shard(run, 0, dataclasses.replace(plan, topk=0), state, dev)["total"])
+            mapped.append(visualize_shard(run, 0, plan, state, dev))
         shards = [min(mapped, key=lambda s: s["total"])]
         for s in range(1, len(plan.shards)):
-            shards.append(viz.visualize_shard(run, s, plan, state, dev))
+            shards.append(visualize_shard(run, s, plan, state, dev))
     out["map"] = {"shard0_without_s": min(bare), "shard0_with_s": shards[0]["total"],
                   "added": shards[0]["total"] / min(bare) - 1,
                   "topk_share_of_tasks": sum(s["topk"] for s in shards) / sum(s["total"] for s in shards),
                   "task_seconds": [s["total"] for s in shards]}
-    from ..viz.collation import collate
     t0 = time.perf_counter()
     summary = collate(run, plan)
     out["merge"] = {"collate_s": time.perf_counter() - t0, "n_images": summary["n_images"]}
-    from ..explain.dataset_examples import reduce_summaries
     t0 = time.perf_counter()
     parts = [store.read_summaries(run.shard(s)) for s in range(len(plan.shards))]
     reduce_summaries(parts, plan.blocks, k, {})
@@ -130,7 +129,6 @@ def bench_examples(scratch: Path, data: str, images: int = 10000, tasks: int = 4
     t0 = time.perf_counter()
     out["exactness"] = {**check_exact(run.viz_file, plan.blocks, k), "seconds": time.perf_counter() - t0}
     per = time_projection(run, plan.blocks, project_channels, device)
-    from ..models import block_names, build_model
     channels = {b: int(store.read_shard(run.viz_file, [f"topk/{b}/index"])[f"topk/{b}/index"].shape[0])
                 for b in block_names(build_model(arch, 10, stem))}
     out["projection"] = {"seconds_per_channel": per, "channels": channels,

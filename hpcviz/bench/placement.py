@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
+from .. import dist
 from ..config import TrainConfig
+from ..train.loop import prepare_data
+from .viz import time_project_steps
 
 
 def throughput(cfg: TrainConfig, steps: int, rounds: int = 3) -> dict[str, Any]:
@@ -26,9 +29,6 @@ def throughput(cfg: TrainConfig, steps: int, rounds: int = 3) -> dict[str, Any]:
     medians are reported."""
     import statistics
 
-    from .. import dist
-    from ..train.loop import prepare_data
-    from .viz import time_project_steps
     device = dist.pick_device(cfg.device)
     splits = {w: prepare_data(dataclasses.replace(cfg, data_placement=w), device) for w in ("device", "host", "stream")}
     n = min(steps, splits["device"].train.n // cfg.batch_size - 3)
@@ -45,7 +45,6 @@ def throughput(cfg: TrainConfig, steps: int, rounds: int = 3) -> dict[str, Any]:
 def _rank(rank: int, port: int, cfg: TrainConfig, steps: int, done: Any) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from .. import dist
     from ..train.loop import (
         Meters,
         Position,

@@ -18,12 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .. import dist
-from ..config import ConfigError, TrainConfig
-from ..data.sources import normalize
-from ..models import build_model
+from .. import dist, store
+from ..config import ConfigError, TrainConfig, VizConfig
+from ..data.sources import make_builtin
+from ..data.transforms import channel_stats, normalize
+from ..explain.activations import block_modules, dump_activations
+from ..explain.deconv import PATHS, Deconvnet
+from ..explain.inversion import InversionConfig, invert
+from ..models import block_names, build_model
 from ..rundir import RunDir
-from ..train.loop import Meters, Position, Split, StopRequest, make_optimizer, prepare_data, train_one_epoch
+from ..train import checkpoint
+from ..train.loop import Meters, Position, Split, StopRequest, make_optimizer, prepare_data, train, train_one_epoch
+from ..viz.plan import make_plan
+from ..viz.task import run_shard, visualize_shard
 
 if TYPE_CHECKING:  # annotations only; torchvision ships no stubs, so mypy takes its blocks as Any
     from torchvision.models import resnet as tvr
@@ -127,7 +134,6 @@ def bench_train_throughput(cfg: TrainConfig, steps: int, workers: int) -> dict[s
 
 def time_to_accuracy(cfg: TrainConfig, target: float) -> dict[str, Any]:
     """Train cfg (its own schedule) and report the first epoch whose val accuracy reaches `target`."""
-    from ..train.loop import train
     t0 = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - t0
@@ -146,8 +152,6 @@ def time_to_accuracy(cfg: TrainConfig, target: float) -> dict[str, Any]:
 def sample_activations(arch: str, stem: str, image_size: int, batch: int, seed: int = 0,
                        device: str = "cpu") -> dict[str, Any]:
     """Real activations (fp16 numpy, (b, C, h, w) per block) of a fresh model on builtin images."""
-    from ..data.sources import channel_stats, make_builtin
-    from ..explain.activations import dump_activations
     torch.manual_seed(seed)
     ds = make_builtin(max(1, -(-batch // 10)), image_size, seed)
     images = ds.images[:batch]
@@ -164,16 +168,14 @@ def bench_viz_stage(data: str, images: int, run_dir: Path, arch: str = "resnet18
     inversion) on a ResNet trained for one epoch on `data` (so the activations are not those of noise)."""
     import shutil
 
-    from ..train.loop import train
-    from ..viz import task as viz
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = TrainConfig(data=data, arch=arch, stem=stem, epochs=1, batch_size=512, lr=0.2, run_dir=str(run_dir))
     trained = train(cfg)
-    vcfg = viz.VizConfig(run_dir=str(run_dir), images=images, tasks=1, batch_size=128)
-    plan = viz.make_plan(vcfg)
+    vcfg = VizConfig(run_dir=str(run_dir), images=images, tasks=1, batch_size=128)
+    plan = make_plan(vcfg)
     RunDir(run_dir).write_plan(plan)
     t0 = time.perf_counter()
-    viz.run_shard(str(run_dir), 0)
+    run_shard(str(run_dir), 0)
     seconds = time.perf_counter() - t0
     return {"arch": arch, "stem": stem, "images": plan.n_images, "seconds": seconds,
             "images_per_s": plan.n_images / seconds, "val_accuracy_after_1_epoch": trained["val_accuracy"],
@@ -182,7 +184,6 @@ def bench_viz_stage(data: str, images: int, run_dir: Path, arch: str = "resnet18
 
 def block_bytes(arch: str, stem: str, image_size: int) -> dict[str, int]:
     """Bytes one image takes per block in a shard (float16 activations)."""
-    from ..explain.activations import dump_activations
     model = build_model(arch, 10, stem).eval()
     _, acts = dump_activations(model, torch.zeros(1, 3, image_size, image_size))
     return {name: a[0].numel() * 2 for name, a in acts.items()}
@@ -227,7 +228,6 @@ def captum_style_deconv(model: torch.nn.Module, x: torch.Tensor, block: str, pat
     seeded with the block's activation (times `mask`, when given: e.g. one position of one channel)."""
     import copy
 
-    from ..explain.activations import block_modules
     m = copy.deepcopy(model).eval()
     m.relu = _DeconvReLU()
     for name in block_modules(m):
@@ -251,12 +251,10 @@ def bench_deconv(arch: str, stem: str, batch: int, image_size: int, device: str,
     """ms/image of every block x 3 paths: Deconvnet.reconstruct_all vs the Captum-style baseline."""
     import statistics
 
-    from ..explain.deconv import PATHS, Deconvnet
     dev = dist.pick_device(device)
     torch.manual_seed(0)
     model = build_model(arch, 10, stem).eval().to(dev)
     x = torch.randn(batch, 3, image_size, image_size, device=dev)
-    from ..models import block_names
     blocks = block_names(model)
 
     def ours() -> dict:
@@ -287,7 +285,6 @@ def bench_invert(model: torch.nn.Module, images: torch.Tensor, mean, std, blocks
                  steps: int | None = None, one_at_a_time: int = 2) -> dict[str, Any]:
     """Images/s of `invert` on a batch vs the same objective one image at a time (on `one_at_a_time`
     images, extrapolated), and the median relative feature error per block (defaults unless `steps`)."""
-    from ..explain.inversion import InversionConfig, invert
     cfg = InversionConfig() if steps is None else InversionConfig(steps=steps)
     t0 = time.perf_counter()
     out = invert(model, images=images, blocks=blocks, cfg=cfg, mean=mean, std=std)
@@ -312,10 +309,6 @@ def bench_viz(run_dir: Path, scratch: Path, images: int = 16, split: str = "val"
     inversion error and mean steps per block. Both write their shard into `scratch`, never into the run."""
     import shutil
 
-    from .. import dist, store
-    from ..config import VizConfig
-    from ..train import checkpoint
-    from ..viz import task as viz
     state = checkpoint.load_checkpoint(RunDir(run_dir).checkpoints)
     dev = dist.pick_device(device)
     dist.share_cores()
@@ -331,10 +324,10 @@ def bench_viz(run_dir: Path, scratch: Path, images: int = 16, split: str = "val"
                         device=device)
         if method == "baseline":
             cfg.invert_steps, cfg.invert_target, cfg.invert_solver = baseline_steps, 0.0, "adam"
-        plan = viz.make_plan(cfg)
+        plan = make_plan(cfg)
         run.write_plan(plan)
         with dist.numerics(exact=True):
-            seconds = viz.visualize_shard(run, 0, plan, checkpoint.load_checkpoint(run.checkpoints), dev,
+            seconds = visualize_shard(run, 0, plan, checkpoint.load_checkpoint(run.checkpoints), dev,
                                           baseline=method == "baseline")
         data = store.read_shard(run.shard(0), [f"invert_{k}/{b}" for b in plan.invert_blocks
                                                for k in ("error", "steps")])

@@ -23,21 +23,16 @@ def main(args: argparse.Namespace) -> int:
     run = RunDir(cfg.run_dir)
     if not run.is_run():
         raise ConfigError(f"--run {run}: not a run directory (no config.json, manifest.json or checkpoints/); "
-                             "hint: train first (jobs/launch_train.py or jobs/launch_pipeline.py)")
-    from ..dist import check_device
-    from ..report.aggregate import aggregate  # matplotlib and torch: once the request is known to be good
-    from ..viz.state import StageFailed, check_outcome
-    if cfg.projections:
-        check_device(cfg.projection_device, "--projection-device")
+                          "hint: train first (jobs/launch_train.py or jobs/launch_pipeline.py)")
+    from ..report import aggregate  # matplotlib and torch: once the request is known to be good
+    aggregate.check_request(cfg)
     with run.lock():
-        summary = aggregate(cfg)
+        summary = aggregate.aggregate(cfg)
     missing = summary["missing_shards"]
     print(f"report: {summary['report']} ({len(summary['figures'])} figures, {summary['n_images']} images)")
     if missing:
         raise JobError(f"the report lacks {len(missing)} shard(s): {', '.join(missing[:5])}; hint: python "
                        f"jobs/launch_pipeline.py --run {run} --retry-failed")
-    try:
-        check_outcome(run)
-    except StageFailed as e:  # the report is written and says so too
-        raise JobError(f"the report is written, but the run is {e}") from None
+    if summary["incomplete"]:  # the report is written and says so too
+        raise JobError(f"the report is written, but the run is {summary['incomplete']}")
     return 0

@@ -208,7 +208,8 @@ def run_invert(args: argparse.Namespace) -> dict:
     import torch
 
     from ..bench.viz import bench_invert
-    from ..data.sources import channel_stats, load_images, normalize
+    from ..data.sources import load_images
+    from ..data.transforms import channel_stats, normalize
     from ..models import block_names, build_model
     if args.arch:
         model, label = build_model(args.arch, 10, args.stem).eval(), f"{args.arch} (untrained)"
@@ -230,7 +231,7 @@ def run_invert(args: argparse.Namespace) -> dict:
         pixels = ds.images[torch.randperm(len(ds))[: args.images]]
         mean, std = channel_stats(ds.images)
     else:  # a class-balanced sample of the run's own split: held-out images unless --split train
-        from ..viz.task import balanced_sample, load_split
+        from ..viz.plan import balanced_sample, load_split
         split_x, split_y, _ = load_split(state["config"], args.split)
         pixels = split_x[torch.as_tensor(balanced_sample(split_y.numpy(), args.images, seed=0))]
         label += f", {args.split} split"

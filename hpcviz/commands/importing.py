@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from ..cli import Parser, add_options, command, given
 from ..config import ImportConfig, config_from_dict
 from ..log import setup_logging
+from ..report.render import terminal_text  # class names from --data: shown as written, never as terminal codes
 from ..rundir import RunDir
 
 if TYPE_CHECKING:  # torch: imported by main once the options are known to be good
@@ -25,7 +26,6 @@ def get_args_parser(add_help: bool = False) -> Parser:
 def summary(cfg: ImportConfig, prepared: Prepared, result: dict[str, Any]) -> str:
     """What was written, and the next command."""
     run, tcfg, split = RunDir(cfg.run_dir), prepared.train_cfg, prepared.split
-    from ..report.render import terminal_text  # class names from --data: shown as written, never as terminal codes
     classes = terminal_text(", ".join(split.classes[:_CLASSES_SHOWN])) + (
         ", ..." if len(split.classes) > _CLASSES_SHOWN else "")
     stats = "  ".join(f"{name} {','.join(f'{v:.4g}' for v in values)}"
@@ -49,9 +49,9 @@ def main(args: argparse.Namespace) -> int:
     setup_logging()
     cfg = config_from_dict(ImportConfig, given(args, ImportConfig)).validate()
     run = RunDir(cfg.run_dir)
-    from ..train.weights import prepare_import, write_import  # torch: once the options are known to be good
-    prepared = prepare_import(cfg)  # every check, and the reading: nothing is written before the lock is held
+    from ..train import weights  # torch: once the options are known to be good
+    prepared = weights.prepare_import(cfg)  # every check, and the reading: nothing is written before the lock is held
     with run.lock():
-        result = write_import(prepared)
+        result = weights.write_import(prepared)
     print(summary(cfg, prepared, result))
     return 0

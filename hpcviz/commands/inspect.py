@@ -5,18 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from rich.console import Console
+
 from .. import store
 from ..cli import Parser, command
 from ..errors import InputError
-from ..report.inspection import (
-    channel_examples,
-    projection_problem,
-    render_channel,
-    render_stats,
-    render_tree,
-    run_of,
-    summarize_run,
-)
+from ..files import folder_problem, write_bytes
 
 
 def get_args_parser(add_help: bool = False) -> Parser:
@@ -31,48 +25,6 @@ def get_args_parser(add_help: bool = False) -> Parser:
                    "images: activation, image, class, position); --png draws its patches and projections")
     p.add_argument("--channel", type=int, default=None, help="a channel of --block")
     return p
-
-
-def save_channel_png(ex: dict, out: str) -> str:
-    """The channel's patches and projections, one row, as a PNG."""
-    import io
-
-    import numpy as np
-
-    from ..files import write_bytes
-    from ..report.figures import examples_grid
-    if "patch" not in ex:
-        why = ex["not_projected"]
-        raise InputError(f"--png: no projections of {ex['block']} channel {ex['channel']} to draw: {why}"
-                         + ("" if "hint:" in why else "; hint: python jobs/aggregate.py --run RUN, then again"))
-    fig = examples_grid(ex["patch"][None], ex["deconv"][None], np.array([ex["channel"]]),
-                        np.array([ex["selectivity"]]), np.array([ex["selective_class"]]), ex["classes"], ex["block"])
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    write_bytes(out, buf.getvalue())
-    return f"wrote {out}"
-
-
-def save_png(path: Path, name: str, index: int | None, out: str, max_items: int) -> str:
-    """Draw image `index` of `name` (or the first images of an RGB dataset when no index) into `out`."""
-    import io
-
-    from ..files import write_bytes
-    from ..report.figures import image_grid
-    first = store.read_image(path, name, 0 if index is None else index)
-    feature_maps = name.strip("/").startswith("act/")
-    if first.ndim != 3 or (not feature_maps and first.shape[0] != 3):
-        raise InputError(f"--png: {name} holds {first.shape} per image; valid: (3, H, W) images (images, "
-                         "deconv/*, invert/*) or (C, h, w) maps (act/*); hint: drop --png to see its statistics")
-    if index is None and not feature_maps:
-        data = store.read_shard(path, [name], slice(0, max_items))[name]  # (n, 3, H, W)
-        title = name
-    else:
-        data, title = first, f"{name}[{0 if index is None else index}]"  # (C, h, w) or (3, H, W)
-    buf = io.BytesIO()
-    image_grid(data, title=title, max_items=max_items, rgb=not feature_maps).savefig(buf, format="png", dpi=120)
-    write_bytes(out, buf.getvalue())
-    return f"wrote {out}"
 
 
 def _check(args: argparse.Namespace, target: Path) -> None:
@@ -95,7 +47,6 @@ def _check(args: argparse.Namespace, target: Path) -> None:
 
 def _check_png(args: argparse.Namespace) -> None:
     if args.png:
-        from ..files import folder_problem
         folder = Path(args.png).absolute().parent
         problem = folder_problem(folder)
         if problem:
@@ -108,37 +59,28 @@ def _check_png(args: argparse.Namespace) -> None:
             raise InputError(f"--png {args.png}: must end in .png; hint: e.g. --png maps.png")
 
 
-def _check_examples(target: Path, dataset: str, index: int | None) -> None:
-    """A run's viz.h5 presents its projection parts: refuse to read one that is not this run's (as for --block)."""
-    parts = dataset.strip("/").split("/")
-    run = run_of(target)
-    if run is None or parts[0] != "examples" or len(parts) < 3:
-        return
-    why = projection_problem(run, parts[1], None if parts[2] == "grid" else index, presented=True)
-    if why:
-        raise InputError(f"{dataset}: {why}")
-
-
 @command
 def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes: wide, no wrapping
     target = Path(args.target)
     _check(args, target)
+    from ..report import inspection  # torch and matplotlib: once the request is known to be good
     if args.block is not None:
         path = target / "viz" / "viz.h5" if target.is_dir() else target
-        ex = channel_examples(path, args.block, args.channel, run_of(path))
-        png = save_channel_png(ex, args.png) if args.png else ""  # refused before anything is printed
-        console.print(render_channel(ex))
+        ex = inspection.channel_examples(path, args.block, args.channel, inspection.run_of(path))
+        png = inspection.channel_png(ex) if args.png else b""  # refused before anything is printed
+        console.print(inspection.render_channel(ex))
         if png:
-            print(png)
+            write_bytes(args.png, png)
+            print(f"wrote {args.png}")
     elif target.is_dir():
-        console.print(summarize_run(target))
+        console.print(inspection.summarize_run(target))
     elif args.dataset is None:
-        console.print(render_tree(store.describe(target)))
+        console.print(inspection.render_tree(store.describe(target)))
     else:
-        _check_examples(target, args.dataset, args.index)
-        console.print(render_stats(store.dataset_stats(target, args.dataset, args.index)))
+        inspection.check_examples(target, args.dataset, args.index)
+        console.print(inspection.render_stats(store.dataset_stats(target, args.dataset, args.index)))
         if args.png:
-            print(save_png(target, args.dataset, args.index, args.png, args.max_items))
+            write_bytes(args.png, inspection.dataset_png(target, args.dataset, args.index, args.max_items))
+            print(f"wrote {args.png}")
     return 0

@@ -11,6 +11,7 @@ from ..cli import Parser, add_options, command, given
 from ..config import PackConfig, config_from_dict
 from ..errors import InputError
 from ..log import setup_logging
+from ..report.render import terminal_text  # class names from --data: shown as written, never as terminal codes
 
 
 def get_args_parser(add_help: bool = False) -> Parser:
@@ -29,24 +30,12 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     attrs: dict[str, str | int | float] = {"source": cfg.data, "seed": cfg.seed,
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    from ..data.packing import open_source, pack  # torch: once the options are known to be good
-    if cfg.image_size is not None:  # else the images keep their size: nothing grows
-        _check_memory(cfg)
-    src = open_source(cfg)
+    from ..data import packing  # torch: once the options are known to be good
+    packing.check_request(cfg)
+    src = packing.open_source(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
-    n, height, width, _fingerprint = pack(src, out, attrs)
+    n, height, width, _fingerprint = packing.pack(src, out, attrs)
     mb = os.path.getsize(out) / 2 ** 20
-    from ..report.render import terminal_text  # class names from --data: shown as written, never as terminal codes
     print(f"wrote {out}: {n} images, {len(src.classes)} classes ({terminal_text(', '.join(src.classes))}), "
           f"{height}x{width}, {mb:.1f} MB, {time.perf_counter() - start:.1f} s")
     return 0
-
-
-def _check_memory(cfg: PackConfig) -> None:
-    """What packing holds at --image-size (builtin and CIFAR-10 whole; one image of a folder or packed file)."""
-    from ..data import memory
-    from ..data.sources import check_source, peek
-    check_source(cfg.data, cfg.download)
-    facts = peek(cfg.data, cfg.image_size or 32)
-    memory.check(f"--image-size {cfg.image_size} with --data {cfg.data}", memory.pack_need(cfg.data, facts,
-                 cfg.image_size), memory.host_limit(), "a smaller --image-size")

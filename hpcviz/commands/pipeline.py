@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from types import ModuleType
+
+from rich.console import Console
 
 from ..cli import Parser, add_options, command, given
 from ..config import AggregateConfig, ConfigError, LaunchConfig, VizConfig, config_from_dict
 from ..errors import Interrupted
-from ..launch.executors import check_launch, check_train_request, prepare_run, stage_launch
+from ..launch.executors import check_launch, stage_launch
 from ..log import setup_logging
 from ..rundir import RunDir
 from . import train
@@ -25,17 +29,8 @@ def get_args_parser(add_help: bool = False) -> Parser:
     return p
 
 
-def _report_config(args: argparse.Namespace, run: str, cluster: str) -> AggregateConfig:
-    """The aggregation's request; --projection-device cuda checked against where the aggregation runs: here
-    (local, debug), or a SLURM job of one CPU process (the projection array has the GPUs there)."""
-    cfg = AggregateConfig(**given(args, AggregateConfig, skip=("run_dir",)), run_dir=run).validate()
-    if cfg.projections and cfg.projection_device == "cuda":
-        if cluster == "slurm":
-            raise ConfigError("--projection-device cuda: the aggregation job has no GPU (the projection array "
-                              "runs on the visualization's GPUs); hint: drop it (auto)")
-        from ..dist import check_device
-        check_device(cfg.projection_device, "--projection-device")
-    return cfg
+def _report_config(args: argparse.Namespace, run: str) -> AggregateConfig:
+    return AggregateConfig(**given(args, AggregateConfig, skip=("run_dir",)), run_dir=run).validate()
 
 
 def _print_submitted(run: RunDir, ids: dict) -> None:
@@ -50,39 +45,35 @@ def _print_submitted(run: RunDir, ids: dict) -> None:
           f"  retry:   python jobs/launch_pipeline.py --run {run} --retry-failed")
 
 
-def _status(args: argparse.Namespace, run: RunDir) -> int:
-    from ..launch.pipeline import pipeline_status, render_status, wait_pipeline
+def _status(args: argparse.Namespace, run: RunDir, pl: ModuleType) -> int:
     if args.wait:
-        wait_pipeline(run)
+        pl.wait_pipeline(run)
         return 0
-    import sys
-
-    from rich.console import Console
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes: wide, no wrapping
-    console.print(render_status(pipeline_status(run)))
+    console.print(pl.render_status(pl.pipeline_status(run)))
     return 0
 
 
-def _retry(args: argparse.Namespace, run: RunDir) -> int:
-    from ..launch.pipeline import check_outcome, retry_cluster, retry_failed, wait_pipeline
+def _retry(args: argparse.Namespace, run: RunDir, pl: ModuleType) -> int:
     if not run.manifest_file.exists():
         raise ConfigError(f"--run {run}: no manifest.json; hint: start it with jobs/launch_pipeline.py")
     run.read_plan()  # a run that never planned has nothing to retry: refused before anything else
     requested = given(args, LaunchConfig)
-    requested["cluster"] = retry_cluster(run, requested.get("cluster", "auto"))
+    requested["cluster"] = pl.retry_cluster(run, requested.get("cluster", "auto"))
     launch = check_launch(config_from_dict(LaunchConfig, requested), getattr(args, "viz_device", None) or "auto")
-    agg_cfg = _report_config(args, str(run.path), launch.cluster)
+    agg_cfg = _report_config(args, str(run.path))
+    pl.check_report_device(agg_cfg, launch.cluster)
     with run.lock() as lock:
-        result = retry_failed(run, launch, agg_cfg, lock)
+        result = pl.retry_failed(run, launch, agg_cfg, lock)
     if launch.cluster == "slurm":
         print(f"resubmitted {len(result['todo'])} shard(s) {result['todo']} as array "
               f"{', '.join(result['viz']) or '-'}; projection array {', '.join(result['project']) or '-'}; "
               f"aggregate job {result['aggregate']}")
         if launch.wait:
-            wait_pipeline(run)
+            pl.wait_pipeline(run)
         return 0
     print(f"report: {result['report']}")
-    check_outcome(run)
+    pl.check_outcome(run)
     return 0
 
 
@@ -94,38 +85,36 @@ def main(args: argparse.Namespace) -> int:
                           "--retry-failed to redo what failed")
     if (args.status or args.retry_failed) and not args.run:
         raise ConfigError("--status/--retry-failed need --run RUN; hint: the run directory you launched")
+    from ..launch import pipeline as pl  # torch: once the options are known to be good
     try:
         if args.status:
-            return _status(args, RunDir(args.run))
+            return _status(args, RunDir(args.run), pl)
         if args.retry_failed:
-            return _retry(args, RunDir(args.run))
-        return _launch(args)
+            return _retry(args, RunDir(args.run), pl)
+        return _launch(args, pl)
     except KeyboardInterrupt:  # only the wait ends: submitted jobs keep running
         raise Interrupted(f"interrupted: submitted jobs keep running; python jobs/launch_pipeline.py --run "
                           f"{args.run} --status shows them") from None
 
 
-def _launch(args: argparse.Namespace) -> int:
-    from ..launch.pipeline import check_outcome, check_request, run_local, submit_pipeline, wait_pipeline
+def _launch(args: argparse.Namespace, pl: ModuleType) -> int:
     cfg, launch = train.build_configs(args)
     if launch.cluster == "inline":
         raise ConfigError("--cluster inline: the pipeline submits jobs; hint: --cluster slurm or local")
     viz_cfg = config_from_dict(VizConfig, {**given(args, VizConfig, prefix="viz-", skip=("run_dir",)),
                                            "run_dir": cfg.run_dir})
     viz_cfg.device = stage_launch(launch, "viz").job_device(viz_cfg.device)
-    check_request(cfg, viz_cfg)
-    agg_cfg = _report_config(args, cfg.run_dir, launch.cluster)
-    check_train_request(cfg, launch)
+    agg_cfg = _report_config(args, cfg.run_dir)
+    pl.check_pipeline_request(cfg, viz_cfg, agg_cfg, launch)
     run = RunDir(cfg.run_dir)
     with run.lock() as lock:
-        prepare_run(cfg, launch.cluster, "continue it (finished stages are skipped)")
         if launch.cluster == "slurm":
-            ids = submit_pipeline(cfg, viz_cfg, agg_cfg, launch, lock)
+            ids = pl.submit_pipeline(cfg, viz_cfg, agg_cfg, launch, lock)
             _print_submitted(run, ids)
             if launch.wait:
-                wait_pipeline(run)
+                pl.wait_pipeline(run)
             return 0
-        summary = run_local(cfg, viz_cfg, agg_cfg, launch, lock)
+        summary = pl.run_local(cfg, viz_cfg, agg_cfg, launch, lock)
     print(f"report: {summary['report']}")
-    check_outcome(run)
+    pl.check_outcome(run)
     return 0

@@ -2,20 +2,14 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from pathlib import Path
 
 import submitit
 
 from ..cli import Parser, add_options, command, given
 from ..config import RECIPES, LaunchConfig, TrainConfig, config_from_dict, make_train_config
-from ..launch.executors import (
-    LaunchError,
-    TrainJob,
-    check_launch,
-    check_train_request,
-    prepare_run,
-    submit_train,
-    wait_result,
-)
+from ..launch.executors import LaunchError, check_launch, submit_train, wait_result
 from ..log import setup_logging
 from ..rundir import RunDir, RunLock
 
@@ -51,17 +45,16 @@ def build_configs(args: argparse.Namespace) -> tuple[TrainConfig, LaunchConfig]:
     return cfg, launch
 
 
-def follow_training(job: submitit.Job, cfg: TrainConfig, launch: LaunchConfig) -> dict:
+def follow_training(job: submitit.Job, cfg: TrainConfig, launch: LaunchConfig,
+                    find_checkpoint: Callable[[Path], Path | None]) -> dict:
     """Wait for a training job; a job that died (killed, out of memory) leaves the record failed and the error
-    says how to continue from the last checkpoint."""
-    from ..launch.pipeline import mark_lost
-    from ..train.checkpoint import find_checkpoint
+    says how to continue from the last checkpoint (find_checkpoint: hpcviz.train.checkpoint's)."""
     try:
         return wait_result(job, launch, follow=launch.wait)
     except LaunchError as e:
         run = RunDir(cfg.run_dir)
         if launch.cluster != "slurm":
-            mark_lost(run, "train", str(e))
+            run.mark_lost("train", str(e))
         last = find_checkpoint(run.checkpoints)
         first, _, rest = str(e).partition("\n")
         hint = (f"continue it from {last} with the same command and --resume" if last is not None else
@@ -73,25 +66,26 @@ def follow_training(job: submitit.Job, cfg: TrainConfig, launch: LaunchConfig) -
 def main(args: argparse.Namespace) -> int:
     setup_logging()
     cfg, launch = build_configs(args)
-    check_train_request(cfg, launch)
+    from ..train import checkpoint, job, request  # torch: once the options are known to be good
+    from ..viz.state import StageFailed, check_outcome
+    request.check_train_request(cfg, launch)
     if launch.cluster == "inline":  # one rank of srun/torchrun: train here, exit 3 if stopped on a signal
-        result = TrainJob(requeue_via_submitit=False)(cfg)
+        result = job.TrainJob(requeue_via_submitit=False)(cfg)
         if result.get("rank", 0) == 0:
             print(f"done: {cfg.run_dir} (val accuracy {100 * result['val_accuracy']:.2f}%)")
         return 0
     with RunDir(cfg.run_dir).lock() as lock:
-        prepare_run(cfg, launch.cluster)
-        job = submit_train(cfg, launch)
-        add_job(lock, job, launch)
+        request.prepare_run(cfg, launch.cluster)
+        submitted = submit_train(cfg, launch, job.TrainJob())
+        add_job(lock, submitted, launch)
         if launch.cluster == "slurm" and not launch.wait:
-            print(f"submitted job {job.job_id}\n  run dir: {cfg.run_dir}\n"
-                  f"  follow:  tail -f {RunDir(cfg.run_dir).logs / f'{job.job_id}_0_log.err'}"
-                  f"\n  or:      squeue -j {job.job_id}")
+            print(f"submitted job {submitted.job_id}\n  run dir: {cfg.run_dir}\n"
+                  f"  follow:  tail -f {RunDir(cfg.run_dir).logs / f'{submitted.job_id}_0_log.err'}"
+                  f"\n  or:      squeue -j {submitted.job_id}")
             return 0
-        result = follow_training(job, cfg, launch)
+        result = follow_training(submitted, cfg, launch, checkpoint.find_checkpoint)
     print(f"{result.get('status', 'done')}: {cfg.run_dir} "
           f"(val accuracy {100 * result.get('val_accuracy', float('nan')):.2f}%)")
-    from ..viz.state import StageFailed, check_outcome
     try:  # a run that stopped (a signal, a time limit) or whose files do not verify is not done
         check_outcome(RunDir(cfg.run_dir), ("train",))
     except StageFailed as e:

@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     if not run.checkpoints.is_dir():
         raise ConfigError(f"--run {run}: no checkpoints/ in it; hint: train first (jobs/launch_train.py), or check "
                        "the path")
-    from ..viz.submit import launch_viz  # torch: imported once the options are known to be good
+    from ..launch.array import launch_viz  # torch: imported once the options are known to be good
     with run.lock() as lock:
         out = launch_viz(cfg, launch, fresh=args.fresh, lock=lock)
     if out["collation"] is None:
@@ -63,9 +63,6 @@ def main(args: argparse.Namespace) -> int:
         raise JobError(f"{len(failed)} projection part(s) failed: {failed[0]}; the shards and viz.h5 are kept; "
                        f"hint: fix the cause, then python jobs/aggregate.py --run {run} computes them"
                        + "".join(f"\n{line}" for line in failed[1:8]))
-    from ..viz.state import StageFailed, check_outcome
-    try:
-        check_outcome(run, ("viz",))
-    except StageFailed as e:
-        raise JobError(f"the visualization is {e}") from None
+    if out["incomplete"]:
+        raise JobError(f"the visualization is {out['incomplete']}")
     return 0

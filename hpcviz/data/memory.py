@@ -30,10 +30,14 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+import torch
+
 from ..config import LaunchConfig, TrainConfig
-from .sources import SourceFacts
 from ..errors import InputError
 from ..files import fmt_bytes
+from ..models import build_model
+from .placement import available_host_bytes
+from .sources import SourceFacts
 
 __all__ = ["MemoryRefused", "Need", "images_in", "forward_bytes", "train_need", "check_train", "import_need",
            "eval_need", "pack_need", "host_limit", "gpu_limit", "check"]
@@ -81,9 +85,6 @@ def _source(need: Need, spec: str, facts: SourceFacts, n: int, size: int) -> Non
 def forward_bytes(arch: str, stem: str, classes: int, size: int) -> tuple[int, int]:
     """(evaluation, training) bytes per image of a float32 forward (training: with what its backward keeps),
     from the layers' shapes at `size` on the meta device."""
-    import torch
-
-    from ..models import build_model
     with torch.device("meta"):
         model = build_model(arch, classes, stem).eval()
     outputs, largest = [], [0]
@@ -185,10 +186,8 @@ def pack_need(spec: str, facts: SourceFacts, size: int | None) -> Need:
 def host_limit(launch: LaunchConfig | None = None) -> tuple[int, str] | None:
     """(bytes, what they are) a request's host memory must fit in; None: not known here (SLURM, no --mem-gb)."""
     if launch is None or launch.cluster != "slurm":
-        from .placement import available_host_bytes
         return available_host_bytes(), "available on this machine (MemAvailable)"
-    from ..launch.executors import read_profile
-    mem = launch.mem_gb or int(read_profile(launch.profile)["mem_gb"])
+    mem = launch.mem_gb  # check_launch resolved it from the profile
     return (mem * GiB, f"per node with --mem-gb {mem}") if mem else None
 
 

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from ..config import PackConfig
-from .sources import DataError, ImageFolderStream, load_images, resize_images
 from ..store import PackedReader, PackedWriter, StoreError
+from . import memory
+from .sources import DataError, ImageFolderStream, check_source, load_images, peek
+from .transforms import resize_images
 
 log = logging.getLogger("hpcviz")
 _CHUNK_BYTES = 64 * 2 ** 20  # images in memory at a time (the folder stream bounds itself the same way)
@@ -126,3 +128,14 @@ def pack(src: Source, out: Path, attrs: dict[str, str | int | float]) -> tuple[i
     finally:
         progress.close()
     return writer.count, writer.height, writer.width, fingerprint
+
+
+def check_request(cfg: PackConfig) -> None:
+    """Before anything is read whole: --data, and what packing holds at --image-size (builtin and CIFAR-10 whole;
+    one image of a folder or packed file); without --image-size the images keep their size and nothing grows."""
+    if cfg.image_size is None:
+        return
+    check_source(cfg.data, cfg.download)
+    facts = peek(cfg.data, cfg.image_size or 32)
+    memory.check(f"--image-size {cfg.image_size} with --data {cfg.data}", memory.pack_need(cfg.data, facts,
+                 cfg.image_size), memory.host_limit(), "a smaller --image-size")

@@ -36,6 +36,9 @@ import torch
 from .. import dist
 from ..config import PLACEMENTS, TrainConfig
 from ..errors import InputError
+from ..store import PackedReader, StoreError, fingerprint_blocks
+from .sources import DataError, fingerprint, load_images
+from .transforms import stats_from_sums
 
 log = logging.getLogger("hpcviz")
 
@@ -82,8 +85,6 @@ def _packed_at_size(cfg: TrainConfig) -> Any:
     """A PackedReader when --data is a packed file already at --image-size (no resize needed), else None."""
     if not cfg.data.lower().endswith((".h5", ".hdf5")) or not os.path.isfile(cfg.data):
         return None
-    from .sources import DataError
-    from ..store import PackedReader, StoreError
     try:
         reader = PackedReader(cfg.data)
     except StoreError as e:
@@ -95,7 +96,6 @@ def _packed_at_size(cfg: TrainConfig) -> Any:
 
 
 def _loaded(cfg: TrainConfig, download: bool) -> Source:
-    from .sources import fingerprint, load_images
     ds = load_images(cfg.data, cfg.image_size, download=download, skip_bad=cfg.skip_bad)
     _, c, h, w = ds.images.shape  # (N, 3, H, W)
     return Source(cfg.data, ds.labels, ds.classes, (int(c), int(h), int(w)), images=ds.images,
@@ -188,7 +188,6 @@ def _write_mapped(src: Source, key: str) -> Path:
 # ----------------------------------------------------------------------------- one pass statistics
 def train_stats(src: Source, train_idx: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """data.channel_stats of the training images, in one bounded pass (no copy of the split)."""
-    from .sources import stats_from_sums
     mask = torch.zeros(src.n, dtype=torch.bool)
     mask[train_idx] = True
     total, total_sq = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
@@ -206,7 +205,6 @@ def source_fingerprint(src: Source) -> str:
     """data.fingerprint of the source, computed in one bounded pass when the file does not carry it."""
     if src.fingerprint:
         return src.fingerprint
-    from ..store import fingerprint_blocks
     return fingerprint_blocks((src.n, *src.shape), (b.contiguous().numpy() for _, b in src.chunks()),
                               src.labels.numpy(), src.classes)
 

@@ -1,8 +1,10 @@
-"""Image sets for hpcviz: load (`--data SPEC`, see DATA_FORMS), split, normalise and augment.
+"""Image sources for hpcviz (`--data SPEC`, see DATA_FORMS): the built-in set, CIFAR-10, image folders and packed
+files, loaded whole, peeked at without decoding, or read row by row.
 
 A set is held in memory as one (N, 3, H, W) uint8 tensor (CIFAR-10: 150 MB), so training indexes
 batches directly and moves uint8 (4x less traffic than float32) to the GPU, where `augment` and
-`normalize` run batched. FILE.h5 is the packed form written by jobs/pack_data.py (hpcviz.store).
+`normalize` (hpcviz.data.transforms) run batched. FILE.h5 is the packed form written by jobs/pack_data.py
+(hpcviz.store).
 """
 from __future__ import annotations
 
@@ -15,25 +17,23 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import ModuleType
-from typing import cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import InputError
+from . import builtin
+from .builtin import BUILTIN_CLASSES
+from .transforms import resize_images
+from ..store import PackedReader, StoreError, read_packed
 
 __all__ = ["DataError", "ImageSet", "SourceFacts", "peek", "check_split", "ImageFolderStream", "DATA_FORMS",
-           "BUILTIN_CLASSES", "IMAGE_EXTENSIONS", "load_images",
-           "make_builtin", "resize_images", "split_indices", "channel_stats", "norm_tensors", "normalize", "augment",
-           "fingerprint"]
+           "BUILTIN_CLASSES", "IMAGE_EXTENSIONS", "load_images", "make_builtin", "fingerprint"]
 
 log = logging.getLogger("hpcviz")
 
 DATA_FORMS = "builtin | builtin:N_PER_CLASS | cifar10:DIR | cifar10-test:DIR | DIR (ImageFolder) | FILE.h5 (packed)"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
-BUILTIN_CLASSES = ("circle", "square", "triangle", "cross", "ring",
-                   "h_stripes", "v_stripes", "checker", "dots", "gradient")
 _TV_DECODES = (".jpg", ".jpeg", ".png")  # torchvision.io decodes these ~3x faster than PIL
 
 
@@ -134,7 +134,6 @@ def peek(spec: str, image_size: int) -> SourceFacts:
         return SourceFacts(BUILTIN_CLASSES, (n,) * len(BUILTIN_CLASSES),
                            fingerprint(make_builtin(n, image_size)) if small else None)
     if spec.lower().endswith((".h5", ".hdf5")):
-        from ..store import PackedReader, StoreError
         try:
             with PackedReader(spec) as reader:
                 counts = np.bincount(reader.labels, minlength=len(reader.classes))
@@ -175,9 +174,8 @@ def source_labels(spec: str, skip_bad: bool = False) -> tuple[torch.Tensor, tupl
     known (CIFAR batches, an image folder with skip_bad: which files are unreadable is only known by decoding)."""
     if spec == "builtin" or spec.startswith("builtin:"):
         n = int(spec.partition(":")[2] or "500")
-        return torch.from_numpy(_builtin_labels(np.random.Generator(np.random.PCG64(0)), n)), BUILTIN_CLASSES
+        return torch.from_numpy(builtin.labels(n, 0)), BUILTIN_CLASSES
     if spec.lower().endswith((".h5", ".hdf5")):
-        from ..store import PackedReader, StoreError
         try:
             with PackedReader(spec) as reader:
                 return torch.from_numpy(np.asarray(reader.labels, dtype=np.int64)), tuple(reader.classes)
@@ -195,7 +193,6 @@ def load_rows(spec: str, image_size: int, rows: Sequence[int], skip_bad: bool = 
     CIFAR batches, a packed file of another size, a folder with skip_bad) are loaded whole, then indexed."""
     idx = np.asarray(rows, dtype=np.int64)
     if spec.lower().endswith((".h5", ".hdf5")):
-        from ..store import PackedReader
         with PackedReader(spec) as reader:
             if tuple(reader.shape[2:]) == (image_size, image_size):
                 out = np.empty((len(idx), *reader.shape[1:]), np.uint8)
@@ -214,99 +211,12 @@ def load_rows(spec: str, image_size: int, rows: Sequence[int], skip_bad: bool = 
     return ds.images[torch.from_numpy(idx)]
 
 
-# ----------------------------------------------------------------------------- builtin
-def _builtin_params(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-    """Per-image random parameters, (n,) each; unit image coordinates, x right, y down."""
-    def uni(lo: float, hi: float) -> np.ndarray:
-        return lo + (hi - lo) * rng.random(n)
-    q = {"r": uni(0.14, 0.36)}
-    q["cx"], q["cy"] = q["r"] + (1 - 2 * q["r"]) * rng.random(n), q["r"] + (1 - 2 * q["r"]) * rng.random(n)
-    tilt = uni(-0.6, 0.6)  # rotation as a (cos, sin) pair built with sqrt only: no libm, same bytes everywhere
-    q["c"], q["s"] = 1 / np.sqrt(1 + tilt * tilt), tilt / np.sqrt(1 + tilt * tilt)
-    ga, gb = uni(-1, 1), uni(-1, 1)
-    gnorm = np.maximum(np.sqrt(ga * ga + gb * gb), 0.1)
-    q["ga"], q["gb"] = ga / gnorm, gb / gnorm
-    q["p"], q["phase"] = uni(0.12, 0.28), rng.random(n)
-    q["w"], q["h"] = uni(0.45, 1.0), uni(0.45, 1.0)
-    q["x0"], q["y0"] = (1 - q["w"]) * rng.random(n), (1 - q["h"]) * rng.random(n)
-    q["bg"] = rng.integers(0, 256, (n, 3)).astype(np.float64)
-    q["fg"] = (q["bg"] + rng.integers(32, 225, (n, 3))) % 256  # every channel differs by >= 32 levels
-    q["noise"] = rng.integers(0, 65, n)
-    return q
-
-
-def _builtin_mask(name: str, x: np.ndarray, y: np.ndarray, q: dict[str, np.ndarray]) -> np.ndarray:
-    """Foreground weight in [0, 1], (k, S, S), for k images of one class; q values are (k, 1, 1)."""
-    dx, dy, r, c, s = x - q["cx"], y - q["cy"], q["r"], q["c"], q["s"]
-    u, v = c * dx + s * dy, c * dy - s * dx  # shape frame: rotated about the centre
-    rx, ry = x - q["x0"], y - q["y0"]
-    tu, tv = (c * rx + s * ry) / q["p"] + q["phase"], (c * ry - s * rx) / q["p"] + q["phase"]
-    region = (rx >= 0) & (rx <= q["w"]) & (ry >= 0) & (ry <= q["h"])  # textures fill a random box
-    if name == "circle":
-        m = dx * dx + dy * dy <= r * r
-    elif name == "square":
-        m = (np.abs(u) <= 0.8 * r) & (np.abs(v) <= 0.8 * r)
-    elif name == "triangle":  # apex up, base at v = r/2
-        m = (v <= 0.5 * r) & (np.abs(u) <= 0.577 * (v + r))
-    elif name == "cross":
-        m = ((np.abs(u) <= 0.3 * r) & (np.abs(v) <= r)) | ((np.abs(v) <= 0.3 * r) & (np.abs(u) <= r))
-    elif name == "ring":
-        d2 = dx * dx + dy * dy
-        m = (d2 <= r * r) & (d2 >= 0.36 * r * r)
-    elif name == "h_stripes":
-        m = region & (np.floor(tv) % 2 == 0)
-    elif name == "v_stripes":
-        m = region & (np.floor(tu) % 2 == 0)
-    elif name == "checker":
-        m = region & ((np.floor(tu) + np.floor(tv)) % 2 == 0)
-    elif name == "dots":
-        du, dv = tu % 1 - 0.5, tv % 1 - 0.5
-        m = region & (du * du + dv * dv <= 0.09)
-    else:  # gradient: a smooth ramp from bg to fg along a random direction, no edges at all
-        return np.clip((x - 0.5) * q["ga"] + (y - 0.5) * q["gb"] + 0.5, 0.0, 1.0)
-    return m.astype(np.float64)
-
-
-def _builtin_labels(rng: np.random.Generator, n_per_class: int) -> np.ndarray:
-    """The builtin set's labels: its generator's first draw (so source_labels needs no image)."""
-    return rng.permutation(np.repeat(np.arange(len(BUILTIN_CLASSES)), n_per_class))
-
-
 def make_builtin(n_per_class: int = 500, image_size: int = 32, seed: int = 0) -> ImageSet:
-    """Procedural 10-class set, `n_per_class` images per class, drawn directly at `image_size`.
-
-    Classes (BUILTIN_CLASSES): circle, square, triangle, cross, ring (shapes of random centre,
-    radius 0.14-0.36 of the image, tilt up to +-31 deg); h_stripes, v_stripes, checker, dots
-    (textures of random period, phase and tilt filling a random box covering 20-100 % of the
-    image); gradient (a linear ramp in a random direction). Colours of shape and background
-    are random with >= 32 levels of difference per channel; uniform integer noise of random
-    amplitude 0-64 is added. Labels are shuffled, classes exactly balanced. Only integer draws,
-    + - * / and sqrt are used, so the bytes are identical for the same seed on every machine.
-    """
+    """The procedural 10-class set (hpcviz.data.builtin), `n_per_class` images per class, drawn at `image_size`."""
     if n_per_class < 1 or image_size < 1:
         raise DataError(f"make_builtin: n_per_class={n_per_class} and image_size={image_size} must be >= 1; "
                         f"valid forms: {DATA_FORMS}; hint: use e.g. builtin:500")
-    rng = np.random.Generator(np.random.PCG64(seed))
-    n, size = n_per_class * len(BUILTIN_CLASSES), image_size
-    labels = _builtin_labels(rng, n_per_class)  # (N,)
-    q = _builtin_params(rng, n)
-    grid = (np.arange(size, dtype=np.float64) + 0.5) / size  # pixel centres
-    x, y = grid[None, None, :], grid[None, :, None]  # (1, 1, S), (1, S, 1)
-    images = np.empty((n, 3, size, size), np.uint8)
-    chunk = max(1, 2 ** 20 // (size * size))  # bounds the float64 temporaries to ~100 MB at any size
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        mask = np.empty((hi - lo, size, size))  # (k, S, S)
-        for label, name in enumerate(BUILTIN_CLASSES):
-            sel = np.flatnonzero(labels[lo:hi] == label)
-            if sel.size:
-                mask[sel] = _builtin_mask(name, x, y, {k: v[lo:hi][sel, None, None] for k, v in q.items()
-                                                       if v.ndim == 1})
-        bg, fg = q["bg"][lo:hi, None, None, :], q["fg"][lo:hi, None, None, :]  # (k, 1, 1, 3)
-        amp = q["noise"][lo:hi, None, None, None]
-        noise = rng.integers(-amp, amp + 1, (hi - lo, size, size, 3))  # (k, S, S, 3)
-        pixels = np.rint(bg + (fg - bg) * mask[..., None]) + noise
-        images[lo:hi] = np.clip(pixels, 0, 255).astype(np.uint8).transpose(0, 3, 1, 2)
+    images, labels = builtin.draw(n_per_class, image_size, seed)
     return ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
                     BUILTIN_CLASSES, f"builtin:{n_per_class}")
 
@@ -578,7 +488,6 @@ class ImageFolderStream:
 
 # ----------------------------------------------------------------------------- packed
 def _load_packed(spec: str, image_size: int | None) -> ImageSet:
-    from ..store import StoreError, read_packed
     if not os.path.isfile(spec):
         raise _error(spec, "no such file", "check the path, or write it with python jobs/pack_data.py --out FILE.h5")
     try:
@@ -586,114 +495,6 @@ def _load_packed(spec: str, image_size: int | None) -> ImageSet:
     except StoreError as e:  # callers catch DataError for every --data problem
         raise DataError(f"--data {e}") from e
     return _make_set(torch.from_numpy(images), torch.from_numpy(labels), classes, spec, image_size)
-
-
-# ----------------------------------------------------------------------------- tensor stages
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size), antialiased bilinear; no-op if already that size."""
-    if images.shape[-2:] == (size, size):
-        return images
-    out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8, device=images.device)
-    step = max(1, 2 ** 22 // (images.shape[1:].numel() + 3 * size * size))  # chunk: bounded float32 temporaries
-    for lo in range(0, images.shape[0], step):
-        x = images[lo:lo + step].float()  # (b, 3, H, W)
-        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[lo:lo + step] = y.round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
-def split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified, deterministic (train, val) split: sorted int64 index tensors, disjoint, covering all.
-
-    Each class contributes round(n_c * val_fraction) images to val (at least one stays in train).
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"split_indices: val_fraction={val_fraction} must be in [0, 1); hint: e.g. 0.1")
-    y = labels.cpu().numpy()
-    rng = np.random.Generator(np.random.PCG64(seed))
-    val = []
-    for c in np.unique(y):  # sorted classes, so the draw order is fixed
-        idx = np.flatnonzero(y == c)
-        n_val = min(int(idx.size * val_fraction + 0.5), idx.size - 1)
-        val.append(rng.permutation(idx)[:n_val])
-    val_idx = np.sort(np.concatenate(val)) if val else np.empty(0, np.int64)
-    train_mask = np.ones(y.shape[0], bool)
-    train_mask[val_idx] = False
-    return torch.from_numpy(np.flatnonzero(train_mask).astype(np.int64)), torch.from_numpy(val_idx.astype(np.int64))
-
-
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Per-channel mean and (population) std on the [0, 1] scale of uint8 (N, 3, H, W) images.
-
-    Sums are exact int64 (no float rounding, order-independent), accumulated in chunks of ~4M values.
-    """
-    if images.numel() == 0:
-        raise DataError(f"channel_stats: got no pixels, shape {tuple(images.shape)}; hint: check the split")
-    total, total_sq = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
-    step = max(1, 2 ** 22 // images.shape[1:].numel())
-    for lo in range(0, images.shape[0], step):
-        x = images[lo:lo + step].to(torch.int64)  # (b, 3, H, W)
-        total += x.sum(dim=(0, 2, 3)).cpu()
-        total_sq += (x * x).sum(dim=(0, 2, 3)).cpu()
-    return stats_from_sums(total, total_sq, images.shape[0] * images.shape[2] * images.shape[3])
-
-
-def stats_from_sums(total: torch.Tensor, total_sq: torch.Tensor,
-                    count: int) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """(mean, std) on the [0, 1] scale from exact int64 per-channel sums of pixels and their squares
-    over `count` pixels per channel (shared by channel_stats and one-pass streaming statistics)."""
-    mean = total.double() / count
-    std = (total_sq.double() / count - mean * mean).clamp_(min=0).sqrt()
-    m, s = (mean / 255).tolist(), (std / 255).tolist()
-    return (m[0], m[1], m[2]), (s[0], s[1], s[2])
-
-
-def norm_tensors(mean: Sequence[float], std: Sequence[float],
-                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) as (1, 3, 1, 1) float32 tensors on `device`: build them once, not every step
-    (each build is a host-to-device copy)."""
-    ms = torch.tensor([list(mean), list(std)], dtype=torch.float32).view(2, 1, -1, 1, 1)
-    if torch.device(device).type == "cuda":
-        ms = ms.pin_memory().to(device, non_blocking=True)  # no wait, even once per epoch
-    else:
-        ms = ms.to(device)
-    return ms[0], ms[1]
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
-              std: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) on any device -> float32 (B, 3, H, W) on that device: (x/255 - mean)/std.
-    mean/std: sequences, or the tensors of `norm_tensors` (no host-device copy then)."""
-    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
-        m, s = mean, std
-    else:
-        m, s = norm_tensors(cast(Sequence[float], mean), cast(Sequence[float], std), images.device)
-    return (images.float() / 255 - m) / s
-
-
-def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
-    """Random crop after zero-padding by `pad` + random horizontal flip, batched on the images' device.
-
-    Offsets are drawn from the CPU `generator` in a fixed order (row offsets, column offsets,
-    then flips if `flip`), so the same seed gives bit-identical results on CPU and GPU.
-    """
-    if generator.device.type != "cpu":
-        raise DataError(f"augment: generator is on {generator.device}, expected a CPU torch.Generator; "
-                         "hint: torch.Generator().manual_seed(seed)")
-    b, c, h, w = images.shape
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)  # (B,) top row of the crop in padded frame
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    rows = dy[:, None] + torch.arange(h)  # (B, H)
-    cols = dx[:, None] + torch.arange(w)  # (B, W)
-    if flip:
-        flipped = torch.randint(0, 2, (b,), generator=generator).bool()
-        cols = torch.where(flipped[:, None], cols.flip(1), cols)  # reading columns backwards = mirrored crop
-    if images.device.type == "cuda":  # pinned + non_blocking: the step does not wait for the copy
-        both = torch.cat([rows, cols], 1).pin_memory().to(images.device, non_blocking=True)  # (B, H + W)
-        rows, cols = both[:, :h], both[:, h:]
-    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images  # (B, C, H+2p, W+2p), zeros
-    out = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * pad))  # (B, C, H, W+2p)
-    return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))  # (B, C, H, W)
 
 
 def fingerprint(ds: ImageSet) -> str:

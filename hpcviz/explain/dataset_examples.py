@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .forward import ForwardPlan
 
 __all__ = ["TopK", "merge_topk", "merge_class_means", "selectivity", "reduce_summaries", "brute_force_topk",
            "receptive_field", "block_channels", "split_channels", "field_box", "crop", "shrink", "project",
@@ -195,7 +196,6 @@ def brute_force_topk(act: np.ndarray, index: np.ndarray, k: int) -> dict[str, np
 # ============================================================ projection
 def block_channels(model: nn.Module) -> dict[str, int]:
     """{block: its output channels}, from the architecture (no forward pass)."""
-    from .forward import ForwardPlan
     plan = ForwardPlan(model)
     convs = [[op.module for op in plan.stem if op.kind == "conv"]]
     convs += [[op.module for op in blk.residual if op.kind == "conv"] for blk in plan.plan]
@@ -220,7 +220,6 @@ def receptive_field(model: nn.Module, block: str) -> tuple[int, int, int]:
     """(size, stride, offset) of `block`'s receptive field in input pixels, from the architecture: the output
     at (y, x) sees input rows offset + y * stride ... offset + y * stride + size - 1 (and columns alike; an
     offset < 0 is padding). At a residual block, the union of its residual branch and its shortcut."""
-    from .forward import ForwardPlan
     plan = ForwardPlan(model)
     if block not in plan.blocks:
         raise ExamplesError(f"block {block!r}: not a block of this model; valid: {', '.join(plan.blocks)}")
@@ -312,3 +311,42 @@ def _project(deconvnet: Any, x: torch.Tensor, block: str, channel: torch.Tensor,
     seed = torch.zeros_like(act)
     seed[r, ch, yy, xx] = value
     return deconvnet.backward(block, seed, "both").float(), value.float()
+
+
+# ============================================================ the grid as pixels (stored with the projections)
+def tile_rgb(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) -> (H, W, 3) for imshow: uint8 as is, anything else min-max scaled to [0, 1]."""
+    tile = np.moveaxis(image, 0, -1)
+    if tile.dtype == np.uint8:
+        return tile
+    tile = tile.astype(np.float32)
+    finite = tile[np.isfinite(tile)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    scaled = (tile - lo) / (hi - lo) if hi > lo else np.full_like(tile, 0.5)  # a constant image shows grey
+    return np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
+
+
+def _to_uint8(tiles: np.ndarray) -> np.ndarray:
+    """(n, 3, P, Q) -> (n, P, Q, 3) uint8: uint8 as is, anything else min-max scaled per tile (a projection's
+    scale is arbitrary); an all-zero tile stays black."""
+    return np.stack([np.round(255 * tile_rgb(t)).astype(np.uint8) if t.dtype != np.uint8 else np.moveaxis(t, 0, -1)
+                     for t in tiles]) if len(tiles) else np.zeros((0, *tiles.shape[2:], 3), np.uint8)
+
+
+def montage(patch: np.ndarray, deconv: np.ndarray, cell: int = 24, gap: int = 2) -> np.ndarray:
+    """The Zeiler & Fergus grid as pixels (H, W, 3) uint8: one row per channel, its k patches (uint8
+    (C, k, 3, P, Q)) then its k projections ((C, k, 3, P, Q), each min-max scaled), every tile enlarged
+    (nearest) to at least `cell` pixels, with `gap` white pixels between tiles and between the halves."""
+    c, k, _, p, q = patch.shape
+    s = max(1, -(-cell // max(p, q)))
+    th, tw = p * s, q * s
+    out = np.full((c * (th + gap) + gap, 2 * k * (tw + gap) + 3 * gap, 3), 255, np.uint8)
+    for half, tiles in enumerate((patch, deconv)):
+        pix = _to_uint8(np.asarray(tiles).reshape(c * k, *tiles.shape[2:])).reshape(c, k, p, q, 3)
+        pix = pix.repeat(s, axis=2).repeat(s, axis=3)
+        for j in range(k):
+            x0 = gap + half * (k * (tw + gap) + 2 * gap) + j * (tw + gap)
+            for i in range(c):
+                y0 = gap + i * (th + gap)
+                out[y0:y0 + th, x0:x0 + tw] = pix[i, j]
+    return out

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import submitit
 from ..config import CLUSTERS, ConfigError, LaunchConfig, TrainConfig, check_choice
 from ..errors import DiskFullError, InputError, JobError
 from ..rundir import RunDir
+from ..scheduler import JobFailed, LogFollower, error_class, read_results, result_paths, tail, wait_for_job
 
 log = logging.getLogger("hpcviz")
 
@@ -122,7 +122,9 @@ def check_launch(launch: LaunchConfig, device: str = "auto") -> LaunchConfig:
     if launch.cluster == "inline":
         return launch
     launch.gpus = resolve_gpus(launch, device)
-    if launch.cluster == "debug" and (tasks_per_node(launch) > 1 or launch.nodes > 1):
+    if launch.cluster == "slurm" and not launch.mem_gb:  # resolved, like the GPUs: what a job's node will have
+        launch.mem_gb = int(read_profile(launch.profile)["mem_gb"])
+    if launch.cluster == "debug" and (launch.tasks_per_node() > 1 or launch.nodes > 1):
         raise ConfigError("--cluster debug runs one process, in this one; hint: use --cluster local for "
                           "--nproc/--gpus > 1 or --nodes > 1")
     if launch.cluster != "slurm":
@@ -143,59 +145,6 @@ def _check_local_gpus(gpus: int) -> None:
                           f"{'or --nproc N for CPU processes' if not have else ''}".rstrip())
 
 
-def check_train_request(cfg: TrainConfig, launch: LaunchConfig | None = None) -> None:
-    """Every check of a training request that decodes nothing and needs no GPU, before anything is queued or
-    written: --data (paths, layout, a packed file's labels, an empty validation split), --init, the checkpoint
-    --resume continues against this run (arch, stem, classes, data where known; the job checks again with the
-    data loaded), then --batch-size against the training split (and the processes of `launch`) and the memory
-    the data and batches need (hpcviz.memory)."""
-    from ..data.sources import check_source, check_split, peek
-    from ..train import checkpoint
-    check_source(cfg.data, cfg.download)
-    facts = peek(cfg.data, cfg.image_size)
-    check_split(cfg.data, facts, cfg.val_fraction)
-    if cfg.init:
-        try:
-            state = checkpoint.torch_load(cfg.init)
-        except Exception as e:  # torch raises several types for a file that is not a state dict
-            raise ConfigError(f"--init {cfg.init}: not a readable state dict ({type(e).__name__}); hint: save one "
-                              "with torch.save(model.state_dict(), PATH)") from None
-        if not isinstance(state, dict):
-            raise ConfigError(f"--init {cfg.init}: holds a {type(state).__name__}, not a state dict; hint: save "
-                              "model.state_dict(), not the model")
-    if cfg.resume:
-        found = checkpoint.find_checkpoint(RunDir(cfg.run_dir).checkpoints) if cfg.resume == "auto" else cfg.resume
-        if found is not None:
-            checkpoint.check_resumable(checkpoint.load_checkpoint(found), cfg,
-                                       len(facts.classes) if facts.classes else None, facts.fingerprint)
-    check_batch(cfg, facts, launch)  # sizes last: a --resume of another data set says that first
-    if launch is not None and launch.cluster != "inline":
-        from ..data.memory import check_train
-        check_train(cfg, launch, facts)
-
-
-def check_batch(cfg: TrainConfig, facts: Any, launch: LaunchConfig | None = None) -> None:
-    """--batch-size: divisible by the processes (when `launch` knows them), and no larger than the training split
-    (when the source's classes are known: data.SourceFacts), as the training job would find once started."""
-    from ..data.sources import split_sizes
-    if launch is not None and launch.cluster != "inline" and launch.gpus is not None:
-        world = tasks_per_node(launch) * launch.nodes
-        if cfg.batch_size % world:
-            raise ConfigError(f"--batch-size {cfg.batch_size}: must be divisible by the {world} processes (the global "
-                              f"batch is split evenly); hint: use a multiple of {world}, e.g. "
-                              f"{max(world, cfg.batch_size - cfg.batch_size % world)}")
-    if facts.per_class is not None:
-        n_train = split_sizes(facts.per_class, cfg.val_fraction)[0]
-        if cfg.batch_size > n_train:
-            raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {n_train} training images of --data "
-                              f"{cfg.data} (an epoch would have no step); hint: use --batch-size {n_train} or less, "
-                              "or more data")
-
-
-def tasks_per_node(launch: LaunchConfig) -> int:
-    return launch.gpus if launch.gpus else max(1, launch.nproc)
-
-
 def make_executor(launch: LaunchConfig, folder: Path, job_name: str) -> submitit.Executor:
     """An executor for a request that check_launch has resolved, logging into `folder`."""
     prof = read_profile(launch.profile)
@@ -204,7 +153,7 @@ def make_executor(launch: LaunchConfig, folder: Path, job_name: str) -> submitit
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=int(prof["max_num_timeout"]))
     # the profile's time limit is the cluster's; a job here runs until it is done (unless --time)
     limit = launch.time_min or (int(prof["time_min"]) if cluster == "slurm" else 60 * 24 * 365)
-    params: dict[str, Any] = dict(name=job_name, nodes=launch.nodes, tasks_per_node=tasks_per_node(launch),
+    params: dict[str, Any] = dict(name=job_name, nodes=launch.nodes, tasks_per_node=launch.tasks_per_node(),
                                   timeout_min=limit)
     cpus = cpus_per_task(launch, prof, cluster)
     if cpus:
@@ -266,56 +215,11 @@ def _slurm_params(launch: LaunchConfig, prof: dict[str, str], cpus: int) -> dict
     return params
 
 
-EXIT_STOPPED = 3  # a run that saved and stopped on a signal; slurm/train.sbatch requeues on it
-
-
-class TrainJob:
-    """The submitted callable: trains; on a time-limit or preemption signal it saves and leaves.
-
-    On SIGUSR2 (submitit's time-limit warning) rank 0 hands the signal back to submitit's own
-    handler once the state is saved, which calls `checkpoint()` and requeues the job. On SIGTERM
-    (preemption, `scontrol requeue`, scancel) every rank exits without a result, so submitit's
-    client keeps waiting while SLURM requeues the job, and the rerun continues the run.
-    """
-
-    def __init__(self, requeue_via_submitit: bool = True, alone: bool = False) -> None:
-        self.requeue_via_submitit = requeue_via_submitit
-        self.alone = alone  # the debug executor: this process is the whole job, whatever env it inherited
-
-    def __call__(self, cfg: TrainConfig) -> dict[str, Any]:
-        from .. import dist
-        from ..train.loop import train  # imported in the job, so the launcher stays light
-        result = train(cfg, alone=self.alone)
-        if result.get("status") != "stopped":
-            return result
-        if self.requeue_via_submitit and result.get("signal") == signal.SIGUSR2 and dist.rank() == 0:
-            signal.raise_signal(signal.SIGUSR2)  # submitit: checkpoint() + scontrol requeue + exit
-        raise SystemExit(EXIT_STOPPED)  # no result pickle: the job is not over
-
-    def checkpoint(self, cfg: TrainConfig) -> submitit.helpers.DelayedSubmission:
-        # continue from the run's last checkpoint when the job comes back
-        return submitit.helpers.DelayedSubmission(TrainJob(), dataclasses.replace(cfg, resume="auto"))
-
-
-def prepare_run(cfg: TrainConfig, cluster: str, resume_hint: str = "continue it") -> None:
-    """Refuse a --run that already holds a checkpoint without --resume (here, before anything is queued
-    or written; the job checks again). Outside debug, the job continues its run when it is requeued."""
-    from ..train import checkpoint
-    if not cfg.resume:
-        found = checkpoint.find_checkpoint(RunDir(cfg.run_dir).checkpoints)
-        if found is not None:
-            raise checkpoint.CheckpointError(f"--run {cfg.run_dir} already holds a checkpoint ({found}); "
-                                             f"hint: pass --resume to {resume_hint}, or choose a new --run")
-    if cluster != "debug":
-        cfg.resume = cfg.resume or "auto"
-
-
-def submit_train(cfg: TrainConfig, launch: LaunchConfig, job: TrainJob | None = None) -> submitit.Job:
+def submit_train(cfg: TrainConfig, launch: LaunchConfig, job: Any) -> submitit.Job:
     """Submit the training job; the manifest's train record says `submitted` only once sbatch took it
     (the previous record comes back if the submission is refused)."""
     run = RunDir(cfg.run_dir)
     ex = make_executor(launch, run.logs, f"hpcviz-train-{run.path.resolve().name}")
-    job = job or TrainJob()
     job.alone = launch.cluster == "debug"
     run.logs.mkdir(parents=True, exist_ok=True)
     run.begin("train", cluster=launch.cluster)
@@ -334,7 +238,6 @@ def _follow_local(job: submitit.Job) -> None:
     """A foreground local job: show rank 0's log as it grows, so the terminal is not silent."""
     import time
 
-    from ..scheduler import LogFollower
     if not isinstance(job, submitit.LocalJob):
         return
     # only the training log's own lines (they start with a date): tracebacks end in the error line
@@ -349,7 +252,6 @@ def _job_error(job: submitit.Job, line: str, tail: str) -> Exception:
     """The launcher's error for a job whose error (its traceback's last line) is `line`: a refused input is
     the job's own one line (exit 2), a full disk its one line (exit 1), anything else that line and the tail
     of the job's log."""
-    from ..scheduler import error_class
     found = error_class(line)
     message = f"job {job.job_id}: {line.split(': ', 1)[-1]}"
     if found is not None and issubclass(found, InputError):
@@ -366,8 +268,7 @@ def wait_result(job: submitit.Job, launch: LaunchConfig | None = None, follow: b
     SLURM jobs are watched through hpcviz.jobstate (sacct, else squeue/scontrol, else the
     run's files), so the wait ends whatever happened to the job.
     """
-    from ..scheduler import JobFailed, read_results, result_paths, tail, wait_for_job
-    ntasks = tasks_per_node(launch) * launch.nodes if launch else 1
+    ntasks = launch.tasks_per_node() * launch.nodes if launch else 1
     try:
         if isinstance(job, submitit.SlurmJob):
             results = wait_for_job(str(job.job_id), job.paths.folder, ntasks, follow=follow)

@@ -18,16 +18,23 @@ from typing import Any
 
 import submitit
 
-from ..config import AggregateConfig, LaunchConfig, TrainConfig, VizConfig
+from .. import dist
+from ..config import AggregateConfig, ConfigError, LaunchConfig, TrainConfig, VizConfig
 from ..errors import JobError
+from ..log import setup_logging
+from ..models import build_model
 from ..report.aggregate import aggregate
 from ..rundir import Manifest, RunDir, RunLock, now
+from ..scheduler import ACTIVE, latest_tasks, query_state, task_states
+from ..train.job import TrainJob
 from ..train.loop import evaluate_checkpoint
-from ..viz import task as viz
-from ..viz.collation import plan_parts, projection_parts
+from ..train.request import check_train_request, prepare_run
+from ..viz.plan import VizError, make_plan, resolve_request, shard_problems
+from ..viz.projection import plan_parts, projection_parts
 from ..viz.state import Item, StageFailed, check_outcome, describe_problems, run_state
-from ..viz.submit import launch_viz, stage_executor, submit_projections, submit_shards
-from .executors import JobRefused, LaunchError, TrainJob, stage_launch, submit_train, wait_result
+from ..viz.task import run_shard
+from .array import launch_viz, stage_executor, submit_projections, submit_shards
+from .executors import JobRefused, LaunchError, stage_launch, submit_train, wait_result
 
 log = logging.getLogger("hpcviz")
 
@@ -46,12 +53,11 @@ class PipelineTrainJob(TrainJob):
         self.viz_cfg = viz_cfg
 
     def __call__(self, cfg: TrainConfig) -> dict[str, Any]:
-        from .. import dist
         result = super().__call__(cfg)  # SystemExit when stopped on a signal: no plan yet
         if dist.rank() == 0:
             run = RunDir(cfg.run_dir)
             try:
-                plan = viz.make_plan(dataclasses.replace(self.viz_cfg, run_dir=cfg.run_dir))
+                plan = make_plan(dataclasses.replace(self.viz_cfg, run_dir=cfg.run_dir))
             except Exception as e:  # the array will be removed: the report and the launcher say why
                 run.update("viz", status="failed", error=f"{type(e).__name__}: {e}")
                 raise PlanFailed(f"{type(e).__name__}: {e}") from e
@@ -67,17 +73,37 @@ class PipelineTrainJob(TrainJob):
 
 def aggregate_job(cfg: AggregateConfig) -> dict[str, Any]:
     """The aggregation job (afterany on the array)."""
-    from ..log import setup_logging
     setup_logging()
     return aggregate(cfg)
+
+
+def check_pipeline_request(train_cfg: TrainConfig, viz_cfg: VizConfig, agg_cfg: AggregateConfig,
+                           launch: LaunchConfig) -> int:
+    """The whole request, before anything is queued or written: the visualization options against the
+    architecture, where the aggregation computes, the training request (data, --init, --resume, sizes, memory).
+    Returns the number of array tasks."""
+    n_tasks = check_request(train_cfg, viz_cfg)
+    check_report_device(agg_cfg, launch.cluster)
+    check_train_request(train_cfg, launch)
+    return n_tasks
+
+
+def check_report_device(cfg: AggregateConfig, cluster: str) -> None:
+    """--projection-device cuda against where the aggregation runs: here (local, debug), or a SLURM job of one CPU
+    process (the projection array has the GPUs there)."""
+    if not cfg.projections or cfg.projection_device != "cuda":
+        return
+    if cluster == "slurm":
+        raise ConfigError("--projection-device cuda: the aggregation job has no GPU (the projection array runs on "
+                          "the visualization's GPUs); hint: drop it (auto)")
+    dist.check_device(cfg.projection_device, "--projection-device")
 
 
 def check_request(train_cfg: TrainConfig, viz_cfg: VizConfig) -> int:
     """Check the visualization options against the architecture before anything is queued (a typo must
     not surface hours later in the array); returns the number of array tasks to submit."""
-    from ..models import build_model
     viz_cfg.validate(prefix="viz-")
-    viz.resolve_request(build_model(train_cfg.arch, 10, train_cfg.resolved_stem()), viz_cfg)  # as make_plan will
+    resolve_request(build_model(train_cfg.arch, 10, train_cfg.resolved_stem()), viz_cfg)  # as make_plan will
     return viz_cfg.n_tasks()
 
 
@@ -89,7 +115,7 @@ def _submit_viz_and_aggregate(run: RunDir, shards: list[int], launch: LaunchConf
     ids: list[str] = []
     if shards:
         ex = stage_executor(launch, run, "viz", f"afterok:{after}" if after else "")
-        ids, _ = submit_shards(run, ex, viz.run_shard, shards, launch, lock)
+        ids, _ = submit_shards(run, ex, run_shard, shards, launch, lock)
     pids: list[str] = []
     if parts:
         ex = stage_executor(launch, run, "project", "afterany:" + ":".join(ids) if ids else
@@ -109,15 +135,15 @@ def submit_pipeline(train_cfg: TrainConfig, viz_cfg: VizConfig, agg_cfg: Aggrega
                     launch: LaunchConfig, lock: RunLock | None = None) -> dict[str, Any]:
     """Submit the three stages with dependencies and return their job ids (SLURM only)."""
     n_tasks = check_request(train_cfg, viz_cfg)
+    prepare_run(train_cfg, launch.cluster, "continue it (finished stages are skipped)")
     run = RunDir(train_cfg.run_dir)
     train_job = submit_train(train_cfg, launch, PipelineTrainJob(viz_cfg))
     if lock is not None:
         lock.add_jobs([str(train_job.job_id)], "slurm")
     run.update("viz", status="pending", cluster="slurm", job_ids=[], tasks={}, error="")
     try:
-        from ..models import build_model
         stem = train_cfg.resolved_stem()
-        blocks = viz.resolve_request(build_model(train_cfg.arch, 10, stem), viz_cfg)[0]
+        blocks = resolve_request(build_model(train_cfg.arch, 10, stem), viz_cfg)[0]
         parts = len(projection_parts(train_cfg.arch, stem, blocks, n_tasks, viz_cfg.topk))
         ids = _submit_viz_and_aggregate(run, list(range(n_tasks)), launch, agg_cfg, str(train_job.job_id), lock,
                                         parts)
@@ -137,6 +163,7 @@ def run_local(train_cfg: TrainConfig, viz_cfg: VizConfig, agg_cfg: AggregateConf
               lock: RunLock | None = None) -> dict[str, Any]:
     """The same stages in order, here (local subprocesses or this process): the local debug mode."""
     check_request(train_cfg, viz_cfg)
+    prepare_run(train_cfg, launch.cluster, "continue it (finished stages are skipped)")
     run = RunDir(train_cfg.run_dir)
     job = submit_train(train_cfg, launch, PipelineTrainJob(viz_cfg))
     run.update("pipeline", cluster=launch.cluster, submitted=now())
@@ -147,19 +174,12 @@ def run_local(train_cfg: TrainConfig, viz_cfg: VizConfig, agg_cfg: AggregateConf
     except JobRefused:
         raise  # refused before it started: the run is as it was, there is nothing new to report
     except LaunchError as e:
-        mark_lost(run, "train", str(e))
+        run.mark_lost("train", str(e))
         aggregate(agg_cfg)  # the report says what failed, as on SLURM
         raise
     log.info("train: val accuracy %.2f%%", 100 * result.get("val_accuracy", float("nan")))
-    out = launch_viz(viz_cfg, dataclasses.replace(launch, wait=True), lock=lock, figures=False)
+    out = launch_viz(viz_cfg, dataclasses.replace(launch, wait=True), lock=lock)
     return {**aggregate(agg_cfg), "viz_failed": out["failed"]}
-
-
-def mark_lost(run: RunDir, stage: str, why: str) -> None:
-    """A local job that ended without saying so (killed): its record must not stay 'running'."""
-    record = run.manifest().record(stage)
-    if record.status in ("running", "submitted"):
-        run.update(stage, status="failed", error=why.splitlines()[0])
 
 
 def retry_failed(run: RunDir, launch: LaunchConfig, agg_cfg: AggregateConfig,
@@ -173,11 +193,11 @@ def retry_failed(run: RunDir, launch: LaunchConfig, agg_cfg: AggregateConfig,
     evaluation = state.item("eval")
     reeval = evaluation is not None and evaluation.state == "stale"
     if state.checkpoint_sha256 and plan.checkpoint_sha256 != state.checkpoint_sha256:
-        plan = viz.make_plan(dataclasses.replace(plan.config, run_dir=str(run.path)))
+        plan = make_plan(dataclasses.replace(plan.config, run_dir=str(run.path)))
         run.write_plan(plan)
         run.write_config("viz", plan.to_dict()["config"])
         log.info("retry: the checkpoint changed since the plan: planned again from %s", plan.checkpoint)
-    todo = sorted(run.shard_problems(plan))
+    todo = sorted(shard_problems(run, plan))
     log.info("retry: %d of %d shards to redo: %s%s", len(todo), len(plan.shards), todo,
              "; eval.json too" if reeval else "")
     eval_job = None
@@ -192,7 +212,7 @@ def retry_failed(run: RunDir, launch: LaunchConfig, agg_cfg: AggregateConfig,
                                             after), "todo": todo}
     if eval_job is not None:
         wait_result(eval_job, launch)
-    out = launch_viz(plan.config, dataclasses.replace(launch, wait=True), lock=lock, figures=False)
+    out = launch_viz(plan.config, dataclasses.replace(launch, wait=True), lock=lock)
     return {**aggregate(agg_cfg), "viz_failed": out["failed"], "todo": todo}
 
 
@@ -209,7 +229,6 @@ _MAX_PART_ROWS = 20  # above this, the projection parts are one summary row plus
 
 def _task_ids(manifest: Manifest, parts: list[Item]) -> dict[str, str]:
     """{item name: the newest array task id} of each shard and, on SLURM, each projection part."""
-    from ..scheduler import latest_tasks
     out = {f"viz[{k}]": t for k, t in latest_tasks(manifest.viz.tasks).items()}
     arrays = manifest.viz.projection_ids
     if arrays and manifest.viz.cluster == "slurm":  # part i is task i of the newest projection array
@@ -235,9 +254,8 @@ def pipeline_status(run: RunDir) -> list[tuple[str, str, str, str]]:
     """(stage, job id, state, detail) for train, eval, every array task (viz[k]), viz.h5, every projection part
     (project[i]) and the aggregation: each state verified from the run's files (hpcviz.runstate), with the
     scheduler's state where a job is still queued or running."""
-    from ..scheduler import query_state, task_states
     if not run.manifest_file.exists():
-        raise viz.VizError(f"--run {run}: no manifest.json; hint: start it with jobs/launch_pipeline.py")
+        raise VizError(f"--run {run}: no manifest.json; hint: start it with jobs/launch_pipeline.py")
     manifest = run.manifest()
     state = run_state(run)
     slurm = (manifest.pipeline.cluster or manifest.train.cluster) == "slurm"
@@ -287,7 +305,6 @@ def render_status(rows: list[tuple[str, str, str, str]]) -> Any:
 def _finished(run: RunDir, rows: list[tuple[str, str, str, str]], gone: list[int]) -> bool:
     """The aggregation has ended: its result file exists, or the scheduler says it ended. 'GONE' (no
     source knows the job) counts only after 3 polls in a row: a controller restart must not end a wait."""
-    from ..scheduler import ACTIVE, query_state
     job = rows[-1][1]
     if not job or (run.logs / f"{job}_0_result.pkl").exists():
         return True
@@ -299,7 +316,6 @@ def _finished(run: RunDir, rows: list[tuple[str, str, str, str]], gone: list[int
 def _settled(run: RunDir, rows: list[tuple[str, str, str, str]], within_s: float = 15.0) -> list:
     """The final states: the aggregation's result file can come a few seconds before the scheduler calls
     the job ended; ask again until it does (at most `within_s`)."""
-    from ..scheduler import ACTIVE
     end = time.monotonic() + within_s
     while rows[-1][2] in ACTIVE and time.monotonic() < end:
         time.sleep(1)
@@ -336,7 +352,6 @@ def wait_pipeline(run: RunDir, poll_s: float = 5.0, timeout_s: float | None = No
     check_outcome(run)
 
 
-__all__ = ["PipelineTrainJob", "aggregate_job", "check_request", "submit_pipeline", "run_local", "retry_failed",
-           "retry_cluster", "pipeline_status", "render_status", "wait_pipeline", "check_outcome", "describe_problems",
-           "mark_lost",
-           "StageFailed", "STAGES"]
+__all__ = ["PipelineTrainJob", "aggregate_job", "check_request", "check_pipeline_request", "check_report_device",
+           "submit_pipeline", "run_local", "retry_failed", "retry_cluster", "pipeline_status", "render_status",
+           "wait_pipeline", "check_outcome", "describe_problems", "StageFailed", "STAGES"]

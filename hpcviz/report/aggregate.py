@@ -20,19 +20,21 @@ from typing import Any, cast
 
 import numpy as np
 
-from .. import __version__, store
+from .. import __version__, dist, store
 from ..config import AggregateConfig, config_to_dict
 from ..errors import InputError
 from ..files import check_space, write_bytes
 from ..rundir import RunDir, now
+from ..scheduler import latest_tasks, task_states
 from ..train import checkpoint
-from ..viz.state import RunState, report_inputs, run_state
-from ..viz.task import collate
+from ..viz.collation import collate
+from ..viz.state import RunState, describe_problems, report_inputs, run_state
 from . import figures
 from . import render as report
 from .render import Fixed
 
-__all__ = ["AggregateConfig", "AggregateError", "aggregate", "build_report", "read_inputs", "collate_run"]
+__all__ = ["AggregateConfig", "AggregateError", "aggregate", "build_report", "check_request", "read_inputs",
+           "collate_run"]
 
 log = logging.getLogger("hpcviz")
 
@@ -55,7 +57,6 @@ def _task_states(run: RunDir, shards: list[int]) -> dict[int, str]:
     record = run.manifest().viz
     if record.cluster != "slurm" or not shards:
         return {}
-    from ..scheduler import latest_tasks, task_states
     latest = {s: tid for s, tid in latest_tasks(record.tasks).items() if s in shards}
     states = task_states(latest.values())
     return {s: f"array task {tid}: " + states.get(tid, "no record in sacct or squeue: cancelled before it started, "
@@ -437,4 +438,12 @@ def _aggregate(run: RunDir, cfg: AggregateConfig) -> dict[str, Any]:
                error="; ".join(built["problems"])[:300])
     log.info("report: %s (%d figures, %d tables%s)", run.report_dir / "report.html", len(built["figures"]),
              len(built["tables"]), f"; missing shards: {', '.join(missing)}" if missing else "")
-    return {**summary, "report": str(run.report_dir / "report.html")}
+    bad = run_state(run).problems()  # the report included: what the run still lacks, verified ('' when whole)
+    return {**summary, "report": str(run.report_dir / "report.html"),
+            "incomplete": describe_problems(run, bad) if bad else ""}
+
+
+def check_request(cfg: AggregateConfig) -> None:
+    """Before anything is read or written: --projection-device against what is visible here."""
+    if cfg.projections:
+        dist.check_device(cfg.projection_device, "--projection-device")

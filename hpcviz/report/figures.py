@@ -11,27 +11,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputError
+from ..explain.dataset_examples import montage, tile_rgb
 from .render import terminal_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["image_grid", "filter_grid", "feature_maps", "order_channels", "deconv_panel", "inversion_panel",
-           "training_curves", "class_accuracy", "confusion_matrix", "block_maps", "example_montage", "examples_grid"]
+           "training_curves", "class_accuracy", "confusion_matrix", "block_maps", "examples_grid"]
 
 _SHAPES = "(3, H, W) or (N, 3, H, W) RGB images, or (C, h, w) feature maps"
-
-
-def _rgb_tile(image: np.ndarray) -> np.ndarray:
-    """(3, H, W) -> (H, W, 3) for imshow: uint8 as is, anything else min-max scaled to [0, 1]."""
-    tile = np.moveaxis(image, 0, -1)
-    if tile.dtype == np.uint8:
-        return tile
-    tile = tile.astype(np.float32)
-    finite = tile[np.isfinite(tile)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    scaled = (tile - lo) / (hi - lo) if hi > lo else np.full_like(tile, 0.5)  # a constant image shows grey
-    return np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
 
 
 def _check(a: np.ndarray, rgb: bool, max_items: int) -> None:
@@ -84,7 +73,7 @@ def image_grid(images: np.ndarray, title: str = "", max_items: int = 64, cmap: s
         ax.set_axis_off()
     if rgb:
         for k, (ax, image) in enumerate(zip(axes, items)):
-            ax.imshow(_rgb_tile(image), interpolation="nearest")
+            ax.imshow(tile_rgb(image), interpolation="nearest")
             if n > 1:
                 ax.set_title(str(k), fontsize=6)
         scaling = "" if a.dtype == np.uint8 else " (each image min-max scaled)"
@@ -155,14 +144,14 @@ def deconv_panel(image: np.ndarray, recs: dict, title: str = "") -> Figure:
     axes = fig.subplots(len(blocks), len(paths) + 1, squeeze=False)
     _tight(fig, title_lines=1 + bool(title), label_inches=0.5)
     for row, block in enumerate(blocks):
-        axes[row, 0].imshow(_rgb_tile(np.asarray(image)), interpolation="nearest")
+        axes[row, 0].imshow(tile_rgb(np.asarray(image)), interpolation="nearest")
         axes[row, 0].set_ylabel(block, fontsize=7)
         for col, path in enumerate(paths, start=1):
             ax = axes[row, col]
             rec = recs.get((block, path))
             if rec is not None:
                 rec = np.asarray(rec, dtype=np.float32)
-                ax.imshow(_rgb_tile(rec) if np.any(rec) else np.zeros(rec.shape[1:] + (3,)), interpolation="nearest")
+                ax.imshow(tile_rgb(rec) if np.any(rec) else np.zeros(rec.shape[1:] + (3,)), interpolation="nearest")
                 if not np.any(rec):
                     ax.text(0.5, 0.5, "zero", color="w", ha="center", va="center", transform=ax.transAxes, fontsize=6)
             if row == 0:
@@ -186,8 +175,8 @@ def inversion_panel(images: np.ndarray, recs: dict, errors: dict, title: str = "
     for row, block in enumerate(blocks):
         for i in range(n):
             a, b = axes[row, 2 * i], axes[row, 2 * i + 1]
-            a.imshow(_rgb_tile(np.asarray(images[i])), interpolation="nearest")
-            b.imshow(_rgb_tile(np.asarray(recs[block][i], dtype=np.float32)), interpolation="nearest")
+            a.imshow(tile_rgb(np.asarray(images[i])), interpolation="nearest")
+            b.imshow(tile_rgb(np.asarray(recs[block][i], dtype=np.float32)), interpolation="nearest")
             b.set_xlabel(f"err {float(errors[block][i]):.3f}", fontsize=7)
             for ax in (a, b):
                 ax.set_xticks([])
@@ -275,7 +264,7 @@ def block_maps(image: np.ndarray, acts: dict, channels: int = 8, title: str = ""
         order = order_channels(a)[:channels]
         finite = a[order][np.isfinite(a[order])]
         vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        axes[row, 0].imshow(_rgb_tile(np.asarray(image)), interpolation="nearest")
+        axes[row, 0].imshow(tile_rgb(np.asarray(image)), interpolation="nearest")
         axes[row, 0].set_ylabel(block, fontsize=7)
         for col, ch in enumerate(order, start=1):
             axes[row, col].imshow(a[ch], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
@@ -288,45 +277,19 @@ def block_maps(image: np.ndarray, acts: dict, channels: int = 8, title: str = ""
     return fig
 
 
-def _to_uint8(tiles: np.ndarray) -> np.ndarray:
-    """(n, 3, P, Q) -> (n, P, Q, 3) uint8: uint8 as is, anything else min-max scaled per tile (a projection's
-    scale is arbitrary); an all-zero tile stays black."""
-    return np.stack([np.round(255 * _rgb_tile(t)).astype(np.uint8) if t.dtype != np.uint8 else np.moveaxis(t, 0, -1)
-                     for t in tiles]) if len(tiles) else np.zeros((0, *tiles.shape[2:], 3), np.uint8)
-
-
-def example_montage(patch: np.ndarray, deconv: np.ndarray, cell: int = 24, gap: int = 2) -> np.ndarray:
-    """The Zeiler & Fergus grid as pixels (H, W, 3) uint8: one row per channel, its k patches (uint8
-    (C, k, 3, P, Q)) then its k projections ((C, k, 3, P, Q), each min-max scaled), every tile enlarged
-    (nearest) to at least `cell` pixels, with `gap` white pixels between tiles and between the halves."""
-    c, k, _, p, q = patch.shape
-    s = max(1, -(-cell // max(p, q)))
-    th, tw = p * s, q * s
-    out = np.full((c * (th + gap) + gap, 2 * k * (tw + gap) + 3 * gap, 3), 255, np.uint8)
-    for half, tiles in enumerate((patch, deconv)):
-        pix = _to_uint8(np.asarray(tiles).reshape(c * k, *tiles.shape[2:])).reshape(c, k, p, q, 3)
-        pix = pix.repeat(s, axis=2).repeat(s, axis=3)
-        for j in range(k):
-            x0 = gap + half * (k * (tw + gap) + 2 * gap) + j * (tw + gap)
-            for i in range(c):
-                y0 = gap + i * (th + gap)
-                out[y0:y0 + th, x0:x0 + tw] = pix[i, j]
-    return out
-
-
 def examples_grid(patch: np.ndarray, deconv: np.ndarray, channels: np.ndarray, selectivity: np.ndarray,
                   top_class: np.ndarray, classes: list[str], block: str, title: str = "") -> Figure:
     """Per channel (rows; `channels` their numbers), its k strongest patches and their deconvnet projections,
     and a bar of its class selectivity with the class it prefers. Drawn at one screen pixel per montage pixel
     (so a block's full grid of hundreds of channels stays sharp)."""
-    montage = example_montage(patch, deconv)  # (H, W, 3)
+    pixels = montage(patch, deconv)  # (H, W, 3)
     dpi, label_px, bar_px, head_px = 100, 90, 150, 48
-    h, w = montage.shape[:2]
+    h, w = pixels.shape[:2]
     width, height = (label_px + w + bar_px + 20) / dpi, (h + head_px + 20) / dpi
     fig = _figure(width, height, grid=True)
     fig.set_dpi(dpi)
     ax = fig.add_axes((label_px / dpi / width, 20 / dpi / height, w / dpi / width, h / dpi / height))
-    ax.imshow(montage, interpolation="nearest", aspect="auto")
+    ax.imshow(pixels, interpolation="nearest", aspect="auto")
     row = h / len(channels)
     ax.set_yticks([(i + 0.5) * row for i in range(len(channels))],
                   [f"ch {int(c)}" for c in channels], fontsize=7)

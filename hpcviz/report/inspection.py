@@ -5,10 +5,12 @@ the run's small JSON files are read with the stdlib.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -18,6 +20,10 @@ from .. import store
 from ..errors import InputError
 from ..files import fmt_bytes
 from ..rundir import Plan, RunDir
+from ..train import checkpoint
+from ..viz.plan import shard_problem
+from ..viz.projection import plan_parts, stale_parts
+from .figures import examples_grid, image_grid
 from .render import terminal_text
 
 __all__ = ["render_tree", "render_stats", "summarize_run", "channel_examples", "projection_problem",
@@ -174,7 +180,7 @@ def _shards(run: RunDir) -> list[RenderableType]:
     status: dict[str, tuple[str, str]] = {}
     if plan is not None:
         for k, positions in enumerate(plan.shards):
-            problem = run.shard_problem(k, plan)
+            problem = shard_problem(run, k, plan)
             status[run.shard(k).name] = (problem or "complete", str(len(positions)))
     for p in files:
         if p.name not in status:
@@ -282,8 +288,6 @@ def projection_problem(run: RunDir, block: str, channel: int | None, presented: 
     that holds them must be current, as the aggregation judges it (collation.stale_parts: the digest of the
     checkpoint, the request and the channels' merged lists), or a part copied from another run would be read as
     this run's. When viz.h5 presents none, the cause: a changed checkpoint, parts missing or stale, or none made."""
-    from ..train import checkpoint
-    from ..viz.collation import plan_parts, stale_parts
     plan, why = _plan(run)
     if plan is None:
         return f"no visualization plan to check them against ({why or 'viz/plan.json ' + NOT_RUN})"
@@ -327,3 +331,44 @@ def render_channel(ex: dict[str, Any]) -> Group:
     if "not_projected" not in ex:
         return Group(table, head)
     return Group(table, head, _text(f"projections not shown: {ex['not_projected']}", "yellow"))
+
+
+def channel_png(ex: dict[str, Any]) -> bytes:
+    """The channel's patches and projections (channel_examples), one row, as PNG bytes."""
+    if "patch" not in ex:
+        why = ex["not_projected"]
+        raise InputError(f"--png: no projections of {ex['block']} channel {ex['channel']} to draw: {why}"
+                         + ("" if "hint:" in why else "; hint: python jobs/aggregate.py --run RUN, then again"))
+    fig = examples_grid(ex["patch"][None], ex["deconv"][None], np.array([ex["channel"]]),
+                        np.array([ex["selectivity"]]), np.array([ex["selective_class"]]), ex["classes"], ex["block"])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def dataset_png(path: Path, name: str, index: int | None, max_items: int) -> bytes:
+    """Image `index` of dataset `name` (or the first images of an RGB dataset when no index) as PNG bytes."""
+    first = store.read_image(path, name, 0 if index is None else index)
+    feature_maps = name.strip("/").startswith("act/")
+    if first.ndim != 3 or (not feature_maps and first.shape[0] != 3):
+        raise InputError(f"--png: {name} holds {first.shape} per image; valid: (3, H, W) images (images, "
+                         "deconv/*, invert/*) or (C, h, w) maps (act/*); hint: drop --png to see its statistics")
+    if index is None and not feature_maps:
+        data = store.read_shard(path, [name], slice(0, max_items))[name]  # (n, 3, H, W)
+        title = name
+    else:
+        data, title = first, f"{name}[{0 if index is None else index}]"  # (C, h, w) or (3, H, W)
+    buf = io.BytesIO()
+    image_grid(data, title=title, max_items=max_items, rgb=not feature_maps).savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
+
+
+def check_examples(target: Path, dataset: str, index: int | None) -> None:
+    """A run's viz.h5 presents its projection parts: refuse to read one that is not this run's (as for --block)."""
+    parts = dataset.strip("/").split("/")
+    run = run_of(target)
+    if run is None or parts[0] != "examples" or len(parts) < 3:
+        return
+    why = projection_problem(run, parts[1], None if parts[2] == "grid" else index, presented=True)
+    if why:
+        raise InputError(f"{dataset}: {why}")

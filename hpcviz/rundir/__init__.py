@@ -9,7 +9,7 @@ results/<run>/
   checkpoints/           last.pt + prev.pt with .sha256 sidecars (hpcviz.checkpoint)
   metrics.jsonl          one line per epoch
   eval.json, eval-<name>.json
-  viz/plan.json          the visualization plan (rundir.plan); viz/shards/*.h5; viz/viz.h5; viz/figures/
+  viz/plan.json          the visualization plan (rundir.plan); viz/shards/*.h5; viz/viz.h5; viz/examples/
   report/                figures/, tables/, report.md, report.html, report.json
 ```
 
@@ -80,7 +80,6 @@ class RunDir:
     plan_file = property(lambda self: self.path / "viz" / "plan.json")
     viz_file = property(lambda self: self.path / "viz" / "viz.h5")
     examples_dir = property(lambda self: self.path / "viz" / "examples")  # projection parts (collation)
-    figures_dir = property(lambda self: self.path / "viz" / "figures")
     report_dir = property(lambda self: self.path / "report")
     lock_file = property(lambda self: self.path / ".lock")
 
@@ -186,6 +185,12 @@ class RunDir:
         self.update(stage, lambda rec: {"previous": rec.previous if rec.status == "submitted" else
                                         without_previous(rec), "status": "submitted", "error": "", **fields})
 
+    def mark_lost(self, stage: str, why: str) -> None:
+        """A local job that ended without saying so (killed): its record must not stay 'running'."""
+        record = self.manifest().record(stage)
+        if record.status in ("running", "submitted"):
+            self.update(stage, status="failed", error=why.splitlines()[0])
+
     def abandon(self, stage: str) -> bool:
         """The submission marked by `begin` never started (refused): put the previous record back."""
         with self._locked():
@@ -219,28 +224,6 @@ class RunDir:
 
     def write_plan(self, plan: Plan) -> None:
         write_json(self.plan_file, plan.to_dict())
-
-    def shard_problem(self, k: int, plan: Plan) -> str | None:
-        """Why shard k is not a complete shard of `plan` (missing, incomplete, another plan's), or None."""
-        from .. import store
-        path = self.shard(k)
-        try:
-            attrs = store.verify_shard(path, len(plan.shards[k]))
-            problem = plan.mismatch(attrs)
-            if problem is None and store.read_shard(path, ["index"])["index"].tolist() != plan.shards[k]:
-                problem = "not this plan's: holds other images (its /index differs from the plan's positions)"
-        except store.StoreError as e:
-            problem = getattr(e, "problem", str(e))
-        return problem
-
-    def shard_problems(self, plan: Plan) -> dict[int, str]:
-        """{shard: why it is not usable} over the plan's shards (the ones that verify are absent)."""
-        out = {}
-        for k in range(len(plan.shards)):
-            problem = self.shard_problem(k, plan)
-            if problem:
-                out[k] = problem
-        return out
 
     def remove_shards(self) -> int:
         """Delete every shard (`--fresh`, once the new request has been checked in full)."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..scheduler import ACTIVE, array_states, query_state
 from .clock import now
 
 log = logging.getLogger("hpcviz")
@@ -49,7 +50,6 @@ def _pid_alive(pid: int) -> bool:
 def _job_state(job: dict[str, Any], host: str) -> str:
     """The state of a job the holder left ('' when it has ended)."""
     if job.get("cluster") == "slurm":
-        from ..scheduler import ACTIVE, array_states, query_state
         working = ACTIVE - {"COMPLETING"}  # a completing job has written its results
         if job.get("array"):
             states = [s for s in array_states(str(job["id"])).values() if s in working]

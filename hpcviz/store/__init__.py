@@ -1,4 +1,4 @@
-"""HDF5 storage for hpcviz: the packed image set, the per-task shards, their virtual view, inspection.
+"""HDF5 storage for hpcviz: the packed image set, the per-task shards, their virtual view, what a file holds.
 
 This package is the only code that imports h5py. Every writer goes through a temp file that is
 renamed onto the final name only when complete, so a crash or a SLURM time-out never leaves
@@ -13,19 +13,21 @@ Packed layout (format ``hpcviz-packed-v1``)::
                 height, width, plus any caller attrs (source spec, fingerprint, created, ...)
 
 Shards (``hpcviz-shard-v1``, one per array task, written by `ShardWriter`) and their virtual
-view viz.h5 (``hpcviz-viz-v1``, written by `collate`) share the layout of DESIGN.md "HDF5 layout".
+view viz.h5 (``hpcviz-viz-v1``, written by `collate`) share the layout of docs/visualization.md ("The HDF5
+layout").
 Attributes: scalars and flat lists of str/numbers are stored natively (h5dump shows them); other
 values (dicts, nested lists) as JSON strings whose names are listed in the attr ``json_attrs``.
 
 Modules: _common (StoreError, atomic_path, attribute encoding, opening with clear errors, open_checked), packed
 (write_packed, PackedWriter, read_packed, PackedReader), shards (ShardWriter, verify_shard, read_shard, read_summaries,
-list_datasets, read_attrs), collation (collate, write_arrays) and inspection (describe, dataset_stats, read_image).
-Import from hpcviz.store; patch module-level settings (e.g. inspection._STATS_ELEMS) in the submodule that uses them.
+list_datasets, read_attrs), virtual (collate: the virtual view, write_arrays) and contents (describe, dataset_stats,
+read_image: what a file holds). Import from hpcviz.store; patch module-level settings (e.g. contents._STATS_ELEMS) in
+the submodule that uses them.
 """
 from __future__ import annotations
 
 from ._common import StoreError, atomic_path, open_checked
-from .describe import dataset_stats, describe, read_image
+from .contents import dataset_stats, describe, read_image
 from .packed import PACKED_FORMAT, PackedReader, PackedWriter, fingerprint_blocks, read_packed, write_packed
 from .shards import (
            COMPRESSIONS,

@@ -16,10 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
-from ..config import EvalConfig, config_to_dict
+from ..config import EvalConfig, LaunchConfig, config_to_dict, default_stem
+from ..data import memory
 from ..data.placement import Feed, feed_tensors
-from ..data.sources import norm_tensors, normalize
+from ..data.sources import check_source, load_images, peek
+from ..data.transforms import norm_tensors, normalize
 from ..errors import InputError
+from ..models import from_checkpoint
+from ..rundir import RunDir
+from . import checkpoint
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -97,10 +102,6 @@ def remap_labels(labels: torch.Tensor, source_classes: Sequence[str], model_clas
 
 def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a run's checkpoint on any data source; writes eval-<name>.json beside eval.json."""
-    from ..data.sources import load_images
-    from ..models import from_checkpoint
-    from ..rundir import RunDir
-    from . import checkpoint
     run = RunDir(cfg.run_dir)
     state = checkpoint.load_checkpoint(run.checkpoints)
     dev = dist.pick_device(cfg.device)
@@ -114,3 +115,20 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
                   config=config_to_dict(cfg))
     run.write_eval(result, cfg.name)
     return result
+
+
+def check_request(cfg: EvalConfig, launch: LaunchConfig, run: RunDir) -> None:
+    """Before anything runs: --data exists and reads, and the source decoded whole at the run's image size, and its
+    batches on a CPU, fit in the memory there is."""
+    check_source(cfg.data)
+    train = run.read_config().get("train") or {}
+    if not {"arch", "image_size"} <= set(train):
+        return
+    on_cpu = cfg.device == "cpu" or not (launch.gpus if launch.gpus is not None else torch.cuda.is_available())
+    facts = peek(cfg.data, train["image_size"])
+    classes = len(facts.classes) if facts.classes else 10
+    need = memory.eval_need(cfg.data, facts, train["image_size"], train["arch"],
+                            train.get("stem") or default_stem(train["arch"]),
+                            classes, cfg.batch_size, on_cpu)
+    memory.check(f"--data {cfg.data} at the run's image size {train['image_size']}", need, memory.host_limit(launch),
+                 "a smaller --batch-size, or evaluate a part of the data")

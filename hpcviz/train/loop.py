@@ -28,7 +28,8 @@ from .. import __version__, dist
 from ..config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from ..data import placement
 from ..data.placement import Feed
-from ..data.sources import DataError, augment, norm_tensors, normalize, split_indices
+from ..data.sources import DataError
+from ..data.transforms import augment, norm_tensors, normalize, split_indices
 from ..errors import JobError
 from ..log import StepProgress, setup_logging
 from ..models import build_model, from_checkpoint, load_init

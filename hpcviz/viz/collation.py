@@ -1,37 +1,22 @@
 """Collation, the reduce step of the visualization array: the shards of the plan presented as one virtual file
-(viz/viz.h5) with their dataset-example summaries merged exactly; and the projections of every channel's top
-images (viz/examples/part-NNNNN.h5, presented in viz.h5 too).
-
-The projections cost channels x k deconvnet passes, whatever the number of images: ResNet-18 (CIFAR stem) has
-1984 channels, 17,856 passes, 113 s on 2 CPU cores (benchmark.py examples), but ResNet-50 at 224 px has 15,168
-channels and ~7x the FLOPs per pass: ~1.7 h there (estimated). So they run as a second, small array
-(`project_part`, one task per range of channels, the viz array's resources), after the first and before the
-report; each task merges the shards' lists itself (a few MB, seconds). Aggregation then
-computes only what is missing or stale: a part is current while the checkpoint and its channels' merged lists
-are the same (its `digest`), so a report rerun, or a `--retry-failed` that changes no list, costs nothing.
-"""
+(viz/viz.h5), with their dataset-example summaries merged exactly and the current projection parts attached
+(hpcviz.viz.projection)."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from .. import store
-from ..rundir import Plan, RunDir, now
-from ..train import checkpoint
+from ..explain.dataset_examples import reduce_summaries
+from ..rundir import Plan, RunDir
+from .plan import shard_problems
+from .projection import current_parts
 
-__all__ = ["collate", "projection_parts", "plan_parts", "stale_parts", "part_states", "project_part", "project_range",
-           "merged_lists"]
+__all__ = ["collate"]
 
 log = logging.getLogger("hpcviz")
-Part = tuple[str, int, int]  # (block, first channel, end)
-_LISTS = ("index", "y", "x")
 
 
 def collate(run: RunDir, plan: Plan | None, project: bool = False, device: str = "auto") -> dict[str, Any]:
@@ -49,7 +34,7 @@ def collate(run: RunDir, plan: Plan | None, project: bool = False, device: str =
         return {"n_images": 0, "n_shards": 0, "sizes": [], "missing": {}, "path": None, "examples": None,
                 "reason": "no visualization plan (viz/plan.json): the visualization array did not run"}
     sizes = [len(s) for s in plan.shards]
-    missing = run.shard_problems(plan)
+    missing = shard_problems(run, plan)
     good = [k for k in range(len(sizes)) if k not in missing]
     out = {"n_images": 0, "n_shards": len(sizes), "sizes": sizes, "missing": missing, "path": None, "examples": None}
     if not good:
@@ -57,7 +42,6 @@ def collate(run: RunDir, plan: Plan | None, project: bool = False, device: str =
         return {**out, "reason": f"none of the {len(sizes)} visualization shards is present and this plan's"}
 
     def write(attach: list[Path]) -> dict[str, Any]:
-        from ..explain.dataset_examples import reduce_summaries
         return store.collate([run.shard(k) for k in good], run.viz_file,
                              {"plan_checkpoint_sha256": plan.checkpoint_sha256}, sizes=[sizes[k] for k in good],
                              excluded={run.shard(k): why for k, why in missing.items()}, attach=attach,
@@ -70,7 +54,7 @@ def collate(run: RunDir, plan: Plan | None, project: bool = False, device: str =
     out.update(n_images=summary["n_images"], path=run.viz_file)
     if plan.topk:
         t0 = time.perf_counter()
-        files, error = _current_parts(run, plan, project, device)
+        files, error = current_parts(run, plan, project, device)
         if error:
             out["examples_error"] = error
             if project:
@@ -83,222 +67,3 @@ def collate(run: RunDir, plan: Plan | None, project: bool = False, device: str =
                 log.warning("%s", out["examples_error"])
         out["examples"] = time.perf_counter() - t0 if project else None
     return out
-
-
-
-
-# ============================================================ projections, in parts
-def projection_parts(arch: str, stem: str, blocks: list[str], tasks: int, topk: int) -> list[Part]:
-    """The projection tasks of a request: (block, channels) ranges of similar cost, about one per array task
-    of the first array; known from the architecture alone, so a pipeline sizes the array before training."""
-    from ..explain.dataset_examples import block_channels, split_channels
-    from ..models import build_model
-    if not topk:
-        return []
-    channels = block_channels(build_model(arch, 10, stem))
-    return split_channels({b: channels[b] for b in blocks}, tasks)
-
-
-def plan_parts(run: RunDir, plan: Plan) -> list[Part]:
-    """The plan's parts, for the model it was made for: its architecture from viz.h5's root attrs once this
-    plan is collated (no checkpoint to read), else from the checkpoint."""
-    attrs = store.read_attrs(run.viz_file) if run.viz_file.is_file() else {}
-    if attrs.get("plan_checkpoint_sha256") != plan.checkpoint_sha256:
-        attrs = checkpoint.load_checkpoint(run.path / plan.checkpoint)["config"]
-    return projection_parts(attrs["arch"], attrs.get("stem", ""), plan.blocks, len(plan.shards), plan.topk)
-
-
-def stale_parts(run: RunDir, plan: Plan) -> list[int]:
-    """The parts whose file does not match viz.h5's merged lists (all of them without viz.h5)."""
-    return _staleness(run, plan)[2]
-
-
-def part_states(run: RunDir, plan: Plan) -> list[tuple[int, str, str]]:
-    """(part, state, detail) of every projection part of the plan: done, missing or stale (its lists are not
-    viz.h5's merged lists: made from other shards, another checkpoint or another run)."""
-    parts, _, stale = _staleness(run, plan)
-    out = []
-    for i, (block, lo, hi) in enumerate(parts):
-        what = f"{block} channels {lo}-{hi - 1}"
-        if not run.examples_part(i).is_file():
-            out.append((i, "missing", f"{what}: no {run.rel(run.examples_part(i))}"))
-        else:
-            out.append((i, "stale" if i in stale else "done", what + (": not the lists of viz.h5 (other shards, "
-                                                                      "checkpoint or run)" if i in stale else "")))
-    return out
-
-
-def _staleness(run: RunDir, plan: Plan) -> tuple[list[Part], dict[str, dict[str, np.ndarray]], list[int]]:
-    """(the plan's parts, viz.h5's merged lists, the parts whose file does not match them)."""
-    parts = plan_parts(run, plan)
-    if not parts or not run.viz_file.is_file():
-        return parts, {}, list(range(len(parts)))
-    lists = merged_lists(run, plan)
-    return parts, lists, [i for i, p in enumerate(parts)
-                          if not _is_current(run.examples_part(i), _digest(plan, p, lists[p[0]]))]
-
-
-def merged_lists(run: RunDir, plan: Plan) -> dict[str, dict[str, np.ndarray]]:
-    merged = store.read_shard(run.viz_file, [f"topk/{b}/{f}" for b in plan.blocks for f in _LISTS])
-    return {b: {f: merged[f"topk/{b}/{f}"] for f in _LISTS} for b in plan.blocks}
-
-
-def _checkpoint(run: RunDir, plan: Plan) -> dict[str, Any]:
-    """The plan's checkpoint, refused when it changed since the plan (the shards' lists are of the old one)."""
-    from .task import VizError
-    state = checkpoint.load_checkpoint(run.path / plan.checkpoint)
-    if state["sha256"] != plan.checkpoint_sha256:
-        raise VizError(f"{run.path / plan.checkpoint}: changed since the plan was made (sha256 differs): the "
-                       "projections would show other weights; hint: launch the visualization again")
-    return state
-
-
-def _digest(plan: Plan, part: Part, lists: Mapping[str, np.ndarray]) -> str:
-    """What a part depends on: the checkpoint, the numerics, the images (split, data) and its channels' merged
-    lists ({index,y,x} (C, k))."""
-    block, lo, hi = part
-    h = hashlib.sha256(f"{plan.checkpoint_sha256} {plan.fast} {plan.split} {plan.dataset_fingerprint} "
-                       f"{plan.config.example_size} {block} {lo} {hi}".encode())
-    for f in _LISTS:
-        h.update(np.ascontiguousarray(lists[f][lo:hi], dtype=np.int64).tobytes())
-    return h.hexdigest()
-
-
-def _is_current(path: Path, digest: str) -> bool:
-    try:
-        return path.is_file() and store.read_attrs(path).get("digest") == digest
-    except store.StoreError:
-        return False
-
-
-def _current_parts(run: RunDir, plan: Plan, project: bool, device: str) -> tuple[list[Path], str]:
-    """(the part files of the blocks whose every part matches viz.h5's merged lists, in order; why the other
-    blocks' are not presented, '' when all are). `project`: the stale parts are computed here first (on
-    `device`); a part that fails stops the computing (the same cause would fail the next) but takes nothing
-    away: the blocks whose parts are all current are still presented."""
-    parts, lists, stale = _staleness(run, plan)
-    error = ""
-    if stale and project:
-        try:
-            state = _checkpoint(run, plan)
-            log.info("projections: %d of %d parts to compute here", len(stale), len(parts))
-            rows = {int(p): r for r, p in enumerate(store.read_shard(run.viz_file, ["index"])["index"])}
-
-            def images(positions: np.ndarray) -> np.ndarray:
-                return store.read_shard(run.viz_file, ["images"], rows=[rows[int(p)] for p in positions])["images"]
-            for i in list(stale):
-                project_range(run, plan, state, i, parts[i], lists[parts[i][0]], images, device)
-                stale.remove(i)
-        except Exception as e:  # noqa: BLE001 (a full disk, out of memory, a changed checkpoint, ...)
-            error = " ".join(str(e).split())[:300] or type(e).__name__
-    gone = sorted({parts[i][0] for i in stale}, key=plan.blocks.index)
-    if gone:
-        why = f"the projections failed: {error}" if error else "the projections are not computed yet"
-        error = f"{why}; not shown for {', '.join(gone)}"
-    return [run.examples_part(i) for i, p in enumerate(parts) if p[0] not in gone], error
-
-
-def project_part(run_dir: str, part: int) -> str:
-    """One task of the projection array: part `part` of the plan's projections, from the lists merged over the
-    shards present now; skipped when its file is current. Returns the part file ('' when there is no such part)."""
-    from .. import dist
-    from ..explain.dataset_examples import merge_topk
-    from ..log import setup_logging
-    setup_logging()
-    run = RunDir(run_dir)
-    plan = run.read_plan()
-    state = _checkpoint(run, plan)
-    tcfg = state["config"]
-    parts = projection_parts(tcfg["arch"], tcfg.get("stem", ""), plan.blocks, len(plan.shards), plan.topk)
-    if part >= len(parts):
-        log.info("projection part %d: the plan has %d parts, nothing to do", part, len(parts))
-        return ""
-    good = [k for k in range(len(plan.shards)) if run.shard_problem(k, plan) is None]
-    if not good:
-        raise store.StoreError(f"projection part {part}: no shard of the plan is present; hint: run the "
-                               "visualization array first")
-    block = parts[part][0]
-    summaries = [store.read_summaries(run.shard(k)) for k in good]
-    lists = merge_topk([{f: s[f"topk/{block}/{f}"] for f in ("value", *_LISTS)} for s in summaries], plan.topk)
-    where = {int(p): (k, r) for k in good for r, p in enumerate(plan.shards[k])}
-
-    def images(positions: np.ndarray) -> np.ndarray:  # (R, 3, H, W), read shard by shard
-        out: list[Any] = [None] * len(positions)
-        for k in sorted({where[int(p)][0] for p in positions}):
-            mine = [i for i, p in enumerate(positions) if where[int(p)][0] == k]
-            got = store.read_shard(run.shard(k), ["images"], rows=[where[int(positions[i])][1] for i in mine])
-            for i, img in zip(mine, got["images"]):
-                out[i] = img
-        return np.stack(out)
-    if _is_current(run.examples_part(part), _digest(plan, parts[part], lists)):
-        log.info("projection part %d: %s is current, skipped", part, run.examples_part(part))
-        return str(run.examples_part(part))
-    dist.share_cores()
-    with dist.numerics(exact=not plan.fast):
-        return str(project_range(run, plan, state, part, parts[part], lists, images, plan.config.device))
-
-
-def project_range(run: RunDir, plan: Plan, state: dict[str, Any], i: int, part: Part,
-                  lists: Mapping[str, np.ndarray], images: Callable[[np.ndarray], np.ndarray], device: str) -> Path:
-    """Part i: each channel's top images projected by the deconvnet from that channel's strongest activation
-    alone, beside the input patch under its receptive field (see hpcviz.examples); written atomically."""
-    from .. import dist
-    from ..data.sources import normalize
-    from ..explain.dataset_examples import crop, field_box, project, receptive_field, shrink
-    from ..explain.deconv import Deconvnet
-    from ..models import from_checkpoint
-    from ..report import figures
-    t0 = time.perf_counter()
-    block, lo, hi = part
-    dev = dist.pick_device(device)
-    model = from_checkpoint(state, dev)
-    deconvnet = Deconvnet(model, exact=not plan.fast)
-    index, ys, xs = (np.asarray(lists[f][lo:hi]) for f in _LISTS)  # (c, k)
-    c, k = index.shape
-    field = receptive_field(model, block)
-    boxes = field_box(field, ys.reshape(-1), xs.reshape(-1))
-    fill = [round(255 * m) for m in state["mean"]]  # off-image pixels: what zero padding is in the input space
-    patches, projections, seeds = [], [], []
-    batch = plan.config.batch_size
-    for start in range(0, c * k, batch):
-        sel = slice(start, start + batch)
-        unique, rows = np.unique(index.reshape(-1)[sel], return_inverse=True)  # each image forward once
-        pixels = torch.from_numpy(images(unique))  # (u, 3, H, W) uint8
-        x = normalize(pixels.to(dev), state["mean"], state["std"])
-        rows_t = torch.from_numpy(rows.reshape(-1)).long()
-        ch = lo + torch.arange(start, start + len(rows_t)) // k
-        rec, value = project(deconvnet, x, block, ch, torch.from_numpy(ys.reshape(-1)[sel]).long(),
-                             torch.from_numpy(xs.reshape(-1)[sel]).long(), rows_t)
-        size = plan.config.example_size
-        patches.append(shrink(crop(pixels[rows_t], boxes[sel], fill), size))
-        projections.append(shrink(crop(rec.cpu(), boxes[sel], 0.0), size))
-        seeds.append(value.cpu())
-    patch = torch.cat(patches).numpy().reshape(c, k, *patches[0].shape[1:])  # (c, k, 3, P, Q)
-    deconv = torch.cat(projections).numpy().reshape(c, k, *projections[0].shape[1:])
-    what: dict[str, Any] = {"block": block, "receptive_field": list(field)}
-    dims = ("channel", "rank", "rgb", "y", "x")
-    arrays: dict[str, tuple[np.ndarray, tuple[str, ...], dict[str, Any]]] = {
-        f"examples/{block}/patch": (patch, dims, {**what, "what": _PATCH_WHAT}),
-        f"examples/{block}/deconv": (deconv, dims, {**what, "what": _DECONV_WHAT}),
-        f"examples/{block}/index": (index, ("channel", "rank"), {"what": "the image's position in the split"}),
-        f"examples/{block}/channel": (np.arange(lo, hi, dtype=np.int32), ("channel",), {"what": "channel number"}),
-        f"examples/{block}/box": (boxes.reshape(c, k, 4), ("channel", "rank", "corner"),
-                                  {"what": "receptive field (y0, x0, y1, x1), ends exclusive; may leave the image"}),
-        f"examples/{block}/seed": (torch.cat(seeds).numpy().reshape(c, k), ("channel", "rank"),
-                                   {"what": "the activation the projection starts from (recomputed)"}),
-        f"examples/{block}/grid": (figures.example_montage(patch, deconv), ("y", "x", "rgb"),
-                                   {"what": "rows: channels; left: the k patches, right: their projections"})}
-    path = run.examples_part(i)
-    store.write_arrays(path, arrays, {"format": "hpcviz-examples-part-v1", "digest": _digest(plan, part, lists),
-                                      "block": block, "channels": [lo, hi], "k": k, "path": "both",
-                                      "checkpoint_sha256": plan.checkpoint_sha256, "created": now()})
-    took = time.perf_counter() - t0
-    log.info("projection part %d: %s channels %d-%d, %d projections in %.1f s (%.3f s per channel)", i, block, lo,
-             hi - 1, c * k, took, took / max(c, 1))
-    return path
-
-
-_PATCH_WHAT = ("the input patch (uint8) under the receptive field of the channel's maximum, off-image: the mean "
-               "colour; at most example_size pixels a side (area-averaged)")
-_DECONV_WHAT = ("deconvnet projection (path both) seeded with the channel's strongest activation only, raw, in the "
-                "network's normalised input space, cropped and sized like the patch")

@@ -27,7 +27,8 @@ from .. import store
 from ..errors import InputError, JobError
 from ..rundir import Plan, RunDir
 from ..train import checkpoint
-from .collation import part_states
+from .plan import shard_problem, shard_problems
+from .projection import part_states
 
 __all__ = ["Item", "RunState", "run_state", "report_inputs", "check_outcome", "describe_problems", "StageFailed",
            "SCOPES"]
@@ -101,7 +102,7 @@ def _viz_items(run: RunDir, plan: Plan, sha: str | None) -> list[Item]:
     """One item per shard, then viz.h5 and the projection parts."""
     items = []
     stale = plan.checkpoint_sha256 != sha
-    problems = run.shard_problems(plan)
+    problems = shard_problems(run, plan)
     for k in range(len(plan.shards)):
         problem = problems.get(k)
         if problem:
@@ -160,7 +161,7 @@ def report_inputs(run: RunDir, plan: Plan | None, sha: str | None) -> dict[str, 
                            "plan": None, "shards": {}, "parts": {}}
     if plan is not None:
         out["plan"] = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
-        good = [run.shard(k) for k in range(len(plan.shards)) if run.shard_problem(k, plan) is None]
+        good = [run.shard(k) for k in range(len(plan.shards)) if shard_problem(run, k, plan) is None]
         out["shards"] = shard_ids(run, good)
         for p in sorted(run.examples_dir.glob("part-*.h5")) if run.examples_dir.is_dir() else []:
             try:

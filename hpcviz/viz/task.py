@@ -1,129 +1,44 @@
-"""The visualization array: which images, how they are split into shards, and one task's work.
+"""One task of the visualization array: a shard of the plan's images, written to viz/shards/shard-NNNNN.h5.
 
-The launcher writes `viz/plan.json` (a typed `rundir.Plan`: the request, the checkpoint and its sha256,
-each shard's image positions); every array task receives only the run directory and its shard number,
-reads the plan, loads the checkpoint (`weights_only=True`), runs its images forward once in batches and
-writes `viz/shards/shard-NNNNN.h5`. A shard that exists and belongs to the plan is skipped, so a rerun
-redoes only what is missing.
+Each array task receives only the run directory and its shard number (hpcviz.viz.plan), reads the plan,
+loads the checkpoint (`weights_only=True`), runs its images forward once in batches (activations, logits, the
+dataset examples' map), reconstructs them with the deconvnet and inverts them, and writes the shard through a
+background writer. A shard that exists and belongs to the plan is skipped, so a rerun redoes only what is
+missing.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from .. import __version__, store
-from ..config import SPLITS, VizConfig, default_stem
-from ..errors import InputError
-from ..explain.activations import dump_activations, resolve_blocks
+from .. import __version__, dist, store
+from ..config import default_stem
+from ..data.transforms import normalize
+from ..explain.activations import dump_activations
 from ..explain.dataset_examples import TopK
+from ..explain.deconv import Deconvnet
+from ..explain.inversion import InversionConfig, invert
+from ..log import TaskProgress, setup_logging
+from ..models import from_checkpoint
 from ..rundir import Plan, RunDir, now
 from ..train import checkpoint
-from .collation import collate, project_part
+from .plan import VizError, load_split, shard_problem
 
-__all__ = ["VizConfig", "VizError", "SPLITS", "balanced_sample", "plan_shards", "load_split", "make_plan",
-           "resolve_request", "resolve_invert_blocks", "run_shard", "save_figures", "collate", "project_part"]
+__all__ = ["run_shard", "visualize_shard", "inversion_batch"]
 
 log = logging.getLogger("hpcviz")
-
-
-class VizError(InputError):
-    """A visualization request that does not fit the run."""
-
-
-def balanced_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """n positions, as even over classes as possible, fixed for a seed; sorted."""
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    picked: list[int] = []
-    for round_ in range(max(len(p) for p in per_class)):
-        for p in per_class:
-            if round_ < len(p) and len(picked) < n:
-                picked.append(int(p[round_]))
-    return np.sort(np.array(picked, dtype=np.int64))
-
-
-def plan_shards(indices: Sequence[int], tasks: int) -> list[list[int]]:
-    """Split positions into `tasks` contiguous shards of near-equal size (none empty)."""
-    tasks = max(1, min(tasks, len(indices)))
-    return [list(map(int, part)) for part in np.array_split(np.asarray(indices, dtype=np.int64), tasks)]
-
-
-def split_rows(train_cfg: dict[str, Any], split: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """(the split's positions in the source (M,), their labels (M,), classes), carved exactly as training
-    did, from the labels alone where the source allows (packed files, folders, builtin): no image is read."""
-    from ..data.sources import load_images, source_labels, split_indices
-    if split not in SPLITS:
-        raise VizError(f"--split {split!r}: not one of {', '.join(SPLITS)}; hint: --split val")
-    known = source_labels(train_cfg["data"], train_cfg.get("skip_bad", False))
-    if known is None:
-        ds = load_images(train_cfg["data"], train_cfg["image_size"], skip_bad=train_cfg.get("skip_bad", False))
-        known = ds.labels, ds.classes
-    labels, classes = known
-    train_idx, val_idx = split_indices(labels, train_cfg["val_fraction"], seed=train_cfg.get("split_seed", 0))
-    idx = val_idx if split == "val" else train_idx
-    return idx, labels[idx], classes
-
-
-def load_split(train_cfg: dict[str, Any], split: str,
-               positions: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """(images (m, 3, S, S) uint8, labels (m,), classes) at `positions` of the run's own split (all when
-    None), reading only those images where the source allows (a packed file's rows, a folder's files)."""
-    from ..data.sources import load_rows
-    idx, labels, classes = split_rows(train_cfg, split)
-    pos = torch.arange(len(idx)) if positions is None else torch.as_tensor(list(positions), dtype=torch.int64)
-    images = load_rows(train_cfg["data"], train_cfg["image_size"], idx[pos].tolist(),
-                       skip_bad=train_cfg.get("skip_bad", False))
-    return images, labels[pos], classes
-
-
-def make_plan(cfg: VizConfig) -> Plan:
-    """Resolve the images and shards of a request against the run's checkpoint and data."""
-    run = RunDir(cfg.run_dir)
-    state = checkpoint.load_checkpoint(run.checkpoints)
-    _, labels, _ = split_rows(state["config"], cfg.split)
-    if cfg.indices:
-        bad = [i for i in cfg.indices if not 0 <= i < len(labels)]
-        if bad:
-            raise VizError(f"--indices {bad[:5]}: outside the {cfg.split} split of {len(labels)} images; "
-                           f"hint: use positions 0..{len(labels) - 1}")
-        indices = sorted(set(cfg.indices))
-    else:
-        indices = balanced_sample(labels.numpy(), min(cfg.images, len(labels)), cfg.seed).tolist()
-    if not indices:
-        raise VizError(f"--split {cfg.split}: the {cfg.split} split of {run} is empty; hint: --split train")
-    from ..models import build_model
-    model = build_model(state["config"]["arch"], len(state["classes"]), state["config"]["stem"])
-    blocks, deconv, inv = resolve_request(model, cfg)
-    return Plan(config=cfg, checkpoint=run.rel(state["path"]), checkpoint_sha256=state["sha256"],
-                dataset_fingerprint=state.get("data_fingerprint", ""), split=cfg.split, blocks=blocks,
-                deconv_blocks=deconv, paths=list(cfg.paths), invert_blocks=inv, invert_steps=cfg.invert_steps,
-                invert_target=cfg.invert_target, invert_solver=cfg.invert_solver, prior=cfg.prior, fast=cfg.fast,
-                shards=plan_shards(indices, cfg.n_tasks()), n_images=len(indices), planned=now(), topk=cfg.topk)
-
-
-def resolve_request(model: torch.nn.Module, cfg: VizConfig) -> tuple[list[str], list[str], list[str]]:
-    """The blocks to dump, to reconstruct and to invert, with the prior and paths checked: an InputError
-    naming the option and listing the valid choices otherwise. Needs only the architecture, not weights."""
-    cfg.validate()
-    blocks = resolve_blocks(model, cfg.blocks, "--blocks")
-    deconv = [] if not cfg.deconv_blocks else resolve_blocks(
-        model, None if cfg.deconv_blocks == ["all"] else cfg.deconv_blocks, "--deconv-blocks")
-    return blocks, deconv, resolve_invert_blocks(model, cfg.invert_blocks)
 
 
 def _write_deconv(w: store.BackgroundWriter, model: torch.nn.Module, x: torch.Tensor, plan: Plan, start: int) -> None:
     """deconv/<block>/<path>: raw reconstructions in the network's (normalised) input space, float32."""
     if not plan.deconv_blocks:
         return
-    from ..explain.deconv import Deconvnet
     recs = Deconvnet(model, exact=not plan.fast).reconstruct_all(x, plan.deconv_blocks, plan.paths)
     for (block, path), r in recs.items():  # r: (b, 3, H, W)
         w.write(f"deconv/{block}/{path}", start, r.float().cpu().numpy(), dims=("image", "channel", "y", "x"),
@@ -131,23 +46,10 @@ def _write_deconv(w: store.BackgroundWriter, model: torch.nn.Module, x: torch.Te
                        "what": "deconvnet reconstruction, raw, in the network's normalised input space"})
 
 
-def resolve_invert_blocks(model: torch.nn.Module, spec: list[str]) -> list[str]:
-    """["default"]: the stem and the last block of each stage (inversion costs most); ["all"]; []; names."""
-    from ..models import block_names
-    names = block_names(model)
-    if spec == ["default"]:
-        last = {}
-        for n in names[1:]:
-            last[n.split(".")[0]] = n
-        return ["conv1", *last.values()]
-    return resolve_blocks(model, None if spec == ["all"] else spec, "--invert-blocks") if spec else []
-
-
 def _write_inversions(w: store.BackgroundWriter, model: torch.nn.Module, x: torch.Tensor, plan: Plan,
                       state: dict[str, Any], start: int, progress: Any = None, fast_forward: bool = True) -> None:
     """invert/<block> (raw, normalised input space, float32), invert_error/<block> (relative feature error)
     and invert_steps/<block> (the optimiser steps each image took before it stopped)."""
-    from ..explain.inversion import InversionConfig, invert
     icfg = InversionConfig(prior=plan.prior, exact=not plan.fast, target=plan.invert_target,
                            solver=plan.invert_solver, fast_forward=fast_forward)
     if plan.invert_steps:
@@ -180,8 +82,6 @@ def _root_attrs(run: RunDir, plan: Plan, state: dict[str, Any], shard: int) -> d
 
 def run_shard(run_dir: str, shard: int) -> str:
     """One array task: write (or, if it verifies already, skip) shard `shard` of the run's plan."""
-    from .. import dist
-    from ..log import setup_logging
     setup_logging()  # progress and timing lines in the task's own log
     run = RunDir(run_dir)
     plan = run.read_plan()
@@ -189,7 +89,7 @@ def run_shard(run_dir: str, shard: int) -> str:
         log.info("shard %d: the plan has %d shards, nothing to do", shard, len(plan.shards))
         return ""
     path = run.shard(shard)
-    if run.shard_problem(shard, plan) is None:
+    if shard_problem(run, shard, plan) is None:
         log.info("shard %d: %s exists and verifies, skipped", shard, path)
         return str(path)
     state = checkpoint.load_checkpoint(run.path / plan.checkpoint)
@@ -243,10 +143,6 @@ def visualize_shard(run: RunDir, shard: int, plan: Plan, state: dict[str, Any], 
     while the next batch is computed, progress lines in the log; returns the seconds per part and in total.
     baseline: the way of before, for the benchmark: the whole split loaded to take the shard's images from it,
     the inversions batched like the forward, with the plain (unfolded) functional forward."""
-    from .. import dist
-    from ..data.sources import normalize
-    from ..log import TaskProgress
-    from ..models import from_checkpoint
     cfg, path, clock, t0 = plan.config, run.shard(shard), _Clock(device), time.perf_counter()
     with clock.part("load"):
         model = from_checkpoint(state, device)
@@ -311,44 +207,3 @@ def _forward_batch(w: store.BackgroundWriter, model: torch.nn.Module, x: torch.T
     for block, a in maps.items():  # the writer counts the values that overflowed to inf (fp16_overflow)
         w.write(f"act/{block}", start, a, dims=("image", "channel", "y", "x"), dtype=np.float16,
                 attrs={"block": block, "what": "output of the block (after its ReLU)"})
-
-
-def save_figures(run_dir: str | Path, images: int = 2, max_channels: int = 32) -> list[Path]:
-    """From viz/viz.h5 and the checkpoint: conv1 filters, and for the first `images` images the
-    feature maps of every block and the deconvnet panel, as PNGs in viz/figures/."""
-    from ..report import figures
-    run = RunDir(run_dir)
-    out = run.figures_dir
-    out.mkdir(parents=True, exist_ok=True)
-    state = checkpoint.load_checkpoint(run.checkpoints)
-    saved = [out / "conv1_filters.png"]
-    _save(figures.filter_grid(state["model"]["conv1.weight"].float().numpy()), saved[-1])
-    names = store.list_datasets(run.viz_file)
-    data = store.read_shard(run.viz_file, rows=slice(0, images))
-    for i in range(min(images, len(data["index"]))):
-        tag = f"image{int(data['index'][i]):05d}"
-        for name in (n for n in names if n.startswith("act/")):
-            saved.append(out / f"{tag}_maps_{name[4:]}.png")
-            _save(figures.feature_maps(data[name][i], name[4:], max_channels), saved[-1])
-        recs = {tuple(n.split("/")[1:3]): data[n][i] for n in names if n.startswith("deconv/")}
-        if recs:
-            saved.append(out / f"{tag}_deconv.png")
-            _save(figures.deconv_panel(data["images"][i], recs, f"{tag} (label {int(data['label'][i])})"), saved[-1])
-    inv = [n[len("invert/"):] for n in names if n.startswith("invert/")]
-    if inv:
-        rows = slice(0, 4)  # a few images: one figure of originals beside their inversions
-        more = store.read_shard(run.viz_file, ["images"] + [f"invert/{b}" for b in inv]
-                                + [f"invert_error/{b}" for b in inv], rows=rows)
-        saved.append(out / "inversions.png")
-        _save(figures.inversion_panel(more["images"], {b: more[f"invert/{b}"] for b in inv},
-                                      {b: more[f"invert_error/{b}"] for b in inv}), saved[-1])
-    return saved
-
-
-def _save(fig: Any, path: Path) -> None:
-    import io
-
-    from ..files import write_bytes
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    write_bytes(path, buf.getvalue())

@@ -9,7 +9,8 @@ import torch
 from hpcviz import dist
 from hpcviz.data import placement
 from hpcviz.config import TrainConfig
-from hpcviz.data.sources import channel_stats, fingerprint, load_images, split_indices
+from hpcviz.data.sources import fingerprint, load_images
+from hpcviz.data.transforms import channel_stats, split_indices
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def test_download_happens_once_on_rank_0(monkeypatch, tmp_path):
     def fake_load(spec, size, download=False, skip_bad=False):
         calls.append(("load", download))
         return load_images("builtin:2", 8)
-    monkeypatch.setattr("hpcviz.data.sources.load_images", fake_load)
+    monkeypatch.setattr("hpcviz.data.placement.load_images", fake_load)  # as placement calls it
     monkeypatch.setattr(dist, "barrier", lambda: calls.append(("barrier", None)))
     monkeypatch.setattr(dist, "is_dist", lambda: True)
     cfg = TrainConfig(data=f"cifar10:{tmp_path}", image_size=8, download=True)

@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from hpcviz.data.sources import BUILTIN_CLASSES, DATA_FORMS, DataError, ImageSet, augment, channel_stats, fingerprint, load_images, load_rows, make_builtin, normalize, resize_images, source_labels, split_indices
+from hpcviz.data.sources import BUILTIN_CLASSES, DATA_FORMS, DataError, ImageSet, fingerprint, load_images, load_rows, make_builtin, source_labels
+from hpcviz.data.transforms import augment, channel_stats, normalize, resize_images, split_indices
 from hpcviz.store import write_packed
 
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+from conftest import CIFAR_CLASSES, write_fake_cifar, write_image_folder, write_mixed_folder
+
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:
@@ -23,38 +25,6 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 
 # ----------------------------------------------------------------------------- fixtures
-def write_fake_cifar(root: Path, n: int = 4, bytes_keys: bool = False) -> dict[str, np.ndarray]:
-    """The torchvision layout root/cifar-10-batches-py, n images per batch file (md5s will not match)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
-    rng = np.random.default_rng(0)
-    written = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = [int(x) for x in rng.integers(0, 10, n)]
-        (folder / name).write_bytes(pickle.dumps({key("data"): data, key("labels"): labels}))
-        written[name] = data
-    (folder / "batches.meta").write_bytes(pickle.dumps({key("label_names"): CIFAR_CLASSES}))
-    return written
-
-
-def write_image_folder(root: Path, size: tuple[int, int] = (8, 8)) -> dict[str, np.ndarray]:
-    """root/{cat,ant}/ with two PNGs and a JPEG each (ant sorts first); returns the PNG pixels by path."""
-    rng = np.random.default_rng(1)
-    pngs = {}
-    for cls in ("cat", "ant"):
-        (root / cls).mkdir(parents=True)
-        for i, ext in enumerate(("png", "PNG", "jpg")):
-            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)  # (H, W, 3)
-            path = root / cls / f"img{i}.{ext}"
-            Image.fromarray(pixels).save(path, format="PNG" if ext.lower() == "png" else "JPEG")
-            if ext.lower() == "png":
-                pngs[str(path)] = pixels
-        (root / cls / "notes.txt").write_text("not an image, and not an image extension: ignored")
-    return pngs
-
-
 # ----------------------------------------------------------------------------- cifar10
 @pytest.mark.parametrize("bytes_keys", [False, True])
 def test_cifar10_train_and_test(tmp_path, bytes_keys):
@@ -136,19 +106,6 @@ def test_corrupt_file_error_and_skip_bad(tmp_path):
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "skipped 2" in warnings[0]
     assert "broken.jpg" in warnings[0] and "text.png" in warnings[0]
-
-
-def write_mixed_folder(root: Path) -> list[Path]:
-    """The write_image_folder set plus photos of other sizes (some already 6x6) and two unreadable files."""
-    write_image_folder(root)
-    rng = np.random.default_rng(2)
-    for i, (h, w) in enumerate([(12, 10), (6, 6), (30, 17), (12, 10), (6, 6)]):
-        cls = ("ant", "cat")[i % 2]
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / cls / f"x{i}.png")
-    bad = [root / "cat" / "broken.jpg", root / "ant" / "text.png"]
-    bad[0].write_bytes((root / "cat" / "img2.jpg").read_bytes()[:60])  # truncated JPEG
-    bad[1].write_text("hello")
-    return bad
 
 
 @pytest.mark.parametrize("batch,stream_bytes", [(256, None), (2, None), (3, 300)])

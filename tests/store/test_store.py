@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from hpcviz import store
 from hpcviz.store import (
     PACKED_FORMAT,
     SHARD_FORMAT,
@@ -24,6 +23,7 @@ from hpcviz.store import (
     StoreError,
     atomic_path,
     collate,
+    contents,
     dataset_stats,
     describe,
     list_datasets,
@@ -236,7 +236,7 @@ def assert_same_set(path: Path, spec: str, **load_kw) -> None:
 
 @pytest.mark.parametrize("skip", [False, True])
 def test_pack_data_streams_a_folder_like_the_whole_set(tmp_path, monkeypatch, skip):
-    from test_data import write_mixed_folder
+    from conftest import write_mixed_folder
     bad = write_mixed_folder(tmp_path / "folder")
     if not skip:
         for path in bad:
@@ -266,7 +266,7 @@ def test_pack_data_progress_lines_every_10_percent(caplog):
 
 
 def test_pack_data_stream_errors_leave_nothing(tmp_path, monkeypatch):
-    from test_data import write_mixed_folder
+    from conftest import write_mixed_folder
     bad = write_mixed_folder(tmp_path / "folder")
     out = tmp_path / "f.h5"
     code, err = pack_in_process(monkeypatch, tmp_path, "--data", str(tmp_path / "folder"), "--image-size", "6",
@@ -282,7 +282,7 @@ def test_pack_data_stream_errors_leave_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("source", ["builtin", "cifar10", "packed-chunked"])
 def test_pack_data_other_sources_in_chunks(tmp_path, monkeypatch, source):
-    from test_data import write_fake_cifar
+    from conftest import write_fake_cifar
     if source == "builtin":
         spec, kw = "builtin:3", {"image_size": 8}
     elif source == "cifar10":
@@ -799,7 +799,7 @@ def test_dataset_stats_and_read_image(tmp_path, monkeypatch):
     deconv[2, 0, 0, :3] = [np.nan, np.inf, -np.inf]
     deconv[4, 1] = 0.0
     write_shard(path, data)
-    monkeypatch.setattr(store.inspection, "_STATS_ELEMS", 100)  # 2 images per block: exercises the merge
+    monkeypatch.setattr(contents, "_STATS_ELEMS", 100)  # 2 images per block: exercises the merge
     stats = dataset_stats(path, "deconv/layer1.0/residual")
     finite = deconv[np.isfinite(deconv)].astype(np.float64)
     assert stats["shape"] == (7, 3, 4, 4) and stats["count"] == deconv.size and stats["finite"] == finite.size

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import torchvision
 
 from hpcviz.config import IMAGENET_MEAN, IMAGENET_STD, ImportConfig, TrainConfig
-from hpcviz.data.sources import channel_stats, fingerprint, load_images, normalize, split_indices
+from hpcviz.data.sources import fingerprint, load_images
+from hpcviz.data.transforms import channel_stats, normalize, split_indices
 from hpcviz.models import build_model, from_checkpoint
 from hpcviz.rundir import RunDir
 from hpcviz.train import checkpoint

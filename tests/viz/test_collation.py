@@ -7,7 +7,7 @@ import torch
 
 from hpcviz import store
 from hpcviz.config import VizConfig
-from hpcviz.data.sources import normalize
+from hpcviz.data.transforms import normalize
 from hpcviz.explain.dataset_examples import brute_force_topk, receptive_field, selectivity
 from hpcviz.models import from_checkpoint
 from hpcviz.rundir import RunDir

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hpcviz import store
-from hpcviz.data.sources import normalize
+from hpcviz.data.transforms import normalize
 from hpcviz.errors import InputError
 from hpcviz.explain.activations import dump_activations
 from hpcviz.launch.executors import submit_array

@@ -1,42 +1,48 @@
-"""The visualization array, launched: plan the request, submit the shards that are missing, wait, collate.
+"""Launching the visualization array: plan the request, submit the shards that are missing, wait, collate; then the
+projection array of the dataset examples.
 
 Everything about the request is checked before anything is written: the plan against the run's
 checkpoint and data, the plan against the one already in the run (another request needs `fresh`), and
 the executor (profile, GPUs). Only then are the old shards removed (`fresh`), the plan written and the
-tasks submitted; each task receives the run directory and its shard number (hpcviz.viz.run_shard).
+tasks submitted; each task receives the run directory and its shard number (hpcviz.viz.task.run_shard).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import submitit
 
+from .. import dist
 from ..config import LaunchConfig, VizConfig
-from ..launch.executors import LaunchError, make_executor, stage_launch, submit_array, wait_result
 from ..rundir import RunDir, RunLock
-from . import task as viz
-from .collation import plan_parts, project_part, stale_parts
+from ..viz.collation import collate
+from ..viz.plan import VizError, make_plan, shard_problems
+from ..viz.projection import plan_parts, project_part, stale_parts
+from ..viz.state import describe_problems, run_state
+from ..viz.task import run_shard
+from .executors import LaunchError, make_executor, stage_launch, submit_array, wait_result
 
 log = logging.getLogger("hpcviz")
 
 
-def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False, lock: RunLock | None = None,
-               figures: bool = True) -> dict[str, Any]:
+def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
+               lock: RunLock | None = None) -> dict[str, Any]:
     """Plan, submit the missing shards (one array, or a few past MaxArraySize), wait unless it is SLURM without
-    --wait, collate (and draw viz/figures/ unless `figures` is False: the pipeline's report draws its own).
+    --wait, collate; then the projections (the report draws every figure).
     `launch` is a request check_launch resolved. Returns {"plan", "todo", "ids", "failed": [one line per failed
-    task], "collation": viz.collate's summary, or None when submitted and not waited for}."""
+    task], "collation": collate's summary, or None when submitted and not waited for}."""
     run = RunDir(cfg.run_dir)
-    plan = viz.make_plan(cfg)
+    plan = make_plan(cfg)
     old = run.plan()
     replace = old is not None and not old.same_request(plan)
     if replace and not fresh:
-        raise viz.VizError(f"{run.viz_dir} holds shards of another request (other images, blocks or checkpoint); "
-                           "hint: pass --fresh to replace them, or repeat the earlier request")
-    todo = list(range(len(plan.shards))) if replace else sorted(run.shard_problems(plan))
+        raise VizError(f"{run.viz_dir} holds shards of another request (other images, blocks or checkpoint); "
+                       "hint: pass --fresh to replace them, or repeat the earlier request")
+    todo = list(range(len(plan.shards))) if replace else sorted(shard_problems(run, plan))
     launch = stage_launch(launch, "viz")
     ex = make_executor(launch, run.logs, f"hpcviz-viz-{run.path.resolve().name}") if todo else None
     # ---- nothing was written before this line: the whole request has been checked
@@ -46,11 +52,11 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False, loc
     run.write_config("viz", plan.to_dict()["config"])
     log.info("%d images in %d shards; %d to do", plan.n_images, len(plan.shards), len(todo))
     out: dict[str, Any] = {"plan": plan, "todo": todo, "ids": [], "failed": [], "collation": None,
-                           "projection_ids": [], "projection_failed": []}
+                           "projection_ids": [], "projection_failed": [], "incomplete": ""}
     run.update("viz", status="submitted", cluster=launch.cluster, n_shards=len(plan.shards),
                n_images=plan.n_images, planned=plan.planned, error="", missing_shards=[])
     if ex is not None:
-        out["ids"], jobs = submit_shards(run, ex, viz.run_shard, todo, launch, lock)
+        out["ids"], jobs = submit_shards(run, ex, run_shard, todo, launch, lock)
         if launch.cluster == "slurm" and not launch.wait:
             parts = len(plan_parts(run, plan))
             if parts:  # the second array, after the first; aggregation computes what it leaves undone
@@ -58,7 +64,7 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False, loc
                 out["projection_ids"], _ = submit_projections(run, pex, list(range(parts)), launch, lock)
             return out
         out["failed"] = wait_all(jobs, todo, launch)
-    out["collation"] = finish(run, plan, figures)
+    out["collation"] = finish(run, plan)
     if launch.cluster == "slurm" and not launch.wait:  # collating again: the projections are the aggregation's
         return out
     if plan.topk and out["collation"]["path"] is not None:
@@ -67,7 +73,9 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False, loc
             pex = stage_executor(launch, run, "project", "")
             out["projection_ids"], jobs = submit_projections(run, pex, stale, launch, lock)
             out["projection_failed"] = wait_all(jobs, stale, launch, what="projection part")
-            out["collation"] = finish(run, plan, figures=False)
+            out["collation"] = finish(run, plan)
+    bad = run_state(run).problems(("viz",))  # shards, viz.h5 and parts, verified ('' when whole)
+    out["incomplete"] = describe_problems(run, bad) if bad else ""
     return out
 
 
@@ -83,7 +91,7 @@ def stage_executor(launch: LaunchConfig, run: RunDir, stage: str, dependency: st
 
 def submit_projections(run: RunDir, ex: submitit.Executor, parts: list[int], launch: LaunchConfig,
                        lock: RunLock | None) -> tuple[list[str], list[submitit.Job]]:
-    """The projection array (hpcviz.collation.project_part): one task per part; the manifest and the lock
+    """The projection array (hpcviz.viz.projection.project_part): one task per part; the manifest and the lock
     learn its ids."""
     with _cores_shared(len(parts) if launch.cluster == "local" else 1):
         jobs = submit_array(ex, project_part, str(run.path), parts, launch.cluster, launch.throttle)
@@ -121,22 +129,19 @@ def submit_shards(run: RunDir, ex: submitit.Executor, fn: Any, shards: list[int]
 def _cores_shared(concurrent: int) -> Iterator[None]:
     """Local tasks all start at once: each gets its share of this machine's cores (dist.share_cores reads it;
     with every task on every core they run ~5x slower on 2 cores, measured)."""
-    import os
-
-    from ..dist import THREADS_VAR
     if concurrent <= 1:
         yield
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    before = os.environ.get(THREADS_VAR)
-    os.environ[THREADS_VAR] = str(max(1, cores // concurrent))  # the local executor copies our environment
+    before = os.environ.get(dist.THREADS_VAR)
+    os.environ[dist.THREADS_VAR] = str(max(1, cores // concurrent))  # the local executor copies our environment
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop(THREADS_VAR, None)
+            os.environ.pop(dist.THREADS_VAR, None)
         else:
-            os.environ[THREADS_VAR] = before
+            os.environ[dist.THREADS_VAR] = before
 
 
 def wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig, what: str = "shard") -> list[str]:
@@ -150,14 +155,12 @@ def wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig, 
     return failed
 
 
-def finish(run: RunDir, plan: Any, figures: bool = True) -> dict[str, Any]:
-    """Collate into viz/viz.h5, record the outcome in the manifest, draw viz/figures/ when asked."""
-    summary = viz.collate(run, plan)
+def finish(run: RunDir, plan: Any) -> dict[str, Any]:
+    """Collate into viz/viz.h5 and record the outcome in the manifest."""
+    summary = collate(run, plan)
     missing = [run.shard(k).name for k in sorted(summary["missing"])]
     whole = summary["path"] is not None and not missing and not summary.get("examples_error")
     status = "done" if whole else ("partial" if summary["path"] else "failed")
     run.update("viz", status=status, missing_shards=missing, n_images=summary["n_images"],
                error=summary.get("examples_error", "") if summary["path"] else summary.get("reason", ""))
-    if summary["n_images"] and figures:
-        log.info("%d figures in %s", len(viz.save_figures(run.path)), run.figures_dir)
     return summary
