@@ -19,10 +19,9 @@ import pytest
 
 from hpcviz import store
 from hpcviz.commands import pipeline as launch_pipeline
-from hpcviz.config import TrainConfig
+from hpcviz.config import TrainConfig, VizConfig
 from hpcviz.launch.pipeline import PipelineTrainJob, check_request
 from hpcviz.rundir import RunDir
-from hpcviz.viz import task as viz
 
 from conftest import ROOT, wait_until
 
@@ -113,9 +112,9 @@ def test_status_and_retry_of_a_run_that_is_not_there(tmp_path, capsys):
 
 def test_check_request_counts_tasks_and_the_train_job_requeues_as_itself():
     cfg = TrainConfig(arch="resnet20")
-    assert check_request(cfg, viz.VizConfig(images=5, tasks=8)) == 5  # never an empty shard
-    assert check_request(cfg, viz.VizConfig(indices=[1, 2, 3], tasks=2)) == 2
-    job = PipelineTrainJob(viz.VizConfig(run_dir="r", images=3))
+    assert check_request(cfg, VizConfig(images=5, tasks=8)) == 5  # never an empty shard
+    assert check_request(cfg, VizConfig(indices=[1, 2, 3], tasks=2)) == 2
+    job = PipelineTrainJob(VizConfig(run_dir="r", images=3))
     again = job.checkpoint(cfg)
     assert isinstance(again.function, PipelineTrainJob) and again.function.viz_cfg.images == 3
     assert again.args[0].resume == "auto"

@@ -9,9 +9,11 @@ from PIL import Image
 
 from hpcviz import store
 from hpcviz.commands import aggregate as job
+from hpcviz.config import VizConfig
 from hpcviz.report.aggregate import AggregateConfig, AggregateError, aggregate
 from hpcviz.rundir import RunDir
-from hpcviz.viz import task as viz
+from hpcviz.viz.plan import make_plan
+from hpcviz.viz.task import run_shard
 
 HOSTILE = ["<script>alert(1)", "cat & dog", "$\\foo$ math"]  # the last would crash matplotlib's mathtext
 FIGURES = {"training_curves", "class_accuracy", "confusion_matrix", "conv1_filters", "feature_maps_0",
@@ -37,11 +39,11 @@ def run(tmp_path_factory):
     run = root / "run"
     train(TrainConfig(data=str(root / "data"), image_size=16, arch="resnet20", epochs=1, batch_size=8, lr=0.05,
                       val_fraction=0.25, device="cpu", run_dir=str(run), log_every=1000))
-    plan = viz.make_plan(viz.VizConfig(run_dir=str(run), images=6, tasks=2, batch_size=4, invert_steps=10,
+    plan = make_plan(VizConfig(run_dir=str(run), images=6, tasks=2, batch_size=4, invert_steps=10,
                                        topk=3))  # 3 examples per channel: their projections are the slow part
     RunDir(run).write_plan(plan)
     for s in range(2):
-        viz.run_shard(str(run), s)
+        run_shard(str(run), s)
     return run
 
 
@@ -112,7 +114,7 @@ def test_missing_shard_is_named_and_rerun_fills_it(run, capsys):
     assert "--retry-failed" in md
     assert store.read_attrs(run / "viz" / "viz.h5")["n_images"] == 3  # the rest is still reported
     assert json.loads((run / "report" / "report.json").read_text())["missing_shards"] == ["shard-00001.h5"]
-    viz.run_shard(str(run), 1)
+    run_shard(str(run), 1)
     assert job.main(job.get_args_parser().parse_args(["--run", str(run)])) == 0
     after = store.read_shard(run / "viz" / "viz.h5")
     assert set(after) == set(before) and all(np.array_equal(after[k], before[k], equal_nan=True) for k in before)

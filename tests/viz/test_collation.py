@@ -12,7 +12,8 @@ from hpcviz.explain.dataset_examples import brute_force_topk, receptive_field, s
 from hpcviz.models import from_checkpoint
 from hpcviz.rundir import RunDir
 from hpcviz.viz.collation import collate
-from hpcviz.viz.task import make_plan, run_shard
+from hpcviz.viz.plan import make_plan
+from hpcviz.viz.task import run_shard
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_the_projection_array_task_computes_what_aggregation_would(run, tmp_path
     collation made, and collation then only presents it; a stale part is not presented without `project`."""
     import shutil
 
-    from hpcviz.viz.collation import project_part
+    from hpcviz.viz.projection import project_part
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     r = RunDir(copy)
@@ -211,8 +212,8 @@ def test_a_changed_checkpoint_stops_the_projections_not_the_collation(run, tmp_p
     import shutil
 
     from hpcviz.train import checkpoint
-    from hpcviz.viz.collation import project_part
-    from hpcviz.viz.task import VizError
+    from hpcviz.viz.projection import project_part
+    from hpcviz.viz.plan import VizError
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     r = RunDir(copy)

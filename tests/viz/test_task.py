@@ -6,15 +6,18 @@ import pytest
 import torch
 
 from hpcviz import store
+from hpcviz.config import AggregateConfig, VizConfig
 from hpcviz.data.transforms import normalize
 from hpcviz.errors import InputError
 from hpcviz.explain.activations import dump_activations
 from hpcviz.launch.executors import submit_array
 from hpcviz.log import LOGGER
 from hpcviz.models import from_checkpoint
+from hpcviz.report.aggregate import aggregate
 from hpcviz.rundir import RunDir
-from hpcviz.viz import task as viz
-from hpcviz.viz.task import VizConfig, VizError, balanced_sample, make_plan, plan_shards, run_shard
+from hpcviz.viz import task
+from hpcviz.viz.plan import VizError, balanced_sample, load_split, make_plan, plan_shards, shard_problem
+from hpcviz.viz.task import run_shard
 
 
 def shard_path(run, k):
@@ -22,7 +25,7 @@ def shard_path(run, k):
 
 
 def shard_done(run, k, plan):
-    return RunDir(run).shard_problem(k, plan) is None
+    return shard_problem(RunDir(run), k, plan) is None
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,7 @@ def test_shard_holds_what_the_network_computes(trained, caplog):
     # independent reference: rebuild the model and run the same pixels forward in one batch
     state = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
     model = from_checkpoint(state)
-    images, labels, _ = viz.load_split(state["config"], "val")
+    images, labels, _ = load_split(state["config"], "val")
     pos = plan.shards[1]
     assert np.array_equal(data["index"], pos)
     assert np.array_equal(data["images"], images[pos].numpy()) and np.array_equal(data["label"], labels[pos].numpy())
@@ -120,14 +123,14 @@ def test_rerun_skips_done_shards_and_redoes_a_killed_one(trained, monkeypatch):
 
     # a task killed mid-shard: the writer raises half way; nothing is accepted at the shard path
     calls = {"n": 0}
-    real = viz.dump_activations
+    real = task.dump_activations
 
     def dies(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
-    monkeypatch.setattr(viz, "dump_activations", dies)
+    monkeypatch.setattr(task, "dump_activations", dies)
     with pytest.raises(KeyboardInterrupt):
         run_shard(str(trained), 1)
     assert not shard_done(trained, 1, plan)  # the old shard-00001 (other blocks) or nothing
@@ -141,15 +144,15 @@ def test_rerun_skips_done_shards_and_redoes_a_killed_one(trained, monkeypatch):
 
 
 def test_figures_from_the_array_outputs(trained):
+    """The array's outputs drawn once, by the report (one figure path): filters, maps, deconvnet, inversions."""
     write_run_plan(trained, blocks=["conv1", "layer3.2"], deconv_blocks=["layer3.2"], paths=["both", "shortcut"])
     for s in (0, 1):
         run_shard(str(trained), s)
-    store.collate([shard_path(trained, s) for s in (0, 1)], trained / "viz" / "viz.h5")
-    saved = viz.save_figures(trained, images=1)
-    names = sorted(p.name for p in saved)
-    assert names[0] == "conv1_filters.png" and len(names) == 5  # filters, 2 map grids, deconv and inversion panels
-    assert "inversions.png" in names
-    assert any(n.endswith("_deconv.png") for n in names)
+    aggregate(AggregateConfig(run_dir=str(trained), images=1, invert_images=2, projections=False))
+    saved = sorted((trained / "report" / "figures").glob("*.png"))
+    names = [p.name for p in saved]
+    assert "conv1_filters.png" in names and "feature_maps_0.png" in names and "deconv_0.png" in names
+    assert "inversions.png" in names and not (trained / "viz" / "figures").exists()
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in saved)
 
 
