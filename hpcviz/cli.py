@@ -77,6 +77,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, title: str = "", 
             help_text = f"{' | '.join(c or repr(c) for c in f.metadata['choices'])}: {help_text}"
         kw: dict[str, Any] = dict(dest=_dest(f, prefix), default=None, help=help_text + _default_text(f))
         kind = hints[f.name]
+        if f.metadata.get("const") is not None:  # the flag alone means `const` (--resume: auto)
+            kw.update(nargs="?", const=f.metadata["const"])
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
         if kind is bool:
             kw["action"] = "store_false" if f.default is True else "store_true"
             if f.default is True:  # the field's help says what the default does; the flag turns it off
@@ -88,7 +92,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, title: str = "", 
             kw.update(type=names, metavar="A,B,...")
         else:
             kw["type"] = next(t for t in (int, float, str) if kind in (t, t | None))
-            if f.metadata.get("unit"):
+            if f.metadata.get("unit") and "metavar" not in kw:
                 kw["metavar"] = f.metadata["unit"].split()[0].upper()
         group.add_argument(flag_of(f, prefix), required=f.name in required, **kw)
 

@@ -40,10 +40,12 @@ class ConfigError(InputError):
 
 
 def option(default: Any = None, help: str = "", *, flag: str = "", unit: str = "", choices: Sequence[str] = (),
-           factory: Any = None, cli: bool = True) -> Any:
+           factory: Any = None, cli: bool = True, const: Any = None, metavar: str = "") -> Any:
     """A config field and its command-line option: `flag` (default --<name with dashes>), `help`, `unit`,
-    `choices` (shown in the help and checked by validate). `cli=False`: not an option."""
-    meta = {"help": help, "flag": flag, "unit": unit, "choices": tuple(choices), "cli": cli}
+    `choices` (shown in the help and checked by validate), `const`: the value of the flag given without one
+    (`--resume` alone), `metavar`. `cli=False`: not an option."""
+    meta = {"help": help, "flag": flag, "unit": unit, "choices": tuple(choices), "cli": cli, "const": const,
+            "metavar": metavar}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -161,9 +163,10 @@ class TrainConfig:
                                      "loading data)", flag="--dist-timeout", unit="minutes")
     collective_timeout_min: float = option(10.0, "every later collective (a hung rank ends the job)",
                                            flag="--collective-timeout", unit="minutes")
-    recipe: str = option("default", "named defaults; seed = the course report (lr 0.0005, batch 256, 900 "
-                         "epochs, no schedule)", cli=False)
-    resume: str = option("", "'' = fresh run, auto = the run's last checkpoint, or a checkpoint path", cli=False)
+    recipe: str = option("default", "default | seed: named defaults, that explicit options override; seed = the "
+                         "course report (ResNet-18, lr 0.0005, batch 256, 900 epochs, no schedule)")
+    resume: str = option("", "continue the run's last checkpoint (--resume alone: auto), or the checkpoint given "
+                         "('' = a fresh run)", const="auto", metavar="PATH")
     run_dir: str = option("results/default", "the run directory (default results/<arch>-<data>)", flag="--run")
 
     def resolved_stem(self) -> str:

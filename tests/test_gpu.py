@@ -115,30 +115,19 @@ def test_the_training_step_never_syncs(tmp_path, where):
     from hpcviz import dist
     from hpcviz.data.sources import fingerprint, load_images
     from hpcviz.store import write_packed
-    from hpcviz.train.loop import (
-        Meters,
-        Position,
-        StopRequest,
-        build_for_training,
-        make_optimizer,
-        prepare_data,
-        train_one_epoch,
-    )
+    from hpcviz.train.loop import prepare_data, train_steps
     ds = load_images("builtin:40", 16)
     path = tmp_path / "set.h5"
     write_packed(path, ds.images.numpy(), ds.labels.numpy(), ds.classes, {"fingerprint": fingerprint(ds)})
     cfg = _cfg(tmp_path, "sync", data=str(path), data_placement=where, epochs=3, log_every=25, amp="bf16")
     device = torch.device("cuda", 0)
     split = prepare_data(cfg, device)
-    raw, model = build_for_training(cfg, len(split.classes), device)
-    opt = make_optimizer(raw, cfg)
     steps = split.train.n // cfg.batch_size
-    stop = StopRequest(signals=())
-    train_one_epoch(model, opt, split, cfg, Position(0, 0), steps, Meters(), stop, lambda *a: None)  # warm-up
+    session = train_steps(cfg, split, steps)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        assert train_one_epoch(model, opt, split, cfg, Position(1, 0), steps, Meters(), stop, lambda *a: None)
+        train_steps(cfg, split, steps, session, epoch=1)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert dist.is_main()

@@ -19,7 +19,7 @@ import torch
 
 from .. import dist
 from ..config import TrainConfig
-from ..train.loop import prepare_data
+from ..train.loop import prepare_data, train_steps
 from .viz import time_project_steps
 
 
@@ -45,24 +45,12 @@ def throughput(cfg: TrainConfig, steps: int, rounds: int = 3) -> dict[str, Any]:
 def _rank(rank: int, port: int, cfg: TrainConfig, steps: int, done: Any) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from ..train.loop import (
-        Meters,
-        Position,
-        StopRequest,
-        build_for_training,
-        make_optimizer,
-        prepare_data,
-        train_one_epoch,
-    )
     dist.init(cfg.device if cfg.device != "auto" else "cpu")
     try:
         device = dist.pick_device(cfg.device)
         dist.share_cores()
         split = prepare_data(cfg, device)
-        raw, model = build_for_training(cfg, len(split.classes), device)
-        opt = make_optimizer(raw, cfg)
-        n = min(steps, split.train.n // cfg.batch_size)
-        train_one_epoch(model, opt, split, cfg, Position(), n, Meters(), StopRequest(signals=()), lambda *a: None)
+        train_steps(cfg, split, min(steps, split.train.n // cfg.batch_size))
         done.put((rank, split.placement))
     finally:
         dist.cleanup()

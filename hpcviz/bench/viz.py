@@ -11,7 +11,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from ..explain.inversion import InversionConfig, invert
 from ..models import block_names, build_model
 from ..rundir import RunDir
 from ..train import checkpoint
-from ..train.loop import Meters, Position, Split, StopRequest, make_optimizer, prepare_data, train, train_one_epoch
+from ..train.loop import Split, make_optimizer, prepare_data, train, train_steps
 from ..viz.plan import make_plan
 from ..viz.task import run_shard, visualize_shard
 
@@ -57,23 +57,14 @@ def _subset(split: Split, n: int) -> Split:
 
 
 def time_project_steps(cfg: TrainConfig, split: Split, steps: int, warmup: int = 3) -> float:
-    """Images/s of the project's own training step (train_one_epoch over `steps` batches)."""
-    device = split.device
+    """Images/s of the project's own training step (train_steps: `warmup` steps, then `steps` timed)."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, len(split.classes), cfg.stem).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # torch.compile of a module returns an OptimizedModule (an nn.Module), typed as a plain callable
-    run = cast(torch.nn.Module, torch.compile(model)) if cfg.compile else model
-    opt = make_optimizer(model, cfg)
-    stop = StopRequest(signals=())
-    no_save = lambda *a: None  # noqa: E731
-    c = dataclasses.replace(cfg, epochs=1, log_every=10 ** 9)
-    train_one_epoch(run, opt, _subset(split, warmup * cfg.batch_size), c, Position(), warmup, Meters(), stop, no_save)
-    _sync(device)
+    c = dataclasses.replace(cfg, epochs=1)
+    session = train_steps(c, _subset(split, warmup * cfg.batch_size), warmup)
+    _sync(split.device)
     t0 = time.perf_counter()
-    train_one_epoch(run, opt, _subset(split, steps * cfg.batch_size), c, Position(), steps, Meters(), stop, no_save)
-    _sync(device)
+    train_steps(c, _subset(split, steps * cfg.batch_size), steps, session)
+    _sync(split.device)
     return steps * cfg.batch_size / (time.perf_counter() - t0)
 
 

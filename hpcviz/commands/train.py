@@ -8,24 +8,15 @@ from pathlib import Path
 import submitit
 
 from ..cli import Parser, add_options, command, given
-from ..config import RECIPES, LaunchConfig, TrainConfig, config_from_dict, make_train_config
+from ..config import LaunchConfig, TrainConfig, config_from_dict, make_train_config
 from ..launch.executors import LaunchError, check_launch, submit_train, wait_result
 from ..log import setup_logging
 from ..rundir import RunDir, RunLock
 
 
-def add_train_options(p: argparse.ArgumentParser) -> None:
-    add_options(p, TrainConfig, title="training")
-    g = p.add_argument_group("training run")
-    g.add_argument("--recipe", default=None, help=f"{' | '.join(RECIPES)}: named defaults; seed = the course "
-                   "report (ResNet-18, lr 0.0005, batch 256, 900 epochs, no schedule)")
-    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                   help="continue the run's last checkpoint, or the checkpoint given")
-
-
 def get_args_parser(add_help: bool = False) -> Parser:
     p = Parser("launch_train.py", add_help=add_help, description="Train a ResNet with DDP.")
-    add_train_options(p)
+    add_options(p, TrainConfig, title="training")
     add_options(p, LaunchConfig, title="where to run")
     return p
 
@@ -37,8 +28,8 @@ def default_run(cfg: TrainConfig) -> str:
 
 def build_configs(args: argparse.Namespace) -> tuple[TrainConfig, LaunchConfig]:
     """The training and launch configs of a command line, checked in full (nothing read from the run yet)."""
-    overrides = {**given(args, TrainConfig), "resume": args.resume or ""}
-    cfg = make_train_config(overrides, args.recipe or "default")
+    overrides = given(args, TrainConfig)
+    cfg = make_train_config(overrides, overrides.pop("recipe", "default"))
     cfg.run_dir = cfg.run_dir if getattr(args, "run", None) else default_run(cfg)
     launch = check_launch(config_from_dict(LaunchConfig, given(args, LaunchConfig)), cfg.device)
     cfg.device = launch.job_device(cfg.device)

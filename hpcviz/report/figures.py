@@ -142,7 +142,8 @@ def deconv_panel(image: np.ndarray, recs: dict, title: str = "") -> Figure:
     paths = list(dict.fromkeys(p for _, p in recs))
     fig = _figure(1.6 * (len(paths) + 1), 1.5 * len(blocks) + 0.8, grid=True)
     axes = fig.subplots(len(blocks), len(paths) + 1, squeeze=False)
-    _tight(fig, title_lines=1 + bool(title), label_inches=0.5)
+    # the suptitle's lines, then the column headings (input, the paths) on a line of their own above the tiles
+    _tight(fig, title_lines=2 + bool(title), label_inches=0.5)
     for row, block in enumerate(blocks):
         axes[row, 0].imshow(tile_rgb(np.asarray(image)), interpolation="nearest")
         axes[row, 0].set_ylabel(block, fontsize=7)

@@ -13,6 +13,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..config import COMPRESSIONS
 from ..files import check_space, disk_full, fsync_path, is_disk_full, leftovers
 from ._common import (
     StoreError,
@@ -29,7 +30,6 @@ from ._common import (
 
 # ============================================================ shards: one file per array task
 SHARD_FORMAT = "hpcviz-shard-v1"
-COMPRESSIONS = (None, "gzip", "lzf")
 # chunks of whole images, about this many bytes: the per-chunk cost of HDF5 vanishes (one image per chunk was
 # 8 KiB at ResNet-20's deep blocks: 0.43 of raw write speed), and reading one image still reads one chunk.
 # Uncompressed chunks are assembled in memory from the batches and written whole, straight to the file
@@ -70,9 +70,10 @@ class ShardWriter:
     def __init__(self, path: str | os.PathLike, n: int, attrs: Mapping[str, Any],
                  compression: str | None = None) -> None:
         self.path, self.where = Path(path), f"shard {os.fspath(path)}"
-        if compression not in COMPRESSIONS:
-            raise StoreError(f"{self.where}: compression {compression!r} is not one of None, 'gzip', 'lzf'; "
-                             "hint: None is fastest, lzf is fast and h5py-only, gzip is smallest and portable")
+        if (compression or "") not in COMPRESSIONS:  # None or '' = none
+            raise StoreError(f"{self.where}: compression {compression!r} is not one of {COMPRESSIONS}; hint: none is "
+                             "fastest, lzf is fast and h5py-only, gzip is smallest and portable")
+        compression = compression or None
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise StoreError(f"{self.where}: n={n!r} must be an int >= 0 (images in the shard); "
                              "hint: pass len(indices)")

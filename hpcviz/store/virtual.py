@@ -106,6 +106,17 @@ def _virtual(f: h5py.File, name: str, meta: tuple, present: list[tuple[str, dict
     _set_attrs(ds, attrs, f"{where}: {name}")
 
 
+def _view_attrs(present: list[tuple[str, dict, dict]], missing: dict[str, str], n_images: int) -> dict[str, Any]:
+    """viz.h5's root attrs: those every present shard shares, and which shards it presents or misses."""
+    ref_root = present[0][1]
+    common = {k: v for k, v in ref_root.items() if all(r.get(k) == v for _, r, _ in present)}
+    return {**{k: v for k, v in common.items() if k not in _SHARD_RESERVED},
+            "format": VIZ_FORMAT, "shard_format": SHARD_FORMAT, "n": n_images, "n_images": n_images,
+            "shards": [rel for rel, _, _ in present], "missing_shards": list(missing),
+            "shard_created": [str(root.get("created", "")) for _, root, _ in present], "missing_reasons": missing,
+            "varying_attrs": sorted(set(ref_root) - set(common) - set(_SHARD_RESERVED)), "complete": not missing}
+
+
 def collate(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
             attrs: Mapping[str, Any] | None = None, sizes: Sequence[int] | None = None,
             excluded: Mapping[str | os.PathLike, str] | None = None, reduce: Reduce | None = None,
@@ -145,15 +156,8 @@ def collate(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLik
         if problem:
             raise StoreError(f"{where}: shard {rel} does not match {ref_rel}: {problem}; hint: rerun that shard's "
                              "array task with the same plan (or launch the visualization again with --fresh)")
-    common = {k: v for k, v in ref_root.items() if all(r.get(k) == v for _, r, _ in present)}
     n_images = sum(root["n"] for _, root, _ in present)
-    root_attrs = {**{k: v for k, v in common.items() if k not in _SHARD_RESERVED},
-                  "format": VIZ_FORMAT, "shard_format": SHARD_FORMAT, "n": n_images, "n_images": n_images,
-                  "shards": [rel for rel, _, _ in present], "missing_shards": list(missing),
-                  "shard_created": [str(root.get("created", "")) for _, root, _ in present],
-                  "missing_reasons": missing,
-                  "varying_attrs": sorted(set(ref_root) - set(common) - set(_SHARD_RESERVED)),
-                  "complete": not missing, **(attrs or {})}
+    root_attrs = {**_view_attrs(present, missing, n_images), **(attrs or {})}
     merged = reduce([read_summaries(out.parent / rel) for rel, _, _ in present], missing) if reduce else {}
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         for name, meta in ref.items():

@@ -262,6 +262,22 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, split: Split, 
     return True
 
 
+Session = tuple[nn.Module, nn.Module, torch.optim.Optimizer]  # (raw model, the model trained: DDP/compiled, optimizer)
+
+
+def train_steps(cfg: TrainConfig, split: Split, steps: int, session: Session | None = None, epoch: int = 0) -> Session:
+    """`steps` steps of the training step itself (train_one_epoch, as epoch `epoch`), with no checkpoint, stop signal
+    or log line: what the benchmarks time and the GPU check runs under its sync guard. `session`: the models and
+    optimizer of an earlier call to go on with (a warm-up), else fresh ones (build_for_training). Returns them."""
+    if session is None:
+        raw, model = build_for_training(cfg, len(split.classes), split.device)
+        session = (raw, model, make_optimizer(raw, cfg))
+    quiet = dataclasses.replace(cfg, log_every=10 ** 9)
+    train_one_epoch(session[1], session[2], split, quiet, Position(epoch, 0), steps, Meters(), StopRequest(signals=()),
+                    lambda *a: None)
+    return session
+
+
 def load_resume_state(cfg: TrainConfig, num_classes: int, fingerprint: str | None = None) -> dict[str, Any] | None:
     """The checkpoint to continue from, or None for a fresh run; refuses to overwrite an existing run."""
     ckpt_dir = RunDir(cfg.run_dir).checkpoints
@@ -347,17 +363,7 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: l
     resume = load_resume_state(cfg, len(split.classes), split.fingerprint)
     raw, model = build_for_training(cfg, len(split.classes), device)
     opt = make_optimizer(raw, cfg)
-    pos, meters = Position(), Meters()
-    if resume is not None:
-        raw.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        # the checkpoint holds the sums over all ranks: rank 0 carries them, the others start at 0
-        pos, meters = Position(resume["epoch"], resume["step"]), Meters(resume["meters"] if dist.is_main() else None)
-        log.info("resumed from %s at epoch %d step %d", resume["path"], pos.epoch + 1, pos.step)
-        # the weights expect the normalisation they were trained with: the same as the data's for a run trained
-        # here, but an imported run's (hpcviz.importing) may be ImageNet's
-        mean, std = resume["mean"], resume["std"]
-        split.mean, split.std = (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
+    pos, meters = _resume(resume, raw, opt, split) if resume is not None else (Position(), Meters())
     if dist.is_main():
         start_run_files(cfg, split, device, resume is not None, pos)
     started.append(True)
@@ -391,6 +397,21 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopRequest, started: l
             save(pos, meters)
             saved = time.monotonic()
     return final_eval(cfg, raw, split)
+
+
+def _resume(resume: dict[str, Any], raw: nn.Module, opt: torch.optim.Optimizer,
+            split: Split) -> tuple[Position, Meters]:
+    """The weights, optimizer, position and meters of the checkpoint `resume`; `split` takes its normalisation."""
+    raw.load_state_dict(resume["model"])
+    opt.load_state_dict(resume["optimizer"])
+    # the checkpoint holds the sums over all ranks: rank 0 carries them, the others start at 0
+    pos, meters = Position(resume["epoch"], resume["step"]), Meters(resume["meters"] if dist.is_main() else None)
+    log.info("resumed from %s at epoch %d step %d", resume["path"], pos.epoch + 1, pos.step)
+    # the weights expect the normalisation they were trained with: the same as the data's for a run trained
+    # here, but an imported run's (hpcviz.train.weights) may be ImageNet's
+    mean, std = resume["mean"], resume["std"]
+    split.mean, split.std = (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
+    return pos, meters
 
 
 def start_run_files(cfg: TrainConfig, split: Split, device: torch.device, resumed: bool, pos: Position) -> None:

@@ -212,8 +212,8 @@ def test_a_changed_checkpoint_stops_the_projections_not_the_collation(run, tmp_p
     import shutil
 
     from hpcviz.train import checkpoint
-    from hpcviz.viz.projection import project_part
     from hpcviz.viz.plan import VizError
+    from hpcviz.viz.projection import project_part
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     r = RunDir(copy)
