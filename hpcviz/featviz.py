@@ -69,6 +69,7 @@ class FeatvizConfig:
     window: int = 64                  # plateau: a row stops once its untransformed activation rose by less
     plateau: float = 0.02             # than this (relative) over the last `window` steps (0: never)
     seed: int = 0
+    batch: int = 0                    # rows optimised at once (0: all); more run in groups, one after another
     fast_forward: bool = True         # batch norm folded into the convolutions, channels-last on CPUs
     exact: bool = True                # deterministic max-pool backward on GPUs (ImageNet stem)
 
@@ -205,6 +206,18 @@ class Rows:
         return torch.cat(out)
 
 
+def channel_means(model: nn.Module | ForwardPlan, blocks: Sequence[str], channels: Sequence[torch.Tensor],
+                  x: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    """The plain, untransformed objective: each row's channel's spatial mean at its block, (R,) float32, for
+    normalised images x (R, 3, H, W) whose rows are block-major (len(channels[k]) rows of blocks[k], in
+    forward order). The stored `value` of a visualization, and how the benchmark measures any image."""
+    plan = model if isinstance(model, ForwardPlan) else ForwardPlan(model)
+    rows = Rows(plan, list(blocks), [torch.as_tensor(c, dtype=torch.int64) for c in channels], exact)
+    with torch.no_grad():
+        return rows.evaluate(x.to(plan.device, plan.dtype), torch.arange(len(x), device=plan.device),
+                             [len(c) for c in channels]).float()
+
+
 def _requests(plan: ForwardPlan, blocks: Mapping[str, Sequence[int] | None] | Sequence[str] | str,
               hw: tuple[int, int]) -> tuple[list[str], list[torch.Tensor]]:
     """(block names in forward order, each one's channels (int64)): validated by one probe forward."""
@@ -289,6 +302,18 @@ def _optimise(rows: Rows, param: Param, spec: torch.Tensor, theta: torch.Tensor,
     return out, steps, curve
 
 
+def _start(names: list[str], chans: list[torch.Tensor], cfg: FeatvizConfig, hw: tuple[int, int],
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's initial spectrum (R, 3, h, w//2+1, 2) and transforms (R, steps, 2, 3), from its own generator."""
+    specs, thetas = [], []
+    for b, cs in zip(names, chans):
+        for c in cs.tolist():
+            g = torch.Generator().manual_seed(row_seed(cfg.seed, b, c))
+            specs.append(cfg.init_std * torch.randn(3, hw[0], hw[1] // 2 + 1, 2, generator=g))
+            thetas.append(random_affines(g, cfg.steps, cfg, hw))
+    return torch.stack(specs).to(device), torch.stack(thetas).to(device)
+
+
 def visualize(model: nn.Module, blocks: Mapping[str, Sequence[int] | None] | Sequence[str] | str,
               cfg: FeatvizConfig | None = None, mean: Sequence[float] = CIFAR10_MEAN,
               std: Sequence[float] = CIFAR10_STD, image_size: int | tuple[int, int] = 32,
@@ -300,7 +325,8 @@ def visualize(model: nn.Module, blocks: Mapping[str, Sequence[int] | None] | Seq
     (C, 3, H, W) float32, normalised input space; "value": (C,) the channel's spatial mean activation at the
     block's output for x, untransformed (a plain forward of x gives it); "steps": (C,) int64 steps taken;
     "channels": (C,) int64; "curve": (C, 1 + checks) the untransformed value at the start and at each check,
-    held once the row stopped}}, on the CPU. progress(step, steps, running, rows) is called at each check."""
+    held once the row stopped}}, on the CPU. progress(step, steps, running, rows) is called at each check
+    (of each group of cfg.batch rows)."""
     cfg = cfg or FeatvizConfig()
     if cfg.steps < 1 or cfg.check_every < 1 or cfg.window % cfg.check_every:
         raise InputError(f"featviz steps {cfg.steps}, check_every {cfg.check_every}, window {cfg.window}: need "
@@ -314,23 +340,27 @@ def visualize(model: nn.Module, blocks: Mapping[str, Sequence[int] | None] | Seq
     fast = plan.folded(channels_last=cl) if cfg.fast_forward else plan
     names, chans = _requests(plan, blocks, hw)
     param = Param(hw, cfg, mean, std, color, plan.device)
-    specs, thetas = [], []
-    for b, cs in zip(names, chans):
-        for c in cs.tolist():
-            g = torch.Generator().manual_seed(row_seed(cfg.seed, b, c))
-            specs.append(cfg.init_std * torch.randn(3, hw[0], hw[1] // 2 + 1, 2, generator=g))
-            thetas.append(random_affines(g, cfg.steps, cfg, hw))
-    spec, theta = torch.stack(specs).to(plan.device), torch.stack(thetas).to(plan.device)
-    out, steps, curve = _optimise(Rows(fast, names, chans, cfg.exact, cl), param, spec, theta, cfg, progress)
-    with torch.no_grad():
-        x = param(out)
-        value = Rows(plan, names, chans, cfg.exact).evaluate(x.contiguous(), torch.arange(len(x), device=x.device),
-                                                            [len(c) for c in chans])
+    flat = [(i, c) for i, cs in enumerate(chans) for c in cs.tolist()]  # every row: (block number, channel)
+    size = cfg.batch or len(flat)
+    xs, values, steps, curves = [], [], [], []
+    for g0 in range(0, len(flat), size):  # groups of rows one after another (memory); the same rows alike
+        part = flat[g0:g0 + size]
+        idx = sorted({i for i, _ in part})
+        g_names, g_chans = [names[i] for i in idx], [torch.tensor([c for j, c in part if j == i]) for i in idx]
+        spec, theta = _start(g_names, g_chans, cfg, hw, plan.device)
+        out, st, cu = _optimise(Rows(fast, g_names, g_chans, cfg.exact, cl), param, spec, theta, cfg, progress)
+        with torch.no_grad():
+            x = param(out)
+        values.append(channel_means(plan, g_names, g_chans, x, cfg.exact).cpu())
+        xs.append(x.float().cpu())
+        steps.append(st)
+        curves.append(cu.float().cpu())
+    x, value, steps_all, curve = torch.cat(xs), torch.cat(values), torch.cat(steps), torch.cat(curves)
     res, start = {}, 0
     for b, cs in zip(names, chans):
         sl = slice(start, start + len(cs))
-        res[b] = {"x": x[sl].float().cpu(), "value": value[sl].float().cpu(), "steps": steps[sl].clone(),
-                  "channels": cs.clone(), "curve": curve[sl].float().cpu()}
+        res[b] = {"x": x[sl], "value": value[sl], "steps": steps_all[sl], "channels": cs.clone(),
+                  "curve": curve[sl]}
         start += len(cs)
     return res
 

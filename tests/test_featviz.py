@@ -272,6 +272,10 @@ def test_batched_rows_equal_one_channel_runs(net):
             one = visualize_channels(net, block, [c], cfg, MEAN, STD, 8)
             torch.testing.assert_close(one["x"][0], both[block]["x"][i], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(one["value"][0], both[block]["value"][i], atol=1e-4, rtol=1e-4)
+    groups = visualize(net, {"layer1.0": [0, 1, 3], "layer3.0": [2, 9]}, FeatvizConfig(**{**FAST, "plateau": 0.0,
+                       "batch": 2}), MEAN, STD, 8)  # rows in groups of 2, one group after another
+    for block in both:
+        torch.testing.assert_close(groups[block]["x"], both[block]["x"], atol=1e-4, rtol=1e-4)
 
 
 def test_bad_requests(net):
