@@ -36,6 +36,7 @@ import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ from torch import nn
 
 from .deconv import max_pool
 from .errors import InputError, JobError
-from .forward import ForwardPlan, PlanError
+from .forward import ForwardPlan, PlanError, apply
 from .inversion import CIFAR10_MEAN, CIFAR10_STD
 
 # Lucid's ImageNet colour correlation: U sqrt(S) of the RGB covariance (lucid/optvis/param/color.py)
@@ -57,8 +58,8 @@ class FeatvizError(JobError):
 
 @dataclass
 class FeatvizConfig:
-    steps: int = 256                  # at most this many Adam steps per channel
-    lr: float = 0.05                  # Adam step size on the (scaled) spectrum coefficients (Lucid's 0.05)
+    steps: int = 128                  # at most this many Adam steps per channel
+    lr: float = 0.2                   # Adam step size on the (scaled) spectrum coefficients (Lucid: 0.05)
     lr_end: float = 1.0               # the lr is cosine-annealed to lr * lr_end at `steps` (1: constant, Lucid's)
     decay_power: float = 1.0          # the spectrum is scaled by 1 / frequency^decay_power (Lucid's 1)
     init_std: float = 0.01            # std of the initial spectrum coefficients (Lucid's)
@@ -68,6 +69,8 @@ class FeatvizConfig:
     check_every: int = 16             # steps between checks (the untransformed activation; one host sync)
     window: int = 64                  # plateau: a row stops once its untransformed activation rose by less
     plateau: float = 0.02             # than this (relative) over the last `window` steps (0: never)
+    redirect: bool = True             # a channel that is off everywhere gets the gradient of its pre-activation
+    #                                   through the block's final ReLU until it fires (Lucid's redirected ReLU)
     seed: int = 0
     batch: int = 0                    # rows optimised at once (0: all); more run in groups, one after another
     fast_forward: bool = True         # batch norm folded into the convolutions, channels-last on CPUs
@@ -177,9 +180,51 @@ def row_seed(seed: int, block: str, channel: int) -> int:
 # --------------------------------------------------------------------------------------------
 # the rows and their objective
 
+class RedirectedReLU(torch.autograd.Function):
+    """relu(z) whose backward, for a row where the ReLU passes no gradient at all (a channel that is off
+    everywhere: its plain gradient is zero and it could never start), lets the gradient through wherever it
+    raises z (Lucid's redirected ReLU gradient); other rows get the plain ReLU gradient. z: (r, h, w)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        return z.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        z, = ctx.saved_tensors
+        plain = torch.where(z > 0, g, torch.zeros_like(g))
+        redirected = torch.where((z <= 0) & (g < 0), torch.zeros_like(g), g)
+        off = plain.flatten(1).abs().amax(1) == 0  # (r,) rows that would get no gradient
+        return torch.where(off.view(-1, 1, 1), redirected, plain)
+
+
+def stacked_pre_relu(plan: ForwardPlan, x: torch.Tensor, wanted: Sequence[str], sizes: Sequence[int],
+                     pooling: Any) -> list[torch.Tensor]:
+    """`ForwardPlan.stacked`, but each block's rows leave with the block's output BEFORE its final ReLU (the
+    same ops, so relu of it is the plain activation bit for bit)."""
+    idx = [plan.index(b) for b in wanted]
+    out: list[torch.Tensor] = []
+    z = apply(plan.stem[:-1], x.to(plan.dtype))  # the stem ends with its ReLU
+    k = 0
+    for i in range(len(plan.plan) + 1):
+        if i:  # the block's input: the previous output after its ReLU (and the stem's max-pool)
+            h = F.relu(z) if i > 1 else plan.pool_input(F.relu(z), pooling)
+            blk = plan.plan[i - 1]
+            z = apply(blk.residual, h) + (apply(blk.shortcut, h) if blk.shortcut else h)
+        while k < len(idx) and idx[k] == i:
+            out.append(z[:sizes[k]].float())
+            z = z[sizes[k]:]
+            k += 1
+        if k == len(idx):
+            break
+    return out
+
+
 class Rows:
     """The rows: (block, channel) pairs, block-major in forward order. `evaluate(x, rows, counts)` returns the
-    spatial mean activation of each row's channel at its block, (r,), in one stacked forward."""
+    spatial mean activation of each row's channel at its block, (r,), in one stacked forward; with
+    `redirect` its gradient goes through the block's final ReLU as `RedirectedReLU`'s (the value is the same)."""
 
     def __init__(self, plan: ForwardPlan, names: list[str], channels: list[torch.Tensor], exact: bool,
                  channels_last: bool = False) -> None:
@@ -192,16 +237,18 @@ class Rows:
         """How many of the (sorted) rows belong to each block (one host sync)."""
         return torch.bincount(self.block[rows], minlength=len(self.names)).tolist()
 
-    def evaluate(self, x: torch.Tensor, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def evaluate(self, x: torch.Tensor, rows: torch.Tensor, counts: list[int], redirect: bool = False) -> torch.Tensor:
         wanted = [b for b, k in zip(self.names, counts) if k]
         sizes = [k for k in counts if k]
         if self.channels_last:  # oneDNN's faster layout on CPUs (~10%, as the inversion's)
             x = x.contiguous(memory_format=torch.channels_last)
-        acts = self.plan.stacked(x, wanted, sizes, lambda h, p: max_pool(h, p, self.exact))
+        pool = lambda h, p: max_pool(h, p, self.exact)  # noqa: E731
+        acts = (stacked_pre_relu(self.plan, x, wanted, sizes, pool) if redirect else
+                self.plan.stacked(x, wanted, sizes, pool))
         out, start = [], 0
         for a in acts:  # (r_b, C, h, w) -> each row's own channel, averaged over space
-            ch = self.channel[rows[start:start + len(a)]]
-            out.append(a[torch.arange(len(a), device=a.device), ch].mean((-2, -1)))
+            one = a[torch.arange(len(a), device=a.device), self.channel[rows[start:start + len(a)]]]  # (r_b, h, w)
+            out.append((RedirectedReLU.apply(one) if redirect else one).mean((-2, -1)))
             start += len(a)
         return torch.cat(out)
 
@@ -264,7 +311,7 @@ def _optimise(rows: Rows, param: Param, spec: torch.Tensor, theta: torch.Tensor,
     for step in range(cfg.steps):
         lr = cfg.lr * (cfg.lr_end + (1 - cfg.lr_end) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
         p.requires_grad_(True)
-        f = rows.evaluate(transform(param(p), theta[:, step]), active, counts)
+        f = rows.evaluate(transform(param(p), theta[:, step]), active, counts, redirect=cfg.redirect)
         g, = torch.autograd.grad(f.sum(), p)
         p = p.detach()
         m.mul_(b1).add_(g, alpha=1 - b1)

@@ -285,3 +285,28 @@ def test_bad_requests(net):
         visualize(net, {"layer1.0": [4]}, FeatvizConfig(steps=1))
     with pytest.raises(InputError, match="window a multiple of check_every"):
         visualize(net, "layer1.0", FeatvizConfig(steps=8, check_every=3, window=8))
+
+
+def test_redirected_relu_by_hand():
+    from hpcviz.featviz import RedirectedReLU
+    z = torch.tensor([[[-1.0, 2.0], [-3.0, 0.5]],      # fires: the plain ReLU gradient
+                      [[-1.0, -2.0], [-0.5, -4.0]]],   # off everywhere: the gradient goes through where it raises z
+                     requires_grad=True)
+    g = torch.tensor([[[1.0, 2.0], [3.0, -4.0]], [[1.0, -2.0], [3.0, 4.0]]])
+    out = RedirectedReLU.apply(z)
+    assert torch.equal(out, z.detach().clamp_min(0))
+    grad, = torch.autograd.grad(out, z, g)
+    assert grad.tolist() == [[[0.0, 2.0], [0.0, -4.0]], [[1.0, 0.0], [3.0, 4.0]]]
+
+
+def test_pre_relu_forward_is_the_plain_forward_before_its_relu(net):
+    from hpcviz.featviz import stacked_pre_relu
+    for model, size in ((net, 8), (CifarResNet(1, 10, "imagenet", width=4).eval(), 16)):
+        plan = ForwardPlan(model)
+        x = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(0))
+        blocks, sizes = ["conv1", "layer1.0", "layer3.0"], [1, 2, 3]
+        pool = lambda h, p: p(h)  # noqa: E731
+        pre = stacked_pre_relu(plan, x, blocks, sizes, pool)
+        post = plan.stacked(x, blocks, sizes, pool)
+        for a, b in zip(pre, post):
+            assert torch.equal(torch.relu(a), b) and (a < 0).any()
