@@ -310,3 +310,28 @@ def test_pre_relu_forward_is_the_plain_forward_before_its_relu(net):
         post = plan.stacked(x, blocks, sizes, pool)
         for a, b in zip(pre, post):
             assert torch.equal(torch.relu(a), b) and (a < 0).any()
+
+
+# --- the benchmark's parts ----------------------------------------------------------------------------
+
+def test_row_costs_by_hand():
+    from hpcviz.bench_featviz import row_costs
+    c = row_costs("resnet20", 32)
+    conv1 = 16 * 3 * 9 * 32 * 32  # multiply-adds of the stem's conv (batch norm folded into it)
+    assert c["conv1"]["channels"] == 16 and c["conv1"]["flops"] == 2 * 2 * conv1  # forward + input gradient
+    assert c["layer3.2"]["channels"] == 64
+    assert c["layer1.0"]["flops"] - c["conv1"]["flops"] == 2 * 2 * 2 * 16 * 16 * 9 * 32 * 32  # two 16->16 convs
+    assert c["conv1"]["saved_bytes"] > 0 and c["layer3.2"]["saved_bytes"] > c["layer1.0"]["saved_bytes"]
+
+
+def test_bench_featviz_with_the_loop_baseline(net):
+    from hpcviz.bench_featviz import bench_featviz, pick_channels
+    chans = pick_channels(net, 8, 2)
+    assert chans["conv1"] == [0, 3] and chans["layer3.0"] == [0, 15]
+    small = {"conv1": chans["conv1"], "layer2.0": chans["layer2.0"]}
+    r = bench_featviz(net, MEAN, STD, 8, small, FeatvizConfig(**FAST), baseline="loop", baseline_steps=6)
+    assert r["baseline"] == "loop" and r["channels"] == 4 and len(r["per_channel"]) == 4
+    assert r["per_channel"][2] == {**r["per_channel"][2], "block": "layer2.0", "channel": 0}
+    ours = visualize(net, small, FeatvizConfig(**FAST), MEAN, STD, 8)
+    assert [p["ours"] for p in r["per_channel"]] == torch.cat([ours[b]["value"] for b in small]).tolist()
+    assert 0 <= r["ours_ge_baseline"] <= 1 and r["time_ratio"] > 0
