@@ -51,8 +51,9 @@ def pick_channels(model: nn.Module, size: int, per_block: int) -> dict[str, list
     """`per_block` channels of every block, evenly spaced from 0 to the last (0: all of them)."""
     from .forward import ForwardPlan
     from .models import block_names
+    plan = ForwardPlan(model)
     with torch.no_grad():
-        acts = ForwardPlan(model).run(torch.zeros(1, 3, size, size), block_names(model)[-1], lambda h, p: p(h))
+        acts = plan.run(torch.zeros(1, 3, size, size, device=plan.device), block_names(model)[-1], lambda h, p: p(h))
     out = {}
     for b, a in acts.items():
         n = a.shape[1]
@@ -69,8 +70,9 @@ def lucent_render(model: nn.Module, block: str, channel: int, mean: Sequence[flo
     if not hasattr(kornia, "get_rotation_matrix2d"):  # kornia >= 0.7 moved these; Lucent 0.1.8 calls the old names
         import kornia.geometry.transform as kgt
         kornia.get_rotation_matrix2d, kornia.warp_affine = kgt.get_rotation_matrix2d, kgt.warp_affine
-    m = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    dev = next(model.parameters()).device  # Lucent renders on CUDA where there is one
+    m = torch.as_tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
     layer = "relu" if block == "conv1" else block.replace(".", "_")  # the stem's output is its relu module's
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -107,6 +107,7 @@ def get_args_parser(add_help: bool = False) -> Parser:
     f.add_argument("--steps", type=int, default=0, help="0 = the default step limit of ours")
     f.add_argument("--project", action="store_true",
                    help="also project every channel of ResNet-50 at 224 px on one H200 (FLOPs, memory)")
+    f.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     f.add_argument("--out", default="results/benchmarks")
     g = sub.add_parser("gpu", help="the GPU check: pytest -m gpu and every benchmark on CUDA (< 8 min)")
     g.add_argument("--data", default="auto")
@@ -306,10 +307,12 @@ def run_examples(args: argparse.Namespace) -> dict:
 
 def run_featviz(args: argparse.Namespace) -> dict:
     from ..bench_featviz import bench_all_channels, bench_featviz, load_run, pick_channels, project_resnet50
-    from ..dist import share_cores
+    from ..dist import pick_device, share_cores
     from ..featviz import FeatvizConfig
     share_cores()  # $HPCVIZ_THREADS, else torch's default; both sides run on the same thread count
     model, mean, std, size, label = load_run(Path(args.run))
+    dev = pick_device(args.device)
+    model, label = model.to(dev), f"{label}, on {dev}"
     cfg = FeatvizConfig(steps=args.steps) if args.steps else FeatvizConfig()
     out: dict = {"model": label, "image_size": size}
     if args.per_block:
