@@ -96,6 +96,19 @@ def get_args_parser(add_help: bool = False) -> Parser:
     e.add_argument("--project-channels", type=int, default=16, help="channels per block whose projections are timed")
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     e.add_argument("--out", default="results/benchmarks")
+    f = sub.add_parser("featviz", help="feature visualization: every channel of a block batched vs Lucent's "
+                       "render_vis one channel at a time (activation reached, time per channel)")
+    f.add_argument("--run", required=True, help="a trained run: its network and normalisation")
+    f.add_argument("--per-block", type=int, default=2, help="channels per block compared with the baseline")
+    f.add_argument("--baseline", default="auto", choices=("auto", "lucent", "loop"),
+                   help="auto: Lucent if it imports, else our loop one channel at a time with its settings")
+    f.add_argument("--baseline-steps", type=int, default=512, help="steps of the baseline (Lucent's default 512)")
+    f.add_argument("--all", action="store_true", help="also time every channel of the network in one call")
+    f.add_argument("--steps", type=int, default=0, help="0 = the default step limit of ours")
+    f.add_argument("--project", action="store_true",
+                   help="also project every channel of ResNet-50 at 224 px on one H200 (FLOPs, memory)")
+    f.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    f.add_argument("--out", default="results/benchmarks")
     g = sub.add_parser("gpu", help="the GPU check: pytest -m gpu and every benchmark on CUDA (< 8 min)")
     g.add_argument("--data", default="auto")
     g.add_argument("--viz-images", type=int, default=256, help="images through the whole visualization stage")
@@ -293,6 +306,41 @@ def run_examples(args: argparse.Namespace) -> dict:
     return {"examples": r}
 
 
+def run_featviz(args: argparse.Namespace) -> dict:
+    from ..bench_featviz import bench_all_channels, bench_featviz, load_run, pick_channels, project_resnet50
+    from ..dist import pick_device, share_cores
+    from ..featviz import FeatvizConfig
+    share_cores()  # $HPCVIZ_THREADS, else torch's default; both sides run on the same thread count
+    model, mean, std, size, label = load_run(Path(args.run))
+    dev = pick_device(args.device)
+    model, label = model.to(dev), f"{label}, on {dev}"
+    cfg = FeatvizConfig(steps=args.steps) if args.steps else FeatvizConfig()
+    out: dict = {"model": label, "image_size": size}
+    if args.per_block:
+        r = out["compare"] = bench_featviz(model, mean, std, size, pick_channels(model, size, args.per_block), cfg,
+                                           args.baseline, args.baseline_steps)
+        print(f"featviz {label}, {r['channels']} channels ({args.per_block} per block) at {size} px, "
+              f"{r['threads']} threads; baseline: {r['baseline']} ({r['baseline_steps']} steps, one channel per call)")
+        print(f"  activation: ours >= baseline on {100 * r['ours_ge_baseline']:.0f}% of channels, median ratio "
+              f"{r['median_activation_ratio']:.2f} (ours {r['mean_steps']:.0f} steps on average, "
+              f"at most {r['max_steps']})")
+        print(f"  time per channel: ours {r['ours_s_per_channel']:.2f} s, baseline "
+              f"{r['baseline_s_per_channel']:.1f} s: {r['time_ratio']:.0f}x less")
+    if args.all:
+        a = out["all"] = bench_all_channels(model, mean, std, size, cfg)
+        print(f"  every channel ({a['channels']}) in one call: {a['seconds']:.0f} s ({a['s_per_channel']:.2f} s per "
+              f"channel, {a['mean_steps_all']:.0f} steps on average)")
+    if args.project:
+        steps = out.get("all", out.get("compare", {})).get("mean_steps_all", out.get("compare", {}).get("mean_steps"))
+        p = out["projection"] = project_resnet50(float(steps or cfg.steps), cfg.steps)
+        print(f"  projection (not a measurement), ResNet-50 at 224 px, all {p['channels']} channels on one H200 at "
+              f"{100 * p['efficiency']:.0f}% of peak: {p['tflop_per_step_all_rows']:.0f} TFLOP per step of all rows; "
+              + ", ".join(f"{k} {v['mean_steps']:.1f} min ({v['max_steps']:.1f} at {p['max_steps']} steps)"
+                          for k, v in p["minutes"].items())
+              + f"; {p['max_saved_MB_per_row_fp32']:.0f} MB per row: {p['rows_at_once_fp32']} rows at once (fp32)")
+    return {"featviz": out}
+
+
 def run_placement(args: argparse.Namespace) -> dict:
     from ..bench.placement import bench_placement
     from ..store import PackedReader
@@ -375,7 +423,8 @@ def _print_gpu_table(out: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     setup_logging()
     result = {"train": run_train, "dump": run_dump, "deconv": run_deconv, "invert": run_invert,
-              "placement": run_placement, "gpu": run_gpu, "viz": run_viz, "examples": run_examples}[args.bench](args)
+              "placement": run_placement, "gpu": run_gpu, "viz": run_viz, "examples": run_examples,
+              "featviz": run_featviz}[args.bench](args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.bench}-{time.strftime('%Y%m%d-%H%M%S')}.json"
