@@ -307,9 +307,9 @@ def run_examples(args: argparse.Namespace) -> dict:
 
 
 def run_featviz(args: argparse.Namespace) -> dict:
-    from ..bench_featviz import bench_all_channels, bench_featviz, load_run, pick_channels, project_resnet50
+    from ..bench.featviz import bench_all_channels, bench_featviz, load_run, pick_channels, project_resnet50
     from ..dist import pick_device, share_cores
-    from ..featviz import FeatvizConfig
+    from ..explain.featviz import FeatvizConfig
     share_cores()  # $HPCVIZ_THREADS, else torch's default; both sides run on the same thread count
     model, mean, std, size, label = load_run(Path(args.run))
     dev = pick_device(args.device)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hpcviz.errors import InputError
-from hpcviz.featviz import (
+from hpcviz.explain.featviz import (
     LUCID_COLOR,
     FeatvizConfig,
     Param,
@@ -23,7 +23,7 @@ from hpcviz.featviz import (
     visualize,
     visualize_channels,
 )
-from hpcviz.forward import ForwardPlan
+from hpcviz.explain.forward import ForwardPlan
 from hpcviz.models import CifarResNet
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.2, 0.3)
@@ -288,7 +288,7 @@ def test_bad_requests(net):
 
 
 def test_redirected_relu_by_hand():
-    from hpcviz.featviz import RedirectedReLU
+    from hpcviz.explain.featviz import RedirectedReLU
     z = torch.tensor([[[-1.0, 2.0], [-3.0, 0.5]],      # fires: the plain ReLU gradient
                       [[-1.0, -2.0], [-0.5, -4.0]]],   # off everywhere: the gradient goes through where it raises z
                      requires_grad=True)
@@ -300,7 +300,7 @@ def test_redirected_relu_by_hand():
 
 
 def test_pre_relu_forward_is_the_plain_forward_before_its_relu(net):
-    from hpcviz.featviz import stacked_pre_relu
+    from hpcviz.explain.featviz import stacked_pre_relu
     for model, size in ((net, 8), (CifarResNet(1, 10, "imagenet", width=4).eval(), 16)):
         plan = ForwardPlan(model)
         x = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -315,7 +315,7 @@ def test_pre_relu_forward_is_the_plain_forward_before_its_relu(net):
 # --- the benchmark's parts ----------------------------------------------------------------------------
 
 def test_row_costs_by_hand():
-    from hpcviz.bench_featviz import row_costs
+    from hpcviz.bench.featviz import row_costs
     c = row_costs("resnet20", 32)
     conv1 = 16 * 3 * 9 * 32 * 32  # multiply-adds of the stem's conv (batch norm folded into it)
     assert c["conv1"]["channels"] == 16 and c["conv1"]["flops"] == 2 * 2 * conv1  # forward + input gradient
@@ -325,7 +325,7 @@ def test_row_costs_by_hand():
 
 
 def test_bench_featviz_with_the_loop_baseline(net):
-    from hpcviz.bench_featviz import bench_featviz, pick_channels
+    from hpcviz.bench.featviz import bench_featviz, pick_channels
     chans = pick_channels(net, 8, 2)
     assert chans["conv1"] == [0, 3] and chans["layer3.0"] == [0, 15]
     small = {"conv1": chans["conv1"], "layer2.0": chans["layer2.0"]}

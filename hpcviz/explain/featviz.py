@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError, JobError
 from .deconv import max_pool
-from .errors import InputError, JobError
 from .forward import ForwardPlan, PlanError, apply
 from .inversion import CIFAR10_MEAN, CIFAR10_STD
 

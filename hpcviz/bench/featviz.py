@@ -30,27 +30,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from .featviz import FeatvizConfig, channel_means, visualize
+from ..config import default_stem
+from ..explain.featviz import FeatvizConfig, Rows, channel_means, visualize
+from ..explain.forward import ForwardPlan
+from ..models import block_names, build_model, from_checkpoint
+from ..rundir import RunDir
+from ..train.checkpoint import load_checkpoint
 
 __all__ = ["bench_featviz", "lucent_render", "pick_channels", "project_resnet50"]
 
 
 def load_run(run: Path) -> tuple[nn.Module, list[float], list[float], int, str]:
     """(model in eval mode on the CPU, mean, std, image size, a label) of a trained run."""
-    from .checkpoint import load_checkpoint
-    from .models import from_checkpoint
-    from .rundir import RunDir
     state = load_checkpoint(RunDir(run).checkpoints)
     cfg = state["config"]
-    from .config import default_stem
     label = f"{cfg['arch']} ({cfg.get('stem') or default_stem(cfg['arch'])} stem) trained, {run.name}"
     return from_checkpoint(state), list(state["mean"]), list(state["std"]), int(cfg.get("image_size", 32)), label
 
 
 def pick_channels(model: nn.Module, size: int, per_block: int) -> dict[str, list[int]]:
     """`per_block` channels of every block, evenly spaced from 0 to the last (0: all of them)."""
-    from .forward import ForwardPlan
-    from .models import block_names
     plan = ForwardPlan(model)
     with torch.no_grad():
         acts = plan.run(torch.zeros(1, 3, size, size, device=plan.device), block_names(model)[-1], lambda h, p: p(h))
@@ -139,7 +138,6 @@ def bench_featviz(model: nn.Module, mean: Sequence[float], std: Sequence[float],
 def bench_all_channels(model: nn.Module, mean: Sequence[float], std: Sequence[float], size: int,
                        cfg: FeatvizConfig | None = None) -> dict[str, Any]:
     """Every channel of every block in one call: total seconds, mean steps per block."""
-    from .models import block_names
     cfg = cfg or FeatvizConfig()
     t0 = time.perf_counter()
     out = visualize(model, block_names(model), cfg, mean, std, size)
@@ -169,9 +167,6 @@ def row_costs(arch: str = "resnet50", size: int = 224) -> dict[str, dict[str, fl
     bytes autograd saves for that backward, fp32 - counted on the meta device (nothing is computed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .featviz import Rows
-    from .forward import ForwardPlan
-    from .models import block_names, build_model
     with torch.device("meta"):
         model = build_model(arch, 1000).eval()
     plan = ForwardPlan(model).folded()
