@@ -403,7 +403,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Triple = tuple[float, float, float]
 
 
-def _train_option(name: str, **changes: Any) -> Any:
+def train_option(name: str, **changes: Any) -> Any:
     """TrainConfig's option `name` (default, help, flag, unit, choices), with `changes`: an option that means the
     same in both commands is defined once, and an imported run records the keys a trained run has."""
     f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
@@ -430,15 +430,15 @@ def _triple(flag: str, text: str, low: float, low_open: bool) -> Triple:
 class ImportConfig:
     weights: str = option("", "the state dict to import, in torchvision's layout: plain, or under a 'state_dict' or "
                           "'model' entry; 'module.' prefixes (DataParallel) are dropped")
-    arch: str = _train_option("arch")
-    stem: str = _train_option("stem")
-    data: str = _train_option("data", help=f"the data the model classifies: its classes, and the validation split "
+    arch: str = train_option("arch")
+    stem: str = train_option("stem")
+    data: str = train_option("data", help=f"the data the model classifies: its classes, and the validation split "
                               f"carved as training would: {DATA_HELP}")
-    image_size: int = _train_option("image_size")
-    val_fraction: float = _train_option("val_fraction")
-    split_seed: int = _train_option("split_seed")
-    skip_bad: bool = _train_option("skip_bad")
-    download: bool = _train_option("download")
+    image_size: int = train_option("image_size")
+    val_fraction: float = train_option("val_fraction")
+    split_seed: int = train_option("split_seed")
+    skip_bad: bool = train_option("skip_bad")
+    download: bool = train_option("download")
     normalize: str = option("imagenet", "the input normalisation the weights expect: imagenet = torchvision's "
                             "mean/std (its pretrained weights); data = the training split's statistics, as training "
                             "computes them (weights trained by hpcviz); custom = --mean and --std",
@@ -448,7 +448,7 @@ class ImportConfig:
     evaluate: bool = option(True, "evaluate on the validation and training splits (eval.json), as training does at "
                             "its end", flag="--no-eval")
     device: str = option("auto", "where to evaluate", choices=DEVICES)
-    eval_batch_size: int = _train_option("eval_batch_size")
+    eval_batch_size: int = train_option("eval_batch_size")
     run_dir: str = option("", "the run directory to make (it must not hold a run yet)", flag="--run")
 
     def stats(self) -> tuple[Triple, Triple] | None:

@@ -11,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
+
+from hpcviz.store import PACKED_FORMAT, ShardWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -131,3 +134,69 @@ def write_mixed_folder(root: Path) -> list[Path]:
     bad[0].write_bytes((root / "cat" / "img2.jpg").read_bytes()[:60])  # truncated JPEG
     bad[1].write_text("hello")
     return bad
+
+
+# ------------------------------------------------------------------------------------------ store fixtures
+CLASSES = ["a", "b", "c"]
+
+
+def tiny(n: int = 300, size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8), rng.integers(0, 3, n)
+
+
+def one_line(e: pytest.ExceptionInfo, path: Path) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "hint" in msg
+    return msg
+
+
+
+ROOT_ATTRS = {"run": "r1", "checkpoint_sha256": "ab" * 32, "arch": "resnet20", "image_size": 4, "lr": 0.1,
+              "flag": True, "class_names": ["cat", "dog"], "mean": [0.5, 0.25, 0.125],
+              "config": {"viz": {"split": "val", "blocks": ["layer1.0"]}, "epochs": 2}}
+DIMS = {"index": ("image",), "images": ("image", "channel", "y", "x"), "label": ("image",),
+        "logits": ("image", "class"), "act/layer1.0": ("image", "channel", "y", "x"),
+        "deconv/layer1.0/residual": ("image", "channel", "y", "x")}
+
+
+def shard_data(n: int, seed: int = 0, offset: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"index": np.arange(offset, offset + n, dtype=np.int64),
+            "images": rng.integers(0, 256, (n, 3, 4, 4), dtype=np.uint8),
+            "label": rng.integers(0, 2, n),
+            "logits": rng.standard_normal((n, 2)).astype(np.float32),
+            "act/layer1.0": rng.standard_normal((n, 5, 2, 2)).astype(np.float32),
+            "deconv/layer1.0/residual": rng.standard_normal((n, 3, 4, 4)).astype(np.float32)}
+
+
+def write_shard(path: Path, data: dict[str, np.ndarray], batch: int = 4, compression: str | None = None,
+                **attrs) -> dict[str, np.ndarray]:
+    """Write `data` in batches like an array task (act/* as float16); returns what should read back."""
+    n = len(data["index"])
+    with ShardWriter(path, n, {**ROOT_ATTRS, **attrs}, compression=compression) as w:
+        for name, array in data.items():
+            act = name.startswith("act/")
+            for start in range(0, n, batch):
+                w.write(name, start, array[start:start + batch], dims=DIMS[name],
+                        dtype=np.float16 if act else None, attrs={"block": "layer1.0"} if act else None)
+    with np.errstate(over="ignore"):  # planted overflows
+        return {k: v.astype(np.float16) if k.startswith("act/") else v for k, v in data.items()}
+
+
+def make_shards(folder: Path, sizes: list[int], **kw) -> tuple[list[Path], list[dict[str, np.ndarray]]]:
+    paths, datas, offset = [], [], 0
+    for k, n in enumerate(sizes):
+        paths.append(folder / f"shard-{k:05d}.h5")
+        datas.append(write_shard(paths[-1], shard_data(n, seed=k, offset=offset), shard=k, **kw))
+        offset += n
+    return paths, datas
+
+
+def write_chunked(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """A packed file in the layout written before /images became contiguous (chunked by 256 images)."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=images, chunks=(min(256, len(images)), *images.shape[1:]))
+        f.create_dataset("labels", data=labels.astype(np.int64))
+        f.attrs.update({"format": PACKED_FORMAT, "classes": '["a", "b", "c"]', "n": len(images),
+                        "image_size": images.shape[2], "height": images.shape[2], "width": images.shape[3]})

@@ -24,6 +24,7 @@ from ..errors import JobError
 from ..log import setup_logging
 from ..models import build_model
 from ..report.aggregate import aggregate
+from ..report.render import terminal_text
 from ..rundir import Manifest, RunDir, RunLock, now
 from ..scheduler import ACTIVE, latest_tasks, query_state, task_states
 from ..train.job import TrainJob
@@ -298,7 +299,7 @@ def render_status(rows: list[tuple[str, str, str, str]]) -> Any:
     for row in rows:
         first = row[2].split()[0].rstrip(":") if row[2] else ""
         style = "green" if row[2].startswith(("COMPLETED", "done")) else ("red" if first in _BAD else "")
-        table.add_row(*(Text(cell) for cell in row), style=style)
+        table.add_row(*(Text(terminal_text(cell)) for cell in row), style=style)
     return table
 
 
