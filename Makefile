@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hpcviz-installed
 DEMO_RUN ?= results/demo
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test check clean-demo
 
 setup: $(STAMP)
 
@@ -36,6 +36,13 @@ test: setup
 	$(VENV)/bin/ruff check hpcviz jobs tests
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
+
+# the fast loop while developing (<= 3 minutes on 2 cores): the same checks, then the tests not marked slow, slurm
+# or gpu; `make test` stays the whole suite, and CI runs it
+check: setup
+	$(VENV)/bin/ruff check hpcviz jobs tests
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -m "not slow and not slurm and not gpu"
 
 clean-demo:
 	rm -rf $(DEMO_RUN)

@@ -13,14 +13,14 @@ Packed layout (format ``hpcviz-packed-v1``)::
                 height, width, plus any caller attrs (source spec, fingerprint, created, ...)
 
 Shards (``hpcviz-shard-v1``, one per array task, written by `ShardWriter`) and their virtual
-view viz.h5 (``hpcviz-viz-v1``, written by `collate`) share the layout of docs/visualization.md ("The HDF5
+view viz.h5 (``hpcviz-viz-v1``, written by `write_view`) share the layout of docs/visualization.md ("The HDF5
 layout").
 Attributes: scalars and flat lists of str/numbers are stored natively (h5dump shows them); other
 values (dicts, nested lists) as JSON strings whose names are listed in the attr ``json_attrs``.
 
 Modules: _common (StoreError, atomic_path, attribute encoding, opening with clear errors, open_checked), packed
 (write_packed, PackedWriter, read_packed, PackedReader), shards (ShardWriter, verify_shard, read_shard, read_summaries,
-list_datasets, read_attrs), virtual (collate: the virtual view, write_arrays) and contents (describe, dataset_stats,
+list_datasets, read_attrs), virtual (write_view: the virtual view, write_arrays) and contents (describe, dataset_stats,
 read_image: what a file holds). Import from hpcviz.store; patch module-level settings (e.g. contents._STATS_ELEMS) in
 the submodule that uses them.
 """
@@ -40,10 +40,10 @@ from .shards import (
            read_summaries,
            verify_shard,
 )
-from .virtual import AGREE_ATTRS, VIZ_FORMAT, collate, write_arrays
+from .virtual import AGREE_ATTRS, VIZ_FORMAT, write_arrays, write_view
 
 __all__ = ["StoreError", "PACKED_FORMAT", "write_packed", "read_packed", "PackedWriter", "PackedReader",
            "fingerprint_blocks", "AGREE_ATTRS", "COMPRESSIONS", "BackgroundWriter",
            "atomic_path", "SHARD_FORMAT", "VIZ_FORMAT", "ShardWriter", "verify_shard", "read_shard",
-           "list_datasets", "read_attrs", "read_summaries", "collate", "write_arrays", "describe", "dataset_stats",
+           "list_datasets", "read_attrs", "read_summaries", "write_view", "write_arrays", "describe", "dataset_stats",
            "read_image", "open_checked"]

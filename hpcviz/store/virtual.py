@@ -1,4 +1,4 @@
-"""collate: one virtual view (viz.h5, ``hpcviz-viz-v1``) over the shards."""
+"""write_view: viz.h5 (``hpcviz-viz-v1``), one virtual view over the shards."""
 from __future__ import annotations
 
 import os
@@ -117,7 +117,7 @@ def _view_attrs(present: list[tuple[str, dict, dict]], missing: dict[str, str], 
             "varying_attrs": sorted(set(ref_root) - set(common) - set(_SHARD_RESERVED)), "complete": not missing}
 
 
-def collate(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
+def write_view(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
             attrs: Mapping[str, Any] | None = None, sizes: Sequence[int] | None = None,
             excluded: Mapping[str | os.PathLike, str] | None = None, reduce: Reduce | None = None,
             attach: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def collate(run: RunDir, plan: Plan | None, project: bool = False, device: str =
         return {**out, "reason": f"none of the {len(sizes)} visualization shards is present and this plan's"}
 
     def write(attach: list[Path]) -> dict[str, Any]:
-        return store.collate([run.shard(k) for k in good], run.viz_file,
+        return store.write_view([run.shard(k) for k in good], run.viz_file,
                              {"plan_checkpoint_sha256": plan.checkpoint_sha256}, sizes=[sizes[k] for k in good],
                              excluded={run.shard(k): why for k, why in missing.items()}, attach=attach,
                              reduce=(lambda parts, gone: reduce_summaries(parts, plan.blocks, plan.topk, gone))

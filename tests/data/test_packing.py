@@ -22,7 +22,7 @@ from hpcviz.store import (
     ShardWriter,
     StoreError,
     atomic_path,
-    collate,
+    write_view,
     contents,
     dataset_stats,
     describe,

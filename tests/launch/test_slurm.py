@@ -170,7 +170,7 @@ def test_viz_array_of_two_tasks_and_a_rerun_of_one(tmp_path):
                          r"deconv [\d.]+, inversion [\d.]+, write [\d.]+ s\)", log), log
     # a lost shard: reported by collation, then the rerun submits only that one
     (run / "viz" / "shards" / "shard-00001.h5").unlink()
-    summary = store.collate([run / "viz" / "shards" / f"shard-0000{i}.h5" for i in (0, 1)], run / "viz" / "viz.h5")
+    summary = store.write_view([run / "viz" / "shards" / f"shard-0000{i}.h5" for i in (0, 1)], run / "viz" / "viz.h5")
     assert summary["n_images"] == 10 and list(summary["missing"]) == ["shards/shard-00001.h5"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from hpcviz.report.inspection import render_stats, render_tree, summarize_run
-from hpcviz.store import ShardWriter, collate, dataset_stats, describe
+from hpcviz.store import ShardWriter, dataset_stats, describe, write_view
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,7 +49,7 @@ def make_run(run: Path) -> list[Path]:
     write_shard(paths[0], 4)
     write_shard(paths[1], 3, offset=4)
     (shards / "shard-00002.h5.tmp-4242").write_bytes(b"\x89HDF\r\n\x1a\n half")
-    collate(paths, run / "viz" / "viz.h5")
+    write_view(paths, run / "viz" / "viz.h5")
     (shards / "shard-00003.h5").write_text("not a shard")  # e.g. a file from elsewhere
     return paths
 

@@ -9,7 +9,6 @@ import pytest
 
 from hpcviz.store import (
     StoreError,
-    collate,
     contents,
     dataset_stats,
     describe,
@@ -18,6 +17,7 @@ from hpcviz.store import (
     read_image,
     read_shard,
     verify_shard,
+    write_view,
 )
 
 from conftest import DIMS, make_shards, one_line, shard_data, write_shard
@@ -84,7 +84,7 @@ def test_h5_tools_read_shard_and_viz(tmp_path):
         pytest.skip("h5ls/h5dump not on PATH (apt-get install -y hdf5-tools)")
     paths, _ = make_shards(tmp_path / "shards", [3, 2])
     viz = tmp_path / "viz.h5"
-    collate(paths, viz)
+    write_view(paths, viz)
     for path, n in [(paths[0], 3), (viz, 5)]:
         r = subprocess.run(["h5ls", "-r", str(path)], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr

@@ -1,4 +1,4 @@
-"""hpcviz.store: collate, the virtual view viz.h5 over the shards."""
+"""hpcviz.store: write_view, the virtual view viz.h5 over the shards."""
 from __future__ import annotations
 
 import os
@@ -13,13 +13,13 @@ from hpcviz.store import (
     VIZ_FORMAT,
     ShardWriter,
     StoreError,
-    collate,
     dataset_stats,
     describe,
     read_attrs,
     read_image,
     read_shard,
     verify_shard,
+    write_view,
 )
 
 from conftest import DIMS, ROOT_ATTRS, make_shards, one_line, shard_data, write_shard
@@ -30,7 +30,7 @@ def test_collate_is_the_concatenation_and_survives_a_move(tmp_path, monkeypatch)
     paths, datas = make_shards(run / "viz" / "shards", [5, 3, 4])
     viz = run / "viz" / "viz.h5"
     names = [f"shards/shard-{k:05d}.h5" for k in range(3)]
-    assert collate(paths, viz) == {"n_images": 12, "present": names, "missing": {}}
+    assert write_view(paths, viz) == {"n_images": 12, "present": names, "missing": {}}
     assert sorted(os.listdir(viz.parent)) == ["shards", "viz.h5"]
     want = {name: np.concatenate([d[name] for d in datas]) for name in DIMS}
 
@@ -63,7 +63,7 @@ def test_collate_leaves_out_missing_and_incomplete_shards(tmp_path):
     shutil.move(paths[2], folder / f"{paths[2].name}.tmp-99999")  # a killed writer's temp file
     with h5py.File(paths[3], "r+") as f:
         del f.attrs["complete"]  # finished writing data but never marked complete
-    result = collate(paths, tmp_path / "viz" / "viz.h5")
+    result = write_view(paths, tmp_path / "viz" / "viz.h5")
     assert result["n_images"] == 6 and result["present"] == ["shards/shard-00000.h5", "shards/shard-00004.h5"]
     reasons = result["missing"]
     assert list(reasons) == [f"shards/shard-0000{k}.h5" for k in (1, 2, 3)]
@@ -91,11 +91,11 @@ def test_collate_refuses_mismatched_shards(tmp_path, odd):
     odd_path = tmp_path / "shards" / "shard-00001.h5"
     write_shard(odd_path, data, **({"checkpoint_sha256": "cd" * 32} if odd == "checkpoint" else {}))
     with pytest.raises(StoreError) as e:
-        collate([*paths, odd_path], tmp_path / "viz.h5")
+        write_view([*paths, odd_path], tmp_path / "viz.h5")
     assert "shard shards/shard-00001.h5 does not match" in one_line(e, tmp_path / "viz.h5")
     assert not (tmp_path / "viz.h5").exists()
     with pytest.raises(StoreError, match="no complete shard"):
-        collate([tmp_path / "nope.h5"], tmp_path / "viz.h5")
+        write_view([tmp_path / "nope.h5"], tmp_path / "viz.h5")
 
 
 def test_collate_checks_planned_sizes_and_skips_empty_shards(tmp_path):
@@ -105,7 +105,7 @@ def test_collate_checks_planned_sizes_and_skips_empty_shards(tmp_path):
         for name, array in shard_data(0).items():
             w.write(name, 0, array, dims=DIMS[name], dtype=np.float16 if name.startswith("act/") else None)
     assert verify_shard(empty, 0)["n"] == 0
-    result = collate([*paths, empty], tmp_path / "viz.h5", sizes=[3, 5, 4, 0])
+    result = write_view([*paths, empty], tmp_path / "viz.h5", sizes=[3, 5, 4, 0])
     assert result["n_images"] == 7 and list(result["missing"]) == ["shards/shard-00001.h5"]
     assert "expected 5 rows" in result["missing"]["shards/shard-00001.h5"]
     got = read_shard(tmp_path / "viz.h5", ["index"])["index"]
@@ -115,7 +115,7 @@ def test_collate_checks_planned_sizes_and_skips_empty_shards(tmp_path):
 def test_virtual_file_with_a_deleted_source(tmp_path, monkeypatch):
     paths, _ = make_shards(tmp_path / "shards", [2, 3])
     viz = tmp_path / "viz.h5"
-    collate(paths, viz)
+    write_view(paths, viz)
     paths[1].unlink()
     for read in (lambda: read_shard(viz, ["images"]), lambda: dataset_stats(viz, "act/layer1.0"),
                  lambda: read_image(viz, "images", 0)):

@@ -139,7 +139,7 @@ def test_rerun_skips_done_shards_and_redoes_a_killed_one(trained, monkeypatch):
     run_shard(str(trained), 1)
     assert shard_done(trained, 1, plan)
     assert shard_path(trained, 0).stat().st_mtime_ns == mtime  # the good shard was not touched
-    summary = store.collate([shard_path(trained, s) for s in (0, 1)], trained / "viz" / "viz.h5")
+    summary = store.write_view([shard_path(trained, s) for s in (0, 1)], trained / "viz" / "viz.h5")
     assert summary["n_images"] == 12 and not summary["missing"]
 
 
