@@ -22,6 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def run_job(script: str, *args: object, timeout: float = 600, cpu: bool = False,
+            **kw: object) -> subprocess.CompletedProcess:
+    """`python jobs/SCRIPT ARGS` from the checkout, stdout and stderr captured as text: how tests run a command.
+    cpu: hide any GPU (CUDA_VISIBLE_DEVICES=''), for tests that promise CPU behaviour."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu else None
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
 def slurm_available() -> tuple[bool, str]:
     if not shutil.which("sinfo"):
         return False, "sinfo is not on PATH (start it with: bash slurm/testcluster.sh start)"

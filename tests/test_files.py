@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from hpcviz.errors import DiskFullError
 from hpcviz.files import atomic_path, check_space, fmt_bytes, free_bytes, write_bytes
 
-from conftest import ROOT
+from conftest import run_job
 
 
 def test_atomic_write_keeps_the_old_file_until_the_new_one_is_whole(tmp_path):
@@ -78,8 +77,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def cli(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    return run_job(script, *args)
 
 
 def one_line(r: subprocess.CompletedProcess, *parts: str) -> None:

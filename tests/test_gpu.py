@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import run_job
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible (the GPU check)")]
@@ -48,8 +48,7 @@ def test_local_cluster_with_one_gpu(tmp_path):
     run = tmp_path / "local"
     args = ["--arch", "resnet20", "--data", "builtin:20", "--image-size", "16", "--batch-size", "32",
             "--epochs", "1", "--lr", "0.05", "--cluster", "local", "--gpus", "1", "--run", str(run)]
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "launch_train.py"), *args], capture_output=True,
-                       text=True, timeout=600, cwd=ROOT)
+    r = run_job("launch_train.py", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((run / "manifest.json").read_text())["train"]["device"].startswith("cuda")
 

@@ -19,7 +19,7 @@ import pytest
 
 from hpcviz import store
 
-from conftest import ROOT
+from conftest import ROOT, run_job
 
 TRAIN = ["--cluster", "local", "--device", "cpu", "--data", "builtin:20", "--image-size", "16", "--arch", "resnet20",
          "--epochs", "1", "--batch-size", "32", "--lr", "0.05"]
@@ -198,8 +198,7 @@ def finished(tmp_path_factory) -> Path:
 
 def run_case(command: str, args: list[str], tmp: Path, run: Path) -> subprocess.CompletedProcess:
     args = [a.replace("{run}", str(run)).replace("{tmp}", str(tmp)) for a in args]
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / command), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    return run_job(command, *args, timeout=300, cpu=True)
 
 
 def test_every_bad_input_is_one_line_and_changes_nothing(finished, tmp_path):

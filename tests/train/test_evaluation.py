@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -8,7 +6,7 @@ import torch
 from hpcviz.models import build_model
 from hpcviz.train.evaluation import autocast_for, evaluate, remap_labels, summarize
 
-from conftest import ROOT
+from conftest import run_job
 
 
 def test_evaluate_matches_a_hand_count():
@@ -49,13 +47,11 @@ def test_evaluate_job_writes_eval_json(tmp_path, tiny_cfg):
     from hpcviz.train.loop import train
     cfg = tiny_cfg(epochs=1)
     train(cfg)
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--run", cfg.run_dir, "--data",
-                        "builtin:5", "--name", "extra"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = run_job("evaluate.py", "--run", cfg.run_dir, "--data", "builtin:5", "--name", "extra", timeout=120)
     assert r.returncode == 0, r.stderr
     ev = json.loads((tmp_path / "run" / "eval-extra.json").read_text())
     assert ev["n"] == 50 and sum(map(sum, ev["confusion"])) == 50 and ev["split"] == "extra"
-    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--run", cfg.run_dir, "--data",
-                          str(tmp_path / "nope")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    bad = run_job("evaluate.py", "--run", cfg.run_dir, "--data", tmp_path / "nope", timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no such directory" in bad.stderr
 
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from hpcviz.models import build_model, from_checkpoint
 from hpcviz.rundir import RunDir
 from hpcviz.train import checkpoint
 
-from conftest import ROOT
+from conftest import run_job
 
 R18 = ["--arch", "resnet18", "--data", "builtin:10", "--image-size", "32", "--device", "cpu"]
 # the visualization kept small: two blocks, deconvnet at one, no inversion
@@ -34,8 +32,7 @@ VIZ = ["--cluster", "debug", "--device", "cpu", "--images", "2", "--tasks", "1",
 
 
 def cli(script: str, *args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    return run_job(script, *args, timeout=300, cpu=True)
 
 
 def run_import(capsys, *args: object) -> tuple[int, str, list[str]]:
