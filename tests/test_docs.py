@@ -127,3 +127,32 @@ def test_a_broken_link_or_anchor_is_found(tmp_path):
                     '<img src="pic.png"> [web](https://example.org/x)\n')
     problems = broken_links(page, tmp_path)
     assert [p.split(": ", 2)[1] for p in problems] == ["docs/b.md", "docs/a.md#run-directory", "#nope", "pic.png"]
+
+
+CODE_PATH = re.compile(r"`((?:hpcviz|tests|jobs|slurm)/[\w/.-]*\w)`")
+DOTTED = re.compile(r"`(hpcviz(?:\.\w+)+)")
+
+
+def test_every_file_and_module_the_docs_name_exists():
+    """A page that names `tests/x.py`, `hpcviz/pkg/` or `hpcviz.pkg.module.function` names something that is
+    there (files move; the pages must follow)."""
+    import importlib
+    wrong = []
+    for page in markdown_files():
+        text = page.read_text(encoding="utf-8")
+        for path in CODE_PATH.findall(text):
+            if not (ROOT / path).exists():
+                wrong.append(f"{page.relative_to(ROOT)}: {path}")
+        for dotted in DOTTED.findall(text):
+            parts, obj = dotted.split("."), None
+            for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+                try:
+                    obj = importlib.import_module(".".join(parts[:cut]))
+                except ImportError:
+                    continue
+                for attr in parts[cut:]:
+                    obj = getattr(obj, attr, None)
+                break
+            if obj is None:
+                wrong.append(f"{page.relative_to(ROOT)}: {dotted}")
+    assert not wrong, wrong

@@ -25,7 +25,7 @@ import torch
 from .. import dist, store
 from ..config import ImportConfig, VizConfig
 from ..data.sources import peek
-from ..explain.dataset_examples import brute_force_topk, reduce_summaries
+from ..explain.dataset_examples import reduce_summaries
 from ..models import block_names, build_model
 from ..rundir import RunDir
 from ..train import checkpoint
@@ -35,7 +35,20 @@ from ..viz.plan import make_plan
 from ..viz.projection import merged_lists, project_range
 from ..viz.task import visualize_shard
 
-__all__ = ["bench_examples"]
+__all__ = ["bench_examples", "brute_force_topk"]
+
+
+def brute_force_topk(act: np.ndarray, index: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """The oracle of this benchmark and of the tests: the top-k of stored activations (N, C, h, w) with their
+    positions (N,), by sorting all (one pass, no merge)."""
+    n, c, h, w = act.shape
+    flat = np.asarray(act).reshape(n, c, h * w)
+    where = flat.argmax(axis=2)  # the first maximum, as the map
+    value = np.nan_to_num(flat.max(axis=2).astype(np.float32), nan=-np.inf)  # (N, C)
+    order = np.stack([np.lexsort((index, -value[:, j].astype(np.float64)))[:k] for j in range(c)])  # (C, k)
+    return {"value": value.T[np.arange(c)[:, None], order], "index": np.asarray(index)[order],
+            "y": (where.T[np.arange(c)[:, None], order] // w).astype(np.int32),
+            "x": (where.T[np.arange(c)[:, None], order] % w).astype(np.int32)}
 
 
 def make_scratch_run(scratch: Path, arch: str, stem: str, data: str, image_size: int) -> RunDir:

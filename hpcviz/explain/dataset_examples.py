@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import InputError
 from .forward import ForwardPlan
 
-__all__ = ["TopK", "merge_topk", "merge_class_means", "selectivity", "reduce_summaries", "brute_force_topk",
+__all__ = ["TopK", "merge_topk", "merge_class_means", "selectivity", "reduce_summaries",
            "receptive_field", "block_channels", "split_channels", "field_box", "crop", "shrink", "project",
            "TOPK_FIELDS"]
 
@@ -179,18 +179,6 @@ def reduce_summaries(parts: Sequence[Mapping[str, np.ndarray]], blocks: Sequence
 
 
 _SEL_WHAT = "class selectivity (mu_max - mu_rest) / (mu_max + mu_rest) of the class means (Morcos et al. 2018)"
-
-
-def brute_force_topk(act: np.ndarray, index: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """The reference: the top-k of stored activations (N, C, h, w) with their positions (N,), by sorting all."""
-    n, c, h, w = act.shape
-    flat = np.asarray(act).reshape(n, c, h * w)
-    where = flat.argmax(axis=2)  # the first maximum, as the map
-    value = np.nan_to_num(flat.max(axis=2).astype(np.float32), nan=-np.inf)  # (N, C)
-    order = np.stack([np.lexsort((index, -value[:, j].astype(np.float64)))[:k] for j in range(c)])  # (C, k)
-    return {"value": value.T[np.arange(c)[:, None], order], "index": np.asarray(index)[order],
-            "y": (where.T[np.arange(c)[:, None], order] // w).astype(np.int32),
-            "x": (where.T[np.arange(c)[:, None], order] % w).astype(np.int32)}
 
 
 # ============================================================ projection

@@ -22,7 +22,7 @@ from ..files import fmt_bytes
 from ..rundir import Plan, RunDir
 from ..train import checkpoint
 from ..viz.plan import shard_problem
-from ..viz.projection import plan_parts, stale_parts
+from ..viz.projection import part_states, plan_parts, stale_parts
 from .figures import examples_grid, image_grid
 from .render import terminal_text
 
@@ -225,13 +225,35 @@ def _viz(run: RunDir) -> RenderableType:
     return _text(line, "green" if complete else "yellow")
 
 
+def _projections(run: RunDir) -> list[RenderableType]:
+    """Every projection part of the plan (viz/examples/part-*.h5): done, missing or stale, and what it holds."""
+    plan, _ = _plan(run)
+    if plan is None or not plan.topk:
+        return []
+    if not run.viz_file.is_file():
+        return [_text("projection parts: waiting for viz/viz.h5 (they follow its merged top-k lists)")]
+    try:
+        states = part_states(run, plan)
+    except (store.StoreError, InputError) as e:
+        return [_text(f"projection parts: unreadable: {getattr(e, 'problem', e)}", "red")]
+    done = sum(state == "done" for _, state, _ in states)
+    table = Table()
+    for column in ("part", "status", "holds"):
+        table.add_column(column)
+    for i, state, detail in states:
+        if len(states) <= _MAX_SHARD_ROWS or state != "done":
+            _row(table, run.examples_part(i).name, state, detail, style=None if state == "done" else "red")
+    head = f"projection parts: {done} done of {len(states)} (viz/examples/)"
+    return [_text(head, "bold" if done == len(states) else "yellow"), table]
+
+
 def summarize_run(run_dir: str | Path) -> Group:
     """Stages and their status, config, accuracy, visualization shards and viz.h5 of a run directory;
     every file that does not exist yet is reported as 'not run yet'."""
     run = RunDir(run_dir)
     report = run.report_dir / "report.md"
     parts: list[RenderableType] = [_text(f"run {run}", "bold"), _stages(run.path), *_config_and_accuracy(run.path),
-                                   *_shards(run), _viz(run),
+                                   *_shards(run), _viz(run), *_projections(run),
                                    _text(f"report: {report if report.is_file() else NOT_RUN}")]
     return Group(*parts)
 

@@ -506,6 +506,9 @@ def test_issue20_foreign_projection_part(finished, tmp_path):
     r = run_case("inspect_results.py", [str(run), "--block", "layer3.1", "--channel", "5", "--png", str(png)],
                  finished, run)
     assert r.returncode == 0 and png.is_file(), r.stderr[-2000:]  # the other parts are this run's
+    r = run_case("inspect_results.py", [str(run)], finished, run)  # the run's summary lists the parts
+    assert r.returncode == 0 and "projection parts: 9 done of 10" in r.stdout, r.stdout
+    assert re.search(r"part-00009\.h5\s.*stale", r.stdout), r.stdout
 
 
 @pytest.mark.slow
@@ -517,10 +520,12 @@ def test_issue20_changed_checkpoint_says_why(finished, tmp_path):
     state = checkpoint.load_checkpoint(run / "checkpoints")
     state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
     checkpoint.save_checkpoint({k: v for k, v in state.items() if k not in ("path", "sha256")}, run / "checkpoints")
-    (run / "viz" / "examples" / "part-00003.h5").unlink()  # so that the aggregation must project again
+    part = run / "viz" / "examples" / "part-00003.h5"
+    block = store.read_attrs(part)["block"]
+    part.unlink()  # so that the aggregation must project this block again
     subprocess.run([sys.executable, str(ROOT / "jobs" / "aggregate.py"), "--run", str(run)], cwd=ROOT,
                    capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    r = run_case("inspect_results.py", [str(run), "--block", "layer3.2", "--channel", "5", "--png",
+    r = run_case("inspect_results.py", [str(run), "--block", block, "--channel", "5", "--png",
                                         str(tmp_path / "x.png")], finished, run)
     _one_error(r, 2, "checkpoints/last.pt changed since the visualization was planned")
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from hpcviz import store
+from hpcviz.bench.examples import brute_force_topk
 from hpcviz.bench.viz import captum_style_deconv
 from hpcviz.explain.dataset_examples import (
     TopK,
-    brute_force_topk,
     crop,
     field_box,
     merge_class_means,

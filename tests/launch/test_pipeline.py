@@ -171,7 +171,7 @@ def test_a_foreign_shard_is_missing_with_its_reason_everywhere(two_runs, tmp_pat
     assert "shard-00001.h5: not this plan's: made from another checkpoint" in md
     assert "## 4. Feature maps" in md  # the run's own images are still shown
     status = cli("launch_pipeline.py", "--run", str(run), "--status")
-    assert re.search(r"viz\[1\].*missing: not this plan's", status.stdout, re.S), status.stdout
+    assert re.search(r"viz\[1\].*foreign.*not this plan's", status.stdout, re.S), status.stdout
     summary = cli("inspect_results.py", str(run))
     assert "shard-00001.h5" in summary.stdout and "another checkpoint" in summary.stdout
     r = cli("launch_pipeline.py", "--run", str(run), "--retry-failed", "--cluster", "local")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from hpcviz import store
+from hpcviz.bench.examples import brute_force_topk
 from hpcviz.config import VizConfig
 from hpcviz.data.transforms import normalize
-from hpcviz.explain.dataset_examples import brute_force_topk, receptive_field, selectivity
+from hpcviz.explain.dataset_examples import receptive_field, selectivity
 from hpcviz.models import from_checkpoint
 from hpcviz.rundir import RunDir
 from hpcviz.viz.collation import collate
@@ -134,9 +135,12 @@ def test_the_projection_array_task_computes_what_aggregation_would(run, tmp_path
     plan = r.read_plan()
     collate(r, plan, project=True)
     before = store.read_shard(r.examples_part(3))
+    block = store.read_attrs(r.examples_part(3))["block"]
     r.examples_part(3).unlink()
-    assert collate(r, plan)["path"] is not None
-    assert not [n for n in store.list_datasets(r.viz_file) if n.startswith("examples/")]  # one part gone: none shown
+    out = collate(r, plan)
+    assert out["path"] is not None and block in out["examples_error"]
+    shown = {n.split("/")[1] for n in store.list_datasets(r.viz_file) if n.startswith("examples/")}
+    assert block not in shown and shown  # its block is left out, whole; the blocks whose parts are all current stay
     assert project_part(str(copy), 3) == str(r.examples_part(3))
     after = store.read_shard(r.examples_part(3))
     assert set(after) == set(before) and all(np.array_equal(after[n], before[n]) for n in before)
