@@ -50,6 +50,8 @@ A non-finite loss or x blowing up raises InversionError naming the block, step a
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -57,11 +59,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dist
 from .config import PRIORS
 from .deconv import max_pool
 from .errors import InputError, JobError
 from .forward import ForwardPlan, PlanError
-from .graphs import PaddedSteps
+from .graphs import StepCache
 from .rowopt import RowOptConfig, minimise
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -69,6 +72,8 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 _B_RATIO = 80.0 / 255.0     # the 2016 paper's typical pixel value B = 80 on a 0..255 range
 _V_RATIO = 1.0 / 6.5        # V = B / 6.5
 SOLVERS = ("lbfgs", "adam")
+PRECISIONS = ("auto", "exact", "bf16", "tf32")  # of the optimisation; the stored errors are always exact
+GPU_PRECISION = "bf16"      # what "auto" means on CUDA
 
 
 class InversionError(JobError, FloatingPointError):
@@ -98,6 +103,8 @@ class InversionConfig:
     fast_forward: bool = True         # batch norm folded into the convolutions, channels-last on CPUs (False:
     #                                   the plain functional forward of before, for the benchmark's baseline)
     graphs: bool = True               # on CUDA: each step a replayed CUDA graph (hpcviz.graphs)
+    precision: str = "auto"           # of the optimisation, one of PRECISIONS (auto: bf16 autocast on CUDA,
+    #                                   exact fp32 elsewhere); the stored error is recomputed in exact fp32
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,84 +190,133 @@ def _input_size(plan: ForwardPlan, block: str, hw: tuple[int, int]) -> tuple[int
 
 class Objective:
     """The per-row objective: rows are (block, image) pairs, block-major in forward order; row k is block
-    names[k // n], image k % n. Called with x (r, 3, H, W) and the sorted row numbers it holds, it returns
-    (E (r,), relative error (r,)) in one stacked forward (see the module docstring)."""
+    names[k // n], image k % n. `evaluate(x, images, sizes)` returns (E (r,), relative error (r,)) of x
+    (r, 3, H, W) in one stacked forward, sizes[j] rows being block names[j]'s and `images` their images.
+    The targets live in static buffers of `capacity` images that each batch's targets are copied into
+    (`load`), so a captured step serves every batch of a task."""
 
-    def __init__(self, plan: ForwardPlan, names: list[str], phi0: dict[str, torch.Tensor], hw: tuple[int, int],
-                 cfg: InversionConfig, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.plan, self.names, self.cfg = plan, names, cfg
-        self.n = phi0[names[0]].shape[0]
-        self.targets = phi0
-        self.norms = torch.cat([phi0[b].flatten(1).pow(2).sum(1) for b in names]).clamp_min(1e-12)  # (R,)
+    def __init__(self, plan: ForwardPlan, names: list[str], shapes: Sequence[Sequence[int]], capacity: int,
+                 hw: tuple[int, int], cfg: InversionConfig, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.plan, self.names, self.cfg, self.capacity, self.n = plan, names, cfg, capacity, 0
+        dev = plan.device
+        self.targets = [torch.zeros(capacity, *s, device=dev) for s in shapes]  # per block (N, C, h, w)
+        self.norms = torch.ones(len(names), capacity, device=dev)               # ||phi0||^2 per block, image
         c, (h, w) = 3, hw
         r, bval, vval = data_scale(mean, std)
         self.r = r
         self.lam_a = cfg.lambda_alpha / (c * h * w * bval ** cfg.alpha)
         self.lam_v = cfg.lambda_tv / (c * h * w * vval ** cfg.beta)
-        m = torch.as_tensor(mean, dtype=torch.float32, device=plan.device).view(1, -1, 1, 1)
-        s = torch.as_tensor(std, dtype=torch.float32, device=plan.device).view(1, -1, 1, 1)
+        m = torch.as_tensor(mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+        s = torch.as_tensor(std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
         self.lo, self.hi = (0 - m) / s, (1 - m) / s
-        self.channels_last = cfg.fast_forward and plan.device.type == "cpu"  # oneDNN: ~15% faster per step
+        self.precision = resolve_precision(cfg.precision, dev)
+        self.channels_last = channels_last(cfg, dev)
 
-    def counts(self, rows: torch.Tensor) -> list[int]:
-        """How many of the (sorted) rows belong to each block (one host sync)."""
-        return torch.bincount(torch.div(rows, self.n, rounding_mode="floor"), minlength=len(self.names)).tolist()
+    def load(self, phi0: dict[str, torch.Tensor]) -> None:
+        """This batch's targets into the static buffers."""
+        n = self.n = phi0[self.names[0]].shape[0]
+        assert n <= self.capacity, (n, self.capacity)
+        for j, b in enumerate(self.names):
+            self.targets[j][:n] = phi0[b]
+            self.norms[j, :n] = phi0[b].flatten(1).pow(2).sum(1).clamp_min(1e-12)
 
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.evaluate(x, rows, self.counts(rows))
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor,
+                 sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.evaluate(x, rows % self.n, sizes)
 
-    def evaluate(self, x: torch.Tensor, rows: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(E, error) of the rows, `counts` rows of each block: no host sync (a CUDA graph can capture it)."""
-        wanted = [b for b, k in zip(self.names, counts) if k]
-        sizes = [k for k in counts if k]
+    def evaluate(self, x: torch.Tensor, images: torch.Tensor,
+                 sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, error) of the rows: no host sync (a CUDA graph can capture it)."""
+        which = [j for j, k in enumerate(sizes) if k]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        phis = self.plan.stacked(x, wanted, sizes, lambda h, p: max_pool(h, p, self.cfg.exact))
-        images = rows % self.n
-        sse, start = [], 0
-        for b, p in zip(wanted, phis):
-            t = self.targets[b][images[start:start + len(p)]]
-            sse.append((p - t).flatten(1).pow(2).sum(1))
+        with _autocast(self.precision, x.device):
+            phis = self.plan.stacked(x, [self.names[j] for j in which], [sizes[j] for j in which],
+                                     lambda h, p: max_pool(h, p, self.cfg.exact))
+        sse, norms, start = [], [], 0
+        for j, p in zip(which, phis):
+            im = images[start:start + len(p)]
+            sse.append((p - self.targets[j][im]).flatten(1).pow(2).sum(1))
+            norms.append(self.norms[j][im])
             start += len(p)
         err2 = torch.cat(sse)
-        rel = err2 / self.norms[rows]
+        rel = err2 / torch.cat(norms)
         error = rel.detach().sqrt()
         if self.cfg.prior == "none":
             return err2, error
         return rel + self.lam_a * alpha_norm(x, self.cfg.alpha) + self.lam_v * tv_norm(x, self.cfg.beta), error
+
+    def exact_error(self, x: torch.Tensor) -> torch.Tensor:
+        """The relative feature error of every row of x (R, 3, H, W), recomputed in exact fp32 (no TF32, no
+        autocast) with the hard max-pool: what is stored, whatever the optimisation used."""
+        n, k = self.n, len(self.names)
+        with torch.no_grad(), dist.numerics(exact=True):
+            phis = self.plan.stacked(x.to(self.plan.device), self.names, [n] * k, lambda h, p: max_pool(h, p, False))
+        return torch.cat([relative_error(p, self.targets[j][:n]) for j, p in enumerate(phis)])
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto": bf16 autocast on CUDA (see GPU_PRECISION), exact fp32 elsewhere; else as given (tf32 off CUDA:
+    exact, there is no TF32 there)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r}: not one of {', '.join(PRECISIONS)}; hint: precision='auto'")
+    if precision == "auto":
+        return GPU_PRECISION if device.type == "cuda" else "exact"
+    return "exact" if precision == "tf32" and device.type != "cuda" else precision
+
+
+def channels_last(cfg: InversionConfig, device: torch.device) -> bool:
+    """Channels-last activations: on CPUs with the fast forward (oneDNN: ~15% faster per step), on GPUs
+    unless exact (tensor cores)."""
+    if device.type == "cpu":
+        return cfg.fast_forward
+    return cfg.fast_forward and resolve_precision(cfg.precision, device) != "exact"
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    # cache off: a cast weight cached across a CUDA graph's capture would be freed under it
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+def _numerics(precision: str) -> contextlib.AbstractContextManager:
+    """TF32 for "tf32"; no TF32 for "exact"; as the task set them otherwise (bf16 autocast decides)."""
+    if precision == "tf32":
+        return dist.numerics(exact=False)
+    return dist.numerics(exact=True) if precision == "exact" else contextlib.nullcontext()
 
 
 def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
            images: torch.Tensor | None = None, blocks: Sequence[str] | str | None = None,
            cfg: InversionConfig | None = None, mean: Sequence[float] = CIFAR10_MEAN,
            std: Sequence[float] = CIFAR10_STD, input_size: tuple[int, int] | None = None,
-           progress: Callable[[int, int, int, int], None] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+           progress: Callable[[int, int, int, int], None] | None = None,
+           cache: StepCache | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Inversions of `blocks` (default: the keys of `targets`, else every block) for a batch.
 
     images: the normalised network input (B, 3, H, W) the targets are taken from; or targets:
     {block: (B, C, h, w)} stored activations (H, W from `input_size` or inferred). mean/std: the
     per-channel normalisation of the input (the data range; see the module doc for the lambdas).
     Returns {block: {"x": (B, 3, H, W) float32 on the CPU, normalised input space; "error": (B,)
-    relative feature error ||phi(x)-phi0||/||phi0|| of the final x; "steps": (B,) int64, the steps each
-    took; "loss": (B, cfg.steps) objective per image and step, held at its last value once the image
-    stopped}}. progress(step, steps, running, rows) is called at each check (every few steps): step k of at
-    most `steps`, and how many of the (block, image) rows are still running. Raises InversionError if it
-    diverges, InputError on bad input."""
+    relative feature error ||phi(x)-phi0||/||phi0|| of the final x, exact fp32; "steps": (B,) int64, the
+    steps each took; "loss": (B, cfg.steps) objective per image and step, held at its last value once the
+    image stopped}}. progress(step, steps, running, rows) is called at each check (every few steps): step k
+    of at most `steps`, and how many of the (block, image) rows are still running. cache: the array task's
+    StepCache (its objective and captured steps serve every batch); default: a new one. Raises
+    InversionError if it diverges, InputError on bad input."""
     cfg = cfg or InversionConfig()
-    if cfg.prior not in PRIORS:
-        raise InputError(f"prior {cfg.prior!r}: not one of {', '.join(PRIORS)}; hint: prior='tv'")
-    if cfg.solver not in SOLVERS:
-        raise InputError(f"solver {cfg.solver!r}: not one of {', '.join(SOLVERS)}; hint: solver='lbfgs'")
-    if cfg.steps < 1:
-        raise InputError(f"steps {cfg.steps}: need >= 1")
-    try:
-        plan = ForwardPlan(model)
-        plan = plan.folded(channels_last=plan.device.type == "cpu") if cfg.fast_forward else plan
-    except PlanError as e:
-        raise InputError(str(e)) from None
+    _validate(cfg)
+    cache = cache if cache is not None else StepCache(graphs=cfg.graphs)
+    plan = cache.get("plan", (model, cfg.fast_forward, channels_last(cfg, _device(model))),
+                     lambda: _forward_plan(model, cfg))
     names, phi0, (h, w) = make_targets(plan, blocks, images=images, stored=targets, input_size=input_size)
-    objective = Objective(plan, names, phi0, (h, w), cfg, mean, std)
-    n, rows = objective.n, len(names) * objective.n
+    n = phi0[names[0]].shape[0]
+    key = (plan, tuple(names), (h, w), _objective_key(cfg), tuple(mean), tuple(std))
+    objective = cache.get("objective", key, lambda: Objective(
+        plan, names, [phi0[b].shape[1:] for b in names], n, (h, w), cfg, mean, std), lambda o: o.capacity >= n)
+    objective.load(phi0)
+    rows = len(names) * n
     g = torch.Generator().manual_seed(int(cfg.seed))
     noise = (cfg.init_scale * objective.r) * torch.randn(1, 3, h, w, generator=g)  # the same start for every row
     x0 = noise.to(plan.device).expand(rows, 3, h, w).clone()
@@ -276,28 +332,57 @@ def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
         check(step, running, f)
         if progress is not None:
             progress(step + 1, cfg.steps, len(running), rows)
-    steps = PaddedSteps(objective, plan.device) if cfg.graphs and plan.device.type == "cuda" else None
-    result = minimise(objective, x0, opt, lo, hi, objective.r, on_check, steps)
-    if not torch.isfinite(result.x).all().item() or not torch.isfinite(result.value).all().item():
+    groups = [j for j in range(len(names)) for _ in range(n)]
+    with _numerics(objective.precision):
+        result = minimise(objective, x0, opt, lo, hi, objective.r, on_check, cache.value_grad(plan.device),
+                          groups, cache.bucket(plan.device))
+    if not torch.isfinite(result.x).all().item():
         raise InversionError(f"inversion of blocks {','.join(names)}: non-finite x after {cfg.steps} steps; "
                              "hint: lower lr or raise lambda_tv")
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for j, b in enumerate(names):
-        sl = slice(j * n, (j + 1) * n)
-        out[b] = {"x": result.x[sl].float().cpu(), "error": result.err[sl].float().cpu(),
-                  "steps": result.steps[sl].cpu(), "loss": result.curves[sl].float().cpu()}
-    return out
+    host = [t.cpu() for t in (result.x.float(), objective.exact_error(result.x).float(), result.steps,
+                              result.curves.float())]  # one copy each, then views per block
+    return {b: dict(zip(("x", "error", "steps", "loss"), (t[j * n:(j + 1) * n] for t in host)))
+            for j, b in enumerate(names)}
+
+
+def _validate(cfg: InversionConfig) -> None:
+    if cfg.prior not in PRIORS:
+        raise InputError(f"prior {cfg.prior!r}: not one of {', '.join(PRIORS)}; hint: prior='tv'")
+    if cfg.solver not in SOLVERS:
+        raise InputError(f"solver {cfg.solver!r}: not one of {', '.join(SOLVERS)}; hint: solver='lbfgs'")
+    if cfg.steps < 1:
+        raise InputError(f"steps {cfg.steps}: need >= 1")
+    resolve_precision(cfg.precision, torch.device("cpu"))
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _forward_plan(model: nn.Module, cfg: InversionConfig) -> ForwardPlan:
+    try:
+        plan = ForwardPlan(model)
+        return plan.folded(channels_last=channels_last(cfg, plan.device)) if cfg.fast_forward else plan
+    except PlanError as e:
+        raise InputError(str(e)) from None
+
+
+def _objective_key(cfg: InversionConfig) -> tuple:
+    """The config fields a captured step depends on."""
+    return (cfg.prior, cfg.alpha, cfg.beta, cfg.lambda_alpha, cfg.lambda_tv, cfg.exact, cfg.fast_forward,
+            cfg.precision)
 
 
 def _divergence_check(names: list[str], n: int,
                       cfg: InversionConfig) -> Callable[[int, torch.Tensor, torch.Tensor], None]:
     """A check of the running rows' objectives: a non-finite value is an InversionError naming the block."""
-    def check(step: int, rows: torch.Tensor, f: torch.Tensor) -> None:
-        bad = ~torch.isfinite(f)
-        if bad.any().item():
-            row = int(rows[bad.nonzero()[0, 0]])
+    def check(step: int, rows: torch.Tensor, f: torch.Tensor) -> None:  # host tensors (rowopt's check)
+        bad = [(int(r), v) for r, v in zip(rows.tolist(), f.tolist()) if not math.isfinite(v)]
+        if bad:
+            row, value = bad[0]
             raise InversionError(
                 f"inversion of block {names[row // n]} diverged at step {step + 1}/{cfg.steps} (image {row % n}, "
-                f"loss {f[bad][0].item()}); hint: lower lr (now {cfg.lr:g}) or raise lambda_tv "
+                f"loss {value}); hint: lower lr (now {cfg.lr:g}) or raise lambda_tv "
                 f"(now {cfg.lambda_tv:g}), or keep clamp=True")
     return check

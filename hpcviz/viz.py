@@ -143,9 +143,11 @@ def resolve_invert_blocks(model: torch.nn.Module, spec: list[str]) -> list[str]:
 
 
 def _write_inversions(w: store.BackgroundWriter, model: torch.nn.Module, x: torch.Tensor, plan: Plan,
-                      state: dict[str, Any], start: int, progress: Any = None, fast_forward: bool = True) -> None:
+                      state: dict[str, Any], start: int, progress: Any = None, fast_forward: bool = True,
+                      cache: Any = None) -> None:
     """invert/<block> (raw, normalised input space, float32), invert_error/<block> (relative feature error)
-    and invert_steps/<block> (the optimiser steps each image took before it stopped)."""
+    and invert_steps/<block> (the optimiser steps each image took before it stopped). cache: the task's
+    hpcviz.graphs.StepCache (its captured steps serve every batch)."""
     from .inversion import InversionConfig, invert
     icfg = InversionConfig(prior=plan.prior, exact=not plan.fast, target=plan.invert_target,
                            solver=plan.invert_solver, fast_forward=fast_forward)
@@ -154,7 +156,7 @@ def _write_inversions(w: store.BackgroundWriter, model: torch.nn.Module, x: torc
     if not plan.invert_target:  # 0: every step, as before stopping rules existed
         icfg.window = 0
     out = invert(model, images=x, blocks=plan.invert_blocks, cfg=icfg, mean=state["mean"], std=state["std"],
-                 progress=progress)
+                 progress=progress, cache=cache)
     for block, r in out.items():
         w.write(f"invert/{block}", start, r["x"].float().cpu().numpy(), dims=("image", "channel", "y", "x"),
                 attrs={"block": block, "max_steps": icfg.steps, "target": icfg.target, "prior": icfg.prior,
@@ -262,6 +264,8 @@ def visualize_shard(run: RunDir, shard: int, plan: Plan, state: dict[str, Any], 
     attrs = {**_root_attrs(run, plan, state, shard), "device": dist.describe_device(device)}
     topk = TopK(plan.topk, len(state["classes"])) if plan.topk else None
     pos_dev, labels_dev = pos.to(device), labels.to(device)
+    from .graphs import StepCache
+    cache = StepCache()  # one per task: each padded shape's step is captured once and serves every batch
     with store.ShardWriter(path, n, attrs, compression=cfg.compression or None) as sw:
         with store.BackgroundWriter(sw) as w:
             w.write("index", 0, pos.numpy(), dims=("image",), attrs={"what": f"position in the {plan.split} split"})
@@ -285,7 +289,7 @@ def visualize_shard(run: RunDir, shard: int, plan: Plan, state: dict[str, Any], 
                                     f"inversion of images {start}-{start + b - 1} of {n}: step {k} of at most "
                                     f"{steps}, {running} of {rows} inversions still running", "inversion")
                 with clock.part("inversion"):
-                    _write_inversions(w, model, x, plan, state, start, step, fast_forward=not baseline)
+                    _write_inversions(w, model, x, plan, state, start, step, fast_forward=not baseline, cache=cache)
         for name, (array, dims, a) in (topk.results() if topk is not None else {}).items():
             sw.write_summary(name, array, dims=dims, attrs={**a, "k": plan.topk})
     progress.close()
