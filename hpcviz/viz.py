@@ -105,7 +105,8 @@ def make_plan(cfg: VizConfig) -> Plan:
                 dataset_fingerprint=state.get("data_fingerprint", ""), split=cfg.split, blocks=blocks,
                 deconv_blocks=deconv, paths=list(cfg.paths), invert_blocks=inv, invert_steps=cfg.invert_steps,
                 invert_target=cfg.invert_target, invert_solver=cfg.invert_solver, prior=cfg.prior, fast=cfg.fast,
-                shards=plan_shards(indices, cfg.n_tasks()), n_images=len(indices), planned=now(), topk=cfg.topk)
+                shards=plan_shards(indices, cfg.n_tasks()), n_images=len(indices), planned=now(), topk=cfg.topk,
+                exact=cfg.exact)
 
 
 def resolve_request(model: torch.nn.Module, cfg: VizConfig) -> tuple[list[str], list[str], list[str]]:
@@ -150,7 +151,8 @@ def _write_inversions(w: store.BackgroundWriter, model: torch.nn.Module, x: torc
     hpcviz.graphs.StepCache (its captured steps serve every batch)."""
     from .inversion import InversionConfig, invert
     icfg = InversionConfig(prior=plan.prior, exact=not plan.fast, target=plan.invert_target,
-                           solver=plan.invert_solver, fast_forward=fast_forward)
+                           solver=plan.invert_solver, fast_forward=fast_forward,
+                           precision="exact" if plan.exact else "auto")
     if plan.invert_steps:
         icfg.steps = plan.invert_steps
     if not plan.invert_target:  # 0: every step, as before stopping rules existed

@@ -152,3 +152,19 @@ def test_model_untouched_and_bad_arguments(net):
     with pytest.raises(ValueError, match="images="):
         invert(net)
     assert PRIORS == ("tv", "none")
+
+
+def test_stored_error_is_exact_whatever_the_optimisation_used(net):
+    from hpcviz.activations import dump_activations
+    x = images(3)
+    blocks = ["conv1", "layer1.1"]
+    _, phi0 = dump_activations(net, x, blocks)  # the model's own forward (hooks), not the inversion's
+    runs = {}
+    for precision in ("exact", "bf16"):  # bf16 autocast: what "auto" is on a GPU, through the same switch
+        cfg = InversionConfig(steps=200, target=0.05, prior="none", precision=precision)
+        out = runs[precision] = invert(net, images=x, blocks=blocks, cfg=cfg, mean=MEAN, std=STD)
+        for b in blocks:
+            _, phi = dump_activations(net, out[b]["x"], [b])
+            torch.testing.assert_close(out[b]["error"], relative_error(phi[b], phi0[b]), atol=1e-5, rtol=1e-4)
+            assert (out[b]["error"] <= 0.05 * 1.02).all(), (b, out[b]["error"])  # the rule saw bf16 errors
+    assert not torch.allclose(runs["exact"]["layer1.1"]["loss"], runs["bf16"]["layer1.1"]["loss"], rtol=1e-3)
