@@ -74,6 +74,7 @@ _V_RATIO = 1.0 / 6.5        # V = B / 6.5
 SOLVERS = ("lbfgs", "adam")
 PRECISIONS = ("auto", "exact", "bf16", "tf32")  # of the optimisation; the stored errors are always exact
 GPU_PRECISION = "bf16"      # what "auto" means on CUDA
+_EXACT_CHUNK = 64           # images per pass of the final exact errors
 
 
 class InversionError(JobError, FloatingPointError):
@@ -250,9 +251,15 @@ class Objective:
         """The relative feature error of every row of x (R, 3, H, W), recomputed in exact fp32 (no TF32, no
         autocast) with the hard max-pool: what is stored, whatever the optimisation used."""
         n, k = self.n, len(self.names)
-        with torch.no_grad(), dist.numerics(exact=True):
-            phis = self.plan.stacked(x.to(self.plan.device), self.names, [n] * k, lambda h, p: max_pool(h, p, False))
-        return torch.cat([relative_error(p, self.targets[j][:n]) for j, p in enumerate(phis)])
+        errors = torch.zeros(k, n, device=self.plan.device)
+        for i in range(0, n, _EXACT_CHUNK):  # no gradient: a chunk of images at a time bounds the memory
+            m = min(n, i + _EXACT_CHUNK) - i
+            xs = torch.cat([x[j * n + i:j * n + i + m] for j in range(k)]).to(self.plan.device)
+            with torch.no_grad(), dist.numerics(exact=True):
+                phis = self.plan.stacked(xs, self.names, [m] * k, lambda h, p: max_pool(h, p, False))
+            for j, p in enumerate(phis):
+                errors[j, i:i + m] = relative_error(p, self.targets[j][i:i + m])
+        return errors.flatten()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -313,9 +320,11 @@ def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
     names, phi0, (h, w) = make_targets(plan, blocks, images=images, stored=targets, input_size=input_size)
     n = phi0[names[0]].shape[0]
     key = (plan, tuple(names), (h, w), _objective_key(cfg), tuple(mean), tuple(std))
-    objective = cache.get("objective", key, lambda: Objective(
-        plan, names, [phi0[b].shape[1:] for b in names], n, (h, w), cfg, mean, std), lambda o: o.capacity >= n)
+    shapes = [phi0[b].shape[1:] for b in names]
+    objective = cache.get("objective", key, lambda: Objective(plan, names, shapes, n, (h, w), cfg, mean, std),
+                          lambda o: o.capacity >= n)
     objective.load(phi0)
+    del phi0  # in the static buffers now
     rows = len(names) * n
     g = torch.Generator().manual_seed(int(cfg.seed))
     noise = (cfg.init_scale * objective.r) * torch.randn(1, 3, h, w, generator=g)  # the same start for every row

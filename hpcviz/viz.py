@@ -215,11 +215,23 @@ def run_shard(run_dir: str, shard: int) -> str:
 _FORWARD_SHARE = 0.02  # measured: forward + deconvnet ~0.011 s per image, the default inversion ~1.1 s
 
 
-def inversion_batch(plan: Plan, device: torch.device) -> int:
-    """Images inverted together: --invert-batch-size, else 1024 on a GPU (thousands of rows fill it) and 64
-    on a CPU (the late steps, when few rows are left, use the cores better than with 32: ~10% faster per
-    image measured; it also bounds the memory of the curves and histories)."""
-    return plan.config.invert_batch_size or (1024 if device.type == "cuda" else 64)
+def inversion_batch(plan: Plan, device: torch.device, model: torch.nn.Module | None = None,
+                    hw: tuple[int, int] = (32, 32), free_bytes: int | None = None) -> int:
+    """Images inverted together: --invert-batch-size, else on a GPU the largest power of two (at most 1024)
+    whose inversion fits the free device memory (`free_bytes`, default: what CUDA reports) by the per-row
+    memory model of hpcviz.invmem (the architecture, the blocks, the image size hw); 64 on a CPU (the late
+    steps, when few rows are left, use the cores better than with 32: ~10% faster per image measured)."""
+    if plan.config.invert_batch_size:
+        return plan.config.invert_batch_size
+    if device.type != "cuda" or model is None:
+        return 64
+    from .inversion import InversionConfig, resolve_precision
+    from .invmem import batch_images, footprint
+    icfg = InversionConfig()
+    free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
+    fp = footprint(model, plan.invert_blocks, hw, plan.invert_steps or icfg.steps, icfg.history,
+                   plan.invert_solver, "exact" if plan.exact else resolve_precision("auto", device), graphs=True)
+    return batch_images(fp, free, most=1024)
 
 
 class _Clock:
@@ -259,7 +271,8 @@ def visualize_shard(run: RunDir, shard: int, plan: Plan, state: dict[str, Any], 
         else:
             images, labels, _ = load_split(state["config"], plan.split, plan.shards[shard])  # (n, 3, H, W), (n,)
     n, pos = len(images), torch.as_tensor(plan.shards[shard], dtype=torch.int64)
-    inv = cfg.batch_size if baseline else inversion_batch(plan, device)
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    inv = cfg.batch_size if baseline else inversion_batch(plan, device, model, size)
     # progress in image-units: the forward and deconvnet of an image weigh _FORWARD_SHARE of its inversion
     fw = _FORWARD_SHARE if plan.invert_blocks else 1.0
     progress = TaskProgress(fw * n + (n if plan.invert_blocks else 0), f"shard {shard}")
