@@ -35,6 +35,7 @@ class StepObjective(Protocol):
     """What StepCache needs of an objective (hpcviz.inversion.Objective)."""
 
     n: int                              # images of the current batch: row r is image r % n
+    phase: str                          # what else the step's graph depends on (the soft or the hard max-pool)
 
     def evaluate(self, x: torch.Tensor, images: torch.Tensor,
                  sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -53,7 +54,7 @@ class StepCache:
         self.kept: dict[str, tuple[Hashable, Any]] = {}
         self.objective: Any = None
         self.pool: Any = None
-        self.steps: dict[tuple[int, ...], Step] = {}
+        self.steps: dict[tuple[tuple[int, ...], str], Step] = {}  # (sizes, the objective's phase) -> step
         self.captured = 0  # shapes captured as graphs (on CUDA), or that would have been (elsewhere)
 
     def bucket(self, device: torch.device) -> Bucket:
@@ -76,12 +77,14 @@ class StepCache:
         def value_grad(x: torch.Tensor, rows: torch.Tensor,
                        sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             images = rows % self.objective.n  # eager, outside the graph: the batch size is not part of it
-            step = self.steps.get(sizes) or self._build(sizes, x, images, device)
+            key = (sizes, self.objective.phase)
+            step = self.steps.get(key) or self._build(key, x, images, device)
             return step(x, images)
         return value_grad
 
-    def _build(self, sizes: tuple[int, ...], x: torch.Tensor, images: torch.Tensor, device: torch.device) -> Step:
-        objective = self.objective
+    def _build(self, key: tuple[tuple[int, ...], str], x: torch.Tensor, images: torch.Tensor,
+               device: torch.device) -> Step:
+        objective, sizes = self.objective, key[0]
         eager: Step = with_grad(lambda xx, ii: objective.evaluate(xx, ii, sizes))
         step = eager
         self.captured += 1
@@ -93,7 +96,7 @@ class StepCache:
                 log.warning("inversion: CUDA graph capture failed (%s); continuing without graphs",
                             str(e).splitlines()[0] if str(e) else type(e).__name__)
                 self.graphs = False
-        self.steps[sizes] = step
+        self.steps[key] = step
         return step
 
 

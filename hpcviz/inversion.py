@@ -61,7 +61,7 @@ from torch import nn
 
 from . import dist
 from .config import PRIORS
-from .deconv import max_pool
+from .deconv import max_pool, soft_max_pool
 from .errors import InputError, JobError
 from .forward import ForwardPlan, PlanError
 from .graphs import StepCache
@@ -106,6 +106,12 @@ class InversionConfig:
     graphs: bool = True               # on CUDA: each step a replayed CUDA graph (hpcviz.graphs)
     precision: str = "auto"           # of the optimisation, one of PRECISIONS (auto: bf16 autocast on CUDA,
     #                                   exact fp32 elsewhere); the stored error is recomputed in exact fp32
+    soft_pool: float = 0.0            # the stem's max-pool as a log-sum-exp at this temperature at first, in
+    #                                   units of its input's std per channel, annealed to the max (0: the max)
+    soft_steps: float = 0.7           # ... linearly over this fraction of `steps` (the max-pool after)
+    soft_mode: str = "lse"            # lse: the log-sum-exp; st: the max's value with the log-sum-exp's gradient
+    precondition: float = 0.0         # lbfgs: its initial inverse Hessian a low-pass filter whose spectrum falls
+    #                                   as (f_min / f)^(2 this), f the spatial frequency (0: the identity)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +218,25 @@ class Objective:
         self.lo, self.hi = (0 - m) / s, (1 - m) / s
         self.precision = resolve_precision(cfg.precision, dev)
         self.channels_last = channels_last(cfg, dev)
+        self.anneal = torch.ones((), device=dev)  # the soft max-pool's temperature factor, set at the checks
+        self.phase = "hard"                         # "soft" while the stem's max-pool is soft (part of a step's key)
+
+    def at_step(self, step: int) -> None:
+        """The homotopy's state for the steps from `step` on (called at the checks: no sync, a fill)."""
+        cfg = self.cfg
+        left = 1 - step / max(1.0, cfg.soft_steps * cfg.steps)
+        soft = cfg.soft_pool > 0 and self.plan.pool is not None and left > 0
+        self.phase = "soft" if soft else "hard"
+        if soft:
+            self.anneal.fill_(left)
+
+    def pool(self, h: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
+        """The stem's max-pool as the optimisation sees it (see soft_pool)."""
+        if self.phase == "hard":
+            return max_pool(h, pool, self.cfg.exact)
+        std = h.detach().float().flatten(2).std(2).clamp_min(1e-6)[..., None, None]  # (r, C, 1, 1)
+        temperature = (self.cfg.soft_pool * self.anneal) * std
+        return soft_max_pool(h, pool, temperature.to(h.dtype), self.cfg.soft_mode == "st")
 
     def load(self, phi0: dict[str, torch.Tensor]) -> None:
         """This batch's targets into the static buffers."""
@@ -232,8 +257,7 @@ class Objective:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(self.precision, x.device):
-            phis = self.plan.stacked(x, [self.names[j] for j in which], [sizes[j] for j in which],
-                                     lambda h, p: max_pool(h, p, self.cfg.exact))
+            phis = self.plan.stacked(x, [self.names[j] for j in which], [sizes[j] for j in which], self.pool)
         sse, norms, start = [], [], 0
         for j, p in zip(which, phis):
             im = images[start:start + len(p)]
@@ -260,6 +284,23 @@ class Objective:
             for j, p in enumerate(phis):
                 errors[j, i:i + m] = relative_error(p, self.targets[j][i:i + m])
         return errors.flatten()
+
+
+def low_pass(hw: tuple[int, int], decay: float, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The preconditioner K of `precondition`: per channel, the spectrum times (f_min / max(f, f_min))^(2 decay)
+    (f in cycles per pixel, f_min = 1 / max(H, W)), an orthonormal real FFT: symmetric positive definite, so
+    gamma K is a valid initial inverse Hessian; it moves coarse structure first (images' spectra fall as 1/f)."""
+    if decay <= 0:
+        return None
+    h, w = hw
+    f_min = 1.0 / max(h, w)
+    f = torch.sqrt(torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.rfftfreq(w)[None, :] ** 2).clamp_min(f_min)
+    spectrum = ((f_min / f) ** (2 * decay)).to(device)  # (H, W // 2 + 1), 1 at the lowest frequencies
+
+    def k(v: torch.Tensor) -> torch.Tensor:  # (P, 3 H W) -> (P, 3 H W)
+        u = torch.fft.rfft2(v.view(len(v), -1, h, w), norm="ortho") * spectrum
+        return torch.fft.irfft2(u, s=(h, w), norm="ortho").flatten(1).to(v.dtype)
+    return k
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -324,6 +365,7 @@ def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
     objective = cache.get("objective", key, lambda: Objective(plan, names, shapes, n, (h, w), cfg, mean, std),
                           lambda o: o.capacity >= n)
     objective.load(phi0)
+    objective.at_step(0)
     del phi0  # in the static buffers now
     rows = len(names) * n
     g = torch.Generator().manual_seed(int(cfg.seed))
@@ -339,12 +381,13 @@ def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
 
     def on_check(step: int, running: torch.Tensor, f: torch.Tensor) -> None:
         check(step, running, f)
+        objective.at_step(step + 1)
         if progress is not None:
             progress(step + 1, cfg.steps, len(running), rows)
     groups = [j for j in range(len(names)) for _ in range(n)]
     with _numerics(objective.precision):
         result = minimise(objective, x0, opt, lo, hi, objective.r, on_check, cache.value_grad(plan.device),
-                          groups, cache.bucket(plan.device))
+                          groups, cache.bucket(plan.device), low_pass((h, w), cfg.precondition, plan.device))
     if not torch.isfinite(result.x).all().item():
         raise InversionError(f"inversion of blocks {','.join(names)}: non-finite x after {cfg.steps} steps; "
                              "hint: lower lr or raise lambda_tv")
@@ -380,7 +423,7 @@ def _forward_plan(model: nn.Module, cfg: InversionConfig) -> ForwardPlan:
 def _objective_key(cfg: InversionConfig) -> tuple:
     """The config fields a captured step depends on."""
     return (cfg.prior, cfg.alpha, cfg.beta, cfg.lambda_alpha, cfg.lambda_tv, cfg.exact, cfg.fast_forward,
-            cfg.precision)
+            cfg.precision, cfg.soft_pool, cfg.soft_steps, cfg.soft_mode, cfg.steps)
 
 
 def _divergence_check(names: list[str], n: int,

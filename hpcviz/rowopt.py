@@ -50,6 +50,7 @@ Fun = Callable[..., tuple[torch.Tensor, torch.Tensor]]                    # (x, 
 ValueGrad = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (x, rows[, sizes]) -> (f, df/dx, err)
 Bucket = Callable[[tuple[int, ...]], tuple[int, ...]]
 OnCheck = Callable[[int, torch.Tensor, torch.Tensor], None]
+Operator = Callable[[torch.Tensor], torch.Tensor]
 _VERDICTS = ("", "target", "plateau")
 
 
@@ -106,6 +107,15 @@ class RowOptResult:
     shapes: list[tuple[int, ...]] = field(default_factory=list)  # the layouts' sizes, in the order visited
 
 
+def _to(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A host list on the device without a sync: on CUDA through pinned memory, asynchronously (a plain
+    copy from pageable memory waits for the device's queue)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t if device.type == "cpu" else t.to(device)
+
+
 class _Rows:
     """The host's view of the batch: which rows run, their layout (slots) until the next check, the stopping
     rule, and the per-row record (objective per step, err per check). Only `check` talks to the device."""
@@ -144,14 +154,13 @@ class _Rows:
         self.real = [i for i, ok in enumerate(real) if ok]  # the slot of each running row, in order
         self.shapes.append(sizes)
         dev = self.dev
-        self.rows = torch.tensor(self.slot_rows, dtype=torch.int64, device=dev)  # (P,) the row of each slot
-        self.live = torch.tensor(real, device=dev)                                # (P,) False: padding
-        self.real_t = torch.tensor(self.real, dtype=torch.int64, device=dev)
-        self.running_t = torch.tensor(self.running, dtype=torch.int64, device=dev)
+        self.rows = _to(self.slot_rows, dev)                     # (P,) the row of each slot
+        self.live = _to(real, dev, torch.bool)                   # (P,) False: padding
+        self.real_t, self.running_t = _to(self.real, dev), _to(self.running, dev)
         self.chunk = self.chunk.new_zeros(len(pos), self.cfg.check_every)
         if old is None:
             return None
-        return torch.tensor([old[r] for r in self.slot_rows], dtype=torch.int64, device=dev)
+        return _to([old[r] for r in self.slot_rows], dev)
 
     def args(self) -> tuple:
         """The layout's arguments of `fun` after x: (rows,) or (rows, sizes)."""
@@ -203,8 +212,7 @@ class _Rows:
         if not stop:
             return None
         gone = set(stop)
-        idx = torch.tensor([self.real[i] for i in stop], dtype=torch.int64, device=self.dev)
-        rows = torch.tensor([self.running[i] for i in stop], dtype=torch.int64, device=self.dev)
+        idx, rows = _to([self.real[i] for i in stop], self.dev), _to([self.running[i] for i in stop], self.dev)
         for s, o in zip(state, out):
             o[rows] = s[idx].to(o.dtype)
         old = {r: self.real[i] for i, r in enumerate(self.running)}
@@ -224,20 +232,21 @@ class _Rows:
 def minimise(fun: Fun, x0: torch.Tensor, cfg: RowOptConfig, lo: torch.Tensor | None = None,
              hi: torch.Tensor | None = None, scale: float = 1.0, on_check: OnCheck | None = None,
              value_grad: ValueGrad | None = None, groups: Sequence[int] | None = None,
-             bucket: Bucket = exact) -> RowOptResult:
+             bucket: Bucket = exact, precondition: Operator | None = None) -> RowOptResult:
     """Minimise every row of x0 on its own (see the module docstring). lo/hi: the box (broadcastable to one
     row), scale: the problem's natural step (adam's lr is relative to it). on_check(step, rows, f) runs at
     every check with the running rows and their objectives, as host tensors (for divergence checks and
     progress). value_grad: (f, gradient, err) in one call where the caller has a faster way than autograd on
     `fun` (a CUDA graph). groups/bucket: the layout between checks (module docstring; groups given: `fun`
-    and `value_grad` take (x, rows, sizes))."""
+    and `value_grad` take (x, rows, sizes)). precondition: lbfgs's initial inverse Hessian is gamma K, K this
+    symmetric positive definite operator on flat rows (P, D) -> (P, D) (default: the identity)."""
     if cfg.method not in ("lbfgs", "adam"):
         raise ValueError(f"method {cfg.method!r}: not one of lbfgs, adam")
     if cfg.check_every < 1 or (cfg.window and cfg.window % cfg.check_every):
         raise ValueError(f"window {cfg.window}: need a multiple of check_every {cfg.check_every}")
     run = _lbfgs if cfg.method == "lbfgs" else _adam
     rows = _Rows(x0, cfg, groups, bucket, on_check)
-    return run(fun, value_grad or with_grad(fun), x0, cfg, lo, hi, scale, rows)
+    return run(fun, value_grad or with_grad(fun), x0, cfg, lo, hi, scale, rows, precondition)
 
 
 def _checks(step: int, cfg: RowOptConfig) -> bool:
@@ -245,7 +254,7 @@ def _checks(step: int, cfg: RowOptConfig) -> bool:
 
 
 def _adam(fun: Fun, value_grad: ValueGrad, x0: torch.Tensor, cfg: RowOptConfig, lo: torch.Tensor | None,
-          hi: torch.Tensor | None, scale: float, book: _Rows) -> RowOptResult:
+          hi: torch.Tensor | None, scale: float, book: _Rows, precondition: Operator | None = None) -> RowOptResult:
     out = x0.detach().clone()
     x = out[book.rows].clone()  # (P, ...) the slots
     m, v = torch.zeros_like(x), torch.zeros_like(x)
@@ -284,11 +293,12 @@ class _History:
     its pair at the same position (a slot whose step failed, or whose pair is not positive, keeps the pair it
     had there), so the two-loop recursion reads plain slices, never a gather."""
 
-    def __init__(self, rows: int, d: int, mem: int, like: torch.Tensor) -> None:
+    def __init__(self, rows: int, d: int, mem: int, like: torch.Tensor, precondition: Operator | None) -> None:
+        self.k = precondition or (lambda v: v)  # H0 = gamma K: K symmetric positive definite (default: I)
         self.s = like.new_zeros(mem, rows, d)
         self.y = like.new_zeros(mem, rows, d)
         self.rho = like.new_zeros(mem, rows)
-        self.gamma = like.new_zeros(rows)  # s.y / y.y of each slot's newest valid pair (0: none yet)
+        self.gamma = like.new_zeros(rows)  # s.y / y.K.y of each slot's newest valid pair (0: none yet)
         self.mem, self.pushed = mem, 0
 
     def push(self, s: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> None:
@@ -298,7 +308,7 @@ class _History:
         self.s[k] = torch.where(good[:, None], s, self.s[k])
         self.y[k] = torch.where(good[:, None], y, self.y[k])
         self.rho[k] = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), self.rho[k])
-        yy = torch.linalg.vecdot(y, y).clamp_min(1e-30)
+        yy = torch.linalg.vecdot(y, self.k(y)).clamp_min(1e-30)
         self.gamma = torch.where(good, sy / yy, self.gamma)
         self.pushed += 1
 
@@ -325,8 +335,9 @@ class _History:
             a = self.rho[k] * torch.linalg.vecdot(self.s[k], q)
             q.addcmul_(a[:, None], self.y[k], value=-1)
             alphas.append(a)
-        first = step0 * math.sqrt(g.shape[1]) / g.norm(dim=1).clamp_min(1e-30)
-        q *= torch.where(self.gamma > 0, self.gamma, first)[:, None]
+        kq = self.k(q)
+        first = step0 * math.sqrt(g.shape[1]) / kq.norm(dim=1).clamp_min(1e-30)
+        q = kq * torch.where(self.gamma > 0, self.gamma, first)[:, None]
         for k, a in zip(reversed(order), reversed(alphas)):
             b = self.rho[k] * torch.linalg.vecdot(self.y[k], q)
             q.addcmul_(self.s[k], (a - b)[:, None])
@@ -334,7 +345,7 @@ class _History:
 
 
 def _lbfgs(fun: Fun, value_grad: ValueGrad, x0: torch.Tensor, cfg: RowOptConfig, lo: torch.Tensor | None,
-           hi: torch.Tensor | None, scale: float, book: _Rows) -> RowOptResult:
+           hi: torch.Tensor | None, scale: float, book: _Rows, precondition: Operator | None) -> RowOptResult:
     shape = x0.shape[1:]
     lo_f = lo.expand(1, *shape).flatten(1) if lo is not None else None
     hi_f = hi.expand(1, *shape).flatten(1) if hi is not None else None
@@ -350,7 +361,7 @@ def _lbfgs(fun: Fun, value_grad: ValueGrad, x0: torch.Tensor, cfg: RowOptConfig,
     z = out[book.rows]                               # (P, D) the slots
     f, g, err = evaluate(z)
     value, errs = f.new_zeros(len(out)), err.new_zeros(len(out))
-    hist = _History(len(z), z.shape[1], cfg.history, z)
+    hist = _History(len(z), z.shape[1], cfg.history, z, precondition)
     t = torch.ones_like(f)  # each slot's step length along its direction
     step0 = 0.1 * scale  # the first step's length per coordinate, in units of the problem's scale
     for step in range(cfg.steps):
