@@ -349,7 +349,8 @@ def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
     Returns {block: {"x": (B, 3, H, W) float32 on the CPU, normalised input space; "error": (B,)
     relative feature error ||phi(x)-phi0||/||phi0|| of the final x, exact fp32; "steps": (B,) int64, the
     steps each took; "loss": (B, cfg.steps) objective per image and step, held at its last value once the
-    image stopped}}. progress(step, steps, running, rows) is called at each check (every few steps): step k
+    image stopped; "check_error": (B, cfg.steps) the error the stopping rule saw at each check, NaN
+    elsewhere}}. progress(step, steps, running, rows) is called at each check (every few steps): step k
     of at most `steps`, and how many of the (block, image) rows are still running. cache: the array task's
     StepCache (its objective and captured steps serve every batch); default: a new one. Raises
     InversionError if it diverges, InputError on bad input."""
@@ -392,8 +393,8 @@ def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
         raise InversionError(f"inversion of blocks {','.join(names)}: non-finite x after {cfg.steps} steps; "
                              "hint: lower lr or raise lambda_tv")
     host = [t.cpu() for t in (result.x.float(), objective.exact_error(result.x).float(), result.steps,
-                              result.curves.float())]  # one copy each, then views per block
-    return {b: dict(zip(("x", "error", "steps", "loss"), (t[j * n:(j + 1) * n] for t in host)))
+                              result.curves.float(), result.errs.float())]  # one copy each, then views per block
+    return {b: dict(zip(("x", "error", "steps", "loss", "check_error"), (t[j * n:(j + 1) * n] for t in host)))
             for j, b in enumerate(names)}
 
 

@@ -105,6 +105,7 @@ class RowOptResult:
     curves: torch.Tensor              # (R, steps) objective per step, held at the last value once a row stopped
     stopped: list[str] = field(default_factory=list)  # per row: target | plateau | steps
     shapes: list[tuple[int, ...]] = field(default_factory=list)  # the layouts' sizes, in the order visited
+    errs: torch.Tensor | None = None  # (R, steps) err at each check (NaN between checks and after a row stopped)
 
 
 def _to(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -226,7 +227,7 @@ class _Rows:
         held = torch.arange(self.cfg.steps, device=self.dev)[None, :] >= steps[:, None]
         last = self.curves.gather(1, (steps - 1).clamp_min(0)[:, None])
         curves = torch.where(held, last, self.curves)
-        return RowOptResult(x, value, err, steps, curves, self.why, self.shapes)
+        return RowOptResult(x, value, err, steps, curves, self.why, self.shapes, self.errs)
 
 
 def minimise(fun: Fun, x0: torch.Tensor, cfg: RowOptConfig, lo: torch.Tensor | None = None,
