@@ -75,6 +75,8 @@ SOLVERS = ("lbfgs", "adam")
 PRECISIONS = ("auto", "exact", "bf16", "tf32")  # of the optimisation; the stored errors are always exact
 GPU_PRECISION = "bf16"      # what "auto" means on CUDA
 _EXACT_CHUNK = 64           # images per pass of the final exact errors
+_CHECK = 5                  # rowopt's check_every
+_SOFT_STAGE = 25            # steps between the homotopy's temperatures (each change: one more evaluation)
 
 
 class InversionError(JobError, FloatingPointError):
@@ -110,6 +112,8 @@ class InversionConfig:
     #                                   units of its input's std per channel, annealed to the max (0: the max)
     soft_steps: float = 0.7           # ... linearly over this fraction of `steps` (the max-pool after)
     soft_mode: str = "lse"            # lse: the log-sum-exp; st: the max's value with the log-sum-exp's gradient
+    soft_relu: float = 0.0            # every ReLU as t softplus(h / t) at first, t this (in units of the folded
+    #                                   batch norm's output), annealed to the ReLU like soft_pool (0: the ReLU)
     precondition: float = 0.0         # lbfgs: its initial inverse Hessian a low-pass filter whose spectrum falls
     #                                   as (f_min / f)^(2 this), f the spatial frequency (0: the identity)
 
@@ -219,20 +223,38 @@ class Objective:
         self.precision = resolve_precision(cfg.precision, dev)
         self.channels_last = channels_last(cfg, dev)
         self.anneal = torch.ones((), device=dev)  # the soft max-pool's temperature factor, set at the checks
-        self.phase = "hard"                         # "soft" while the stem's max-pool is soft (part of a step's key)
+        self.phase, self.factor = "hard", 0.0      # "soft" while the homotopy runs (part of a step's key)
 
-    def at_step(self, step: int) -> None:
-        """The homotopy's state for the steps from `step` on (called at the checks: no sync, a fill)."""
+    def soft_span(self) -> int:
+        """Steps of the homotopy's soft phase (0: none): soft_steps of the steps, a multiple of the checks'."""
         cfg = self.cfg
-        left = 1 - step / max(1.0, cfg.soft_steps * cfg.steps)
-        soft = cfg.soft_pool > 0 and self.plan.pool is not None and left > 0
-        self.phase = "soft" if soft else "hard"
-        if soft:
-            self.anneal.fill_(left)
+        if not (cfg.soft_relu > 0 or (cfg.soft_pool > 0 and self.plan.pool is not None)):
+            return 0
+        return min(cfg.steps, _CHECK * round(cfg.soft_steps * cfg.steps / _CHECK))
+
+    def at_step(self, step: int) -> bool:
+        """The homotopy's state for the steps from `step` on (called at the checks: no sync, a fill): the
+        temperature falls linearly in stages of _SOFT_STAGE steps, to the hard functions after the soft span.
+        Returns whether the objective changed."""
+        span = self.soft_span()
+        factor = 1 - (step // _SOFT_STAGE) * _SOFT_STAGE / span if step < span else 0.0
+        phase = "soft" if factor > 0 else "hard"
+        changed = (phase, factor) != (self.phase, self.factor)
+        self.phase, self.factor = phase, factor
+        if phase == "soft":
+            self.anneal.fill_(factor)
+        return changed
+
+    def relu(self, h: torch.Tensor) -> torch.Tensor:
+        """The ReLU as the optimisation sees it (see soft_relu)."""
+        if self.phase == "hard" or self.cfg.soft_relu <= 0:
+            return F.relu(h)
+        t = (self.cfg.soft_relu * self.anneal).to(h.dtype)
+        return t * F.softplus(h / t)
 
     def pool(self, h: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
         """The stem's max-pool as the optimisation sees it (see soft_pool)."""
-        if self.phase == "hard":
+        if self.phase == "hard" or self.cfg.soft_pool <= 0:
             return max_pool(h, pool, self.cfg.exact)
         std = h.detach().float().flatten(2).std(2).clamp_min(1e-6)[..., None, None]  # (r, C, 1, 1)
         temperature = (self.cfg.soft_pool * self.anneal) * std
@@ -257,7 +279,8 @@ class Objective:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(self.precision, x.device):
-            phis = self.plan.stacked(x, [self.names[j] for j in which], [sizes[j] for j in which], self.pool)
+            phis = self.plan.stacked(x, [self.names[j] for j in which], [sizes[j] for j in which], self.pool,
+                                     self.relu)
         sse, norms, start = [], [], 0
         for j, p in zip(which, phis):
             im = images[start:start + len(p)]
@@ -377,14 +400,14 @@ def invert(model: nn.Module, targets: Mapping[str, torch.Tensor] | None = None,
         x0 = torch.maximum(torch.minimum(x0, objective.hi), objective.lo)
     opt = RowOptConfig(method=cfg.solver, steps=cfg.steps, target=cfg.target, plateau=cfg.plateau,
                        window=cfg.window, history=cfg.history, lr=cfg.lr, milestones=cfg.milestones,
-                       gamma=cfg.gamma)
+                       gamma=cfg.gamma, check_every=_CHECK, hold=objective.soft_span())
     check = _divergence_check(names, n, cfg)
 
-    def on_check(step: int, running: torch.Tensor, f: torch.Tensor) -> None:
+    def on_check(step: int, running: torch.Tensor, f: torch.Tensor) -> bool:
         check(step, running, f)
-        objective.at_step(step + 1)
         if progress is not None:
             progress(step + 1, cfg.steps, len(running), rows)
+        return objective.at_step(step + 1)
     groups = [j for j in range(len(names)) for _ in range(n)]
     with _numerics(objective.precision):
         result = minimise(objective, x0, opt, lo, hi, objective.r, on_check, cache.value_grad(plan.device),
@@ -424,7 +447,7 @@ def _forward_plan(model: nn.Module, cfg: InversionConfig) -> ForwardPlan:
 def _objective_key(cfg: InversionConfig) -> tuple:
     """The config fields a captured step depends on."""
     return (cfg.prior, cfg.alpha, cfg.beta, cfg.lambda_alpha, cfg.lambda_tv, cfg.exact, cfg.fast_forward,
-            cfg.precision, cfg.soft_pool, cfg.soft_steps, cfg.soft_mode, cfg.steps)
+            cfg.precision, cfg.soft_pool, cfg.soft_steps, cfg.soft_mode, cfg.soft_relu, cfg.steps)
 
 
 def _divergence_check(names: list[str], n: int,

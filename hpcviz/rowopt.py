@@ -49,7 +49,7 @@ import torch
 Fun = Callable[..., tuple[torch.Tensor, torch.Tensor]]                    # (x, rows[, sizes]) -> (f, err)
 ValueGrad = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (x, rows[, sizes]) -> (f, df/dx, err)
 Bucket = Callable[[tuple[int, ...]], tuple[int, ...]]
-OnCheck = Callable[[int, torch.Tensor, torch.Tensor], None]
+OnCheck = Callable[[int, torch.Tensor, torch.Tensor], bool | None]
 Operator = Callable[[torch.Tensor], torch.Tensor]
 _VERDICTS = ("", "target", "plateau")
 
@@ -94,6 +94,8 @@ class RowOptConfig:
     lr: float = 0.05                  # adam: step size, times `scale`
     milestones: tuple[float, ...] = (0.8, 0.95)  # adam: fractions of `steps` where lr is multiplied by gamma
     gamma: float = 0.1
+    hold: int = 0                     # no row stops before this many steps (a homotopy's soft phase), and the
+    #                                   plateau rule looks only at steps after it
 
 
 @dataclass
@@ -136,6 +138,7 @@ class _Rows:
         self.taken, self.why = [cfg.steps] * n, ["steps"] * n
         self.running: list[int] = list(range(n))
         self.since = 0  # the first step not yet in `curves`
+        self.changed = False  # on_check said the objective changed
         self.shapes: list[tuple[int, ...]] = []
         self.lay_out(None)
 
@@ -176,9 +179,9 @@ class _Rows:
         f, err = f[self.real_t], err[self.real_t].to(self.errs.dtype)
         self.curves[rows, self.since:step + 1] = self.chunk[self.real_t, :step + 1 - self.since]
         self.errs[rows, step] = err
-        done = err <= cfg.target if cfg.target > 0 else torch.zeros_like(err, dtype=torch.bool)
+        done = err <= cfg.target if cfg.target > 0 and step + 1 >= cfg.hold else torch.zeros_like(err, dtype=torch.bool)
         stuck = torch.zeros_like(done)
-        if cfg.window and step + 1 > cfg.window:
+        if cfg.window and step + 1 > cfg.window + cfg.hold:
             now, then = self.curves[rows, step], self.curves[rows, step - cfg.window]
             stuck = (then - now) <= cfg.plateau * then.abs().clamp_min(1e-30)
             if cfg.target > 0:  # steps still needed at the recent rate of log(err); a rate <= 0: never
@@ -194,13 +197,14 @@ class _Rows:
         on_check, the stopped rows' record. Returns the positions (in `running`) of the rows that stop."""
         codes = self.verdicts(step, f, err)
         last = step + 1 >= self.cfg.steps
-        self.since = step + 1
+        self.since, self.changed = step + 1, False
         if self.on_check is None and not (self.cfg.target > 0 or self.cfg.window) and not last:
             return []  # nothing to decide: no sync
         k = len(codes)
         host = torch.cat([codes.to(f.dtype), f[self.real_t].detach()]).tolist()  # the check's sync
         if self.on_check is not None:
-            self.on_check(step, torch.tensor(self.running), torch.tensor(host[k:], dtype=f.dtype))
+            running, values = torch.tensor(self.running), torch.tensor(host[k:], dtype=f.dtype)
+            self.changed = bool(self.on_check(step, running, values))
         stop = [i for i, c in enumerate(host[:k]) if c or last]
         for i in stop:
             r = self.running[i]
@@ -237,8 +241,10 @@ def minimise(fun: Fun, x0: torch.Tensor, cfg: RowOptConfig, lo: torch.Tensor | N
     """Minimise every row of x0 on its own (see the module docstring). lo/hi: the box (broadcastable to one
     row), scale: the problem's natural step (adam's lr is relative to it). on_check(step, rows, f) runs at
     every check with the running rows and their objectives, as host tensors (for divergence checks and
-    progress). value_grad: (f, gradient, err) in one call where the caller has a faster way than autograd on
-    `fun` (a CUDA graph). groups/bucket: the layout between checks (module docstring; groups given: `fun`
+    progress); it returns True when the objective has changed (a homotopy's next stage): lbfgs then
+    evaluates every running row again at its point (its line search compares values of one function).
+    value_grad: (f, gradient, err) in one call where the caller has a faster way than autograd on `fun` (a
+    CUDA graph). groups/bucket: the layout between checks (module docstring; groups given: `fun`
     and `value_grad` take (x, rows, sizes)). precondition: lbfgs's initial inverse Hessian is gamma K, K this
     symmetric positive definite operator on flat rows (P, D) -> (P, D) (default: the identity)."""
     if cfg.method not in ("lbfgs", "adam"):
@@ -388,6 +394,9 @@ def _lbfgs(fun: Fun, value_grad: ValueGrad, x0: torch.Tensor, cfg: RowOptConfig,
                     break
                 z, g, f, err, t = z[take], g[take], f[take], err[take], t[take]
                 hist.take(take)
+            if book.changed:  # a new objective: its values and gradients at the points, a fresh step length
+                f, g, err = evaluate(z)
+                t = torch.ones_like(t)
     return book.result(out.view(-1, *shape), value, errs)
 
 
