@@ -53,7 +53,7 @@ from ..errors import InputError
 from .forward import Block, ForwardPlan, Op, PlanError, apply, bn_op, bn_scale, conv_op, relu_op
 
 __all__ = ["PATHS", "SEEDS", "DeconvError", "Deconvnet", "conv_transpose", "bn_scale", "bn_transpose", "unpool",
-           "max_pool", "overlap", "seed_signal", "parse_paths", "apply", "conv_op", "bn_op", "relu_op"]
+           "max_pool", "soft_max_pool", "overlap", "seed_signal", "parse_paths", "apply", "conv_op", "bn_op", "relu_op"]
 
 SEEDS = ("all", "channel", "topk")
 _PATH_HINT = "hint: e.g. 'both', or per block 'layer4.1=shortcut,layer4.0=residual' (blocks not named: both)"
@@ -148,6 +148,30 @@ def max_pool(x: torch.Tensor, pool: nn.MaxPool2d, exact: bool = True) -> torch.T
     if exact and x.requires_grad:
         return _MaxPool.apply(x, pool)
     return F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, ceil_mode=pool.ceil_mode)
+
+
+def soft_max_pool(x: torch.Tensor, pool: nn.MaxPool2d, temperature: torch.Tensor,
+                  straight_through: bool = False) -> torch.Tensor:
+    """Log-sum-exp pooling over the windows of `pool`: t * log(sum over a window of exp(x / t)) at the
+    temperature t (> 0, broadcastable to the output), which tends to the max as t -> 0 and gives every member
+    of a window gradient by its softmax weight, where the max-pool gives it all to the argmax (the inversion's
+    homotopy: pixels that do not win a window yet still move). straight_through: the max-pool's value with
+    that gradient. Computed against each window's max (exp <= 1: no overflow at any t)."""
+    k, st, d, p = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.dilation),
+                   _pair(pool.padding))
+    top = max_pool(x.detach(), pool)  # no gradient through it: log-sum-exp does not depend on the shift
+    oh, ow = top.shape[-2:]
+    need = [(n - 1) * st[i] + d[i] * (k[i] - 1) + 1 for i, n in enumerate((oh, ow))]  # padded extent used
+    xp = F.pad(x, (p[1], max(0, need[1] - x.shape[-1] - p[1]), p[0], max(0, need[0] - x.shape[-2] - p[0])),
+               value=float("-inf"))
+    z = torch.zeros_like(top)
+    for a in range(k[0]):
+        for b in range(k[1]):
+            member = xp[..., a * d[0]:a * d[0] + (oh - 1) * st[0] + 1:st[0],
+                        b * d[1]:b * d[1] + (ow - 1) * st[1] + 1:st[1]]
+            z = z + torch.exp((member - top) / temperature)
+    soft = top + temperature * torch.log(z)
+    return top + (soft - soft.detach()) if straight_through else soft
 
 
 def seed_signal(act: torch.Tensor, seed: str = "all", channel: int | None = None, k: int = 1) -> torch.Tensor:

@@ -29,7 +29,7 @@ channel), or after `steps`. Between checks nothing waits on the device. The defa
 reach at least Lucent's activation (512 steps at lr 0.05) on 95% of the channels of a trained ResNet-20
 (`jobs/benchmark.py featviz`).
 
-Why not hpcviz.rowopt.minimise: its objective is a function of (x, rows) with the stopping rule watching the
+Why not hpcviz.explain.rowopt.minimise: its objective is a function of (x, rows) with the stopping rule watching the
 value of every step; here the objective changes every step (the transforms) and the stopping rule watches
 another quantity (the untransformed activation), measured only at checks: with minimise, an extra forward
 every step or a noisy plateau test. The loop below is rowopt's Adam on compacted running rows.

@@ -107,8 +107,9 @@ def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     return scale * bn.weight if bn.weight is not None else scale
 
 
-def apply(ops: list[Op], h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
-    """The ops on h, functionally (eval-mode batch norm); `tape.note` sees each op's input first."""
+def apply(ops: list[Op], h: torch.Tensor, tape: Tape | None = None, relu: Any = F.relu) -> torch.Tensor:
+    """The ops on h, functionally (eval-mode batch norm); `tape.note` sees each op's input first; `relu`: the
+    rectifier to use (the inversion's homotopy may soften it)."""
     for i, op in enumerate(ops):
         if tape is not None:
             tape.note(ops, i, h)
@@ -121,7 +122,7 @@ def apply(ops: list[Op], h: torch.Tensor, tape: Tape | None = None) -> torch.Ten
             bn = cast(nn.BatchNorm2d, op.module)
             h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         else:
-            h = F.relu(h)
+            h = relu(h)
     return h
 
 
@@ -182,9 +183,9 @@ class ForwardPlan:
                             "hint: names as in hpcviz.models.block_names, e.g. 'conv1' or 'layer1.0'")
         return self.blocks.index(block)
 
-    def residual_block(self, blk: Block, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
-        r = apply(blk.residual, h, tape)
-        return F.relu(r + (apply(blk.shortcut, h, tape) if blk.shortcut else h))
+    def residual_block(self, blk: Block, h: torch.Tensor, tape: Tape | None = None, relu: Any = F.relu) -> torch.Tensor:
+        r = apply(blk.residual, h, tape, relu)
+        return relu(r + (apply(blk.shortcut, h, tape, relu) if blk.shortcut else h))
 
     def pool_input(self, h: torch.Tensor, pooling: Any) -> torch.Tensor:
         """The stem's output on its way to layer1: `pooling(h, pool)` when the stem has a max-pool."""
@@ -202,14 +203,16 @@ class ForwardPlan:
             h = acts[blk.name] = self.residual_block(blk, h, tape)
         return acts
 
-    def stacked(self, x: torch.Tensor, wanted: Sequence[str], sizes: Sequence[int], pooling: Any) -> list[torch.Tensor]:
+    def stacked(self, x: torch.Tensor, wanted: Sequence[str], sizes: Sequence[int], pooling: Any,
+                relu: Any = F.relu) -> list[torch.Tensor]:
         """Activations of several blocks in one pass. x: (sum(sizes), C, H, W), the rows of `wanted[k]` being
         the k-th slice (blocks in forward order); each slice leaves the stack at its block. `pooling(h, pool)`
-        is the max-pool to use (the inversion's deterministic one). Returns one (sizes[k], C, h, w) per block."""
+        is the max-pool to use (the inversion's deterministic one), `relu` the rectifier. Returns one
+        (sizes[k], C, h, w) per block."""
         idx = [self.index(b) for b in wanted]
         out: list[torch.Tensor] = []
         k = 0
-        h = apply(self.stem, x.to(self.dtype))
+        h = apply(self.stem, x.to(self.dtype), relu=relu)
 
         def leave(i: int) -> None:
             nonlocal h, k
@@ -223,6 +226,6 @@ class ForwardPlan:
         for i, blk in enumerate(self.plan, 1):
             if k == len(idx):
                 break
-            h = self.residual_block(blk, h)
+            h = self.residual_block(blk, h, relu=relu)
             leave(i)
         return out

@@ -16,9 +16,10 @@ from ..config import VizConfig, config_from_dict, config_to_dict
 
 # what a shard must agree with to be this plan's (each is also a root attr of every shard)
 SHARD_KEYS = ("checkpoint_sha256", "dataset_fingerprint", "split", "blocks", "deconv_blocks", "paths",
-              "invert_blocks", "invert_steps", "invert_target", "invert_solver", "prior", "fast", "topk")
+              "invert_blocks", "invert_steps", "invert_target", "invert_solver", "prior", "fast", "topk",
+              "exact")
 # keys added after shards existed: a shard without the attr was made with this value (no dataset examples)
-_BEFORE = {"topk": 0}
+_BEFORE = {"topk": 0, "exact": False}
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Plan:
     planned: str = ""                 # when it was made (TIME_FORMAT)
     topk: int = 0                     # images kept per channel for the dataset examples (0: none)
     extra: dict[str, Any] = field(default_factory=dict)  # room for later stages; never renamed
+    exact: bool = False               # the inversion optimised in exact fp32 (False: bf16 autocast on GPUs)
 
     def shard_attrs(self) -> dict[str, Any]:
         """The root attrs by which a shard says which plan it belongs to."""
@@ -71,6 +73,6 @@ class Plan:
     def from_dict(cls, values: dict[str, Any], run_dir: str) -> Plan:
         values = dict(values)
         # a plan from before an option existed: its config has the value the plan was made with
-        before = {"topk": values.get("topk", _BEFORE["topk"])}
+        before = {k: values.get(k, _BEFORE[k]) for k in _BEFORE}
         values["config"] = config_from_dict(VizConfig, {**before, **values["config"], "run_dir": run_dir})
         return cls(**values)

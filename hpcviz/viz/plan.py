@@ -99,7 +99,8 @@ def make_plan(cfg: VizConfig) -> Plan:
                 dataset_fingerprint=state.get("data_fingerprint", ""), split=cfg.split, blocks=blocks,
                 deconv_blocks=deconv, paths=list(cfg.paths), invert_blocks=inv, invert_steps=cfg.invert_steps,
                 invert_target=cfg.invert_target, invert_solver=cfg.invert_solver, prior=cfg.prior, fast=cfg.fast,
-                shards=plan_shards(indices, cfg.n_tasks()), n_images=len(indices), planned=now(), topk=cfg.topk)
+                shards=plan_shards(indices, cfg.n_tasks()), n_images=len(indices), planned=now(), topk=cfg.topk,
+                exact=cfg.exact)
 
 
 def resolve_request(model: torch.nn.Module, cfg: VizConfig) -> tuple[list[str], list[str], list[str]]:

@@ -21,9 +21,11 @@ from .. import __version__, dist, store
 from ..config import default_stem
 from ..data.transforms import normalize
 from ..explain.activations import dump_activations
+from ..explain.cuda_graphs import StepCache
 from ..explain.dataset_examples import TopK
 from ..explain.deconv import Deconvnet
-from ..explain.inversion import InversionConfig, invert
+from ..explain.inversion import InversionConfig, invert, resolve_precision
+from ..explain.invmem import batch_images, footprint
 from ..log import TaskProgress, setup_logging
 from ..models import from_checkpoint
 from ..rundir import Plan, RunDir, now
@@ -47,17 +49,20 @@ def _write_deconv(w: store.BackgroundWriter, model: torch.nn.Module, x: torch.Te
 
 
 def _write_inversions(w: store.BackgroundWriter, model: torch.nn.Module, x: torch.Tensor, plan: Plan,
-                      state: dict[str, Any], start: int, progress: Any = None, fast_forward: bool = True) -> None:
+                      state: dict[str, Any], start: int, progress: Any = None, fast_forward: bool = True,
+                      cache: Any = None) -> None:
     """invert/<block> (raw, normalised input space, float32), invert_error/<block> (relative feature error)
-    and invert_steps/<block> (the optimiser steps each image took before it stopped)."""
+    and invert_steps/<block> (the optimiser steps each image took before it stopped). cache: the task's
+    explain.cuda_graphs.StepCache (its captured steps serve every batch)."""
     icfg = InversionConfig(prior=plan.prior, exact=not plan.fast, target=plan.invert_target,
-                           solver=plan.invert_solver, fast_forward=fast_forward)
+                           solver=plan.invert_solver, fast_forward=fast_forward,
+                           precision="exact" if plan.exact else "auto")
     if plan.invert_steps:
         icfg.steps = plan.invert_steps
     if not plan.invert_target:  # 0: every step, as before stopping rules existed
         icfg.window = 0
     out = invert(model, images=x, blocks=plan.invert_blocks, cfg=icfg, mean=state["mean"], std=state["std"],
-                 progress=progress)
+                 progress=progress, cache=cache)
     for block, r in out.items():
         w.write(f"invert/{block}", start, r["x"].float().cpu().numpy(), dims=("image", "channel", "y", "x"),
                 attrs={"block": block, "max_steps": icfg.steps, "target": icfg.target, "prior": icfg.prior,
@@ -112,11 +117,21 @@ def run_shard(run_dir: str, shard: int) -> str:
 _FORWARD_SHARE = 0.02  # measured: forward + deconvnet ~0.011 s per image, the default inversion ~1.1 s
 
 
-def inversion_batch(plan: Plan, device: torch.device) -> int:
-    """Images inverted together: --invert-batch-size, else 1024 on a GPU (thousands of rows fill it) and 64
-    on a CPU (the late steps, when few rows are left, use the cores better than with 32: ~10% faster per
-    image measured; it also bounds the memory of the curves and histories)."""
-    return plan.config.invert_batch_size or (1024 if device.type == "cuda" else 64)
+def inversion_batch(plan: Plan, device: torch.device, model: torch.nn.Module | None = None,
+                    hw: tuple[int, int] = (32, 32), free_bytes: int | None = None) -> int:
+    """Images inverted together: --invert-batch-size, else on a GPU the largest power of two (at most 1024)
+    whose inversion fits the free device memory (`free_bytes`, default: what CUDA reports) by the per-row
+    memory model of explain.invmem (the architecture, the blocks, the image size hw); 64 on a CPU (the late
+    steps, when few rows are left, use the cores better than with 32: ~10% faster per image measured)."""
+    if plan.config.invert_batch_size:
+        return plan.config.invert_batch_size
+    if device.type != "cuda" or model is None:
+        return 64
+    icfg = InversionConfig()
+    free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
+    fp = footprint(model, plan.invert_blocks, hw, plan.invert_steps or icfg.steps, icfg.history,
+                   plan.invert_solver, "exact" if plan.exact else resolve_precision("auto", device), graphs=True)
+    return batch_images(fp, free, most=1024)
 
 
 class _Clock:
@@ -152,13 +167,15 @@ def visualize_shard(run: RunDir, shard: int, plan: Plan, state: dict[str, Any], 
         else:
             images, labels, _ = load_split(state["config"], plan.split, plan.shards[shard])  # (n, 3, H, W), (n,)
     n, pos = len(images), torch.as_tensor(plan.shards[shard], dtype=torch.int64)
-    inv = cfg.batch_size if baseline else inversion_batch(plan, device)
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    inv = cfg.batch_size if baseline else inversion_batch(plan, device, model, size)
     # progress in image-units: the forward and deconvnet of an image weigh _FORWARD_SHARE of its inversion
     fw = _FORWARD_SHARE if plan.invert_blocks else 1.0
     progress = TaskProgress(fw * n + (n if plan.invert_blocks else 0), f"shard {shard}")
     attrs = {**_root_attrs(run, plan, state, shard), "device": dist.describe_device(device)}
     topk = TopK(plan.topk, len(state["classes"])) if plan.topk else None
     pos_dev, labels_dev = pos.to(device), labels.to(device)
+    cache = StepCache()  # one per task: each padded shape's step is captured once and serves every batch
     with store.ShardWriter(path, n, attrs, compression=cfg.compression or None) as sw:
         with store.BackgroundWriter(sw) as w:
             w.write("index", 0, pos.numpy(), dims=("image",), attrs={"what": f"position in the {plan.split} split"})
@@ -182,7 +199,7 @@ def visualize_shard(run: RunDir, shard: int, plan: Plan, state: dict[str, Any], 
                                     f"inversion of images {start}-{start + b - 1} of {n}: step {k} of at most "
                                     f"{steps}, {running} of {rows} inversions still running", "inversion")
                 with clock.part("inversion"):
-                    _write_inversions(w, model, x, plan, state, start, step, fast_forward=not baseline)
+                    _write_inversions(w, model, x, plan, state, start, step, fast_forward=not baseline, cache=cache)
         for name, (array, dims, a) in (topk.results() if topk is not None else {}).items():
             sw.write_summary(name, array, dims=dims, attrs={**a, "k": plan.topk})
     progress.close()

@@ -1,41 +1,83 @@
-"""Padded static-shape steps: equal to the unpadded step (CPU); captured CUDA graphs equal eager (GPU)."""
+"""Static shapes for CUDA graphs: the padded layout changes nothing but the shapes; a task captures each shape
+once, at most ceil(log2(images)) + 1 per set of blocks (counted on the CPU); captured graphs equal eager (GPU)."""
+import copy
+import math
+
 import pytest
 import torch
 
-from hpcviz.explain.cuda_graphs import PaddedSteps, bucket
-from hpcviz.explain.forward import ForwardPlan
-from hpcviz.explain.inversion import InversionConfig, Objective, invert, make_targets
-from hpcviz.explain.rowopt import with_grad
+from hpcviz.explain.cuda_graphs import StepCache
+from hpcviz.explain.inversion import InversionConfig, invert
+from hpcviz.explain.rowopt import exact, pow2, shared_pow2
 from hpcviz.models import build_model
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+BLOCKS = ["conv1", "layer1.2", "layer3.2"]
 
 
-def test_bucket():
-    assert [bucket(n) for n in (0, 1, 7, 8, 9, 16, 17, 100, 1024, 1025)] == [0, 1, 7, 8, 16, 16, 32, 128, 1024, 2048]
+def images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, 8, 8, generator=g) - 0.5) / 0.25
 
 
-def objective(device="cpu", n=5):
+@pytest.fixture(scope="module")
+def net():
     torch.manual_seed(0)
-    model = build_model("resnet20", 10).eval().to(device)
-    plan = ForwardPlan(model).folded()
-    x = ((torch.rand(n, 3, 8, 8) - 0.5) / 0.25).to(device)
-    names, phi0, hw = make_targets(plan, ["conv1", "layer2.0", "layer3.2"], images=x)
-    return Objective(plan, names, phi0, hw, InversionConfig(), MEAN, STD)
+    return build_model("resnet20", 10).eval()
 
 
-def test_padded_step_equals_the_plain_step():
-    obj = objective()
-    padded, plain = PaddedSteps(obj, torch.device("cpu"), graphs=True), with_grad(obj)  # graphs: CUDA only
-    assert not padded.graphs
-    g = torch.Generator().manual_seed(2)
-    for rows in ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 6, 7, 8, 9, 14], [3], [10, 12]):
-        r = torch.tensor(rows)
-        x = torch.randn(len(rows), 3, 8, 8, generator=g)
-        for a, b in zip(padded(x, r), plain(x, r)):
-            assert a.shape == b.shape
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert set(padded.steps) == {(5, 5, 5), (1, 4, 1), (1, 0, 0), (0, 0, 2)} and padded.captured == 0
+def test_buckets():
+    assert [pow2(n) for n in (0, 1, 2, 3, 5, 8, 9, 1000, 1024, 1025)] == [0, 1, 2, 4, 8, 8, 16, 1024, 1024, 2048]
+    assert shared_pow2((3, 0, 17, 5)) == (32, 0, 32, 32) and exact((3, 0, 5)) == (3, 0, 5)
+
+
+def test_padded_layout_gives_the_unpadded_result(net):
+    net = copy.deepcopy(net).double()  # float64: batch sizes change the convolutions' rounding
+    cfg = InversionConfig(steps=15, target=0.2, window=0)
+    x = images(5, 1).double()
+    plain = invert(net, images=x, blocks=BLOCKS, cfg=cfg, mean=MEAN, std=STD, cache=StepCache(pad="exact"))
+    cache = StepCache(pad="pow2")
+    padded = invert(net, images=x, blocks=BLOCKS, cfg=cfg, mean=MEAN, std=STD, cache=cache)
+    assert ((8, 8, 8), "hard") in cache.steps  # 5 rows per block padded to 8 at first
+    for b in BLOCKS:
+        assert torch.equal(plain[b]["steps"], padded[b]["steps"])
+        torch.testing.assert_close(plain[b]["x"], padded[b]["x"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain[b]["error"], padded[b]["error"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(plain[b]["loss"], padded[b]["loss"], atol=1e-6, rtol=1e-5)
+
+
+def test_a_task_captures_each_shape_once(net):
+    cache = StepCache(pad="pow2")  # a GPU's layout; on the CPU `captured` counts what a GPU would capture
+    cfg = InversionConfig(steps=40, target=0.03, window=20)
+    n = 6
+    run = lambda x: invert(net, images=x, blocks=BLOCKS, cfg=cfg, mean=MEAN, std=STD, cache=cache)  # noqa: E731
+    first = run(images(n, 1))
+    after_one = cache.captured
+    assert after_one == len(cache.steps) >= 2
+    run(images(n, 1))  # the same batch again: the same shapes, nothing captured
+    assert cache.captured == after_one
+    run(images(n, 2))
+    run(images(3, 3))  # a task's smaller last batch
+    per_set: dict[tuple[bool, ...], set[tuple[int, ...]]] = {}
+    for key, _ in cache.steps:
+        per_set.setdefault(tuple(k > 0 for k in key), set()).add(key)
+    assert cache.captured == len(cache.steps)
+    assert all(len(keys) <= math.ceil(math.log2(n)) + 1 for keys in per_set.values()), per_set
+    assert all(k in (0, 1, 2, 4, 8) for key, _ in cache.steps for k in key)
+    assert (first["conv1"]["steps"] < first["layer3.2"]["steps"]).any()  # rows left: the shape shrank
+
+
+def test_the_cache_drops_its_steps_for_another_request(net):
+    cache = StepCache(pad="pow2")
+    cfg = InversionConfig(steps=10)
+    invert(net, images=images(4, 1), blocks=BLOCKS, cfg=cfg, mean=MEAN, std=STD, cache=cache)
+    kept = cache.objective
+    invert(net, images=images(3, 2), blocks=BLOCKS, cfg=cfg, mean=MEAN, std=STD, cache=cache)
+    assert cache.objective is kept  # a smaller batch fits
+    invert(net, images=images(4, 1), blocks=["conv1"], cfg=cfg, mean=MEAN, std=STD, cache=cache)
+    assert cache.objective is not kept and all(len(sizes) == 1 for sizes, _ in cache.steps)
+    invert(net, images=images(9, 1), blocks=["conv1"], cfg=cfg, mean=MEAN, std=STD, cache=cache)
+    assert cache.objective.capacity == 9
 
 
 @pytest.mark.gpu
@@ -45,17 +87,15 @@ def test_cuda_graphs_equal_eager_steps():
     model = build_model("resnet18", 10, "cifar").eval().cuda()
     x = ((torch.rand(20, 3, 32, 32) - 0.5) / 0.25).cuda()
     blocks = ["conv1", "layer2.1", "layer4.1"]
-    cfg = InversionConfig(steps=40)
-    graphed = invert(model, images=x, blocks=blocks, cfg=cfg, mean=MEAN, std=STD)
-    eager = invert(model, images=x, blocks=blocks, cfg=InversionConfig(steps=40, graphs=False), mean=MEAN, std=STD)
+    cfg = InversionConfig(steps=40, precision="exact")
+    cache = StepCache()
+    graphed = invert(model, images=x, blocks=blocks, cfg=cfg, mean=MEAN, std=STD, cache=cache)
+    eager = invert(model, images=x, blocks=blocks, cfg=InversionConfig(steps=40, precision="exact", graphs=False),
+                   mean=MEAN, std=STD)
     for b in blocks:
         torch.testing.assert_close(graphed[b]["error"], eager[b]["error"], atol=2e-3, rtol=0.05)
-        assert torch.equal(graphed[b]["steps"], eager[b]["steps"]) or (graphed[b]["steps"] - eager[b]["steps"]).abs().max() <= 5
-    obj = objective("cuda", n=9)
-    steps = PaddedSteps(obj, torch.device("cuda"))
-    rows = torch.arange(27, device="cuda")
-    xs = torch.randn(27, 3, 8, 8, device="cuda")
-    for _ in range(3):  # replays: the same as the eager step each time
-        for a, b in zip(steps(xs, rows), with_grad(obj)(xs, rows)):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert steps.captured == 1 and steps.graphs
+        assert (graphed[b]["steps"] - eager[b]["steps"]).abs().max() <= 5
+    assert cache.graphs and cache.captured == len(cache.steps) >= 1
+    again = invert(model, images=x, blocks=blocks, cfg=cfg, mean=MEAN, std=STD, cache=cache)
+    for b in blocks:  # replays of the captured shapes: the same result
+        torch.testing.assert_close(again[b]["error"], graphed[b]["error"], atol=1e-4, rtol=1e-3)

@@ -152,3 +152,43 @@ def test_model_untouched_and_bad_arguments(net):
     with pytest.raises(ValueError, match="images="):
         invert(net)
     assert PRIORS == ("tv", "none")
+
+
+def test_stored_error_is_exact_whatever_the_optimisation_used(net):
+    from hpcviz.explain.activations import dump_activations
+    x = images(3)
+    blocks = ["conv1", "layer1.1"]
+    _, phi0 = dump_activations(net, x, blocks)  # the model's own forward (hooks), not the inversion's
+    runs = {}
+    for precision in ("exact", "bf16"):  # bf16 autocast: what "auto" is on a GPU, through the same switch
+        cfg = InversionConfig(steps=200, target=0.05, prior="none", precision=precision)
+        out = runs[precision] = invert(net, images=x, blocks=blocks, cfg=cfg, mean=MEAN, std=STD)
+        for b in blocks:
+            _, phi = dump_activations(net, out[b]["x"], [b])
+            torch.testing.assert_close(out[b]["error"], relative_error(phi[b], phi0[b]), atol=1e-5, rtol=1e-4)
+            assert (out[b]["error"] <= 0.05 * 1.02).all(), (b, out[b]["error"])  # the rule saw bf16 errors
+    assert not torch.allclose(runs["exact"]["layer1.1"]["loss"], runs["bf16"]["layer1.1"]["loss"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("t", [0.3, 1e-3])
+def test_soft_max_pool_against_logsumexp_over_unfolded_windows(t):
+    from hpcviz.explain.deconv import soft_max_pool
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    pool = torch.nn.MaxPool2d(3, 2, 1)
+    temp = torch.full((2, 3, 1, 1), t, dtype=torch.float64)
+    out = soft_max_pool(x, pool, temp)
+    # reference: every window's members by unfold (padding -inf), then t * logsumexp(x / t)
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1), value=float("-inf"))
+    cols = torch.nn.functional.unfold(xp, 3, stride=2).view(2, 3, 9, *out.shape[-2:])
+    ref = t * torch.logsumexp(cols / t, dim=2)
+    torch.testing.assert_close(out, ref)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grad, = torch.autograd.grad((out * w).sum(), x)
+    ref_grad, = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(grad, ref_grad)
+    hard = torch.nn.functional.max_pool2d(x, 3, 2, 1)
+    assert (out >= hard - 1e-12).all() and (out - hard).max() <= t * math.log(9) + 1e-12
+    st = soft_max_pool(x, pool, temp, straight_through=True)  # the max's value, the soft gradient
+    torch.testing.assert_close(st, hard, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad((st * w).sum(), x)[0], ref_grad)

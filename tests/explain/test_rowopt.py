@@ -93,3 +93,31 @@ def test_plateau_and_step_cap():
     assert out.stopped[1] == "steps" and out.steps[1] == 50      # still improving, tiny steps: the cap
     with pytest.raises(ValueError, match="lbfgs, adam"):
         minimise(fun, torch.zeros(2, 6, **F64), RowOptConfig(method="sgd"))
+
+
+def test_hold_and_a_changed_objective():
+    """No row stops before `hold`; when on_check says the objective changed, lbfgs evaluates it again at the
+    rows' points before its next step, so its line search compares values of the new function."""
+    centres, curv = problem(rows=3)
+    fun0, calls = quadratic(centres, curv)
+    at_target = RowOptConfig(method="lbfgs", steps=60, target=1e-4, window=0)
+    assert (minimise(fun0, centres.clone(), at_target).steps == 5).all()  # the first check
+    held = minimise(fun0, centres.clone(), RowOptConfig(**{**at_target.__dict__, "hold": 20}))
+    assert (held.steps == 20).all() and held.stopped == ["target"] * 3
+    shift, changes = {"c": 0.0}, []
+
+    def fun(x, rows):
+        f, e = fun0(x, rows)
+        return f + shift["c"], e
+
+    def on_check(step, rows, f):
+        if step + 1 == 20:  # a homotopy's next stage: the objective moves up by a constant
+            shift["c"] = 100.0
+            changes.append(len(calls))
+            return True
+        return False
+    calls.clear()
+    out = minimise(fun, torch.zeros_like(centres), RowOptConfig(method="lbfgs", steps=40, window=0),
+                   on_check=on_check)
+    assert len(calls[changes[0]]) == 3 and len(calls) == 1 + 40 + 1  # start, 40 steps, the re-evaluation
+    assert (out.value > 99).all() and (out.curves[:, -1] > 99).all()
