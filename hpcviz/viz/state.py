@@ -196,7 +196,8 @@ def _report_item(run: RunDir, plan: Plan | None, sha: str | None) -> Item:
         return Item("report", "failed", f"{path}: unreadable ({e})")
     if made is None:
         return Item("report", "missing", "no report/report.json")
-    gone = [f for f in made.get("figures", []) if not (run.report_dir / f).is_file()]
+    gone = [f for f in [*made.get("figures", []), *[made["atlas"]] * bool(made.get("atlas"))]
+            if not (run.report_dir / f).is_file()]
     if gone:
         return Item("report", "incomplete", f"{len(gone)} figure(s) missing from report/: {', '.join(gone[:3])}")
     before, now = made.get("inputs") or {}, report_inputs(run, plan, sha)
