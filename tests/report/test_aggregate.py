@@ -18,7 +18,7 @@ from hpcviz.viz.task import run_shard
 HOSTILE = ["<script>alert(1)", "cat & dog", "$\\foo$ math"]  # the last would crash matplotlib's mathtext
 FIGURES = {"training_curves", "class_accuracy", "confusion_matrix", "conv1_filters", "feature_maps_0",
            "feature_maps_1", "deconv_0", "deconv_1", "inversions"}
-TABLES = {"accuracy", "per_class_accuracy", "inversion_error", "training_parameters", "class_selectivity"}
+TABLES = {"accuracy", "per_class_accuracy", "inversion_error", "training_parameters", "class_selectivity", "featviz"}
 BLOCKS = ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]  # ResNet-20's
 EXAMPLES = {f"examples_{b}{full}" for b in BLOCKS for full in ("", "_all")}  # each block's selective and full grid
 
@@ -40,7 +40,7 @@ def run(tmp_path_factory):
     train(TrainConfig(data=str(root / "data"), image_size=16, arch="resnet20", epochs=1, batch_size=8, lr=0.05,
                       val_fraction=0.25, device="cpu", run_dir=str(run), log_every=1000))
     plan = make_plan(VizConfig(run_dir=str(run), images=6, tasks=2, batch_size=4, invert_steps=10,
-                                       topk=3))  # 3 examples per channel: their projections are the slow part
+                               topk=3, featviz_steps=2))  # 3 examples per channel: their projections are the slow part
     RunDir(run).write_plan(plan)
     for s in range(2):
         run_shard(str(run), s)
