@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -326,8 +327,12 @@ def _atlas_blocks(viz: dict[str, Any], tables: dict, run_name: str) -> tuple[lis
     blocks = [b for b in order if b in shown]
     per_image = store.read_shard(path, ["index", "label"])
     rows = {int(p): r for r, p in enumerate(per_image["index"])}
+    t0 = time.perf_counter()
     files = atlas.atlas_files(blocks, lambda b: _read_block(path, names, b, rows, per_image["label"], attrs),
                               classes, run_name)
+    size = sum(len(v) for v in files.values())
+    log.info("atlas: %d blocks, %d files, %.1f MiB in %.1f s", len(blocks), len(files), size / 2 ** 20,
+             time.perf_counter() - t0)
     fv = [b for b in blocks if f"featviz/{b}" in names]
     if fv:
         values = store.read_shard(path, [f"featviz_{k}/{b}" for b in fv for k in ("value", "steps")])
@@ -337,7 +342,6 @@ def _atlas_blocks(viz: dict[str, Any], tables: dict, run_name: str) -> tuple[lis
         doc += [("p", _FEATVIZ_TEXT), ("table", *tables["featviz"])]
     if viz.get("featviz_error"):
         doc.append(("warn", viz["featviz_error"]))
-    size = sum(len(v) for v in files.values())
     return doc + [("links", f"Every channel of {len(blocks)} blocks, card by card ({len(files)} files, "
                             f"{size / 2 ** 20:.1f} MiB):", [("the atlas", "atlas/index.html")])], files
 
@@ -363,14 +367,15 @@ def _stale_warnings(state: RunState) -> list[tuple]:
     stale = [i for i in state.items if i.state == "stale" and i.name != "report"]
     if not stale:
         return []
-    viz = [i for i in stale if i.name.startswith(("viz", "project"))]
+    viz = [i for i in stale if i.name.startswith(("viz", "project", "featviz"))]
     made = sorted({(i.detail.split("made from checkpoint ")[-1].split()[0].rstrip(",")) for i in stale
                    if "made from checkpoint " in i.detail})
     what = ", ".join(["eval.json (the accuracy)"] * any(i.name == "eval" for i in stale)
                      + [f"{len(viz)} visualization file(s)"] * bool(viz))
     return [("warn", f"STALE: the run's checkpoint changed (now sha256 {(state.checkpoint_sha256 or 'none')[:12]}); "
                      f"{what} were made from {' and '.join(made) or 'another checkpoint'}: the accuracy, feature maps, "
-                     "reconstructions, inversions and dataset examples below show the old weights, the first-layer "
+                     "reconstructions, inversions, dataset examples and feature visualizations below show the old "
+                     "weights, the first-layer "
                      "filters the new ones. hint: python jobs/launch_pipeline.py --run RUN --retry-failed redoes them")]
 
 
@@ -410,7 +415,9 @@ def build_report(run: RunDir, cfg: AggregateConfig) -> dict[str, Any]:
                   + "".join(f" {label} accuracy {100 * ev[key]:.2f}%." for label, key in
                             (("Validation", "accuracy"), ("Train", "train_accuracy")) if ev.get(key) is not None)),
             ("p", f"Checkpoint sha256 {state.checkpoint_sha256 or 'unknown'}; dataset fingerprint "
-                  f"{inp['manifest'].train.dataset_fingerprint or 'unknown'}.")]
+                  f"{inp['manifest'].train.dataset_fingerprint or 'unknown'}.")] \
+        + [("links", "Every channel, a card each (feature visualization, dataset examples, classes):",
+            [("the atlas", "atlas/index.html")])] * bool(atlas_files)
     doc = head + _stale_warnings(state) + _warnings(inp, viz) + _training_blocks(inp, figs, tables) \
         + _accuracy_blocks(inp, figs, tables) \
         + _filter_blocks(run, figs) + _viz_blocks(viz, cfg, figs, tables) + _example_blocks(viz, cfg, figs, tables) \

@@ -15,6 +15,8 @@ from hpcviz.rundir import RunDir
 from hpcviz.viz.plan import make_plan
 from hpcviz.viz.task import run_shard
 
+from conftest import check_links
+
 HOSTILE = ["<script>alert(1)", "cat & dog", "$\\foo$ math"]  # the last would crash matplotlib's mathtext
 FIGURES = {"training_curves", "class_accuracy", "confusion_matrix", "conv1_filters", "feature_maps_0",
            "feature_maps_1", "deconv_0", "deconv_1", "inversions"}
@@ -85,6 +87,14 @@ def test_report_has_every_figure_and_table(run):
     assert meta["config"]["train"]["arch"] == "resnet20" and meta["config"]["aggregate"]["images"] == 2
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["aggregate"]["status"] == "done" and manifest["viz"]["status"] == "done"
+    # the atlas: a page per block, linked from the report, every link and anchor resolving
+    assert json.loads((out / "report.json").read_text())["atlas"] == "atlas/index.html"
+    assert "(atlas/index.html)" in md and '<a href="atlas/index.html">' in html
+    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {f"atlas/{b}.html" for b in BLOCKS} < set(files) and check_links(files, exempt=(), under="atlas/") > 3 * 352
+    page = files["atlas/layer3.2.html"].decode()
+    assert page.count('class="card"') == 64 and "&lt;script&gt;alert(1)" in page and "<script" not in page
+    assert len([f for f in files if f.startswith("atlas/img/layer3.2/fv-")]) == 64
 
 
 def test_html_is_self_contained_and_escapes_class_names(run):

@@ -1,19 +1,19 @@
 """The atlas: its pages from synthetic arrays (pages of 256 cards, neighbours linked, every link and anchor
 resolving, no script, hostile class names escaped), and the same pages in a real browser (headless Chromium,
 from the file system: every image there and decoding, a screenshot that is not blank)."""
-import html.parser
 import io
 import os
-import posixpath
 import shutil
 import subprocess
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from hpcviz.report.atlas import PAGE, BlockData, atlas_files, card_href, featviz_pixels, page_name
+
+from conftest import Page, check_links
 
 HOSTILE = ["<script>alert(1)</script>", "a\"b' onload=x", "cat & dog", "[/]", "</li><li>", "ok"]
 
@@ -38,43 +38,6 @@ def files():
     data = {"conv1": block("conv1", 16, featviz=False), "layer1.0": block("layer1.0", PAGE + 44, seed=1),
             "layer2.0": block("layer2.0", 32, projected=False, seed=2)}
     return atlas_files(list(data), data.__getitem__, HOSTILE, "run <b>&")
-
-
-class Page(html.parser.HTMLParser):
-    """What a page links and defines: hrefs and srcs, ids, tags."""
-
-    def __init__(self, text):
-        super().__init__()
-        self.links, self.ids, self.tags, self.imgs, self.attrs = [], set(), [], [], set()
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        self.tags.append(tag)
-        self.attrs.update(a)
-        self.ids.update([a["id"]] if "id" in a else [])
-        self.links += [a[k] for k in ("href", "src") if k in a]
-        if tag == "img":
-            self.imgs.append(a)
-
-
-def check_links(files, exempt=("../report.html",)):
-    """Every relative link of every page resolves to a file of the atlas, and its anchor to an id there."""
-    pages = {p: Page(b.decode()) for p, b in files.items() if p.endswith(".html")}
-    checked = 0
-    for path, page in pages.items():
-        for link in page.links:
-            parts = urlsplit(link)
-            assert not parts.scheme and not parts.netloc, (path, link)  # nothing outside the atlas
-            if parts.path in exempt:
-                continue
-            target = posixpath.normpath(posixpath.join(posixpath.dirname(path), unquote(parts.path))) \
-                if parts.path else path
-            assert target in files, (path, link)
-            if parts.fragment:
-                assert parts.fragment in pages[target].ids, (path, link)
-            checked += 1
-    return checked
 
 
 def test_pages_cards_and_links(files):
