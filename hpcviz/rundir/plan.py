@@ -41,6 +41,10 @@ class Plan:
     n_images: int
     planned: str = ""                 # when it was made (TIME_FORMAT)
     topk: int = 0                     # images kept per channel for the dataset examples (0: none)
+    featviz_blocks: list[str] = field(default_factory=list)  # blocks whose every channel is visualized (none:
+    #                                   a plan from before feature visualization)
+    featviz_steps: int = 0            # at most, per channel; 0 = featviz's default
+    featviz_batch_size: int = 0       # channels optimised at once; 0 = from the memory there is
     extra: dict[str, Any] = field(default_factory=dict)  # room for later stages; never renamed
 
     def shard_attrs(self) -> dict[str, Any]:
@@ -71,6 +75,6 @@ class Plan:
     def from_dict(cls, values: dict[str, Any], run_dir: str) -> Plan:
         values = dict(values)
         # a plan from before an option existed: its config has the value the plan was made with
-        before = {"topk": values.get("topk", _BEFORE["topk"])}
+        before = {"topk": values.get("topk", _BEFORE["topk"]), "featviz_blocks": values.get("featviz_blocks", [])}
         values["config"] = config_from_dict(VizConfig, {**before, **values["config"], "run_dir": run_dir})
         return cls(**values)
