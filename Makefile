@@ -23,13 +23,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The whole pipeline here on the CPU: train a ResNet-20 on the built-in data, visualize 16 validation
-# images in 2 array tasks (activations, deconvnet, inversions), then the report.
+# images in 2 array tasks (activations, deconvnet, inversions), the feature visualization of every channel
+# (48 steps at most, not 128: a third of the time, see docs/atlas.md), then the report and its atlas.
 # A second `make demo` continues the same run (finished stages are skipped); `make clean-demo` starts afresh.
 demo: setup
 	$(PY) jobs/launch_pipeline.py --cluster local --run $(DEMO_RUN) --resume \
 		--arch resnet20 --data builtin --epochs 15 --batch-size 128 --lr 0.2 \
-		--images 16 --tasks 2
+		--images 16 --tasks 2 --featviz-steps 48
 	@echo "report: $(DEMO_RUN)/report/report.html (and report.md, figures/, tables/)"
+	@echo "atlas:  $(DEMO_RUN)/report/atlas/index.html (a card per channel: feature visualization, examples, classes)"
 
 # lint and type checks first (ruff with import sorting, mypy on hpcviz/; configured in pyproject.toml), then the suite
 test: setup

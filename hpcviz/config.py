@@ -280,6 +280,13 @@ class VizConfig:
     invert_solver: str = option("lbfgs", "the inversion's optimiser (see hpcviz.rowopt)", choices=("lbfgs", "adam"))
     invert_batch_size: int = option(0, "images inverted together (0 = 64 on a CPU, 1024 on a GPU)", unit="images")
     prior: str = option("tv", "tv (Mahendran & Vedaldi) | none (plain sum of squared errors)", choices=PRIORS)
+    featviz_blocks: list[str] = option(factory=lambda: ["all"], help="feature visualization: the blocks whose every "
+                                       "channel gets an input optimised to excite it (an array of its own, split by "
+                                       "channels): all | none | names")
+    featviz_steps: int = option(0, "feature visualization: at most this many steps per channel (0 = its default, 128; "
+                                "a channel stops earlier once its activation stops rising)", unit="steps")
+    featviz_batch_size: int = option(0, "feature visualization: channels optimised at once (0 = as many as fit in half "
+                                     "the free memory)", unit="channels")
     compression: str = option("", "HDF5 filter of the shards ('' = none, fastest)", choices=COMPRESSIONS)
     device: str = option("auto", "where each task computes", choices=DEVICES)
     seed: int = option(0, "seed of the image sample")
@@ -296,7 +303,8 @@ class VizConfig:
         """`prefix`: how the shared flags are spelt in this command (the pipeline's --viz-batch-size)."""
         _checks(self, {"images": (1, None), "tasks": (1, None), "per_task": (1, None), "batch_size": (1, None),
                        "invert_steps": (0, None), "invert_target": (0, 1), "invert_batch_size": (0, None),
-                       "topk": (0, None), "example_size": (8, None)}, prefix)
+                       "topk": (0, None), "example_size": (8, None), "featviz_steps": (0, None),
+                       "featviz_batch_size": (0, None)}, prefix)
         check_seeds(self, ("seed",), prefix)
         if any(i < 0 for i in self.indices):
             raise ConfigError(f"--indices {min(self.indices)}: positions start at 0; hint: --indices 0,1,2")
@@ -318,7 +326,10 @@ class AggregateConfig:
                                    "section (every block's full grid is linked)")
     projections: bool = option(True, "project each channel's top activations with the deconvnet where the "
                                "projection array left them undone (viz/examples/part-*.h5)", flag="--no-projections")
-    projection_device: str = option("auto", "where the projections are computed", choices=DEVICES)
+    featviz: bool = option(True, "compute the feature visualizations that the featviz array left undone "
+                           "(viz/featviz/part-*.h5)", flag="--no-featviz")
+    projection_device: str = option("auto", "where the projections and feature visualizations are computed",
+                                    choices=DEVICES)
     embed: bool = option(True, "report.html embeds its figures (self-contained)", flag="--no-embed")
     dpi: int = option(100, "PNG resolution", unit="dots per inch", cli=False)
 

@@ -1,8 +1,10 @@
 """Shared fixtures: tiny configs, a free port, and the SLURM marker's skip/fail rule."""
 from __future__ import annotations
 
+import html.parser
 import os
 import pickle
+import posixpath
 import re
 import shutil
 import socket
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import h5py
 import numpy as np
@@ -209,3 +212,45 @@ def write_chunked(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         f.create_dataset("labels", data=labels.astype(np.int64))
         f.attrs.update({"format": PACKED_FORMAT, "classes": '["a", "b", "c"]', "n": len(images),
                         "image_size": images.shape[2], "height": images.shape[2], "width": images.shape[3]})
+
+
+# ------------------------------------------------------------------------------------------ HTML pages
+class Page(html.parser.HTMLParser):
+    """What a page links and defines: hrefs and srcs, ids, tags."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.links, self.ids, self.tags, self.imgs, self.attrs = [], set(), [], [], set()
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append(tag)
+        self.attrs.update(a)
+        self.ids.update([a["id"]] if "id" in a else [])
+        self.links += [a[k] for k in ("href", "src") if k in a]
+        if tag == "img":
+            self.imgs.append(a)
+
+
+def check_links(files: dict[str, bytes], exempt: tuple[str, ...] = ("../report.html",), under: str = "") -> int:
+    """Every link of every HTML page of `files` ({path: bytes}, paths relative to one folder) under `under` is
+    relative and resolves to one of `files`, and its anchor to an id there (`exempt`: links not checked).
+    Returns the links checked."""
+    pages = {p: Page(b.decode()) for p, b in files.items() if p.endswith(".html")}
+    checked = 0
+    for path, page in pages.items():
+        if not path.startswith(under):
+            continue
+        for link in page.links:
+            parts = urlsplit(link)
+            assert not parts.scheme and not parts.netloc, (path, link)  # nothing outside the atlas
+            if parts.path in exempt:
+                continue
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(path), unquote(parts.path))) \
+                if parts.path else path
+            assert target in files, (path, link)
+            if parts.fragment:
+                assert parts.fragment in pages[target].ids, (path, link)
+            checked += 1
+    return checked

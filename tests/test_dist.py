@@ -273,7 +273,7 @@ def test_cpu_runs_never_touch_cuda(cuda_forbidden, tmp_path, capsys):
     run = tmp_path / "cpu"
     args = ["--cluster", "debug", "--gpus", "0", "--run", str(run), "--data", "builtin:20", "--image-size", "16",
             "--arch", "resnet20", "--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--images", "4", "--tasks",
-            "1", "--invert-steps", "5", "--report-images", "1", "--invert-images", "1"]
+            "1", "--invert-steps", "5", "--featviz-steps", "2", "--report-images", "1", "--invert-images", "1"]
     assert pipeline.main(pipeline.get_args_parser().parse_args(args)) == 0, capsys.readouterr().err[-2000:]
     config = __import__("json").loads((run / "config.json").read_text())
     assert config["train"]["device"] == "cpu" and config["viz"]["device"] == "cpu"

@@ -91,7 +91,8 @@ def test_every_command_on_a_full_disk_says_so_in_one_line_and_keeps_the_files(sm
     tiny = ["--run", str(run), "--cluster", "local", "--device", "cpu", "--data", "builtin:20", "--image-size", "16",
             "--arch", "resnet20", "--epochs", "1", "--batch-size", "32", "--lr", "0.05"]
     viz = ["--images", "4", "--tasks", "2", "--invert-steps", "5", "--blocks", "conv1,layer3.2",
-           "--invert-blocks", "conv1", "--deconv-blocks", "layer3.2", "--paths", "both"]
+           "--invert-blocks", "conv1", "--deconv-blocks", "layer3.2", "--paths", "both", "--featviz-blocks",
+           "conv1,layer3.2", "--featviz-steps", "2"]
     r = cli("launch_pipeline.py", *tiny, *viz, "--report-images", "1", "--invert-images", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     fill(small_fs, 300_000)

@@ -39,6 +39,8 @@ def _print_submitted(run: RunDir, ids: dict) -> None:
           f"  viz array {', '.join(ids['viz'])} ({ids['n_tasks']} tasks, afterok:{ids['train']})\n"
           + (f"  project array {', '.join(ids['project'])} (the dataset examples' projections, afterany on the "
              "viz array)\n" if ids.get("project") else "")
+          + (f"  featviz array {', '.join(ids['featviz'])} (feature visualization of every channel, afterok:"
+             f"{ids['train']})\n" if ids.get("featviz") else "")
           + f"  aggregate job {ids['aggregate']} (afterany on the last array)\n"
           f"  status:  python jobs/launch_pipeline.py --run {run} --status   (or --wait to follow)\n"
           f"  report:  {run.report_dir / 'report.html'} when the aggregation has run\n"
@@ -68,6 +70,7 @@ def _retry(args: argparse.Namespace, run: RunDir, pl: ModuleType) -> int:
     if launch.cluster == "slurm":
         print(f"resubmitted {len(result['todo'])} shard(s) {result['todo']} as array "
               f"{', '.join(result['viz']) or '-'}; projection array {', '.join(result['project']) or '-'}; "
+              f"featviz array {', '.join(result['featviz']) or '-'}; "
               f"aggregate job {result['aggregate']}")
         if launch.wait:
             pl.wait_pipeline(run)

@@ -49,6 +49,8 @@ def main(args: argparse.Namespace) -> int:
     if out["collation"] is None:
         proj = f"\n  projections (dataset examples): array job(s) {', '.join(out['projection_ids'])}, after it" \
             if out["projection_ids"] else ""
+        proj += f"\n  feature visualization: array job(s) {', '.join(out['featviz_ids'])}, beside it" \
+            if out["featviz_ids"] else ""
         print(f"submitted array job(s) {', '.join(out['ids'])}: {len(out['todo'])} task(s){proj}\n  run dir: {run}\n"
               f"  then:    python jobs/launch_viz.py --run {run} ... again collates (or add --wait)")
         return 0
@@ -61,6 +63,11 @@ def main(args: argparse.Namespace) -> int:
     failed = out["projection_failed"]
     if failed:  # the shards and viz.h5 are kept; the aggregation computes what the parts left undone
         raise JobError(f"{len(failed)} projection part(s) failed: {failed[0]}; the shards and viz.h5 are kept; "
+                       f"hint: fix the cause, then python jobs/aggregate.py --run {run} computes them"
+                       + "".join(f"\n{line}" for line in failed[1:8]))
+    failed = out["featviz_failed"]
+    if failed:  # the shards and viz.h5 are kept; the aggregation computes what the parts left undone
+        raise JobError(f"{len(failed)} featviz part(s) failed: {failed[0]}; the shards and viz.h5 are kept; "
                        f"hint: fix the cause, then python jobs/aggregate.py --run {run} computes them"
                        + "".join(f"\n{line}" for line in failed[1:8]))
     if out["incomplete"]:

@@ -1,5 +1,6 @@
 """Launching the visualization array: plan the request, submit the shards that are missing, wait, collate; then the
-projection array of the dataset examples.
+projection array of the dataset examples, and the feature visualization array (per channel: it needs only the
+checkpoint, so on SLURM it is submitted at once, beside the first array).
 
 Everything about the request is checked before anything is written: the plan against the run's
 checkpoint and data, the plan against the one already in the run (another request needs `fresh`), and
@@ -20,6 +21,7 @@ from .. import dist
 from ..config import LaunchConfig, VizConfig
 from ..rundir import RunDir, RunLock
 from ..viz.collation import collate
+from ..viz.featviz_parts import featviz_part, stale_featviz
 from ..viz.plan import VizError, make_plan, shard_problems
 from ..viz.projection import plan_parts, project_part, stale_parts
 from ..viz.state import describe_problems, run_state
@@ -32,9 +34,10 @@ log = logging.getLogger("hpcviz")
 def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
                lock: RunLock | None = None) -> dict[str, Any]:
     """Plan, submit the missing shards (one array, or a few past MaxArraySize), wait unless it is SLURM without
-    --wait, collate; then the projections (the report draws every figure).
+    --wait, collate; then the projections (the report draws every figure) and the feature visualizations.
     `launch` is a request check_launch resolved. Returns {"plan", "todo", "ids", "failed": [one line per failed
-    task], "collation": collate's summary, or None when submitted and not waited for}."""
+    task], "collation": collate's summary, or None when submitted and not waited for, "projection_ids",
+    "projection_failed", "featviz_ids", "featviz_failed", "incomplete"}."""
     run = RunDir(cfg.run_dir)
     plan = make_plan(cfg)
     old = run.plan()
@@ -52,7 +55,8 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
     run.write_config("viz", plan.to_dict()["config"])
     log.info("%d images in %d shards; %d to do", plan.n_images, len(plan.shards), len(todo))
     out: dict[str, Any] = {"plan": plan, "todo": todo, "ids": [], "failed": [], "collation": None,
-                           "projection_ids": [], "projection_failed": [], "incomplete": ""}
+                           "projection_ids": [], "projection_failed": [], "incomplete": "", "featviz_ids": [],
+                           "featviz_failed": []}
     run.update("viz", status="submitted", cluster=launch.cluster, n_shards=len(plan.shards),
                n_images=plan.n_images, planned=plan.planned, error="", missing_shards=[])
     if ex is not None:
@@ -62,10 +66,12 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
             if parts:  # the second array, after the first; aggregation computes what it leaves undone
                 pex = stage_executor(launch, run, "project", "afterany:" + ":".join(out["ids"]))
                 out["projection_ids"], _ = submit_projections(run, pex, list(range(parts)), launch, lock)
+            out["featviz_ids"], _ = featviz_array(run, plan, launch, lock, wait=False)  # needs no shard: at once
             return out
         out["failed"] = wait_all(jobs, todo, launch)
     out["collation"] = finish(run, plan)
     if launch.cluster == "slurm" and not launch.wait:  # collating again: the projections are the aggregation's
+        out["featviz_ids"], _ = featviz_array(run, plan, launch, lock, wait=False)
         return out
     if plan.topk and out["collation"]["path"] is not None:
         stale = stale_parts(run, plan)
@@ -74,6 +80,9 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
             out["projection_ids"], jobs = submit_projections(run, pex, stale, launch, lock)
             out["projection_failed"] = wait_all(jobs, stale, launch, what="projection part")
             out["collation"] = finish(run, plan)
+    out["featviz_ids"], out["featviz_failed"] = featviz_array(run, plan, launch, lock, wait=True)
+    if out["featviz_ids"] and out["collation"]["path"] is not None:  # viz.h5 presents the new parts
+        out["collation"] = finish(run, plan)
     bad = run_state(run).problems(("viz",))  # shards, viz.h5 and parts, verified ('' when whole)
     out["incomplete"] = describe_problems(run, bad) if bad else ""
     return out
@@ -102,6 +111,32 @@ def submit_projections(run: RunDir, ex: submitit.Executor, parts: list[int], lau
     run.update("viz", lambda rec: {"projection_ids": [*rec.projection_ids, *ids]})
     log.info("projections: %d part(s) submitted (%s)", len(parts), ", ".join(ids))
     return ids, jobs
+
+
+def submit_featviz(run: RunDir, ex: submitit.Executor, parts: list[int], launch: LaunchConfig,
+                   lock: RunLock | None) -> tuple[list[str], list[submitit.Job]]:
+    """The feature visualization array (hpcviz.viz.featviz_parts.featviz_part): one task per part; the manifest
+    and the lock learn its ids."""
+    with _cores_shared(len(parts) if launch.cluster == "local" else 1):
+        jobs = submit_array(ex, featviz_part, str(run.path), parts, launch.cluster, launch.throttle)
+    ids = sorted({str(j.job_id).split("_")[0] for j in jobs}, key=lambda i: int(i) if i.isdigit() else 0)
+    if lock is not None:
+        lock.add_jobs([str(j.job_id) for j in jobs] if launch.cluster == "local" else ids, launch.cluster,
+                      array=launch.cluster == "slurm")
+    run.update("viz", lambda rec: {"featviz_ids": [*rec.featviz_ids, *ids]})
+    log.info("feature visualization: %d part(s) submitted (%s)", len(parts), ", ".join(ids))
+    return ids, jobs
+
+
+def featviz_array(run: RunDir, plan: Any, launch: LaunchConfig, lock: RunLock | None,
+                  wait: bool) -> tuple[list[str], list[str]]:
+    """The featviz parts that are missing or stale, as an array of their own (no dependency: the checkpoint is
+    there); waited for when `wait`. Returns (array ids, one line per failed part)."""
+    stale = stale_featviz(run, plan)
+    if not stale:
+        return [], []
+    ids, jobs = submit_featviz(run, stage_executor(launch, run, "featviz", ""), stale, launch, lock)
+    return ids, wait_all(jobs, stale, launch, what="featviz part") if wait else []
 
 
 def submit_shards(run: RunDir, ex: submitit.Executor, fn: Any, shards: list[int], launch: LaunchConfig,
@@ -159,8 +194,10 @@ def finish(run: RunDir, plan: Any) -> dict[str, Any]:
     """Collate into viz/viz.h5 and record the outcome in the manifest."""
     summary = collate(run, plan)
     missing = [run.shard(k).name for k in sorted(summary["missing"])]
-    whole = summary["path"] is not None and not missing and not summary.get("examples_error")
+    whole = summary["path"] is not None and not missing and not summary.get("examples_error") \
+        and not summary.get("featviz_error")
     status = "done" if whole else ("partial" if summary["path"] else "failed")
     run.update("viz", status=status, missing_shards=missing, n_images=summary["n_images"],
-               error=summary.get("examples_error", "") if summary["path"] else summary.get("reason", ""))
+               error="; ".join(summary[k] for k in ("examples_error", "featviz_error") if summary.get(k))
+               if summary["path"] else summary.get("reason", ""))
     return summary

@@ -336,7 +336,7 @@ def viz_gpus(launch: LaunchConfig) -> int:
 
 
 def stage_launch(launch: LaunchConfig, stage: str) -> LaunchConfig:
-    """Array tasks (visualization, projection): one process (one GPU if training had GPUs); aggregation: one
-    CPU process."""
-    gpus = viz_gpus(launch) if stage in ("viz", "project") else 0
+    """Array tasks (visualization, projection, feature visualization): one process (one GPU if training had
+    GPUs); aggregation: one CPU process."""
+    gpus = viz_gpus(launch) if stage in ("viz", "project", "featviz") else 0
     return dataclasses.replace(launch, nproc=1, nodes=1, gpus=gpus, extra=dict(launch.extra))

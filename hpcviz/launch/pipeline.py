@@ -1,4 +1,6 @@
-"""The whole pipeline as one job graph: train -> visualization array (afterok) -> aggregation (afterany).
+"""The whole pipeline as one job graph: train -> visualization array (afterok) -> aggregation (afterany); the
+feature visualization array (afterok on training too: it needs only the checkpoint) runs beside the visualization
+array, and the aggregation waits for it as well (afterany).
 
 On SLURM `submit_pipeline` submits the three stages at once, with dependencies, and returns. The
 training job writes the visualization plan (viz/plan.json) when it has finished (rank 0), so the
@@ -30,11 +32,12 @@ from ..scheduler import ACTIVE, latest_tasks, query_state, task_states
 from ..train.job import TrainJob
 from ..train.loop import evaluate_checkpoint
 from ..train.request import check_train_request, prepare_run
+from ..viz.featviz_parts import featviz_parts
 from ..viz.plan import VizError, make_plan, resolve_request, shard_problems
 from ..viz.projection import plan_parts, projection_parts
 from ..viz.state import Item, StageFailed, check_outcome, describe_problems, run_state
 from ..viz.task import run_shard
-from .array import launch_viz, stage_executor, submit_projections, submit_shards
+from .array import featviz_array, launch_viz, stage_executor, submit_featviz, submit_projections, submit_shards
 from .executors import JobRefused, LaunchError, stage_launch, submit_train, wait_result
 
 log = logging.getLogger("hpcviz")
@@ -144,10 +147,14 @@ def submit_pipeline(train_cfg: TrainConfig, viz_cfg: VizConfig, agg_cfg: Aggrega
     run.update("viz", status="pending", cluster="slurm", job_ids=[], tasks={}, error="")
     try:
         stem = train_cfg.resolved_stem()
-        blocks = resolve_request(build_model(train_cfg.arch, 10, stem), viz_cfg)[0]
+        blocks, _, _, featviz = resolve_request(build_model(train_cfg.arch, 10, stem), viz_cfg)
         parts = len(projection_parts(train_cfg.arch, stem, blocks, n_tasks, viz_cfg.topk))
+        fparts = len(featviz_parts(train_cfg.arch, stem, featviz, n_tasks))
+        fids = submit_featviz(run, stage_executor(launch, run, "featviz", f"afterok:{train_job.job_id}"),
+                              list(range(fparts)), launch, lock)[0] if fparts else []
         ids = _submit_viz_and_aggregate(run, list(range(n_tasks)), launch, agg_cfg, str(train_job.job_id), lock,
-                                        parts)
+                                        parts, also=fids)
+        ids["featviz"] = fids
     except Exception as e:  # no half pipeline: without its array and report the training is cancelled
         train_job.cancel(check=False)
         first = [line for line in str(e).strip().splitlines() if line.strip()]
@@ -209,8 +216,9 @@ def retry_failed(run: RunDir, launch: LaunchConfig, agg_cfg: AggregateConfig,
             lock.add_jobs([str(eval_job.job_id)], launch.cluster)
     if launch.cluster == "slurm":
         after = [str(eval_job.job_id)] if eval_job is not None else []
+        fids = featviz_array(run, plan, launch, lock, wait=False)[0]
         return {**_submit_viz_and_aggregate(run, todo, launch, agg_cfg, "", lock, len(plan_parts(run, plan)),
-                                            after), "todo": todo}
+                                            after + fids), "todo": todo, "featviz": fids}
     if eval_job is not None:
         wait_result(eval_job, launch)
     out = launch_viz(plan.config, dataclasses.replace(launch, wait=True), lock=lock)
@@ -225,15 +233,17 @@ def retry_cluster(run: RunDir, requested: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ status
-_MAX_PART_ROWS = 20  # above this, the projection parts are one summary row plus a row per part not done
+_MAX_PART_ROWS = 20  # above this, a kind of parts is one summary row plus a row per part not done
+_PARTS = ("project", "featviz")  # the items of the per-channel arrays: project[i], featviz[i]
 
 
 def _task_ids(manifest: Manifest, parts: list[Item]) -> dict[str, str]:
-    """{item name: the newest array task id} of each shard and, on SLURM, each projection part."""
+    """{item name: the newest array task id} of each shard and, on SLURM, each projection and featviz part."""
     out = {f"viz[{k}]": t for k, t in latest_tasks(manifest.viz.tasks).items()}
-    arrays = manifest.viz.projection_ids
-    if arrays and manifest.viz.cluster == "slurm":  # part i is task i of the newest projection array
-        out.update({p.name: f"{arrays[-1]}_{p.name[len('project['):-1]}" for p in parts})
+    for kind, arrays in (("project", manifest.viz.projection_ids), ("featviz", manifest.viz.featviz_ids)):
+        if arrays and manifest.viz.cluster == "slurm":  # part i is task i of the newest array of its kind
+            out.update({p.name: f"{arrays[-1]}_{p.name[len(kind) + 1:-1]}" for p in parts
+                        if p.name.startswith(kind + "[")})
     return out
 
 
@@ -253,28 +263,32 @@ def _row(item: Item, job: str, live: dict[str, str]) -> tuple[str, str, str, str
 
 def pipeline_status(run: RunDir) -> list[tuple[str, str, str, str]]:
     """(stage, job id, state, detail) for train, eval, every array task (viz[k]), viz.h5, every projection part
-    (project[i]) and the aggregation: each state verified from the run's files (hpcviz.runstate), with the
+    (project[i]) and feature visualization part (featviz[i]) and the aggregation: each state verified from the
+    run's files (hpcviz.runstate), with the
     scheduler's state where a job is still queued or running."""
     if not run.manifest_file.exists():
         raise VizError(f"--run {run}: no manifest.json; hint: start it with jobs/launch_pipeline.py")
     manifest = run.manifest()
     state = run_state(run)
     slurm = (manifest.pipeline.cluster or manifest.train.cluster) == "slurm"
-    parts = [i for i in state.items if i.name.startswith("project[")]
-    jobs = {"train": manifest.train.job_id, "report": manifest.aggregate.job_id, **_task_ids(manifest, parts)}
+    groups = {kind: [i for i in state.items if i.name.startswith(kind + "[")] for kind in _PARTS}
+    jobs = {"train": manifest.train.job_id, "report": manifest.aggregate.job_id,
+            **_task_ids(manifest, [i for g in groups.values() for i in g])}
     live: dict[str, str] = {}
     if slurm:
-        live = task_states([j for n, j in jobs.items() if n.startswith(("viz[", "project[")) and j])
+        live = task_states([j for n, j in jobs.items() if n.startswith(("viz[", "project[", "featviz[")) and j])
         live.update({j: query_state(j)[0] for j in (jobs["train"], jobs["report"]) if j})
     rows = []
     for item in state.items:
-        if item in parts and len(parts) > _MAX_PART_ROWS and item.ok:
+        group = groups.get(item.name.split("[")[0], []) if "[" in item.name else []
+        if len(group) > _MAX_PART_ROWS and item is group[0]:
+            bad = [p.name for p in group if not p.ok]
+            rows.append((item.name.split("[")[0], "", "done (verified)" if not bad else
+                         f"{len(bad)} of {len(group)} not done",
+                         f"{len(group)} parts" + (f"; not done: {', '.join(bad[:8])}" if bad else "")))
+        if len(group) > _MAX_PART_ROWS and item.ok:
             continue
         rows.append(_row(item, jobs.get(item.name, ""), live))
-        if item.name == "viz.h5" and len(parts) > _MAX_PART_ROWS:
-            bad = [p.name for p in parts if not p.ok]
-            rows.append(("project", "", "done (verified)" if not bad else f"{len(bad)} of {len(parts)} not done",
-                         f"{len(parts)} parts" + (f"; not done: {', '.join(bad[:8])}" if bad else "")))
     rec = manifest.aggregate
     name, job, st, detail = rows[-1]
     if rec.status == "running" and not live.get(job):

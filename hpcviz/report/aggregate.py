@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,12 +25,13 @@ from .. import __version__, dist, store
 from ..config import AggregateConfig, config_to_dict
 from ..errors import InputError
 from ..files import check_space, write_bytes
+from ..models import block_names, build_model
 from ..rundir import RunDir, now
 from ..scheduler import latest_tasks, task_states
 from ..train import checkpoint
 from ..viz.collation import collate
 from ..viz.state import RunState, describe_problems, report_inputs, run_state
-from . import figures
+from . import atlas, figures
 from . import render as report
 from .render import Fixed
 
@@ -64,10 +66,11 @@ def _task_states(run: RunDir, shards: list[int]) -> dict[int, str]:
 
 
 def collate_run(run: RunDir, cfg: AggregateConfig | None = None) -> dict[str, Any]:
-    """viz.collate (with the dataset examples' projections when `cfg` asks for them), with each missing
+    """viz.collate (with the projections and feature visualizations left undone computed when `cfg` asks for
+    them), with each missing
     shard's array task state (SLURM) added to its reason."""
     summary = collate(run, run.plan(), project=bool(cfg and cfg.projections),
-                      device=cfg.projection_device if cfg else "auto")
+                      device=cfg.projection_device if cfg else "auto", featviz=bool(cfg and cfg.featviz))
     states = _task_states(run, sorted(summary["missing"]))
     summary["missing"] = {k: v + (f" ({states[k]})" if k in states else "") for k, v in summary["missing"].items()}
     return summary
@@ -284,6 +287,65 @@ def _example_blocks(viz: dict[str, Any], cfg: AggregateConfig, figs: _Figures, t
     return doc
 
 
+_FEATVIZ_TEXT = (
+    "Every channel's feature visualization (Olah et al. 2017): an input optimised to excite the channel, with "
+    "Lucid's priors (a Fourier parameterisation, colour decorrelation, random jitter, zoom and rotation). The "
+    "table gives, per block, the median over its channels of the mean activation each image reaches, and the "
+    "steps taken (a channel stops once its activation stops rising). The atlas shows every channel on a card: "
+    "its feature visualization, its dataset examples with their projections, and its class statistics.")
+
+
+def _read_block(path: Path, names: set[str], block: str, rows: dict[int, int], labels: np.ndarray,
+                attrs: dict[str, Any]) -> atlas.BlockData:
+    """A block's data for the atlas, from viz.h5 (what is there)."""
+    want = [n for n in (f"featviz/{block}", f"featviz_value/{block}", f"featviz_steps/{block}",
+                        f"examples/{block}/patch", f"examples/{block}/deconv", f"topk/{block}/value",
+                        f"topk/{block}/index", f"selectivity/{block}", f"selective_class/{block}",
+                        f"class_mean/{block}") if n in names]
+    d = {n.replace(f"/{block}", ""): a for n, a in store.read_shard(path, want).items()}  # featviz, topk/index...
+    fv, index = d.get("featviz"), d.get("topk/index")
+    top_label = None if index is None else np.array([[labels[rows[int(p)]] if int(p) in rows else -1 for p in r]
+                                                     for r in index], np.int64)
+    channels = next(len(a) for a in (fv, d.get("selectivity"), index) if a is not None)
+    return atlas.BlockData(
+        block, channels, None if fv is None else atlas.featviz_pixels(fv, attrs["mean"], attrs["std"]),
+        d.get("featviz_value"), d.get("featviz_steps"), d.get("examples/patch"), d.get("examples/deconv"),
+        d.get("topk/value"), top_label, d.get("selectivity"), d.get("selective_class"), d.get("class_mean"))
+
+
+def _atlas_blocks(viz: dict[str, Any], tables: dict, run_name: str) -> tuple[list[tuple], dict[str, bytes]]:
+    """The report's feature visualization paragraph and table, and the atlas (report/atlas/)."""
+    doc: list[tuple] = [("h", 3, "Feature visualization and the atlas")]
+    path = viz["path"]
+    names = set(store.list_datasets(path)) if path is not None else set()
+    shown = {n.split("/")[1] for n in names if n.startswith(("featviz/", "selectivity/"))}
+    if not shown:
+        return doc + [("p", "No atlas: neither feature visualizations nor dataset examples are in viz.h5.")], {}
+    attrs = store.read_attrs(path)
+    classes = list(attrs.get("class_names", []))
+    order = block_names(build_model(attrs["arch"], max(1, len(classes)), attrs.get("stem", "")))
+    blocks = [b for b in order if b in shown]
+    per_image = store.read_shard(path, ["index", "label"])
+    rows = {int(p): r for r, p in enumerate(per_image["index"])}
+    t0 = time.perf_counter()
+    files = atlas.atlas_files(blocks, lambda b: _read_block(path, names, b, rows, per_image["label"], attrs),
+                              classes, run_name)
+    size = sum(len(v) for v in files.values())
+    log.info("atlas: %d blocks, %d files, %.1f MiB in %.1f s", len(blocks), len(files), size / 2 ** 20,
+             time.perf_counter() - t0)
+    fv = [b for b in blocks if f"featviz/{b}" in names]
+    if fv:
+        values = store.read_shard(path, [f"featviz_{k}/{b}" for b in fv for k in ("value", "steps")])
+        tables["featviz"] = (["block", "channels", "median activation", "mean steps"], [
+            [b, len(values[f"featviz_value/{b}"]), Fixed(float(np.nanmedian(values[f"featviz_value/{b}"])), 3),
+             Fixed(float(np.mean(values[f"featviz_steps/{b}"])), 1)] for b in fv])
+        doc += [("p", _FEATVIZ_TEXT), ("table", *tables["featviz"])]
+    if viz.get("featviz_error"):
+        doc.append(("warn", viz["featviz_error"]))
+    return doc + [("links", f"Every channel of {len(blocks)} blocks, card by card ({len(files)} files, "
+                            f"{size / 2 ** 20:.1f} MiB):", [("the atlas", "atlas/index.html")])], files
+
+
 def _pipeline_blocks(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
     man = inp["manifest"]
     rows = []
@@ -305,14 +367,15 @@ def _stale_warnings(state: RunState) -> list[tuple]:
     stale = [i for i in state.items if i.state == "stale" and i.name != "report"]
     if not stale:
         return []
-    viz = [i for i in stale if i.name.startswith(("viz", "project"))]
+    viz = [i for i in stale if i.name.startswith(("viz", "project", "featviz"))]
     made = sorted({(i.detail.split("made from checkpoint ")[-1].split()[0].rstrip(",")) for i in stale
                    if "made from checkpoint " in i.detail})
     what = ", ".join(["eval.json (the accuracy)"] * any(i.name == "eval" for i in stale)
                      + [f"{len(viz)} visualization file(s)"] * bool(viz))
     return [("warn", f"STALE: the run's checkpoint changed (now sha256 {(state.checkpoint_sha256 or 'none')[:12]}); "
                      f"{what} were made from {' and '.join(made) or 'another checkpoint'}: the accuracy, feature maps, "
-                     "reconstructions, inversions and dataset examples below show the old weights, the first-layer "
+                     "reconstructions, inversions, dataset examples and feature visualizations below show the old "
+                     "weights, the first-layer "
                      "filters the new ones. hint: python jobs/launch_pipeline.py --run RUN --retry-failed redoes them")]
 
 
@@ -334,7 +397,7 @@ def _warnings(inp: dict[str, Any], viz: dict[str, Any]) -> list[tuple]:
 
 
 def build_report(run: RunDir, cfg: AggregateConfig) -> dict[str, Any]:
-    """Everything of the report in memory: {doc, figures, tables, viz, meta, inputs, problems}."""
+    """Everything of the report in memory: {doc, figures, atlas (its files), tables, viz, meta, inputs, problems}."""
     inp = read_inputs(run)
     viz = collate_run(run, cfg)
     state = run_state(run)  # after the collation: what the report is made of, verified
@@ -345,28 +408,32 @@ def build_report(run: RunDir, cfg: AggregateConfig) -> dict[str, Any]:
             "eval_checkpoint_sha256": (inp["eval"] or {}).get("checkpoint_sha256"),
             "viz_checkpoint_sha256": inp["plan"].checkpoint_sha256 if inp["plan"] else None}
     figs, tables = _Figures(meta, cfg.dpi), cast(dict[str, Any], {})
+    atlas_doc, atlas_files = _atlas_blocks(viz, tables, name)
     ev = inp["eval"] or {}
     head = [("h", 1, f"hpcviz report: {name}"),
             ("p", f"Generated {now().replace('T', ' ')} by hpcviz {__version__} from {run}."
                   + "".join(f" {label} accuracy {100 * ev[key]:.2f}%." for label, key in
                             (("Validation", "accuracy"), ("Train", "train_accuracy")) if ev.get(key) is not None)),
             ("p", f"Checkpoint sha256 {state.checkpoint_sha256 or 'unknown'}; dataset fingerprint "
-                  f"{inp['manifest'].train.dataset_fingerprint or 'unknown'}.")]
+                  f"{inp['manifest'].train.dataset_fingerprint or 'unknown'}.")] \
+        + [("links", "Every channel, a card each (feature visualization, dataset examples, classes):",
+            [("the atlas", "atlas/index.html")])] * bool(atlas_files)
     doc = head + _stale_warnings(state) + _warnings(inp, viz) + _training_blocks(inp, figs, tables) \
         + _accuracy_blocks(inp, figs, tables) \
         + _filter_blocks(run, figs) + _viz_blocks(viz, cfg, figs, tables) + _example_blocks(viz, cfg, figs, tables) \
+        + atlas_doc \
         + _pipeline_blocks(inp, viz) \
         + [("h", 2, "Appendix: configuration"), ("pre", json.dumps(meta["config"], indent=2, sort_keys=True))]
     problems = [f"{i.name} {i.state}: {i.detail}" for i in state.items if not i.ok and i.name != "report"]
-    if viz.get("examples_error"):
-        problems.append(viz["examples_error"])
+    problems += [viz[k] for k in ("examples_error", "featviz_error") if viz.get(k)]
     return {"doc": doc, "figures": figs.png, "tables": tables, "viz": viz, "meta": meta, "problems": problems,
+            "atlas": atlas_files,
             "inputs": report_inputs(run, state.plan, state.checkpoint_sha256)}
 
 
 def _render(built: dict[str, Any], title: str, embed: bool) -> dict[str, bytes]:
     """Every file of report/, by its path inside it."""
-    files = dict(built["figures"])
+    files = {**built["figures"], **built["atlas"]}
     for name, (headers, rows) in built["tables"].items():
         files[f"tables/{name}.csv"] = report.to_csv(headers, rows).encode()
         files[f"tables/{name}.md"] = report.to_markdown(headers, rows).encode()
@@ -423,6 +490,7 @@ def _aggregate(run: RunDir, cfg: AggregateConfig) -> dict[str, Any]:
     viz = built["viz"]
     missing = [run.shard(s).name for s in sorted(viz["missing"])]
     summary = {"report": "report/report.html", "figures": sorted(built["figures"]),
+               "atlas": "atlas/index.html" if built["atlas"] else None,
                "tables": sorted(built["tables"]), "n_images": viz["n_images"], "missing_shards": missing,
                "missing_reasons": {run.shard(s).name: r for s, r in viz["missing"].items()}, **built["meta"],
                "inputs": built["inputs"], "problems": built["problems"], "complete": not built["problems"]}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -21,13 +22,14 @@ from ..errors import InputError
 from ..files import fmt_bytes
 from ..rundir import Plan, RunDir
 from ..train import checkpoint
+from ..viz.featviz_parts import plan_featviz_parts, stale_featviz
 from ..viz.plan import shard_problem
 from ..viz.projection import part_states, plan_parts, stale_parts
 from .figures import examples_grid, image_grid
 from .render import terminal_text
 
 __all__ = ["render_tree", "render_stats", "summarize_run", "channel_examples", "projection_problem",
-           "render_channel", "run_of"]
+           "featviz_problem", "render_channel", "run_of"]
 
 NOT_RUN = "not run yet"
 _MAX_SHARD_ROWS = 20  # above this, the shard table lists only the shards with a problem
@@ -270,31 +272,56 @@ def run_of(path: str | Path) -> RunDir | None:
 def channel_examples(path: str | Path, block: str, channel: int, run: RunDir | None = None) -> dict[str, Any]:
     """One channel's dataset examples from viz.h5: its top-k (value, split position, class, prediction, (y, x),
     receptive field), selectivity and preferred class, and its patches and projections when aggregated and,
-    with the `run` viz.h5 belongs to, this run's (else "not_projected" says why they are not shown)."""
+    with the `run` viz.h5 belongs to, this run's (else "not_projected" says why they are not shown); and its
+    feature visualization ("featviz": image, value, steps; else "no_featviz" says why)."""
     names = store.list_datasets(path)
     blocks = [n.split("/")[1] for n in names if n.startswith("topk/") and n.endswith("/value")]
-    if not blocks:
-        raise InputError(f"{path}: holds no dataset examples (visualized with --topk 0, or collated before they "
-                         "existed); hint: launch the visualization again with --topk 9 (jobs/launch_viz.py --fresh)")
-    if block not in blocks:
-        raise InputError(f"--block {block!r}: not a block with dataset examples; valid: {', '.join(blocks)}; "
-                         f"hint: e.g. --block {blocks[-1]}")
+    drawn = [n.split("/")[1] for n in names if n.startswith("featviz/")]
+    if not blocks and not drawn:
+        raise InputError(f"{path}: holds no dataset examples and no feature visualizations (visualized with --topk 0 "
+                         "and --featviz-blocks none, or collated before they existed); hint: launch the visualization "
+                         "again with --topk 9 (jobs/launch_viz.py --fresh)")
+    if block not in blocks + drawn:
+        why = featviz_problem(run, block, channel, False) if run is not None else None
+        if why and not why.startswith("not requested"):  # the run's own block, its parts not presentable
+            raise InputError(f"--block {block}: its feature visualization is not shown: {why}")
+        valid = list(dict.fromkeys(blocks + drawn))
+        raise InputError(f"--block {block!r}: not a block with dataset examples or feature visualizations; valid: "
+                         f"{', '.join(valid)}; hint: e.g. --block {valid[-1]}")
+    attrs = store.read_attrs(path)
+    c = store.read_shard(path, [f"topk/{block}/value" if block in blocks else f"featviz_value/{block}"]).popitem()[1]
+    if isinstance(channel, bool) or not 0 <= channel < len(c):
+        raise InputError(f"--channel {channel}: {block} has channels 0..{len(c) - 1}; hint: e.g. --channel 0")
+    out: dict[str, Any] = {"block": block, "channel": channel, "classes": list(attrs.get("class_names", [])),
+                           "complete": bool(attrs.get("complete")), "n_images": attrs.get("n_images")}
+    if block in blocks:
+        out.update(_examples(path, names, block, channel, run))
+    why = featviz_problem(run, block, channel, block in drawn) if run is not None else (
+        None if block in drawn else "not in this file (--featviz-blocks, or not computed yet)")
+    if why:
+        out["no_featviz"] = why
+    else:
+        x = store.read_image(path, f"featviz/{block}", channel)  # (3, H, W), normalised input space
+        info = store.read_shard(path, [f"featviz_value/{block}", f"featviz_steps/{block}"])
+        meta = next(o["attrs"] for o in store.describe(path)["objects"] if o["name"] == f"featviz/{block}")
+        out["featviz"] = {"x": x, "value": float(info[f"featviz_value/{block}"][channel]),
+                          "steps": int(info[f"featviz_steps/{block}"][channel]), "max_steps": meta.get("max_steps"),
+                          "mean": attrs.get("mean", [0.0] * 3), "std": attrs.get("std", [1.0] * 3)}
+    return out
+
+
+def _examples(path: str | Path, names: list[str], block: str, channel: int, run: RunDir | None) -> dict[str, Any]:
+    """The dataset examples part of `channel_examples`."""
     lists = store.read_shard(path, [f"topk/{block}/{f}" for f in ("value", "index", "y", "x")]
                              + [f"selectivity/{block}", f"selective_class/{block}"])
-    c = lists[f"topk/{block}/value"].shape[0]
-    if isinstance(channel, bool) or not 0 <= channel < c:
-        raise InputError(f"--channel {channel}: {block} has channels 0..{c - 1}; hint: e.g. --channel 0")
     index = lists[f"topk/{block}/index"][channel]
     rows_of = {int(p): r for r, p in enumerate(store.read_shard(path, ["index"])["index"])}
-    rows = [rows_of[int(p)] for p in index]
-    per_image = store.read_shard(path, ["label", "pred"], rows=rows)
-    attrs = store.read_attrs(path)
-    out = {"block": block, "channel": channel, "value": lists[f"topk/{block}/value"][channel], "index": index,
+    per_image = store.read_shard(path, ["label", "pred"], rows=[rows_of[int(p)] for p in index])
+    out = {"value": lists[f"topk/{block}/value"][channel], "index": index,
            "y": lists[f"topk/{block}/y"][channel], "x": lists[f"topk/{block}/x"][channel],
-           "label": per_image["label"], "pred": per_image["pred"], "classes": list(attrs.get("class_names", [])),
+           "label": per_image["label"], "pred": per_image["pred"],
            "selectivity": float(lists[f"selectivity/{block}"][channel]),
-           "selective_class": int(lists[f"selective_class/{block}"][channel]),
-           "complete": bool(attrs.get("complete")), "n_images": attrs.get("n_images")}
+           "selective_class": int(lists[f"selective_class/{block}"][channel])}
     presented = f"examples/{block}/patch" in names
     why = projection_problem(run, block, channel, presented) if run is not None else (
         None if presented else "not in this file (aggregated with --no-projections, or not yet)")
@@ -303,6 +330,27 @@ def channel_examples(path: str | Path, block: str, channel: int, run: RunDir | N
     else:  # the channel's row only: a block's examples can be large
         out.update({f: store.read_image(path, f"examples/{block}/{f}", channel) for f in ("patch", "deconv", "box")})
     return out
+
+
+def featviz_problem(run: RunDir, block: str, channel: int | None, presented: bool) -> str | None:
+    """Why viz.h5's feature visualizations of `block` (its `channel`; None: any) are not to be shown, or None: the
+    part that holds them must be current (featviz_parts' digest: the checkpoint, the featviz config, the
+    channels), or a part copied from another run would be read as this run's."""
+    plan, why = _plan(run)
+    if plan is None:
+        return f"no visualization plan to check them against ({why or 'viz/plan.json ' + NOT_RUN})"
+    if block not in plan.featviz_blocks:
+        return f"not requested for {block} (--featviz-blocks {','.join(plan.featviz_blocks) or 'none'})"
+    parts = plan_featviz_parts(run, plan)
+    mine = [i for i, p in enumerate(parts) if any(b == block and (channel is None or lo <= channel < hi)
+                                                  for b, lo, hi in p)]
+    stale = [i for i in stale_featviz(run, plan) if i in mine]
+    if not stale:
+        return None if presented else "not in viz.h5 yet; hint: python jobs/aggregate.py --run RUN presents them"
+    part = run.featviz_part(stale[0])
+    return (f"{run.rel(part)} is missing" if not part.is_file() else f"{run.rel(part)} is not this run's feature "
+            "visualization part (its digest does not match this run's checkpoint and featviz config: copied from "
+            "another run, or made for another request)") + "; hint: python jobs/aggregate.py --run RUN computes it"
 
 
 def projection_problem(run: RunDir, block: str, channel: int | None, presented: bool) -> str | None:
@@ -335,37 +383,74 @@ def projection_problem(run: RunDir, block: str, channel: int | None, presented: 
 
 
 def render_channel(ex: dict[str, Any]) -> Group:
-    """The table `inspect_results.py RUN --block B --channel C` prints."""
+    """What `inspect_results.py RUN --block B --channel C` prints: the top-k table, the class selectivity, the
+    feature visualization's activation and steps."""
     def name(k: int) -> str:
         return ex["classes"][k] if 0 <= k < len(ex["classes"]) else str(k)
-    table = Table(title=_text(f"{ex['block']} channel {ex['channel']}: its top {len(ex['index'])} of "
-                             f"{ex['n_images']} images"), title_justify="left")
-    for col in ("rank", "activation", "image", "class", "predicted", "(y, x)", "receptive field (y0:y1, x0:x1)"):
-        table.add_column(col, justify="right" if col in ("rank", "activation", "image") else "left")
-    for r in range(len(ex["index"])):
-        box = ex["box"][r] if "box" in ex else None
-        _row(table, r, f"{float(ex['value'][r]):.4g}", int(ex["index"][r]), name(int(ex["label"][r])),
-             name(int(ex["pred"][r])), f"({int(ex['y'][r])}, {int(ex['x'][r])})",
-             f"{box[0]}:{box[2]}, {box[1]}:{box[3]}" if box is not None else "(not projected)")
-    note = "" if ex["complete"] else "  INCOMPLETE: shards were missing when collated"
-    head = _text(f"class selectivity {ex['selectivity']:.3f}, prefers {name(ex['selective_class'])}{note}",
-                "yellow" if note else "")
-    if "not_projected" not in ex:
-        return Group(table, head)
-    return Group(table, head, _text(f"projections not shown: {ex['not_projected']}", "yellow"))
+    parts: list[RenderableType] = []
+    if "index" in ex:
+        table = Table(title=_text(f"{ex['block']} channel {ex['channel']}: its top {len(ex['index'])} of "
+                                 f"{ex['n_images']} images"), title_justify="left")
+        for col in ("rank", "activation", "image", "class", "predicted", "(y, x)", "receptive field (y0:y1, x0:x1)"):
+            table.add_column(col, justify="right" if col in ("rank", "activation", "image") else "left")
+        for r in range(len(ex["index"])):
+            box = ex["box"][r] if "box" in ex else None
+            _row(table, r, f"{float(ex['value'][r]):.4g}", int(ex["index"][r]), name(int(ex["label"][r])),
+                 name(int(ex["pred"][r])), f"({int(ex['y'][r])}, {int(ex['x'][r])})",
+                 f"{box[0]}:{box[2]}, {box[1]}:{box[3]}" if box is not None else "(not projected)")
+        note = "" if ex["complete"] else "  INCOMPLETE: shards were missing when collated"
+        parts += [table, _text(f"class selectivity {ex['selectivity']:.3f}, prefers {name(ex['selective_class'])}"
+                               f"{note}", "yellow" if note else "")]
+        if "not_projected" in ex:
+            parts.append(_text(f"projections not shown: {ex['not_projected']}", "yellow"))
+    else:
+        parts.append(_text(f"{ex['block']} channel {ex['channel']}: no dataset examples (--topk 0)"))
+    fv = ex.get("featviz")
+    if fv is not None:
+        most = f" (at most {fv['max_steps']})" if fv.get("max_steps") else ""
+        parts.append(_text(f"feature visualization: mean activation {fv['value']:.4g} after {fv['steps']} steps{most}"))
+    else:
+        parts.append(_text(f"feature visualization not shown: {ex['no_featviz']}", "yellow"))
+    return Group(*parts)
+
+
+def _featviz_tile(fv: dict[str, Any], height: int) -> Image.Image:
+    """The feature visualization as pixels, enlarged (nearest) to about `height`."""
+    m, s = np.asarray(fv["mean"], np.float32).reshape(3, 1, 1), np.asarray(fv["std"], np.float32).reshape(3, 1, 1)
+    pixels = np.round(255 * np.clip(np.nan_to_num(fv["x"] * s + m), 0, 1)).astype(np.uint8).transpose(1, 2, 0)
+    scale = max(1, height // pixels.shape[0])
+    return Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.Resampling.NEAREST)
 
 
 def channel_png(ex: dict[str, Any]) -> bytes:
-    """The channel's patches and projections (channel_examples), one row, as PNG bytes."""
-    if "patch" not in ex:
-        why = ex["not_projected"]
-        raise InputError(f"--png: no projections of {ex['block']} channel {ex['channel']} to draw: {why}"
-                         + ("" if "hint:" in why else "; hint: python jobs/aggregate.py --run RUN, then again"))
-    fig = examples_grid(ex["patch"][None], ex["deconv"][None], np.array([ex["channel"]]),
-                        np.array([ex["selectivity"]]), np.array([ex["selective_class"]]), ex["classes"], ex["block"])
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    """The channel's feature visualization (left) beside its patches and projections (channel_examples), one
+    row, as PNG bytes; either alone when the other is not there."""
+    if "patch" not in ex and "featviz" not in ex:
+        why = ex.get("not_projected") or ex.get("no_featviz") or ""
+        raise InputError(f"--png: no projections or feature visualization of {ex['block']} channel {ex['channel']} "
+                         f"to draw: {why}" + ("" if "hint:" in why else "; hint: python jobs/aggregate.py --run RUN, "
+                                                                         "then again"))
+    grid: Image.Image | None = None
+    if "patch" in ex:
+        fig = examples_grid(ex["patch"][None], ex["deconv"][None], np.array([ex["channel"]]),
+                            np.array([ex["selectivity"]]), np.array([ex["selective_class"]]), ex["classes"],
+                            ex["block"])
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        grid = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if "featviz" in ex:
+        tile = _featviz_tile(ex["featviz"], grid.height - 16 if grid is not None else 128)
+        if grid is None:
+            grid = tile
+        else:
+            both = Image.new("RGB", (tile.width + 8 + grid.width, max(tile.height, grid.height)), "white")
+            both.paste(tile, (0, (both.height - tile.height) // 2))
+            both.paste(grid, (tile.width + 8, 0))
+            grid = both
+    out = io.BytesIO()
+    assert grid is not None  # one of the two, checked above
+    grid.save(out, format="PNG")
+    return out.getvalue()
 
 
 def dataset_png(path: Path, name: str, index: int | None, max_items: int) -> bytes:
@@ -386,9 +471,14 @@ def dataset_png(path: Path, name: str, index: int | None, max_items: int) -> byt
 
 
 def check_examples(target: Path, dataset: str, index: int | None) -> None:
-    """A run's viz.h5 presents its projection parts: refuse to read one that is not this run's (as for --block)."""
+    """A run's viz.h5 presents its projection and featviz parts: refuse to read one that is not this run's (as
+    for --block)."""
     parts = dataset.strip("/").split("/")
     run = run_of(target)
+    if run is not None and parts[0] in ("featviz", "featviz_value", "featviz_steps") and len(parts) == 2:
+        why = featviz_problem(run, parts[1], index, presented=True)
+        if why:
+            raise InputError(f"{dataset}: {why}")
     if run is None or parts[0] != "examples" or len(parts) < 3:
         return
     why = projection_problem(run, parts[1], None if parts[2] == "grid" else index, presented=True)

@@ -35,7 +35,7 @@ Block = tuple
 Cell = Any
 
 __all__ = ["accuracy_table", "per_class_table", "inversion_table", "params_table", "to_csv", "to_markdown",
-           "render_markdown", "render_html", "terminal_text"]
+           "render_markdown", "render_html", "terminal_text", "html_text"]
 
 
 class Fixed(float):
@@ -209,6 +209,9 @@ def _e(text: Any) -> str:
     """Untrusted text for HTML: its special characters as entities, line breaks as spaces (as in Markdown), other
     control characters as \\xNN."""
     return html.escape(terminal_text(str(text).replace("\r", " ").replace("\n", " ")))
+
+
+html_text = _e  # for the other pages made from a run (the atlas)
 
 
 def _html_table(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str:

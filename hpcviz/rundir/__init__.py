@@ -9,7 +9,8 @@ results/<run>/
   checkpoints/           last.pt + prev.pt with .sha256 sidecars (hpcviz.checkpoint)
   metrics.jsonl          one line per epoch
   eval.json, eval-<name>.json
-  viz/plan.json          the visualization plan (rundir.plan); viz/shards/*.h5; viz/viz.h5; viz/examples/
+  viz/plan.json          the visualization plan (rundir.plan); viz/shards/*.h5; viz/viz.h5; viz/examples/;
+                         viz/featviz/ (feature visualization parts)
   report/                figures/, tables/, report.md, report.html, report.json
 ```
 
@@ -80,6 +81,7 @@ class RunDir:
     plan_file = property(lambda self: self.path / "viz" / "plan.json")
     viz_file = property(lambda self: self.path / "viz" / "viz.h5")
     examples_dir = property(lambda self: self.path / "viz" / "examples")  # projection parts (collation)
+    featviz_dir = property(lambda self: self.path / "viz" / "featviz")  # feature visualization parts
     report_dir = property(lambda self: self.path / "report")
     lock_file = property(lambda self: self.path / ".lock")
 
@@ -92,6 +94,9 @@ class RunDir:
 
     def examples_part(self, k: int) -> Path:
         return self.examples_dir / f"part-{k:05d}.h5"
+
+    def featviz_part(self, k: int) -> Path:
+        return self.featviz_dir / f"part-{k:05d}.h5"
 
     def rel(self, path: str | os.PathLike) -> str:
         """`path` relative to the run directory (how the run's own files name each other)."""

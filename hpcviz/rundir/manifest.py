@@ -53,6 +53,7 @@ class VizRecord(StageRecord):
     missing_shards: list[str] = field(default_factory=list)
     planned: str = ""                 # when viz/plan.json was written
     projection_ids: list[str] = field(default_factory=list)  # the second array's (projections), oldest first
+    featviz_ids: list[str] = field(default_factory=list)     # the feature visualization array's, oldest first
 
 
 @dataclass

@@ -8,6 +8,7 @@ and `inspect_results` all use.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ SHARD_KEYS = ("checkpoint_sha256", "dataset_fingerprint", "split", "blocks", "de
               "invert_blocks", "invert_steps", "invert_target", "invert_solver", "prior", "fast", "topk",
               "exact")
 # keys added after shards existed: a shard without the attr was made with this value (no dataset examples)
-_BEFORE = {"topk": 0, "exact": False}
+_BEFORE: dict[str, Any] = {"topk": 0, "exact": False, "featviz_blocks": []}
 
 
 @dataclass
@@ -42,6 +43,10 @@ class Plan:
     n_images: int
     planned: str = ""                 # when it was made (TIME_FORMAT)
     topk: int = 0                     # images kept per channel for the dataset examples (0: none)
+    featviz_blocks: list[str] = field(default_factory=list)  # blocks whose every channel is visualized (none:
+    #                                   a plan from before feature visualization)
+    featviz_steps: int = 0            # at most, per channel; 0 = featviz's default
+    featviz_batch_size: int = 0       # channels optimised at once; 0 = from the memory there is
     extra: dict[str, Any] = field(default_factory=dict)  # room for later stages; never renamed
     exact: bool = False               # the inversion optimised in exact fp32 (False: bf16 autocast on GPUs)
 
@@ -73,6 +78,6 @@ class Plan:
     def from_dict(cls, values: dict[str, Any], run_dir: str) -> Plan:
         values = dict(values)
         # a plan from before an option existed: its config has the value the plan was made with
-        before = {k: values.get(k, _BEFORE[k]) for k in _BEFORE}
+        before = {k: values.get(k, copy.deepcopy(_BEFORE[k])) for k in _BEFORE}
         values["config"] = config_from_dict(VizConfig, {**before, **values["config"], "run_dir": run_dir})
         return cls(**values)

@@ -127,12 +127,13 @@ def _per_image(ds: h5py.Dataset) -> bool:
 # NXdata-style tags (NeXus): H5Web and `silx view` plot a file's default image with no plugin. Groups under
 # /entry hold soft links to the data (never hard links: a second hard name would change what visititems
 # lists); h5ls/h5dump show the links as links.
-_NX_IMAGES = ("images", "act/", "deconv/", "invert/")
+_NX_IMAGES = ("images", "act/", "deconv/", "invert/", "featviz/")
 
 
 def tag_nxdata(f: h5py.File) -> None:
     """/entry (NXentry, the root's `default`) with one NXdata group per image dataset: entry/images,
-    entry/act_<block>, entry/deconv_<block>_<path>, entry/invert_<block>, entry/examples_<block> (the grid)."""
+    entry/act_<block>, entry/deconv_<block>_<path>, entry/invert_<block>, entry/featviz_<block> (a block's feature
+    visualizations, one image per channel), entry/examples_<block> (the grid)."""
     names = [n for n, ds in _datasets(f) if (n.startswith(_NX_IMAGES) and ds.ndim == 4)
              or (n.startswith("examples/") and n.endswith("/grid"))]
     if not names:

@@ -26,7 +26,7 @@ from ..rundir import Plan, RunDir, now
 from ..train import checkpoint
 
 __all__ = ["VizError", "balanced_sample", "plan_shards", "split_rows", "load_split", "make_plan", "resolve_request",
-           "resolve_invert_blocks", "shard_problem", "shard_problems"]
+           "resolve_invert_blocks", "plan_arch", "shard_problem", "shard_problems"]
 
 
 class VizError(InputError):
@@ -94,23 +94,27 @@ def make_plan(cfg: VizConfig) -> Plan:
     if not indices:
         raise VizError(f"--split {cfg.split}: the {cfg.split} split of {run} is empty; hint: --split train")
     model = build_model(state["config"]["arch"], len(state["classes"]), state["config"]["stem"])
-    blocks, deconv, inv = resolve_request(model, cfg)
+    blocks, deconv, inv, featviz = resolve_request(model, cfg)
     return Plan(config=cfg, checkpoint=run.rel(state["path"]), checkpoint_sha256=state["sha256"],
                 dataset_fingerprint=state.get("data_fingerprint", ""), split=cfg.split, blocks=blocks,
                 deconv_blocks=deconv, paths=list(cfg.paths), invert_blocks=inv, invert_steps=cfg.invert_steps,
                 invert_target=cfg.invert_target, invert_solver=cfg.invert_solver, prior=cfg.prior, fast=cfg.fast,
                 shards=plan_shards(indices, cfg.n_tasks()), n_images=len(indices), planned=now(), topk=cfg.topk,
-                exact=cfg.exact)
+                exact=cfg.exact, featviz_blocks=featviz, featviz_steps=cfg.featviz_steps,
+                featviz_batch_size=cfg.featviz_batch_size)
 
 
-def resolve_request(model: torch.nn.Module, cfg: VizConfig) -> tuple[list[str], list[str], list[str]]:
-    """The blocks to dump, to reconstruct and to invert, with the prior and paths checked: an InputError
-    naming the option and listing the valid choices otherwise. Needs only the architecture, not weights."""
+def resolve_request(model: torch.nn.Module, cfg: VizConfig) -> tuple[list[str], list[str], list[str], list[str]]:
+    """The blocks to dump, to reconstruct, to invert and to visualize channel by channel (feature
+    visualization), with the prior and paths checked: an InputError naming the option and listing the valid
+    choices otherwise. Needs only the architecture, not weights."""
     cfg.validate()
     blocks = resolve_blocks(model, cfg.blocks, "--blocks")
     deconv = [] if not cfg.deconv_blocks else resolve_blocks(
         model, None if cfg.deconv_blocks == ["all"] else cfg.deconv_blocks, "--deconv-blocks")
-    return blocks, deconv, resolve_invert_blocks(model, cfg.invert_blocks)
+    featviz = [] if not cfg.featviz_blocks else resolve_blocks(
+        model, None if cfg.featviz_blocks == ["all"] else cfg.featviz_blocks, "--featviz-blocks")
+    return blocks, deconv, resolve_invert_blocks(model, cfg.invert_blocks), featviz
 
 
 def resolve_invert_blocks(model: torch.nn.Module, spec: list[str]) -> list[str]:
@@ -122,6 +126,15 @@ def resolve_invert_blocks(model: torch.nn.Module, spec: list[str]) -> list[str]:
             last[n.split(".")[0]] = n
         return ["conv1", *last.values()]
     return resolve_blocks(model, None if spec == ["all"] else spec, "--invert-blocks") if spec else []
+
+
+def plan_arch(run: RunDir, plan: Plan) -> tuple[str, str]:
+    """(arch, stem) of the model the plan was made for: from viz.h5's root attrs once this plan is collated (no
+    checkpoint to read), else from the checkpoint. Sizes the parts of the per-channel arrays."""
+    attrs = store.read_attrs(run.viz_file) if run.viz_file.is_file() else {}
+    if attrs.get("plan_checkpoint_sha256") != plan.checkpoint_sha256:
+        attrs = checkpoint.load_checkpoint(run.path / plan.checkpoint)["config"]
+    return attrs["arch"], attrs.get("stem", "")
 
 
 def shard_problem(run: RunDir, k: int, plan: Plan) -> str | None:

@@ -42,7 +42,7 @@ from ..log import setup_logging
 from ..models import build_model, from_checkpoint
 from ..rundir import Plan, RunDir, now
 from ..train import checkpoint
-from .plan import VizError, shard_problem
+from .plan import VizError, plan_arch, shard_problem
 
 __all__ = ["Part", "projection_parts", "plan_parts", "stale_parts", "part_states", "current_parts", "project_part",
            "projection_batch", "project_range", "merged_lists"]
@@ -64,10 +64,7 @@ def projection_parts(arch: str, stem: str, blocks: list[str], tasks: int, topk: 
 def plan_parts(run: RunDir, plan: Plan) -> list[Part]:
     """The plan's parts, for the model it was made for: its architecture from viz.h5's root attrs once this
     plan is collated (no checkpoint to read), else from the checkpoint."""
-    attrs = store.read_attrs(run.viz_file) if run.viz_file.is_file() else {}
-    if attrs.get("plan_checkpoint_sha256") != plan.checkpoint_sha256:
-        attrs = checkpoint.load_checkpoint(run.path / plan.checkpoint)["config"]
-    return projection_parts(attrs["arch"], attrs.get("stem", ""), plan.blocks, len(plan.shards), plan.topk)
+    return projection_parts(*plan_arch(run, plan), plan.blocks, len(plan.shards), plan.topk)
 
 
 def stale_parts(run: RunDir, plan: Plan) -> list[int]:

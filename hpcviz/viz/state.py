@@ -11,6 +11,8 @@ manifest says (a killed job, a full disk or a copied-in checkpoint leave the man
               made from that checkpoint
   viz.h5      collated from exactly the shards that verify now
   project[i]  projection part i matches viz.h5's merged top-k lists (collation's digest)
+  featviz[i]  feature visualization part i was made from the plan's checkpoint, featviz config and channels (its
+              digest), and the plan from the run's checkpoint
   report      report.json was made from the inputs the run holds now (`report_inputs`), is complete, and
               every figure it lists is in report/figures/
 """
@@ -27,6 +29,7 @@ from .. import store
 from ..errors import InputError, JobError
 from ..rundir import Plan, RunDir
 from ..train import checkpoint
+from .featviz_parts import featviz_states
 from .plan import shard_problem, shard_problems
 from .projection import part_states
 
@@ -43,7 +46,7 @@ SCOPES = ("train", "viz", "report")  # the stages whose items a command promises
 
 @dataclass
 class Item:
-    name: str                 # train | eval | viz[k] | viz.h5 | project[i] | report
+    name: str                 # train | eval | viz[k] | viz.h5 | project[i] | featviz[i] | report
     state: str                # done | missing | stale | incomplete | failed | running | not run | ...
     detail: str = ""
     scope: str = "report"     # the stage (one of SCOPES) whose command makes it
@@ -122,7 +125,19 @@ def _viz_items(run: RunDir, plan: Plan, sha: str | None) -> list[Item]:
             items.append(Item("project", "waiting", "the projections follow viz.h5's merged lists", "viz"))
         else:
             items += [Item(f"project[{i}]", state, detail, "viz") for i, state, detail in part_states(run, plan)]
-    return items
+    return items + _featviz_items(run, plan, stale)
+
+
+def _featviz_items(run: RunDir, plan: Plan, stale: bool) -> list[Item]:
+    """One item per feature visualization part: it needs the checkpoint only, not the shards or viz.h5."""
+    try:
+        states = featviz_states(run, plan)
+    except (InputError, JobError) as e:  # no checkpoint to size the parts by
+        return [Item("featviz", "failed", str(e).split(";")[0], "viz")] if plan.featviz_blocks else []
+    if stale:
+        return [Item(f"featviz[{i}]", "stale", f"the plan was made from checkpoint {_short(plan.checkpoint_sha256)}, "
+                     "not the run's", "viz") for i, _, _ in states]
+    return [Item(f"featviz[{i}]", state, detail, "viz") for i, state, detail in states]
 
 
 def _collation_item(run: RunDir, plan: Plan, good: list) -> Item:
@@ -154,20 +169,22 @@ def shard_ids(run: RunDir, paths: list) -> dict[str, str]:
 
 
 def report_inputs(run: RunDir, plan: Plan | None, sha: str | None) -> dict[str, Any]:
-    """What a report is made of: the checkpoint, eval.json's, the plan, each shard and projection part
-    (by identity, not by name). aggregate records it in report.json; the report is current while it holds."""
+    """What a report is made of: the checkpoint, eval.json's, the plan, each shard, projection part and
+    feature visualization part (by identity, not by name). aggregate records it in report.json; the report is
+    current while it holds."""
     ev = run.read_eval() or {}
     out: dict[str, Any] = {"checkpoint_sha256": sha, "eval_checkpoint_sha256": ev.get("checkpoint_sha256"),
-                           "plan": None, "shards": {}, "parts": {}}
+                           "plan": None, "shards": {}, "parts": {}, "featviz": {}}
     if plan is not None:
         out["plan"] = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
         good = [run.shard(k) for k in range(len(plan.shards)) if shard_problem(run, k, plan) is None]
         out["shards"] = shard_ids(run, good)
-        for p in sorted(run.examples_dir.glob("part-*.h5")) if run.examples_dir.is_dir() else []:
-            try:
-                out["parts"][p.name] = str(store.read_attrs(p).get("digest", ""))
-            except store.StoreError:
-                out["parts"][p.name] = ""
+        for key, folder in (("parts", run.examples_dir), ("featviz", run.featviz_dir)):
+            for p in sorted(folder.glob("part-*.h5")) if folder.is_dir() else []:
+                try:
+                    out[key][p.name] = str(store.read_attrs(p).get("digest", ""))
+                except store.StoreError:
+                    out[key][p.name] = ""
     return out
 
 
@@ -179,14 +196,15 @@ def _report_item(run: RunDir, plan: Plan | None, sha: str | None) -> Item:
         return Item("report", "failed", f"{path}: unreadable ({e})")
     if made is None:
         return Item("report", "missing", "no report/report.json")
-    gone = [f for f in made.get("figures", []) if not (run.report_dir / f).is_file()]
+    gone = [f for f in [*made.get("figures", []), *[made["atlas"]] * bool(made.get("atlas"))]
+            if not (run.report_dir / f).is_file()]
     if gone:
         return Item("report", "incomplete", f"{len(gone)} figure(s) missing from report/: {', '.join(gone[:3])}")
     before, now = made.get("inputs") or {}, report_inputs(run, plan, sha)
-    changed = [k for k in now if before.get(k) != now[k]]
+    changed = [k for k in now if before.get(k, {} if k == "featviz" else None) != now[k]]  # featviz: added later
     if changed:
         what = {"checkpoint_sha256": "the checkpoint", "eval_checkpoint_sha256": "eval.json", "plan": "the plan",
-                "shards": "the shards", "parts": "the projections"}
+                "shards": "the shards", "parts": "the projections", "featviz": "the feature visualizations"}
         return Item("report", "stale", "made before " + ", ".join(what[k] for k in changed) + " changed")
     if made.get("problems"):
         return Item("report", "partial", "; ".join(made["problems"])[:300])
@@ -235,7 +253,7 @@ def describe_problems(run: RunDir, bad: list[Item]) -> str:
         return f"no visualization plan: the array did not run; hint: python jobs/launch_viz.py --run {run}"
     shown = "; ".join(f"{i.name} {i.state}" + (f" ({i.detail})" if i.detail else "") for i in bad[:4])
     more = f"; and {len(bad) - 4} more" if len(bad) > 4 else ""
-    if all(i.name in ("report", "project") or i.name.startswith("project[") for i in bad):
+    if all(i.name in ("report", "project", "featviz") or i.name.startswith(("project[", "featviz[")) for i in bad):
         hint = f"python jobs/aggregate.py --run {run}"
     else:
         hint = f"python jobs/launch_pipeline.py --run {run} --retry-failed"

@@ -23,7 +23,8 @@ from conftest import ROOT, run_job
 
 TRAIN = ["--cluster", "local", "--device", "cpu", "--data", "builtin:20", "--image-size", "16", "--arch", "resnet20",
          "--epochs", "1", "--batch-size", "32", "--lr", "0.05"]
-VIZ = ["--cluster", "local", "--device", "cpu", "--images", "4", "--tasks", "2", "--invert-steps", "5"]
+VIZ = ["--cluster", "local", "--device", "cpu", "--images", "4", "--tasks", "2", "--featviz-steps", "2",
+       "--invert-steps", "5"]
 PIPE = [*TRAIN, *VIZ[4:], "--report-images", "1", "--invert-images", "1"]
 T, V, P = "launch_train.py", "launch_viz.py", "launch_pipeline.py"
 
@@ -129,6 +130,9 @@ CASES = [
     (V, ["--run", "{run}", *VIZ, "--invert-blocks", "layr3.2"], 2, "--invert-blocks layr3.2: not blocks"),
     (V, ["--run", "{run}", *VIZ, "--blocks", "layer9.9"], 2, "--blocks layer9.9: not blocks of this model"),
     (V, ["--run", "{run}", *VIZ, "--deconv-blocks", "layer0.0"], 2, "--deconv-blocks layer0.0: not blocks"),
+    (V, ["--run", "{run}", *VIZ, "--featviz-blocks", "layer0.0"], 2, "--featviz-blocks layer0.0: not blocks"),
+    (V, ["--run", "{run}", *VIZ, "--featviz-steps", "-1"], 2, "--featviz-steps -1: must be at least 0"),
+    (P, ["--run", "{run}", *PIPE, "--featviz-batch-size", "-2"], 2, "--featviz-batch-size -2: must be at least 0"),
     (V, ["--run", "{run}", *VIZ, "--paths", "sideways"], 2, "--paths sideways: valid paths are both"),
     (V, ["--run", "{run}", *VIZ, "--prior", "l2"], 2, "--prior 'l2': not one of tv, none"),
     (V, ["--run", "{run}", *VIZ, "--split", "test"], 2, "--split 'test': not one of val, train"),
@@ -282,6 +286,10 @@ def _drop_part(run: Path) -> None:
     (run / "viz" / "examples" / "part-00003.h5").unlink()
 
 
+def _drop_featviz_part(run: Path) -> None:
+    (run / "viz" / "featviz" / "part-00000.h5").unlink()
+
+
 def _swap_checkpoint(run: Path) -> None:
     """Another run's last.pt and its sha256 sidecar copied in (a checkpoint that verifies, of other weights)."""
     other = run.parent / "other-ckpt"
@@ -294,6 +302,7 @@ STATE_CASES = [
     (_drop_shard, P, ["--run", "{run}", "--status", "--wait"], 1, "viz[1] missing"),
     (_truncate_shard, P, ["--run", "{run}", "--status", "--wait"], 1, "viz[1] "),
     (_drop_part, P, ["--run", "{run}", "--status", "--wait"], 1, "project[3] missing"),
+    (_drop_featviz_part, P, ["--run", "{run}", "--status", "--wait"], 1, "featviz[0] missing"),
     (_swap_checkpoint, P, ["--run", "{run}", "--status", "--wait"], 1, "eval stale"),
     (None, "aggregate.py", ["--run", "{run}", "--projection-device", "cuda"], 2,
      "--projection-device cuda: no CUDA device is visible here"),
@@ -579,7 +588,8 @@ def test_issue20_hostile_class_names(tmp_path):
                                   "--device", "cpu", "--normalize", "data"]),
              ("launch_viz.py", ["--run", str(run), "--cluster", "local", "--device", "cpu", "--images", "9",
                                 "--tasks", "1", "--split", "train", "--blocks", "conv1,layer3.2", "--deconv-blocks",
-                                "none", "--invert-blocks", "none"]),
+                                "none", "--invert-blocks", "none", "--featviz-blocks", "layer3.2", "--featviz-steps",
+                                "2"]),
              ("aggregate.py", ["--run", str(run)]),
              ("inspect_results.py", [str(run)]),
              ("inspect_results.py", [str(run / "viz" / "viz.h5")]),
@@ -599,6 +609,11 @@ def test_issue20_hostile_class_names(tmp_path):
         assert name in md, name
     page = (run / "report" / "report.html").read_text()
     assert "&lt;b&gt;&amp;amp;&lt;/b&gt;" in page and "<b>&amp;" not in page and "\x1b" not in page + md
+    assert "atlas/index.html" in page and "atlas/index.html" in md
+    for atlas in ((run / "report" / "atlas").glob("*.html")):  # the atlas shows them as written too
+        text = atlas.read_text()
+        assert "<b>&amp;" not in text and "\x1b" not in text and "<script" not in text, atlas
+    assert "&lt;b&gt;&amp;amp;&lt;/b&gt;" in (run / "report" / "atlas" / "layer3.2.html").read_text()
     from PIL import Image
     for png in [*(run / "report" / "figures").glob("*.png"), tmp_path / "ch.png"]:
         with Image.open(png) as im:

@@ -27,7 +27,7 @@ from conftest import ROOT, wait_until
 
 TINY = ["--data", "builtin:20", "--image-size", "16", "--arch", "resnet20", "--epochs", "1", "--batch-size", "32",
         "--lr", "0.05", "--device", "cpu", "--images", "8", "--tasks", "2", "--invert-steps", "5",
-        "--report-images", "1", "--invert-images", "2"]
+        "--featviz-steps", "2", "--report-images", "1", "--invert-images", "2"]
 
 
 def pipeline(*args) -> int:
@@ -50,7 +50,7 @@ def test_local_pipeline_then_status_then_retry(tmp_path, capsys):
     assert (run / "report" / "figures" / "inversions.png").exists()
     assert pipeline("--run", str(run), "--status") == 0
     table = capsys.readouterr().out
-    for stage in ("train", "eval", "viz[0]", "viz[1]", "viz.h5", "project[0]", "aggregate"):
+    for stage in ("train", "eval", "viz[0]", "viz[1]", "viz.h5", "project[0]", "featviz[0]", "aggregate"):
         assert stage in table
     assert sum("done (verified)" in line for line in table.splitlines() if "viz[" in line) == 2
     rows = [line for line in table.splitlines() if line.startswith("│")]
@@ -224,7 +224,8 @@ def test_kill_9_at_each_stage_then_rerun(tmp_path):
     assert [m["epoch"] for m in RunDir(run).read_metrics()] == [1, 2, 3, 4]
     # an array task dies: named with its shard; the rerun redoes only that shard
     viz_args = ["--run", str(run), "--cluster", "local", "--device", "cpu", "--images", "8", "--tasks", "2",
-                "--invert-steps", "150", "--blocks", "layer3.2", "--invert-blocks", "layer3.2", "--deconv-blocks", "none"]
+                "--invert-steps", "150", "--blocks", "layer3.2", "--invert-blocks", "layer3.2", "--deconv-blocks", "none",
+                "--featviz-blocks", "layer3.2", "--featviz-steps", "2"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "launch_viz.py"), *viz_args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _kill_task_when(run, lambda: (run / "viz" / "plan.json").exists())
@@ -270,5 +271,6 @@ def test_two_pipelines_on_one_run_the_second_is_refused_at_once(tmp_path):
     assert first.returncode == 0, err[-3000:]
     assert [m["epoch"] for m in RunDir(run).read_metrics()] == [1, 2, 3]  # every epoch once
     parts = len(list((run / "viz" / "examples").glob("part-*.h5")))  # the projection array's tasks
-    assert parts >= 10  # at least one per block of ResNet-20
-    assert len(list((run / "logs").glob("*_0_log.err"))) == 2 + parts  # one training job, one array task, no more
+    featviz = len(list((run / "viz" / "featviz").glob("part-*.h5")))  # the featviz array's (one: --tasks 1)
+    assert parts >= 10 and featviz == 1  # at least one per block of ResNet-20
+    assert len(list((run / "logs").glob("*_0_log.err"))) == 2 + parts + featviz  # one training job, one array task

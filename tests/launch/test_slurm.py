@@ -155,7 +155,8 @@ def test_viz_array_of_two_tasks_and_a_rerun_of_one(tmp_path):
     train(TrainConfig(data="builtin:20", image_size=16, arch="resnet20", epochs=1, batch_size=32, lr=0.05,
                       device="cpu", run_dir=str(run), log_every=1000))
     cmd = [sys.executable, str(ROOT / "jobs" / "launch_viz.py"), "--run", str(run), "--images", "20", "--tasks", "2",
-           "--cluster", "slurm", "--cpus-per-task", "1", "--device", "cpu", "--invert-steps", "10", "--wait"]
+           "--cluster", "slurm", "--cpus-per-task", "1", "--device", "cpu", "--invert-steps", "10", "--featviz-steps",
+           "2", "--wait"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "20 images in 2/2 shards" in r.stdout
@@ -188,21 +189,24 @@ def test_pipeline_with_dependencies_a_killed_task_and_retry(tmp_path):
     from hpcviz import store
     run = tmp_path / "pipe"
     common = ["--cluster", "slurm", "--cpus-per-task", "1", "--device", "cpu"]
-    viz_args = ["--images", "12", "--tasks", "2", "--invert-steps", "10"]
+    viz_args = ["--images", "12", "--tasks", "2", "--invert-steps", "10", "--featviz-steps", "2"]
     cmd = [sys.executable, str(ROOT / "jobs" / "launch_pipeline.py"), *common, "--run", str(run), "--arch", "resnet20",
            "--data", "builtin:20", "--image-size", "16", "--epochs", "1", "--batch-size", "32", "--lr", "0.05",
            *viz_args, "--report-images", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     ids = {k: re.search(rf"{k} (?:job|array) (\d+)", r.stdout).group(1)
-           for k in ("train", "viz", "project", "aggregate")}
+           for k in ("train", "viz", "project", "featviz", "aggregate")}
     # killed while it waits for training: at once, before training can end (a task that started would leave
     # another reason than "no such file")
     subprocess.run(["scancel", f"{ids['viz']}_1"], check=True)
-    # the dependencies, as the scheduler holds them: train -> viz array -> projection array -> aggregation
+    # the dependencies, as the scheduler holds them: train -> viz array -> projection array -> aggregation, and
+    # train -> featviz array -> aggregation
     assert scontrol_field(ids["viz"], "Dependency").startswith(f"afterok:{ids['train']}")
+    assert scontrol_field(ids["featviz"], "Dependency").startswith(f"afterok:{ids['train']}")
     assert scontrol_field(ids["project"], "Dependency").startswith(f"afterany:{ids['viz']}")
     assert scontrol_field(ids["aggregate"], "Dependency").startswith(f"afterany:{ids['project']}")
+    assert re.search(rf"(?<!\d){ids['featviz']}(?!\d)", scontrol_field(ids["aggregate"], "Dependency"))
     assert "--kill-on-invalid-dep=yes" in (run / "logs" / f"{ids['viz']}_submission.sh").read_text()
     # the submitted jobs hold the run: another command on it is refused, naming the job
     busy = subprocess.run([sys.executable, str(ROOT / "jobs" / "aggregate.py"), "--run", str(run)],

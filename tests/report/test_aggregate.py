@@ -15,10 +15,12 @@ from hpcviz.rundir import RunDir
 from hpcviz.viz.plan import make_plan
 from hpcviz.viz.task import run_shard
 
+from conftest import check_links
+
 HOSTILE = ["<script>alert(1)", "cat & dog", "$\\foo$ math"]  # the last would crash matplotlib's mathtext
 FIGURES = {"training_curves", "class_accuracy", "confusion_matrix", "conv1_filters", "feature_maps_0",
            "feature_maps_1", "deconv_0", "deconv_1", "inversions"}
-TABLES = {"accuracy", "per_class_accuracy", "inversion_error", "training_parameters", "class_selectivity"}
+TABLES = {"accuracy", "per_class_accuracy", "inversion_error", "training_parameters", "class_selectivity", "featviz"}
 BLOCKS = ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]  # ResNet-20's
 EXAMPLES = {f"examples_{b}{full}" for b in BLOCKS for full in ("", "_all")}  # each block's selective and full grid
 
@@ -40,7 +42,7 @@ def run(tmp_path_factory):
     train(TrainConfig(data=str(root / "data"), image_size=16, arch="resnet20", epochs=1, batch_size=8, lr=0.05,
                       val_fraction=0.25, device="cpu", run_dir=str(run), log_every=1000))
     plan = make_plan(VizConfig(run_dir=str(run), images=6, tasks=2, batch_size=4, invert_steps=10,
-                                       topk=3))  # 3 examples per channel: their projections are the slow part
+                               topk=3, featviz_steps=2))  # 3 examples per channel: their projections are the slow part
     RunDir(run).write_plan(plan)
     for s in range(2):
         run_shard(str(run), s)
@@ -85,6 +87,14 @@ def test_report_has_every_figure_and_table(run):
     assert meta["config"]["train"]["arch"] == "resnet20" and meta["config"]["aggregate"]["images"] == 2
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["aggregate"]["status"] == "done" and manifest["viz"]["status"] == "done"
+    # the atlas: a page per block, linked from the report, every link and anchor resolving
+    assert json.loads((out / "report.json").read_text())["atlas"] == "atlas/index.html"
+    assert "(atlas/index.html)" in md and '<a href="atlas/index.html">' in html
+    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {f"atlas/{b}.html" for b in BLOCKS} < set(files) and check_links(files, exempt=(), under="atlas/") > 3 * 352
+    page = files["atlas/layer3.2.html"].decode()
+    assert page.count('class="card"') == 64 and "&lt;script&gt;alert(1)" in page and "<script" not in page
+    assert len([f for f in files if f.startswith("atlas/img/layer3.2/fv-")]) == 64
 
 
 def test_html_is_self_contained_and_escapes_class_names(run):

@@ -28,7 +28,7 @@ from conftest import run_job
 R18 = ["--arch", "resnet18", "--data", "builtin:10", "--image-size", "32", "--device", "cpu"]
 # the visualization kept small: two blocks, deconvnet at one, no inversion
 VIZ = ["--cluster", "debug", "--device", "cpu", "--images", "2", "--tasks", "1", "--blocks", "conv1,layer1.0",
-       "--deconv-blocks", "layer1.0", "--invert-blocks", "none"]
+       "--deconv-blocks", "layer1.0", "--invert-blocks", "none", "--featviz-blocks", "layer1.0", "--featviz-steps", "2"]
 
 
 def cli(script: str, *args: object) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ def run(tmp_path_factory):
     train(TrainConfig(data="builtin:20", image_size=16, arch="resnet20", epochs=1, batch_size=32, lr=0.05,
                       device="cpu", run_dir=str(path), log_every=1000))
     plan = make_plan(VizConfig(run_dir=str(path), images=11, tasks=3, batch_size=3, topk=5, deconv_blocks=[],
-                               invert_blocks=[]))
+                               invert_blocks=[], featviz_blocks=[]))
     RunDir(path).write_plan(plan)
     for k in range(3):
         run_shard(str(path), k)

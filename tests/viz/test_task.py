@@ -53,6 +53,7 @@ def test_balanced_sample_and_plan():
 
 def write_run_plan(run, **kw):
     kw.setdefault("invert_steps", 15)  # a few steps: the wiring is tested here, the quality in test_inversion
+    kw.setdefault("featviz_blocks", [])  # tested in test_featviz_parts
     cfg = VizConfig(run_dir=str(run), images=12, tasks=2, batch_size=5, **kw)
     plan = make_plan(cfg)
     RunDir(run).write_plan(plan)
