@@ -34,10 +34,11 @@ demo: setup
 	@echo "atlas:  $(DEMO_RUN)/report/atlas/index.html (a card per channel: feature visualization, examples, classes)"
 
 # lint and type checks first (ruff with import sorting, mypy on hpcviz/; configured in pyproject.toml), then the suite
+# on 2 workers (a file stays on one, the SLURM tests share one: tests/conftest.py) with its 40 slowest tests listed
 test: setup
 	$(VENV)/bin/ruff check hpcviz jobs tests
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=40
 
 # the fast loop while developing (<= 3 minutes on 2 cores): the same checks, then the tests not marked slow, slurm
 # or gpu; `make test` stays the whole suite, and CI runs it

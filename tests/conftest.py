@@ -64,6 +64,15 @@ def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.1) -> N
 _SLURM: tuple[bool, str] | None = None
 
 
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (`make test` runs 2 workers, `--dist loadgroup`): a file's tests stay on one worker (its
+    module fixtures, a trained run, are built once), and every SLURM test on one worker (the test cluster's
+    jobs would otherwise queue behind each other's and meet their waits' limits)."""
+    for item in items:
+        group = "slurm" if "slurm" in item.keywords else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_runtest_setup(item):
     """Tests marked `slurm` skip (with the reason) without a cluster; under CI=true they fail instead."""
     global _SLURM
