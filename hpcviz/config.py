@@ -252,6 +252,21 @@ class LaunchConfig:
 
 
 # ------------------------------------------------------------------------------------------ visualization
+
+GPU_TASK_IMAGES = 1024  # images of 32 px per GPU array task by default (see default_per_task)
+
+
+def default_per_task(gpu: bool, image_size: int) -> int:
+    """Images per array task when neither --tasks nor --per-task says. CPU: 100 (~2 min of work at the
+    default inversion's ~1.1 s per image, measured, beside a start of a few seconds). GPU: an image's work
+    shrinks by orders of magnitude while a task's start (interpreter, torch, CUDA context, weights, data)
+    does not, so a task holds the work of GPU_TASK_IMAGES images at 32 px: fewer for larger images (the
+    work grows with the pixels), at least 16 (not measured on a GPU yet: --per-task and --tasks win)."""
+    if not gpu:
+        return 100
+    return max(16, GPU_TASK_IMAGES * 32 * 32 // max(1, image_size * image_size))
+
+
 @dataclass
 class VizConfig:
     run_dir: str = option("", "a trained run directory (holds checkpoints/)", flag="--run")
@@ -260,7 +275,8 @@ class VizConfig:
     indices: list[int] = option(factory=list, help="explicit comma-separated positions in the split "
                                 "(overrides --images)")
     tasks: int | None = option(None, "array tasks = shards (default: from --per-task)")
-    per_task: int = option(100, "images per task when --tasks is not given")
+    per_task: int = option(0, "images per task when --tasks is not given (0 = by the task-size rule: 100 on a CPU, "
+                                 "on a GPU 1024 at 32 px and fewer for larger images, see default_per_task)")
     batch_size: int = option(64, "images per forward pass", unit="images")
     blocks: list[str] = option(factory=list, help="blocks to dump, comma-separated (default: every block)")
     deconv_blocks: list[str] = option(factory=lambda: ["all"], help="blocks to reconstruct with the deconvnet: "
@@ -278,7 +294,8 @@ class VizConfig:
     invert_target: float = option(0.05, "an inversion stops once its relative feature error is at most this "
                                   "(0 = run every step)")
     invert_solver: str = option("lbfgs", "the inversion's optimiser (see hpcviz.rowopt)", choices=("lbfgs", "adam"))
-    invert_batch_size: int = option(0, "images inverted together (0 = 64 on a CPU, 1024 on a GPU)", unit="images")
+    invert_batch_size: int = option(0, "images inverted together (0 = 64 on a CPU; on a GPU the most, up to 1024, "
+                                    "that fit its free memory: explain.invmem)", unit="images")
     prior: str = option("tv", "tv (Mahendran & Vedaldi) | none (plain sum of squared errors)", choices=PRIORS)
     featviz_blocks: list[str] = option(factory=lambda: ["all"], help="feature visualization: the blocks whose every "
                                        "channel gets an input optimised to excite it (an array of its own, split by "
@@ -294,14 +311,20 @@ class VizConfig:
     exact: bool = option(False, "GPUs: the inversion's optimisation in exact fp32 too (default: bf16 autocast, "
                          "channels-last; the stored errors are recomputed exactly either way)")
 
-    def n_tasks(self) -> int:
-        """Array tasks: --tasks, else enough tasks of --per-task images; never more than there are images."""
+    def n_tasks(self, gpu: bool = False, image_size: int = 32) -> int:
+        """Array tasks: --tasks, else enough tasks of --per-task images (default_per_task when 0); never more
+        than there are images."""
         n = len(self.indices) or self.images
-        return min(self.tasks or -(-n // self.per_task), n)
+        return min(self.tasks or -(-n // (self.per_task or default_per_task(gpu, image_size))), n)
+
+    def sized(self, gpu: bool, image_size: int) -> VizConfig:
+        """This request with --per-task resolved (default_per_task when 0), so that whoever plans it again
+        (the pipeline's training job, a retry) splits the images the same way."""
+        return self if self.per_task else dataclasses.replace(self, per_task=default_per_task(gpu, image_size))
 
     def validate(self, prefix: str = "") -> VizConfig:
         """`prefix`: how the shared flags are spelt in this command (the pipeline's --viz-batch-size)."""
-        _checks(self, {"images": (1, None), "tasks": (1, None), "per_task": (1, None), "batch_size": (1, None),
+        _checks(self, {"images": (1, None), "tasks": (1, None), "per_task": (0, None), "batch_size": (1, None),
                        "invert_steps": (0, None), "invert_target": (0, 1), "invert_batch_size": (0, None),
                        "topk": (0, None), "example_size": (8, None), "featviz_steps": (0, None),
                        "featviz_batch_size": (0, None)}, prefix)

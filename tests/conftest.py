@@ -263,3 +263,20 @@ def check_links(files: dict[str, bytes], exempt: tuple[str, ...] = ("../report.h
                 assert parts.fragment in pages[target].ids, (path, link)
             checked += 1
     return checked
+
+
+# ------------------------------------------------------------------------------------------ memory
+def peak_bytes(fn) -> int:
+    """The most bytes `fn` held at once beyond what existed before it, on the CPU: torch's profiler records every
+    allocation and free of c10's CPU allocator (which every tensor's storage goes through) with its size and
+    time; the peak is the largest running sum. What oneDNN allocates inside a kernel for itself is not seen."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

@@ -33,3 +33,19 @@ def test_default_stems():
     assert TrainConfig(arch="resnet56").resolved_stem() == "cifar"
     assert TrainConfig(arch="resnet50").resolved_stem() == "imagenet"
     assert TrainConfig(arch="resnet50", stem="cifar").resolved_stem() == "cifar"
+
+
+def test_tasks_are_sized_by_their_work():
+    """Without --tasks or --per-task: 100 images per CPU task; a GPU task holds the work of 1024 images of
+    32 px (fewer for larger images, at least 16); the request records the size it was split by."""
+    from hpcviz.config import VizConfig, default_per_task
+    assert default_per_task(False, 224) == 100
+    assert [default_per_task(True, s) for s in (32, 64, 224, 1024)] == [1024, 256, 20, 16]
+    cfg = VizConfig(images=5000)
+    assert cfg.n_tasks() == 50 and cfg.n_tasks(gpu=True) == 5 and cfg.n_tasks(gpu=True, image_size=224) == 250
+    assert VizConfig(images=5000, per_task=500).n_tasks(gpu=True) == 10  # --per-task wins
+    assert VizConfig(images=5000, tasks=3).n_tasks(gpu=True) == 3        # --tasks wins
+    assert VizConfig(images=8).n_tasks() == 1
+    sized = cfg.sized(gpu=True, image_size=64)
+    assert sized.per_task == 256 and sized.n_tasks() == 20  # planned again anywhere, the same split
+    assert VizConfig(per_task=7).sized(gpu=True, image_size=32).per_task == 7

@@ -279,3 +279,71 @@ def test_cpu_runs_never_touch_cuda(cuda_forbidden, tmp_path, capsys):
     assert config["train"]["device"] == "cpu" and config["viz"]["device"] == "cpu"
     with dist.sync_allowed():  # the training loop's checks: no CUDA call on a CPU run
         pass
+
+
+def _hold_gpu_slot(folder: str, task: int, out: str, hold_s: float) -> None:
+    import json
+    import time
+    with dist.gpu_slot(folder, task) as slot:
+        t0 = time.monotonic()
+        time.sleep(hold_s)
+        record = [slot, os.environ.get("CUDA_VISIBLE_DEVICES"), t0, time.monotonic()]
+    with open(os.path.join(out, f"{task}.json"), "w") as f:
+        json.dump(record, f)
+
+
+def test_local_tasks_take_the_gpus_one_each_the_rest_queued(tmp_path, monkeypatch):
+    """Five local array tasks, two (faked) GPUs: each task runs with one GPU as its only visible device, never
+    two tasks on one GPU at a time, both GPUs in use at once, every task done in the end (the rest queued)."""
+    import json
+    import multiprocessing
+    monkeypatch.setenv(dist.GPU_SLOTS_VAR, "GPU-aa,GPU-bb")  # names as an allocation's CUDA_VISIBLE_DEVICES has
+    monkeypatch.setattr(dist, "_SLOT_POLL_S", 0.05)
+    ctx = multiprocessing.get_context("fork")  # the children see the patched environment and poll interval
+    procs = [ctx.Process(target=_hold_gpu_slot, args=(str(tmp_path / "logs"), k, str(tmp_path), 0.4))
+             for k in range(5)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    records = [json.loads((tmp_path / f"{k}.json").read_text()) for k in range(5)]
+    assert all(slot == visible for slot, visible, _, _ in records)  # the slot is the task's only GPU
+    assert {r[0] for r in records} == {"GPU-aa", "GPU-bb"}
+    for gpu in ("GPU-aa", "GPU-bb"):  # one task at a time on each
+        spans = sorted((t0, t1) for slot, _, t0, t1 in records if slot == gpu)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+    busy = [sum(t0 <= r[2] < t1 for _, _, t0, t1 in records) for r in records]  # tasks running at each start
+    assert max(busy) == 2  # both GPUs used together, never a third task
+
+
+def test_without_gpu_slots_a_task_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.delenv(dist.GPU_SLOTS_VAR, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    with dist.gpu_slot(str(tmp_path), 3) as slot:
+        assert slot is None and os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    assert not any(tmp_path.iterdir())
+
+
+def test_local_arrays_share_every_visible_gpu(tmp_path, monkeypatch):
+    """The launcher gives local array tasks every GPU it sees (an allocation's own, by name) as slots, and the
+    cores among the tasks that run at once; CPU arrays and SLURM arrays are unchanged."""
+    from hpcviz.config import LaunchConfig
+    from hpcviz.launch import array
+    from hpcviz.launch.executors import OnGpuSlot
+    from hpcviz.rundir import RunDir
+
+    def task(run_dir, item):
+        return item
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv(dist.GPU_SLOTS_VAR, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    run = RunDir(tmp_path / "run")
+    with array._local_share(run, task, 6, LaunchConfig(cluster="local", gpus=1)) as fn:
+        assert isinstance(fn, OnGpuSlot) and fn.fn is task and fn.folder == str(run.logs)
+        assert os.environ[dist.GPU_SLOTS_VAR] == "3,5" and os.environ[dist.THREADS_VAR] == "4"  # 2 at once
+    assert dist.GPU_SLOTS_VAR not in os.environ
+    with array._local_share(run, task, 6, LaunchConfig(cluster="local", gpus=0)) as fn:
+        assert fn is task and dist.GPU_SLOTS_VAR not in os.environ and os.environ[dist.THREADS_VAR] == "1"
+    with array._local_share(run, task, 6, LaunchConfig(cluster="slurm", gpus=1)) as fn:
+        assert fn is task and dist.GPU_SLOTS_VAR not in os.environ

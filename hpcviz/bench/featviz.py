@@ -162,13 +162,13 @@ def _recorder(saved: dict[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
     return pack
 
 
-def row_costs(arch: str = "resnet50", size: int = 224) -> dict[str, dict[str, float]]:
+def row_costs(arch: str = "resnet50", size: int = 224, stem: str = "") -> dict[str, dict[str, float]]:
     """Per block: channels, FLOPs of one row's step (forward to the block + backward to the input) and the
     bytes autograd saves for that backward, fp32 - counted on the meta device (nothing is computed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = build_model(arch, 1000).eval()
+        model = build_model(arch, 1000, stem).eval()
     plan = ForwardPlan(model).folded()
     out = {}
     for b in block_names(model):

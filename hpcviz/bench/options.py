@@ -118,7 +118,18 @@ class FeatvizBench(Bench):
 class GpuBench(Bench):
     device: str = option("cuda", "the GPU check runs on CUDA", choices=("cuda",))
     data: str = option("auto", DATA_AUTO)
-    viz_images: int = option(256, "images through the whole visualization stage", unit="images")
+    viz_images: int = option(1024, "images in the one array task measured (what a GPU task holds by default)",
+                             unit="images")
+
+
+@dataclass
+class GpuProjectionBench(Bench):
+    arch: str = train_option("arch", default="resnet18")
+    image_size: int = train_option("image_size")
+    images: int = option(10000, "images projected", unit="images")
+    steps: int = option(0, "inversion steps every row runs (0 = the inversion's limit: an upper bound)",
+                        unit="steps")
+    efficiency: float = option(0.4, "share of the H200's dense peak reached (fp32 67, bf16 989 TFLOP/s)")
 
 
 # name -> (options, help, required options)
@@ -134,5 +145,7 @@ BENCHMARKS: dict[str, tuple[type, str, tuple[str, ...]]] = {
     "featviz": (FeatvizBench, "feature visualization: every channel of a block batched vs Lucent's render_vis one "
                 "channel at a time (activation reached, time per channel)", ("run",)),
     "gpu": (GpuBench, "the GPU check: pytest -m gpu and every benchmark on CUDA (< 8 min)", ()),
+    "gpu-projection": (GpuProjectionBench, "without a GPU: the array's time for 10,000 images on one H200, "
+                       "projected from FLOPs (both stems)", ()),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from .options import (
     ExamplesBench,
     FeatvizBench,
     GpuBench,
+    GpuProjectionBench,
     InvertBench,
     PlacementBench,
     TrainBench,
@@ -48,6 +50,7 @@ from .viz import (
     bench_viz,
     bench_viz_stage,
     block_bytes,
+    project_viz_gpu,
     sample_activations,
     time_to_accuracy,
 )
@@ -281,7 +284,7 @@ def run_gpu(opts: GpuBench) -> dict:
         raise ConfigError("benchmark gpu: no CUDA device is visible; hint: run it on a GPU node "
                          "(srun --gpus 1 python jobs/benchmark.py gpu)")
     t0 = time.perf_counter()
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py"], cwd=ROOT,
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], cwd=ROOT,
                            capture_output=True, text=True)
     summary = (tests.stdout.strip().splitlines() or ["(no output)"])[-1]
     print(f"pytest -m gpu: {summary}")
@@ -298,13 +301,38 @@ def run_gpu(opts: GpuBench) -> dict:
                                            device="cuda"))["deconv"]
     out["invert"] = run_invert(InvertBench(arch="resnet18", stem="cifar", data=data, images=64, single=1,
                                            device="cuda"))["invert"]
-    out["viz"] = bench_viz_stage(data, opts.viz_images, Path(opts.out) / "gpu-viz-run")
+    out["viz"] = {stem: bench_viz_stage(data, opts.viz_images, Path(opts.out) / f"gpu-viz-{stem}", stem=stem)
+                  for stem in ("cifar", "imagenet")}
+    out["ddp"] = run_ddp(data, Path(opts.out) / "gpu-ddp-run") if torch.cuda.device_count() >= 2 else None
     out["seconds"] = time.perf_counter() - t0
     _print_gpu_table(out)
     Path(opts.out).mkdir(parents=True, exist_ok=True)
     (Path(opts.out) / "gpu.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(f"wrote {Path(opts.out) / 'gpu.json'}")
     return {"gpu": out}
+
+
+def run_ddp(data: str, run_dir: Path) -> dict[str, Any]:
+    """One epoch of ResNet-18 DDP on 2 GPUs with NCCL, through the launcher as a user starts it."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "launch_train.py"), "--cluster", "local", "--gpus", "2",
+                        "--arch", "resnet18", "--data", data, "--epochs", "1", "--batch-size", "512", "--lr", "0.2",
+                        "--run", str(run_dir)], cwd=ROOT, capture_output=True, text=True)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    return {"ok": r.returncode == 0, "seconds": time.perf_counter() - t0, "error": (errors or [""])[-1]}
+
+
+def run_gpu_projection(opts: GpuProjectionBench) -> dict:
+    p = project_viz_gpu(opts.arch, opts.image_size, opts.images, opts.steps, opts.efficiency)
+    print(f"projection (not a measurement): {p['images']} images of {p['image_size']} px through {p['arch']}, one "
+          f"array task's default work (every block dumped, deconvnet x 3 paths exact in fp32, the default inversion "
+          f"in bf16 with every row running all {p['steps']} steps: an upper bound), on one H200 at "
+          f"{100 * p['efficiency']:.0f}% of the dense peaks")
+    for stem, r in p["stems"].items():
+        print(f"  {stem} stem: {r['exact_gflop_per_image']:.1f} GFLOP per image exact, "
+              f"{r['inversion_gflop_per_image']:.0f} GFLOP inversion: {r['minutes']:.1f} min")
+    return {"gpu_projection": p}
 
 
 def _print_gpu_table(out: dict) -> None:
@@ -320,12 +348,18 @@ def _print_gpu_table(out: dict) -> None:
     t.add_row("deconv every block x 3 paths", f"{out['deconv']['ours_ms_per_image']:.2f} ms/image "
               f"({out['deconv']['speedup']:.1f}x Captum-style)")
     t.add_row("invert (default steps)", f"{out['invert']['batched_images_per_s']:.1f} img/s")
-    v = out["viz"]
-    t.add_row("whole viz stage (every block, 3 paths, default inversion)",
-              f"{v['images_per_s']:.1f} img/s ({v['images']} images in {v['seconds']:.0f} s)")
+    for stem, v in out["viz"].items():
+        t.add_row(f"one array task, ResNet-18 {stem} stem (every block, 3 paths, default inversion)",
+                  f"{v['images_per_s']:.1f} img/s ({v['images']} images in {v['seconds']:.0f} s); "
+                  f"{v['projected_images']} images: {v['projected_s'] / 60:.1f} min (projected)")
+    d = out["ddp"]
+    ddp = "not run: fewer than 2 GPUs visible" if d is None else (
+        f"ok: 1 epoch in {d['seconds']:.0f} s" if d["ok"] else f"FAILED after {d['seconds']:.0f} s: {d['error']}")
+    t.add_row("DDP, 2 GPUs, NCCL", ddp)
     Console().print(t)
 
 
 RUNNERS: dict[str, Callable[[Any], dict]] = {
     "train": run_train, "dump": run_dump, "deconv": run_deconv, "invert": run_invert, "placement": run_placement,
-    "gpu": run_gpu, "viz": run_viz, "examples": run_examples, "featviz": run_featviz}
+    "gpu": run_gpu, "viz": run_viz, "examples": run_examples, "featviz": run_featviz,
+    "gpu-projection": run_gpu_projection}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from .. import dist, store
 from ..config import ConfigError, TrainConfig, VizConfig
@@ -29,8 +30,9 @@ from ..models import block_names, build_model
 from ..rundir import RunDir
 from ..train import checkpoint
 from ..train.loop import Split, make_optimizer, prepare_data, train, train_steps
-from ..viz.plan import make_plan
+from ..viz.plan import make_plan, resolve_invert_blocks
 from ..viz.task import run_shard, visualize_shard
+from .featviz import H200_PEAK_TFLOPS, row_costs
 
 if TYPE_CHECKING:  # annotations only; torchvision ships no stubs, so mypy takes its blocks as Any
     from torchvision.models import resnet as tvr
@@ -154,15 +156,17 @@ def sample_activations(arch: str, stem: str, image_size: int, batch: int, seed: 
 
 
 def bench_viz_stage(data: str, images: int, run_dir: Path, arch: str = "resnet18",
-                    stem: str = "cifar") -> dict[str, Any]:
-    """Images/s of one whole array task (every block dumped, deconv of every block x 3 paths, the default
-    inversion) on a ResNet trained for one epoch on `data` (so the activations are not those of noise)."""
+                    stem: str = "cifar", project_to: int = 10000) -> dict[str, Any]:
+    """Images/s of one whole array task as the array runs it (its defaults: every block dumped, deconv of every
+    block x 3 paths, the default inversion, its numerics and batch sizes) on a ResNet trained for one epoch on
+    `data` (so the activations are not those of noise); and the time `project_to` images would take on one
+    such device at that rate (a projection from the measured task, said as such)."""
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = TrainConfig(data=data, arch=arch, stem=stem, epochs=1, batch_size=512, lr=0.2, run_dir=str(run_dir))
     trained = train(cfg)
-    vcfg = VizConfig(run_dir=str(run_dir), images=images, tasks=1, batch_size=128)
+    vcfg = VizConfig(run_dir=str(run_dir), images=images, tasks=1)
     plan = make_plan(vcfg)
     RunDir(run_dir).write_plan(plan)
     t0 = time.perf_counter()
@@ -170,7 +174,35 @@ def bench_viz_stage(data: str, images: int, run_dir: Path, arch: str = "resnet18
     seconds = time.perf_counter() - t0
     return {"arch": arch, "stem": stem, "images": plan.n_images, "seconds": seconds,
             "images_per_s": plan.n_images / seconds, "val_accuracy_after_1_epoch": trained["val_accuracy"],
+            "projected_images": project_to, "projected_s": project_to * seconds / plan.n_images,
             "invert_blocks": plan.invert_blocks, "deconv_blocks": len(plan.deconv_blocks), "paths": plan.paths}
+
+
+def project_viz_gpu(arch: str = "resnet18", size: int = 32, images: int = 10000, steps: int = 0,
+                    efficiency: float = 0.4) -> dict[str, Any]:
+    """A projection (not a measurement) of `images` images through one array task's default work on one H200,
+    per stem: every block dumped (one forward) and reconstructed by the deconvnet through 3 paths (FLOPs
+    counted on one image, run exactly: fp32), and the default inversion with every row running all `steps`
+    (0: the inversion's limit; each step one forward to the block and one backward to the input, counted on
+    the meta device; bf16 as on GPUs) - an upper bound, rows stop early at their target. The time is FLOPs at
+    `efficiency` of each precision's dense peak."""
+    steps = steps or InversionConfig().steps
+    out: dict[str, Any] = {"arch": arch, "image_size": size, "images": images, "steps": steps,
+                           "efficiency": efficiency, "stems": {}}
+    for stem in ("cifar", "imagenet"):
+        model = build_model(arch, 10, stem).eval()
+        x = torch.zeros(1, 3, size, size)
+        with FlopCounterMode(display=False) as fc:
+            Deconvnet(model).reconstruct_all(x, block_names(model), ["residual", "shortcut", "both"])
+            with torch.no_grad():
+                model(x)
+        exact = float(fc.get_total_flops())
+        costs = row_costs(arch, size, stem)
+        inv = sum(costs[b]["flops"] for b in resolve_invert_blocks(model, ["default"])) * steps
+        fp32, bf16 = (H200_PEAK_TFLOPS[p] * 1e12 * efficiency for p in ("fp32", "bf16"))
+        out["stems"][stem] = {"exact_gflop_per_image": exact / 1e9, "inversion_gflop_per_image": inv / 1e9,
+                              "minutes": images * (exact / fp32 + inv / bf16) / 60}
+    return out
 
 
 def block_bytes(arch: str, stem: str, image_size: int) -> dict[str, int]:

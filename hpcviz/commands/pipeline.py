@@ -106,7 +106,9 @@ def _launch(args: argparse.Namespace, pl: ModuleType) -> int:
         raise ConfigError("--cluster inline: the pipeline submits jobs; hint: --cluster slurm or local")
     viz_cfg = config_from_dict(VizConfig, {**given(args, VizConfig, prefix="viz-", skip=("run_dir",)),
                                            "run_dir": cfg.run_dir})
-    viz_cfg.device = stage_launch(launch, "viz").job_device(viz_cfg.device)
+    staged = stage_launch(launch, "viz")
+    viz_cfg.device = staged.job_device(viz_cfg.device)
+    viz_cfg = viz_cfg.sized(bool(staged.gpus) and viz_cfg.device != "cpu", cfg.image_size)  # as the plan will be
     agg_cfg = _report_config(args, cfg.run_dir)
     pl.check_pipeline_request(cfg, viz_cfg, agg_cfg, launch)
     run = RunDir(cfg.run_dir)

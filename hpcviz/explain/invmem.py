@@ -15,7 +15,7 @@ A row is one (block, image) pair. While the rows optimise, what a call holds is
 
 with D = 3 H W. On a GPU the layout pads each block's rows to one shared power of two
 (rowopt.shared_pow2), so the model sizes batches as powers of two: no padding at the start, where memory
-peaks. The constants were measured (tests/test_invmem.py holds the model within 25% of the peak a CPU
+peaks. The constants were measured (tests/explain/test_invmem.py holds the model within 25% of the peak a CPU
 run allocates, for ResNet-20 at 32 px and ResNet-50 at 224 px).
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ from ..viz.plan import VizError, make_plan, shard_problems
 from ..viz.projection import plan_parts, project_part, stale_parts
 from ..viz.state import describe_problems, run_state
 from ..viz.task import run_shard
-from .executors import LaunchError, make_executor, stage_launch, submit_array, wait_result
+from .executors import LaunchError, OnGpuSlot, make_executor, stage_launch, submit_array, wait_result
 
 log = logging.getLogger("hpcviz")
 
@@ -39,14 +39,15 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
     task], "collation": collate's summary, or None when submitted and not waited for, "projection_ids",
     "projection_failed", "featviz_ids", "featviz_failed", "incomplete"}."""
     run = RunDir(cfg.run_dir)
-    plan = make_plan(cfg)
+    staged = stage_launch(launch, "viz")  # one process per task, one GPU where there are any
+    plan = make_plan(cfg, gpu=bool(staged.gpus) and cfg.device != "cpu")
     old = run.plan()
     replace = old is not None and not old.same_request(plan)
     if replace and not fresh:
         raise VizError(f"{run.viz_dir} holds shards of another request (other images, blocks or checkpoint); "
                        "hint: pass --fresh to replace them, or repeat the earlier request")
     todo = list(range(len(plan.shards))) if replace else sorted(shard_problems(run, plan))
-    launch = stage_launch(launch, "viz")
+    launch = staged
     ex = make_executor(launch, run.logs, f"hpcviz-viz-{run.path.resolve().name}") if todo else None
     # ---- nothing was written before this line: the whole request has been checked
     if replace:
@@ -102,8 +103,8 @@ def submit_projections(run: RunDir, ex: submitit.Executor, parts: list[int], lau
                        lock: RunLock | None) -> tuple[list[str], list[submitit.Job]]:
     """The projection array (hpcviz.viz.projection.project_part): one task per part; the manifest and the lock
     learn its ids."""
-    with _cores_shared(len(parts) if launch.cluster == "local" else 1):
-        jobs = submit_array(ex, project_part, str(run.path), parts, launch.cluster, launch.throttle)
+    with _local_share(run, project_part, len(parts), launch) as task:
+        jobs = submit_array(ex, task, str(run.path), parts, launch.cluster, launch.throttle)
     ids = sorted({str(j.job_id).split("_")[0] for j in jobs}, key=lambda i: int(i) if i.isdigit() else 0)
     if lock is not None:
         lock.add_jobs([str(j.job_id) for j in jobs] if launch.cluster == "local" else ids, launch.cluster,
@@ -117,8 +118,8 @@ def submit_featviz(run: RunDir, ex: submitit.Executor, parts: list[int], launch:
                    lock: RunLock | None) -> tuple[list[str], list[submitit.Job]]:
     """The feature visualization array (hpcviz.viz.featviz_parts.featviz_part): one task per part; the manifest
     and the lock learn its ids."""
-    with _cores_shared(len(parts) if launch.cluster == "local" else 1):
-        jobs = submit_array(ex, featviz_part, str(run.path), parts, launch.cluster, launch.throttle)
+    with _local_share(run, featviz_part, len(parts), launch) as task:
+        jobs = submit_array(ex, task, str(run.path), parts, launch.cluster, launch.throttle)
     ids = sorted({str(j.job_id).split("_")[0] for j in jobs}, key=lambda i: int(i) if i.isdigit() else 0)
     if lock is not None:
         lock.add_jobs([str(j.job_id) for j in jobs] if launch.cluster == "local" else ids, launch.cluster,
@@ -143,8 +144,8 @@ def submit_shards(run: RunDir, ex: submitit.Executor, fn: Any, shards: list[int]
                   lock: RunLock | None) -> tuple[list[str], list[submitit.Job]]:
     """Submit one task per shard; the manifest and the run's lock learn the task ids."""
     try:
-        with _cores_shared(len(shards) if launch.cluster == "local" else 1):
-            jobs = submit_array(ex, fn, str(run.path), shards, launch.cluster, launch.throttle)
+        with _local_share(run, fn, len(shards), launch) as task:
+            jobs = submit_array(ex, task, str(run.path), shards, launch.cluster, launch.throttle)
     except Exception as e:  # sbatch's refusal, in one of several submitit types
         run.update("viz", status="failed", error=f"submission refused: {str(e).strip().splitlines()[-1:]}")
         raise LaunchError(f"submission of the visualization array refused: "
@@ -161,22 +162,30 @@ def submit_shards(run: RunDir, ex: submitit.Executor, fn: Any, shards: list[int]
 
 
 @contextlib.contextmanager
-def _cores_shared(concurrent: int) -> Iterator[None]:
-    """Local tasks all start at once: each gets its share of this machine's cores (dist.share_cores reads it;
-    with every task on every core they run ~5x slower on 2 cores, measured)."""
-    if concurrent <= 1:
-        yield
+def _local_share(run: RunDir, fn: Any, n: int, launch: LaunchConfig) -> Iterator[Any]:
+    """Local tasks all start at once. With GPUs, each first takes one of its own (executors.OnGpuSlot: round
+    robin over the GPUs this process sees, one task on each, the rest queued); the cores are shared among the
+    tasks that run at once (dist.share_cores reads it; with every task on every core they run ~5x slower on
+    2 cores, measured). Yields the function to submit. SLURM: `fn`, nothing changed."""
+    if launch.cluster != "local":
+        yield fn
         return
+    slots = dist.local_gpus() if launch.gpus else []
+    concurrent = min(n, len(slots)) if slots else n
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    before = os.environ.get(dist.THREADS_VAR)
-    os.environ[dist.THREADS_VAR] = str(max(1, cores // concurrent))  # the local executor copies our environment
+    env = {dist.GPU_SLOTS_VAR: ",".join(slots)} if slots else {}
+    if concurrent > 1:
+        env[dist.THREADS_VAR] = str(max(1, cores // concurrent))
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the local executor copies our environment
     try:
-        yield
+        yield OnGpuSlot(fn, str(run.logs)) if slots else fn
     finally:
-        if before is None:
-            os.environ.pop(dist.THREADS_VAR, None)
-        else:
-            os.environ[dist.THREADS_VAR] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig, what: str = "shard") -> list[str]:

@@ -12,11 +12,14 @@ import dataclasses
 import logging
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
 
+from .. import dist
 from ..config import CLUSTERS, ConfigError, LaunchConfig, TrainConfig, check_choice
 from ..errors import DiskFullError, InputError, JobError
 from ..rundir import RunDir
@@ -310,6 +313,18 @@ def max_array_size() -> int:
         if line.replace(" ", "").startswith("MaxArraySize="):
             return int(line.split("=", 1)[1].strip())
     return 1001
+
+
+@dataclass(frozen=True)
+class OnGpuSlot:
+    """A local array task that first takes a GPU of its own (dist.gpu_slot: the launcher's GPUs round robin,
+    one task on each at a time, the rest queued), and holds it while it runs."""
+    fn: Callable[[str, int], Any]
+    folder: str  # where the slots' lock files are (the run's logs/)
+
+    def __call__(self, run_dir: str, item: int) -> Any:
+        with dist.gpu_slot(self.folder, item):
+            return self.fn(run_dir, item)
 
 
 def submit_array(ex: submitit.Executor, fn: Any, run_dir: str, items: list[int], cluster: str,

@@ -78,10 +78,12 @@ def load_split(train_cfg: dict[str, Any], split: str,
     return images, labels[pos], classes
 
 
-def make_plan(cfg: VizConfig) -> Plan:
-    """Resolve the images and shards of a request against the run's checkpoint and data."""
+def make_plan(cfg: VizConfig, gpu: bool = False) -> Plan:
+    """Resolve the images and shards of a request against the run's checkpoint and data. `gpu`: the tasks run
+    on GPUs (the default --per-task, default_per_task, is then larger); the plan records the size it used."""
     run = RunDir(cfg.run_dir)
     state = checkpoint.load_checkpoint(run.checkpoints)
+    cfg = cfg.sized(gpu, int(state["config"]["image_size"]))
     _, labels, _ = split_rows(state["config"], cfg.split)
     if cfg.indices:
         bad = [i for i in cfg.indices if not 0 <= i < len(labels)]

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from .. import dist, store
-from ..data.memory import forward_bytes
 from ..data.placement import available_host_bytes
 from ..data.transforms import normalize
 from ..explain.dataset_examples import (
@@ -33,6 +32,7 @@ from ..explain.dataset_examples import (
     merge_topk,
     montage,
     project,
+    projection_footprint,
     receptive_field,
     shrink,
     split_channels,
@@ -193,21 +193,22 @@ def project_part(run_dir: str, part: int) -> str:
         return str(project_range(run, plan, state, part, parts[part], lists, images, plan.config.device))
 
 
-_HEADROOM = 0.5  # of the free memory for the rows: the weights, the images and the allocator's slack take the rest
+_HEADROOM = 0.5  # of the free memory for a projection call: on a CPU the host's memory is everyone's
 _MOST_ROWS = {"cuda": 1024, "cpu": 256}  # beyond these a call is no faster per row, only larger
 
 
-def projection_batch(state: dict[str, Any], device: torch.device, free_bytes: int | None = None) -> int:
-    """Rows (a channel's image, each going forward and back once) projected together: the largest power of two
-    whose rows fit in half the free memory (`free_bytes`, default: what CUDA reports, or the host's
-    MemAvailable). A row keeps every output of the forward for the deconvnet's switches, plus the backward's
-    transients: what a training step keeps per image (data.memory.forward_bytes, the whole network: an upper
-    bound for any block)."""
+def projection_batch(state: dict[str, Any], block: str, device: torch.device, free_bytes: int | None = None) -> int:
+    """Rows (a channel's image, each going forward and back once) projected together from `block`: the largest
+    power of two whose call fits in half the free memory (`free_bytes`, default: what CUDA reports, or the
+    host's MemAvailable) by the projection's memory model (dataset_examples.projection_footprint)."""
     cfg = state["config"]
-    _, per_row = forward_bytes(cfg["arch"], cfg["stem"], len(state["classes"]), int(cfg["image_size"]))
+    with torch.device("meta"):
+        model = build_model(cfg["arch"], len(state["classes"]), cfg["stem"]).eval()
+    size = int(cfg["image_size"])
+    fixed, per_row = projection_footprint(model, block, (size, size))
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
-    fit = int(_HEADROOM * free_bytes) // max(per_row, 1)
+    fit = max(int(_HEADROOM * free_bytes) - fixed, 0) // max(per_row, 1)
     return max(1, min(_MOST_ROWS.get(device.type, 256), 1 << max(fit.bit_length() - 1, 0)))
 
 
@@ -226,7 +227,7 @@ def project_range(run: RunDir, plan: Plan, state: dict[str, Any], i: int, part: 
     boxes = field_box(field, ys.reshape(-1), xs.reshape(-1))
     fill = [round(255 * m) for m in state["mean"]]  # off-image pixels: what zero padding is in the input space
     patches, projections, seeds = [], [], []
-    batch = projection_batch(state, dev)
+    batch = projection_batch(state, block, dev)
     for start in range(0, c * k, batch):
         sel = slice(start, start + batch)
         unique, rows = np.unique(index.reshape(-1)[sel], return_inverse=True)  # each image forward once

@@ -1,3 +1,5 @@
+import pytest
+
 from hpcviz.bench.viz import bench_train_throughput, bench_viz, time_to_accuracy
 from hpcviz.config import TrainConfig
 
@@ -38,3 +40,23 @@ def test_viz_task_baseline_and_default_on_the_same_images(tmp_path):
         assert s["total"] >= s["load"] + s["forward"] + s["deconv"] + s["inversion"] > 0
         assert set(m["median_error"]) == set(blocks) and all(0 <= e < 10 for e in m["median_error"].values())
     assert out["ratio"] == base["seconds_per_image"]["total"] / new["seconds_per_image"]["total"]
+
+
+def test_the_gpu_projection_is_its_flops_at_the_stated_rates():
+    """benchmark.py gpu-projection: per stem, the exact work (a forward and the deconvnet of every block x 3
+    paths) at the fp32 rate plus every inverted block's step cost x the steps at the bf16 rate; linear in the
+    images and the steps, and the step cost is one forward to the block and one backward (about 3 forwards)."""
+    from hpcviz.bench.featviz import H200_PEAK_TFLOPS, row_costs
+    from hpcviz.bench.viz import project_viz_gpu
+    p = project_viz_gpu("resnet20", 16, images=100, steps=10, efficiency=0.5)
+    q = project_viz_gpu("resnet20", 16, images=300, steps=20, efficiency=0.5)
+    for stem, r in p["stems"].items():
+        rate32, rate16 = (H200_PEAK_TFLOPS[k] * 1e12 * 0.5 for k in ("fp32", "bf16"))
+        want = 100 * (r["exact_gflop_per_image"] * 1e9 / rate32 + r["inversion_gflop_per_image"] * 1e9 / rate16) / 60
+        assert r["minutes"] == pytest.approx(want)
+        assert q["stems"][stem]["inversion_gflop_per_image"] == pytest.approx(2 * r["inversion_gflop_per_image"])
+        assert q["stems"][stem]["minutes"] > 3 * r["minutes"]
+    costs = row_costs("resnet20", 16, "cifar")
+    conv1 = 2 * 16 * 16 * 16 * 3 * 9  # FLOPs (2 per multiply-add) of the 3x3 conv 3 -> 16 at 16 x 16, by hand
+    assert costs["conv1"]["flops"] == 2 * conv1  # its forward, and the backward to the input (no weight grads)
+    assert costs["layer3.2"]["flops"] > costs["layer1.0"]["flops"] > costs["conv1"]["flops"]

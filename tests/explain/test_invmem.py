@@ -7,7 +7,6 @@ it (the model's own weights). What oneDNN allocates inside a kernel for itself i
 """
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from hpcviz.config import VizConfig
 from hpcviz.explain.inversion import InversionConfig, invert
@@ -17,19 +16,9 @@ from hpcviz.rundir import Plan
 from hpcviz.viz.plan import resolve_invert_blocks
 from hpcviz.viz.task import inversion_batch
 
+from conftest import peak_bytes
+
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-def peak_bytes(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def measured_and_modelled(arch, size, n, blocks, steps, precision="exact"):

@@ -193,3 +193,16 @@ def test_arrays_respect_max_array_size(monkeypatch):
     jobs = submit_array(ex, print, "run", list(range(7)), "slurm", throttle=2)
     assert ex.calls == [[0, 1, 2], [3, 4, 5], [6]] and len(jobs) == 7  # offsets into the shard list
     assert ex.params == {"slurm_array_parallelism": 2}
+
+
+def test_the_plan_records_the_task_size_it_used(trained):
+    """GPU tasks hold more images by default; the plan keeps the resolved --per-task, so the training job of the
+    pipeline or a retry, planning the same request again, splits the images the same way."""
+    import dataclasses
+    cpu, gpu = (make_plan(VizConfig(run_dir=str(trained), images=12), gpu=g) for g in (False, True))
+    assert cpu.config.per_task == 100 and len(cpu.shards) == 1
+    assert gpu.config.per_task == 1024 * 32 ** 2 // 16 ** 2 and len(gpu.shards) == 1  # the run's images: 16 px
+    few = make_plan(VizConfig(run_dir=str(trained), images=12, per_task=5), gpu=True)
+    assert few.config.per_task == 5 and [len(s) for s in few.shards] == [4, 4, 4]
+    again = make_plan(dataclasses.replace(few.config, run_dir=str(trained)))  # as a retry plans it, on a CPU
+    assert again.shards == few.shards and again.same_request(few)
