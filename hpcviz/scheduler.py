@@ -69,16 +69,25 @@ SOURCES: tuple[tuple[str, Callable[[str], str]], ...] = (("sacct", _sacct), ("sq
 
 
 def query_state(job_id: str) -> tuple[str, str]:
-    """(state, source): the first source that knows the job; ('GONE', 'none') if none does."""
+    """(state, source): the first source that knows the job; ('GONE', 'none') if none does. An ended state from
+    the accounting is checked against the queue: a job requeued at its time limit is pending again there while
+    sacct can still show its last run's end (FAILED) for a while."""
+    found: tuple[str, str] | None = None
     for name, ask in SOURCES:
         try:
             state = ask(job_id)
         except (OSError, subprocess.SubprocessError) as e:
             log.debug("%s failed for job %s: %s", name, job_id, e)
             continue
-        if state:
+        if state and found is None:
+            found = (state, name)
+            if state in ACTIVE or name != "sacct":
+                return found
+        elif state in ACTIVE:  # the queue holds it again: requeued
             return state, name
-    return "GONE", "none"
+        elif found is not None:
+            return found
+    return found or ("GONE", "none")
 
 
 def _expand_tasks(job_id: str, array_id: str) -> list[int]:

@@ -64,13 +64,21 @@ def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.1) -> N
 _SLURM: tuple[bool, str] | None = None
 
 
+# files whose tests are many minutes together: their tests spread over the workers (a module fixture is then
+# built once per worker that runs one of them, a few seconds against minutes)
+_SPREAD = ("tests/commands/test_commands.py", "tests/launch/test_pipeline.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """With pytest-xdist (`make test` runs 2 workers, `--dist loadgroup`): a file's tests stay on one worker (its
-    module fixtures, a trained run, are built once), and every SLURM test on one worker (the test cluster's
-    jobs would otherwise queue behind each other's and meet their waits' limits)."""
+    """With pytest-xdist (`make test` runs 2 workers, `--dist loadgroup`): every SLURM test on one worker, first
+    (their jobs would queue behind each other's and meet their waits' limits; first, so their waiting overlaps
+    the rest), a file's tests on one worker (its module fixtures, a trained run, built once), except the few
+    long files whose tests spread."""
     for item in items:
-        group = "slurm" if "slurm" in item.keywords else item.nodeid.split("::")[0]
+        path = item.nodeid.split("::")[0]
+        group = "slurm" if "slurm" in item.keywords else item.nodeid if path in _SPREAD else path
         item.add_marker(pytest.mark.xdist_group(group))
+    items[:] = sorted(items, key=lambda item: "slurm" not in item.keywords)  # stable: the rest keep their order
 
 
 def pytest_runtest_setup(item):

@@ -28,6 +28,10 @@ def test_sources_in_order_with_fallback(monkeypatch):
     assert query_state("7") == ("COMPLETED", "scontrol")
     fake_sources(monkeypatch, sacct=FileNotFoundError("sacct"))
     assert query_state("7") == ("GONE", "none")
+    fake_sources(monkeypatch, sacct="FAILED", squeue="PENDING")  # requeued: the accounting still shows the end
+    assert query_state("7") == ("PENDING", "squeue")
+    fake_sources(monkeypatch, sacct="FAILED", squeue="", scontrol="FAILED")  # really ended
+    assert query_state("7") == ("FAILED", "sacct")
 
 
 def test_a_job_gone_without_result_ends_the_wait(monkeypatch, tmp_path):

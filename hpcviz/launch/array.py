@@ -76,7 +76,10 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
         return out
     if plan.topk and out["collation"]["path"] is not None:
         stale = stale_parts(run, plan)
-        if stale:  # the second array: the projections of every channel's top images, then collate again
+        if stale and here(launch):  # the projections of every channel's top images, then collate again
+            out["projection_failed"] = run_here(project_part, run, stale, "projection part")
+            out["collation"] = finish(run, plan)
+        elif stale:  # the second array
             pex = stage_executor(launch, run, "project", "")
             out["projection_ids"], jobs = submit_projections(run, pex, stale, launch, lock)
             out["projection_failed"] = wait_all(jobs, stale, launch, what="projection part")
@@ -136,6 +139,8 @@ def featviz_array(run: RunDir, plan: Any, launch: LaunchConfig, lock: RunLock | 
     stale = stale_featviz(run, plan)
     if not stale:
         return [], []
+    if wait and here(launch):
+        return [], run_here(featviz_part, run, stale, "featviz part")
     ids, jobs = submit_featviz(run, stage_executor(launch, run, "featviz", ""), stale, launch, lock)
     return ids, wait_all(jobs, stale, launch, what="featviz part") if wait else []
 
@@ -186,6 +191,26 @@ def _local_share(run: RunDir, fn: Any, n: int, launch: LaunchConfig) -> Iterator
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def here(launch: LaunchConfig) -> bool:
+    """The per-channel work (projections, feature visualizations) runs in this process, not as an array of
+    its own, when its tasks would share this machine's one device anyway: a local run on CPUs or on one GPU.
+    A task's start (~3-5 s: interpreter, torch, the checkpoint) would cost more than a small run's part, and
+    torch already uses every core in one process. Several local GPUs, or SLURM: an array."""
+    return launch.cluster == "local" and len(dist.local_gpus() if launch.gpus else []) <= 1
+
+
+def run_here(fn: Any, run: RunDir, items: list[int], what: str) -> list[str]:
+    """`fn(run_dir, item)` for each item in this process, as an array task would run it; one line per item that
+    failed ('projection part K: why', as wait_all says it), the others still run."""
+    failed = []
+    for i in items:
+        try:
+            fn(str(run.path), i)
+        except Exception as e:  # noqa: BLE001 (the part's own error, whatever it is, is its line)
+            failed.append(f"{what} {i}: {(str(e).splitlines() or [type(e).__name__])[0]}")
+    return failed
 
 
 def wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig, what: str = "shard") -> list[str]:

@@ -424,9 +424,15 @@ def _featviz_tile(fv: dict[str, Any], height: int) -> Image.Image:
 
 def channel_png(ex: dict[str, Any]) -> bytes:
     """The channel's feature visualization (left) beside its patches and projections (channel_examples), one
-    row, as PNG bytes; either alone when the other is not there."""
+    row, as PNG bytes; either alone when the other was not asked for. A block with dataset examples whose
+    projections cannot be drawn (another run's part, a changed checkpoint, not aggregated) is refused, saying
+    why: never a picture that silently lacks them."""
+    if "not_projected" in ex:  # the block has dataset examples whose projections cannot be drawn: say why
+        why = ex["not_projected"]
+        raise InputError(f"--png: no projections of {ex['block']} channel {ex['channel']} to draw: {why}"
+                         + ("" if "hint:" in why else "; hint: python jobs/aggregate.py --run RUN, then again"))
     if "patch" not in ex and "featviz" not in ex:
-        why = ex.get("not_projected") or ex.get("no_featviz") or ""
+        why = ex.get("no_featviz") or ""
         raise InputError(f"--png: no projections or feature visualization of {ex['block']} channel {ex['channel']} "
                          f"to draw: {why}" + ("" if "hint:" in why else "; hint: python jobs/aggregate.py --run RUN, "
                                                                          "then again"))

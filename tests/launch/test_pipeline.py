@@ -52,7 +52,7 @@ def test_local_pipeline_then_status_then_retry(tmp_path, capsys):
     table = capsys.readouterr().out
     for stage in ("train", "eval", "viz[0]", "viz[1]", "viz.h5", "project[0]", "featviz[0]", "aggregate"):
         assert stage in table
-    assert sum("done (verified)" in line for line in table.splitlines() if "viz[" in line) == 2
+    assert sum("done (verified)" in line for line in table.splitlines() if re.search(r"│\s*viz\[", line)) == 2
     rows = [line for line in table.splitlines() if line.startswith("│")]
     assert rows and all("done (verified)" in line for line in rows), table  # every item verified from disk
     # a lost shard: the status shows it, the report names it, --retry-failed redoes only it

@@ -203,7 +203,7 @@ def test_inspect_prints_a_channels_top_k_and_draws_it(run, tmp_path, capsys):
     assert cells[4] == label
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in out
     for bad, match in ((["--block", "layer9.9", "--channel", "0"], "--block 'layer9.9': not a block with dataset "
-                        "examples; valid: conv1, "), (["--block", "conv1", "--channel", "16"], "--channel 16: conv1 "
+                        "examples or feature visualizations; valid: conv1, "), (["--block", "conv1", "--channel", "16"], "--channel 16: conv1 "
                         "has channels 0..15"), (["--block", "conv1"], "--block and --channel go together")):
         assert cli.main(parser.parse_args([str(run), *bad])) == 2
         err = capsys.readouterr().err
