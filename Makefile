@@ -45,7 +45,7 @@ test: setup
 check: setup
 	$(VENV)/bin/ruff check hpcviz jobs tests
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -m "not slow and not slurm and not gpu"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not slurm and not gpu"
 
 clean-demo:
 	rm -rf $(DEMO_RUN)

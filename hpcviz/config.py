@@ -275,8 +275,8 @@ class VizConfig:
     indices: list[int] = option(factory=list, help="explicit comma-separated positions in the split "
                                 "(overrides --images)")
     tasks: int | None = option(None, "array tasks = shards (default: from --per-task)")
-    per_task: int = option(0, "images per task when --tasks is not given (0 = by the task-size rule: 100 on a CPU, "
-                                 "on a GPU 1024 at 32 px and fewer for larger images, see default_per_task)")
+    per_task: int | None = option(None, "images per task when --tasks is not given (default: by the task-size rule: "
+                                          "100 on a CPU, on a GPU 1024 at 32 px and fewer for larger images)")
     batch_size: int = option(64, "images per forward pass", unit="images")
     blocks: list[str] = option(factory=list, help="blocks to dump, comma-separated (default: every block)")
     deconv_blocks: list[str] = option(factory=lambda: ["all"], help="blocks to reconstruct with the deconvnet: "
@@ -312,19 +312,19 @@ class VizConfig:
                          "channels-last; the stored errors are recomputed exactly either way)")
 
     def n_tasks(self, gpu: bool = False, image_size: int = 32) -> int:
-        """Array tasks: --tasks, else enough tasks of --per-task images (default_per_task when 0); never more
+        """Array tasks: --tasks, else enough tasks of --per-task images (default_per_task when not given); never more
         than there are images."""
         n = len(self.indices) or self.images
         return min(self.tasks or -(-n // (self.per_task or default_per_task(gpu, image_size))), n)
 
     def sized(self, gpu: bool, image_size: int) -> VizConfig:
-        """This request with --per-task resolved (default_per_task when 0), so that whoever plans it again
+        """This request with --per-task resolved (default_per_task when not given), so that whoever plans it again
         (the pipeline's training job, a retry) splits the images the same way."""
         return self if self.per_task else dataclasses.replace(self, per_task=default_per_task(gpu, image_size))
 
     def validate(self, prefix: str = "") -> VizConfig:
         """`prefix`: how the shared flags are spelt in this command (the pipeline's --viz-batch-size)."""
-        _checks(self, {"images": (1, None), "tasks": (1, None), "per_task": (0, None), "batch_size": (1, None),
+        _checks(self, {"images": (1, None), "tasks": (1, None), "per_task": (1, None), "batch_size": (1, None),
                        "invert_steps": (0, None), "invert_target": (0, 1), "invert_batch_size": (0, None),
                        "topk": (0, None), "example_size": (8, None), "featviz_steps": (0, None),
                        "featviz_batch_size": (0, None)}, prefix)

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import inspect
 import os
 import re
 import socket
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -341,43 +339,11 @@ def broadcast_object(obj: object) -> object:
 THREADS_VAR = "HPCVIZ_THREADS"  # set by a launcher that runs several single-process jobs here at once
 
 
-GPU_SLOTS_VAR = "HPCVIZ_GPU_SLOTS"  # set by a launcher whose local array tasks share this machine's GPUs
-_SLOT_POLL_S = 1.0  # a queued task looks for a free GPU this often
-
-
 def local_gpus() -> list[str]:
     """The GPUs this process may use, by the names CUDA_VISIBLE_DEVICES gives them (ids, UUIDs or MIG
     names: inside an allocation, its own), else 0..N-1 of torch.cuda.device_count() (no CUDA context)."""
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return visible if "CUDA_VISIBLE_DEVICES" in os.environ else [str(i) for i in range(torch.cuda.device_count())]
-
-
-@contextlib.contextmanager
-def gpu_slot(folder: str, task: int) -> Iterator[str | None]:
-    """A local array task's GPU (GPU_SLOTS_VAR lists them): the first free one from `task` mod N on (round
-    robin), held by an flock on folder/gpu-<k>.lock (released if the process dies), made this process's only
-    visible device before CUDA starts; a task that finds none free waits. Elsewhere: None, nothing done."""
-    slots = [s for s in os.environ.get(GPU_SLOTS_VAR, "").split(",") if s]
-    if not slots:
-        yield None
-        return
-    os.makedirs(folder, exist_ok=True)
-    while True:
-        for j in range(len(slots)):
-            k = (task + j) % len(slots)
-            fd = os.open(os.path.join(folder, f"gpu-{k}.lock"), os.O_CREAT | os.O_RDWR, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            try:
-                os.environ["CUDA_VISIBLE_DEVICES"] = slots[k]
-                yield slots[k]
-                return
-            finally:
-                os.close(fd)  # releases the lock
-        time.sleep(_SLOT_POLL_S)
 
 
 def share_cores() -> int:

@@ -86,6 +86,7 @@ def one_line(r: subprocess.CompletedProcess, *parts: str) -> None:
     assert "no space left" in errors[0] and all(p in errors[0] for p in parts), errors[0]
 
 
+@pytest.mark.slow
 def test_every_command_on_a_full_disk_says_so_in_one_line_and_keeps_the_files(small_fs):
     run = small_fs / "run"
     tiny = ["--run", str(run), "--cluster", "local", "--device", "cpu", "--data", "builtin:20", "--image-size", "16",

@@ -26,7 +26,7 @@ from ..viz.plan import VizError, make_plan, shard_problems
 from ..viz.projection import plan_parts, project_part, stale_parts
 from ..viz.state import describe_problems, run_state
 from ..viz.task import run_shard
-from .executors import LaunchError, OnGpuSlot, make_executor, stage_launch, submit_array, wait_result
+from .executors import GPU_SLOTS_VAR, LaunchError, OnGpuSlot, make_executor, stage_launch, submit_array, wait_result
 
 log = logging.getLogger("hpcviz")
 
@@ -168,7 +168,7 @@ def submit_shards(run: RunDir, ex: submitit.Executor, fn: Any, shards: list[int]
 
 @contextlib.contextmanager
 def _local_share(run: RunDir, fn: Any, n: int, launch: LaunchConfig) -> Iterator[Any]:
-    """Local tasks all start at once. With GPUs, each first takes one of its own (executors.OnGpuSlot: round
+    """Local tasks all start at once. With GPUs, each first takes one of its own (OnGpuSlot: round
     robin over the GPUs this process sees, one task on each, the rest queued); the cores are shared among the
     tasks that run at once (dist.share_cores reads it; with every task on every core they run ~5x slower on
     2 cores, measured). Yields the function to submit. SLURM: `fn`, nothing changed."""
@@ -178,7 +178,7 @@ def _local_share(run: RunDir, fn: Any, n: int, launch: LaunchConfig) -> Iterator
     slots = dist.local_gpus() if launch.gpus else []
     concurrent = min(n, len(slots)) if slots else n
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env = {dist.GPU_SLOTS_VAR: ",".join(slots)} if slots else {}
+    env = {GPU_SLOTS_VAR: ",".join(slots)} if slots else {}
     if concurrent > 1:
         env[dist.THREADS_VAR] = str(max(1, cores // concurrent))
     before = {k: os.environ.get(k) for k in env}

@@ -8,18 +8,20 @@ before anything is written; the commands call it first.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from .. import dist
 from ..config import CLUSTERS, ConfigError, LaunchConfig, TrainConfig, check_choice
 from ..errors import DiskFullError, InputError, JobError
 from ..rundir import RunDir
@@ -239,8 +241,6 @@ def submit_train(cfg: TrainConfig, launch: LaunchConfig, job: Any) -> submitit.J
 
 def _follow_local(job: submitit.Job) -> None:
     """A foreground local job: show rank 0's log as it grows, so the terminal is not silent."""
-    import time
-
     if not isinstance(job, submitit.LocalJob):
         return
     # only the training log's own lines (they start with a date): tracebacks end in the error line
@@ -315,15 +315,47 @@ def max_array_size() -> int:
     return 1001
 
 
+GPU_SLOTS_VAR = "HPCVIZ_GPU_SLOTS"  # set by a launcher whose local array tasks share this machine's GPUs
+_SLOT_POLL_S = 1.0  # a queued task looks for a free GPU this often
+
+
+@contextlib.contextmanager
+def gpu_slot(folder: str, task: int) -> Iterator[str | None]:
+    """A local array task's GPU (GPU_SLOTS_VAR lists them): the first free one from `task` mod N on (round
+    robin), held by an flock on folder/gpu-<k>.lock (released if the process dies), made this process's only
+    visible device before CUDA starts; a task that finds none free waits. Elsewhere: None, nothing done."""
+    slots = [s for s in os.environ.get(GPU_SLOTS_VAR, "").split(",") if s]
+    if not slots:
+        yield None
+        return
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        for j in range(len(slots)):
+            k = (task + j) % len(slots)
+            fd = os.open(os.path.join(folder, f"gpu-{k}.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                os.environ["CUDA_VISIBLE_DEVICES"] = slots[k]
+                yield slots[k]
+                return
+            finally:
+                os.close(fd)  # releases the lock
+        time.sleep(_SLOT_POLL_S)
+
+
 @dataclass(frozen=True)
 class OnGpuSlot:
-    """A local array task that first takes a GPU of its own (dist.gpu_slot: the launcher's GPUs round robin,
+    """A local array task that first takes a GPU of its own (gpu_slot: the launcher's GPUs round robin,
     one task on each at a time, the rest queued), and holds it while it runs."""
     fn: Callable[[str, int], Any]
     folder: str  # where the slots' lock files are (the run's logs/)
 
     def __call__(self, run_dir: str, item: int) -> Any:
-        with dist.gpu_slot(self.folder, item):
+        with gpu_slot(self.folder, item):
             return self.fn(run_dir, item)
 
 

@@ -1,7 +1,10 @@
 """benchmark.py examples, small: every figure it reports is there, and the merge is exact."""
+import pytest
+
 from hpcviz.bench.examples import bench_examples
 
 
+@pytest.mark.slow
 def test_examples_benchmark_reports_the_map_merge_exactness_and_projections(tmp_path):
     r = bench_examples(tmp_path / "scratch", "builtin:8", images=30, tasks=2, k=3, arch="resnet20", stem="cifar",
                        image_size=16, batch_size=8, device="cpu", project_channels=2)

@@ -22,6 +22,7 @@ def test_time_to_accuracy_reads_the_epoch_that_reached_the_target(tmp_path):
     assert not out["reached"] and out["epoch"] is None
 
 
+@pytest.mark.slow
 def test_viz_task_baseline_and_default_on_the_same_images(tmp_path):
     from hpcviz.train.loop import train
     run = tmp_path / "run"
@@ -42,6 +43,7 @@ def test_viz_task_baseline_and_default_on_the_same_images(tmp_path):
     assert out["ratio"] == base["seconds_per_image"]["total"] / new["seconds_per_image"]["total"]
 
 
+@pytest.mark.slow
 def test_the_gpu_projection_is_its_flops_at_the_stated_rates():
     """benchmark.py gpu-projection: per stem, the exact work (a forward and the deconvnet of every block x 3
     paths) at the fp32 rate plus every inverted block's step cost x the steps at the bf16 rate; linear in the

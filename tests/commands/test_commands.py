@@ -21,6 +21,8 @@ from hpcviz import store
 
 from conftest import ROOT, run_job
 
+pytestmark = pytest.mark.slow  # whole commands on finished runs: make test runs them, make check does not
+
 TRAIN = ["--cluster", "local", "--device", "cpu", "--data", "builtin:20", "--image-size", "16", "--arch", "resnet20",
          "--epochs", "1", "--batch-size", "32", "--lr", "0.05"]
 VIZ = ["--cluster", "local", "--device", "cpu", "--images", "4", "--tasks", "2", "--featviz-steps", "2",

@@ -46,6 +46,7 @@ def test_padded_layout_gives_the_unpadded_result(net):
         torch.testing.assert_close(plain[b]["loss"], padded[b]["loss"], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_task_captures_each_shape_once(net):
     cache = StepCache(pad="pow2")  # a GPU's layout; on the CPU `captured` counts what a GPU would capture
     cfg = InversionConfig(steps=40, target=0.03, window=20)

@@ -1,9 +1,11 @@
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+from hpcviz import dist
 from hpcviz.config import ConfigError, LaunchConfig
 from hpcviz.launch import executors as launch_mod
 from hpcviz.launch.executors import _slurm_params, read_profile
@@ -21,6 +23,7 @@ def launch(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["device", "host"])
 def test_two_gloo_processes_stay_in_sync(tmp_path, where):
     """Two local ranks; with host placement they share one node-wide copy of the data (rank 0 writes it)."""
@@ -74,6 +77,7 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_resume_refusal_leaves_the_run_intact(tmp_path):
     run = tmp_path / "r"
     assert launch(*TINY, "--cluster", "debug", "--epochs", "1", "--run", str(run)).returncode == 0
@@ -152,3 +156,70 @@ def test_cpus_per_gpu_task_are_asked_for_and_exported(monkeypatch):
     params = _slurm_params(LaunchConfig(cluster="slurm", gpus=4), prof, 8)
     assert params["slurm_srun_args"] == ["--cpus-per-task=8"]
     assert "export SRUN_CPUS_PER_TASK=8" in params["slurm_setup"]  # srun no longer inherits it from sbatch
+
+
+def _hold_gpu_slot(folder: str, task: int, out: str, hold_s: float) -> None:
+    import json
+    import time
+    with launch_mod.gpu_slot(folder, task) as slot:
+        t0 = time.monotonic()
+        time.sleep(hold_s)
+        record = [slot, os.environ.get("CUDA_VISIBLE_DEVICES"), t0, time.monotonic()]
+    with open(os.path.join(out, f"{task}.json"), "w") as f:
+        json.dump(record, f)
+
+
+def test_local_tasks_take_the_gpus_one_each_the_rest_queued(tmp_path, monkeypatch):
+    """Five local array tasks, two (faked) GPUs: each task runs with one GPU as its only visible device, never
+    two tasks on one GPU at a time, both GPUs in use at once, every task done in the end (the rest queued)."""
+    import json
+    import multiprocessing
+    monkeypatch.setenv(launch_mod.GPU_SLOTS_VAR, "GPU-aa,GPU-bb")  # names as an allocation's CUDA_VISIBLE_DEVICES has
+    monkeypatch.setattr(launch_mod, "_SLOT_POLL_S", 0.05)
+    ctx = multiprocessing.get_context("fork")  # the children see the patched environment and poll interval
+    procs = [ctx.Process(target=_hold_gpu_slot, args=(str(tmp_path / "logs"), k, str(tmp_path), 0.4))
+             for k in range(5)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    records = [json.loads((tmp_path / f"{k}.json").read_text()) for k in range(5)]
+    assert all(slot == visible for slot, visible, _, _ in records)  # the slot is the task's only GPU
+    assert {r[0] for r in records} == {"GPU-aa", "GPU-bb"}
+    for gpu in ("GPU-aa", "GPU-bb"):  # one task at a time on each
+        spans = sorted((t0, t1) for slot, _, t0, t1 in records if slot == gpu)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+    busy = [sum(t0 <= r[2] < t1 for _, _, t0, t1 in records) for r in records]  # tasks running at each start
+    assert max(busy) == 2  # both GPUs used together, never a third task
+
+
+def test_without_gpu_slots_a_task_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.delenv(launch_mod.GPU_SLOTS_VAR, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    with launch_mod.gpu_slot(str(tmp_path), 3) as slot:
+        assert slot is None and os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    assert not any(tmp_path.iterdir())
+
+
+def test_local_arrays_share_every_visible_gpu(tmp_path, monkeypatch):
+    """The launcher gives local array tasks every GPU it sees (an allocation's own, by name) as slots, and the
+    cores among the tasks that run at once; CPU arrays and SLURM arrays are unchanged."""
+    from hpcviz.config import LaunchConfig
+    from hpcviz.launch import array
+    from hpcviz.rundir import RunDir
+
+    def task(run_dir, item):
+        return item
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv(launch_mod.GPU_SLOTS_VAR, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    run = RunDir(tmp_path / "run")
+    with array._local_share(run, task, 6, LaunchConfig(cluster="local", gpus=1)) as fn:
+        assert isinstance(fn, launch_mod.OnGpuSlot) and fn.fn is task and fn.folder == str(run.logs)
+        assert os.environ[launch_mod.GPU_SLOTS_VAR] == "3,5" and os.environ[dist.THREADS_VAR] == "4"  # 2 at once
+    assert launch_mod.GPU_SLOTS_VAR not in os.environ
+    with array._local_share(run, task, 6, LaunchConfig(cluster="local", gpus=0)) as fn:
+        assert fn is task and launch_mod.GPU_SLOTS_VAR not in os.environ and os.environ[dist.THREADS_VAR] == "1"
+    with array._local_share(run, task, 6, LaunchConfig(cluster="slurm", gpus=1)) as fn:
+        assert fn is task and launch_mod.GPU_SLOTS_VAR not in os.environ

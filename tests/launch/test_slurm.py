@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from hpcviz.rundir import RunDir
-from hpcviz.scheduler import wait_for_job
+from hpcviz.scheduler import JobFailed, wait_for_job
 from hpcviz.train import checkpoint
 
 from conftest import ROOT, scontrol_field, wait_until
@@ -42,7 +42,16 @@ def submit(run: Path, *args) -> str:
 
 
 def finish(run: Path, job_id: str, timeout_s: float = 480) -> list[dict]:
-    return wait_for_job(job_id, run / "logs", ntasks=2, timeout_s=timeout_s, poll_s=1.0)
+    try:
+        return wait_for_job(job_id, run / "logs", ntasks=2, timeout_s=timeout_s, poll_s=1.0)
+    except JobFailed as e:  # what the controller saw of the job: its requeues and how each run ended
+        ctld = Path(os.environ.get("HPCVIZ_SLURM_DIR", "/tmp/hpcviz-slurm")) / "log" / "slurmctld.log"
+        seen = [line for line in (ctld.read_text(errors="replace").splitlines() if ctld.exists() else [])
+                if re.search(rf"JobId={job_id}\b", line)]
+        runs = subprocess.run(["sacct", "-j", job_id, "-X", "-D", "-n", "-P", "-o", "JobID,State,ExitCode,Start,End"],
+                              capture_output=True, text=True).stdout
+        raise AssertionError(f"{e}\n--- slurmctld on job {job_id}:\n" + "\n".join(seen[-40:]) +
+                             f"\n--- sacct --duplicates:\n{runs}") from None
 
 
 def test_two_task_ddp_job(tmp_path):

@@ -49,6 +49,7 @@ def run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_report_has_every_figure_and_table(run):
     summary = aggregate(AggregateConfig(run_dir=str(run), images=2))
     out = run / "report"
@@ -97,6 +98,7 @@ def test_report_has_every_figure_and_table(run):
     assert len([f for f in files if f.startswith("atlas/img/layer3.2/fv-")]) == 64
 
 
+@pytest.mark.slow
 def test_html_is_self_contained_and_escapes_class_names(run):
     aggregate(AggregateConfig(run_dir=str(run)))
     page = (run / "report" / "report.html").read_text()
@@ -112,6 +114,7 @@ def test_html_is_self_contained_and_escapes_class_names(run):
     assert "<script" not in md and "&lt;script&gt;alert(1)" in md
 
 
+@pytest.mark.slow
 def test_missing_shard_is_named_and_rerun_fills_it(run, capsys):
     shard = RunDir(run).shard(1)
     before = store.read_shard(run / "viz" / "viz.h5")

@@ -43,6 +43,7 @@ def test_autocast_is_fp32_on_cpu_by_default():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_evaluate_job_writes_eval_json(tmp_path, tiny_cfg):
     from hpcviz.train.loop import train
     cfg = tiny_cfg(epochs=1)

@@ -65,7 +65,7 @@ class _StopAfter(train_mod.StopRequest):
         pass
 
 
-@pytest.mark.parametrize("stop_after", [3, 5 + 2])  # mid-epoch 1, and mid-epoch 2 (5 steps per epoch)
+@pytest.mark.parametrize("stop_after", [3, pytest.param(5 + 2, marks=pytest.mark.slow)])  # mid-epoch 1, and 2 (5 steps/epoch)
 def test_stop_and_resume_is_bit_exact(tiny_cfg, tmp_path, monkeypatch, stop_after):
     whole = train(tiny_cfg(run_dir=str(tmp_path / "whole")))
     monkeypatch.setattr(_StopAfter, "k", stop_after)
@@ -162,6 +162,7 @@ def test_gpu_ranks_share_the_cores_too(monkeypatch):
         monkeypatch.setattr(dist, "_ENV", dist.DistEnv())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("minutes, saves", [(10.0, 1), (0.0, 3)])
 def test_checkpoints_by_time_and_never_a_second_hash(tiny_cfg, monkeypatch, minutes, saves):
     """Epochs of a second save once, at the end, by default (every 10 minutes); with 0 every epoch. Keeping the
