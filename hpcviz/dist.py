@@ -69,10 +69,12 @@ def tasks_per_node(spec: str) -> list[int]:
     return out
 
 
-def port_for_job(job_id: str) -> int:
-    """A port derived from the job id, so concurrent jobs on one node rarely collide."""
+def port_for_job(job_id: str, restart: int = 0) -> int:
+    """A port derived from the job id, so concurrent jobs on one node rarely collide, and from how often it was
+    requeued: a requeued run never rendezvouses on its killed predecessor's port, which a process of that run
+    may still hold (seen in CI: the new rank 1 blocked connecting there until the time limit)."""
     digits = re.sub(r"\D", "", job_id) or "0"
-    return 20000 + int(digits) % 40000
+    return 20000 + (int(digits) + 7919 * restart) % 40000
 
 
 # launchers that set RANK/WORLD_SIZE but not LOCAL_RANK often say the local rank in their own words
@@ -117,7 +119,7 @@ def _read_torchrun(env: Mapping[str, str]) -> DistEnv:
     else:
         raise DistError(f"RANK={rank} WORLD_SIZE={world} without MASTER_ADDR, and the ranks may span nodes: "
                         "127.0.0.1 would hang; hint: export MASTER_ADDR=<host of rank 0> (and MASTER_PORT)")
-    port = int(env.get("MASTER_PORT") or (port_for_job(env["SLURM_JOB_ID"]) if env.get("SLURM_JOB_ID")
+    port = int(env.get("MASTER_PORT") or (port_for_job(env["SLURM_JOB_ID"], _restarts(env)) if env.get("SLURM_JOB_ID")
                                           else DEFAULT_PORT))
     return DistEnv(rank, local, world, addr, port, "torchrun", local_size or 1)
 
@@ -137,7 +139,8 @@ def _read_slurm(env: Mapping[str, str]) -> DistEnv:
         local_size = max(1, world // max(1, nodes))
     return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0") or 0), world,
                    env.get("MASTER_ADDR") or first_host(nodelist),
-                   int(env.get("MASTER_PORT") or port_for_job(env.get("SLURM_JOB_ID", "0"))), "slurm", local_size)
+                   int(env.get("MASTER_PORT") or port_for_job(env.get("SLURM_JOB_ID", "0"), _restarts(env))), "slurm",
+                   local_size)
 
 
 def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
@@ -302,9 +305,14 @@ def any_ranks(flags: list[bool | torch.Tensor], device: torch.device | str = "cp
     return [bool(v > 0) for v in t.tolist()]
 
 
+def _restarts(env: Mapping[str, str]) -> int:
+    value = env.get("SLURM_RESTART_COUNT", "0")
+    return int(value) if value.isdigit() else 0
+
+
 def restart_count() -> int:
     """How often SLURM has requeued this job (preemption, time limit); 0 outside SLURM."""
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    return _restarts(os.environ)
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -69,6 +69,7 @@ _SLURM: tuple[bool, str] | None = None
 _SPREAD = ("tests/commands/test_commands.py", "tests/launch/test_pipeline.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (its hook would see none)
 def pytest_collection_modifyitems(config, items):
     """With pytest-xdist (`make test` runs 2 workers, `--dist loadgroup`): every SLURM test on one worker, first
     (their jobs would queue behind each other's and meet their waits' limits; first, so their waiting overlaps

@@ -23,6 +23,10 @@ def test_read_env_sources_and_precedence():
     assert (e.source, e.rank, e.local_rank, e.world_size, e.master_addr, e.local_world_size) == \
            ("slurm", 3, 1, 4, "gpu10", 2)
     assert e.master_port == port_for_job("123456") == 20000 + 123456 % 40000
+    # a requeued run rendezvouses elsewhere than its killed predecessor, every rank on the same port
+    requeued = [read_env({**slurm, "SLURM_PROCID": str(r), "SLURM_RESTART_COUNT": "1"}).master_port for r in (0, 3)]
+    assert requeued[0] == requeued[1] == port_for_job("123456", 1) != e.master_port
+    assert 20000 <= port_for_job("123456", 1) < 60000
     # a step's own task count wins over the job's
     assert read_env({**slurm, "SLURM_STEP_NUM_TASKS": "2"}).world_size == 2
     torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
