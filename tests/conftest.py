@@ -69,7 +69,7 @@ _SLURM: tuple[bool, str] | None = None
 _SPREAD = ("tests/commands/test_commands.py", "tests/launch/test_pipeline.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (its hook would see none)
+@pytest.hookimpl(tryfirst=True)  # the groups are set before xdist's own hook reads them
 def pytest_collection_modifyitems(config, items):
     """With pytest-xdist (`make test` runs 2 workers, `--dist loadgroup`): every SLURM test on one worker, first
     (their jobs would queue behind each other's and meet their waits' limits; first, so their waiting overlaps

@@ -159,7 +159,6 @@ def test_cpus_per_gpu_task_are_asked_for_and_exported(monkeypatch):
 
 
 def _hold_gpu_slot(folder: str, task: int, out: str, hold_s: float) -> None:
-    import json
     import time
     with launch_mod.gpu_slot(folder, task) as slot:
         t0 = time.monotonic()
@@ -172,7 +171,6 @@ def _hold_gpu_slot(folder: str, task: int, out: str, hold_s: float) -> None:
 def test_local_tasks_take_the_gpus_one_each_the_rest_queued(tmp_path, monkeypatch):
     """Five local array tasks, two (faked) GPUs: each task runs with one GPU as its only visible device, never
     two tasks on one GPU at a time, both GPUs in use at once, every task done in the end (the rest queued)."""
-    import json
     import multiprocessing
     monkeypatch.setenv(launch_mod.GPU_SLOTS_VAR, "GPU-aa,GPU-bb")  # names as an allocation's CUDA_VISIBLE_DEVICES has
     monkeypatch.setattr(launch_mod, "_SLOT_POLL_S", 0.05)
