@@ -37,7 +37,7 @@ from ..models import block_names, build_model, from_checkpoint
 from ..rundir import RunDir
 from ..train.checkpoint import load_checkpoint
 
-__all__ = ["bench_featviz", "lucent_render", "pick_channels", "project_resnet50"]
+__all__ = ["bench_featviz", "bench_resnet50", "lucent_render", "pick_channels", "project_resnet50"]
 
 
 def load_run(run: Path) -> tuple[nn.Module, list[float], list[float], int, str]:
@@ -205,3 +205,48 @@ def project_resnet50(mean_steps: float, max_steps: int, efficiency: float = 0.4,
         out["minutes"][prec] = {"mean_steps": per_step * mean_steps / rate / 60,
                                 "max_steps": per_step * max_steps / rate / 60}
     return out
+
+
+def bench_resnet50(seconds: float, device: torch.device, size: int = 224, order: Sequence[str] = (
+        "conv1", "layer1.0", "layer2.0", "layer3.0", "layer4.0")) -> dict[str, Any]:
+    """Every channel of ResNet-50 at `size` px (untrained weights: a timing, not a picture) with featviz's
+    defaults, block by block (`order` first, then the rest in forward order), each block's rows in groups as
+    the array's parts size them (`rows_at_once`'s rule: half the free memory), until `seconds` are spent: a
+    block that would outlast them at the rate measured so far is skipped, and the skipped blocks' time is
+    extrapolated from that rate (TFLOP/s) by their FLOPs per row-step (`row_costs`) at the measured mean steps."""
+    from ..data.placement import available_host_bytes
+    from ..viz.featviz_parts import _MEMORY_SHARE, _ROW_OVERHEAD
+    costs = row_costs("resnet50", size)
+    torch.manual_seed(0)
+    model = build_model("resnet50", 1000, "imagenet").eval().to(device)
+    blocks = list(order) + [b for b in block_names(model) if b not in order]
+    done: dict[str, dict[str, float]] = {}
+    spent = tflop = 0.0
+    for b in blocks:
+        c = costs[b]
+        if spent and c["channels"] * c["flops"] * FeatvizConfig().steps / 1e12 / (tflop / spent) > seconds - spent:
+            continue
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
+        rows = max(1, min(int(c["channels"]), int(_MEMORY_SHARE * free // (c["saved_bytes"] * _ROW_OVERHEAD))))
+        _sync(device)
+        t0 = time.perf_counter()
+        r = visualize(model, {b: None}, FeatvizConfig(exact=False, batch=rows), image_size=size)[b]
+        _sync(device)
+        s = time.perf_counter() - t0
+        steps = float(r["steps"].float().mean())
+        done[b] = {"channels": int(c["channels"]), "seconds": s, "rows_at_once": rows, "mean_steps": steps,
+                   "tflop": c["flops"] * steps * c["channels"] / 1e12}
+        spent, tflop = spent + s, tflop + done[b]["tflop"]
+    rate = tflop / spent
+    mean_steps = sum(v["mean_steps"] * v["channels"] for v in done.values()) / sum(v["channels"] for v in done.values())
+    rest = [c for b, c in costs.items() if b not in done]
+    rest_s = sum(c["channels"] * c["flops"] * mean_steps for c in rest) / 1e12 / rate
+    return {"device": str(device), "image_size": size, "blocks": done, "measured_s": spent,
+            "measured_channels": sum(v["channels"] for v in done.values()),
+            "rest_channels": int(sum(c["channels"] for c in rest)), "rest_s_extrapolated": rest_s,
+            "tflop_per_s": rate, "total_min": (spent + rest_s) / 60}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -58,6 +58,8 @@ class InvertBench(Bench):
     single: int = option(2, "images timed one at a time", unit="images")
     steps: int = option(0, "0 = the inversion's default step limit", unit="steps")
     blocks: str = option("", "comma-separated blocks (default: every block)")
+    homotopy: bool = option(False, "instead: the default against the same without its homotopy (median and 90th "
+                            "percentile error per block, seconds)")
 
 
 @dataclass
@@ -112,6 +114,8 @@ class FeatvizBench(Bench):
     all: bool = option(False, "also time every channel of the network in one call")
     steps: int = option(0, "0 = the default step limit of ours", unit="steps")
     project: bool = option(False, "also project every channel of ResNet-50 at 224 px on one H200 (FLOPs, memory)")
+    resnet50_seconds: float = option(0.0, "also time every channel of ResNet-50 at 224 px on --device for this "
+                                     "long, block by block, the rest extrapolated by FLOPs (0: no)", unit="s")
 
 
 @dataclass
@@ -143,7 +147,7 @@ BENCHMARKS: dict[str, tuple[type, str, tuple[str, ...]]] = {
     "examples": (ExamplesBench, "dataset examples: the map's cost in an array task, the merge, the projections per "
                  "channel, exactness against a brute-force top-k", ()),
     "featviz": (FeatvizBench, "feature visualization: every channel of a block batched vs Lucent's render_vis one "
-                "channel at a time (activation reached, time per channel)", ("run",)),
+                "channel at a time (activation reached, time per channel)", ()),
     "gpu": (GpuBench, "the GPU check: pytest -m gpu and every benchmark on CUDA (< 8 min)", ()),
     "gpu-projection": (GpuProjectionBench, "without a GPU: the array's time for 10,000 images on one H200, "
                        "projected from FLOPs (both stems)", ()),

@@ -29,7 +29,7 @@ from ..store import PackedReader, ShardWriter, write_packed
 from ..train.checkpoint import load_checkpoint
 from ..viz.plan import balanced_sample, load_split
 from .examples import bench_examples
-from .featviz import bench_all_channels, bench_featviz, load_run, pick_channels, project_resnet50
+from .featviz import bench_all_channels, bench_featviz, bench_resnet50, load_run, pick_channels, project_resnet50
 from .options import (
     DeconvBench,
     DumpBench,
@@ -45,6 +45,7 @@ from .options import (
 from .placement import bench_placement
 from .viz import (
     bench_deconv,
+    bench_homotopy,
     bench_invert,
     bench_train_throughput,
     bench_viz,
@@ -179,6 +180,13 @@ def run_invert(opts: InvertBench) -> dict:
     model, x = model.to(dev), normalize(pixels, mean, std).to(dev)
     label += f", on {dev}"
     blocks = [b for b in opts.blocks.split(",") if b] or block_names(model)
+    if opts.homotopy:
+        h = bench_homotopy(model, x, mean, std, blocks)
+        print(f"invert {label}, {h['images']} images: median / 90th percentile error (mean steps) per block")
+        for name in ("without", "default"):
+            print(f"  {name:8s} {h[name]['seconds']:6.1f} s  " + "  ".join(
+                f"{b} {v['median']:.3f}/{v['p90']:.3f} ({v['mean_steps']:.0f})" for b, v in h[name]["blocks"].items()))
+        return {"invert": {"homotopy": h, "model": label}}
     r = bench_invert(model, x, mean, std, blocks, opts.steps or None, opts.single)
     print(f"invert {label}, {r['images']} images, {r['steps']} steps: batched {r['batched_images_per_s']:.3f} "
           f"img/s vs one at a time {r['one_at_a_time_images_per_s']:.3f} img/s, ratio {r['ratio']:.1f}x "
@@ -230,11 +238,22 @@ def run_examples(opts: ExamplesBench) -> dict:
 
 def run_featviz(opts: FeatvizBench) -> dict:
     share_cores()  # $HPCVIZ_THREADS, else torch's default; both sides run on the same thread count
-    model, mean, std, size, label = load_run(Path(opts.run))
+    if not opts.run and not opts.resnet50_seconds:
+        raise ConfigError("benchmark featviz: needs --run RUN (a trained run) or --resnet50-seconds S; hint: "
+                          "python jobs/benchmark.py featviz --run results/r20")
     dev = pick_device(opts.device)
+    out: dict = {}
+    if opts.resnet50_seconds:
+        r50 = out["resnet50"] = bench_resnet50(opts.resnet50_seconds, dev)
+        print(f"featviz ResNet-50 (untrained) at 224 px on {dev}, defaults: {r50['measured_channels']} channels in "
+              f"{r50['measured_s']:.0f} s ({r50['tflop_per_s']:.1f} TFLOP/s), the other {r50['rest_channels']} "
+              f"extrapolated: {r50['rest_s_extrapolated']:.0f} s; every channel {r50['total_min']:.1f} min")
+        if not opts.run:
+            return {"featviz": out}
+    model, mean, std, size, label = load_run(Path(opts.run))
     model, label = model.to(dev), f"{label}, on {dev}"
     cfg = FeatvizConfig(steps=opts.steps) if opts.steps else FeatvizConfig()
-    out: dict = {"model": label, "image_size": size}
+    out.update(model=label, image_size=size)
     if opts.per_block:
         r = out["compare"] = bench_featviz(model, mean, std, size, pick_channels(model, size, opts.per_block), cfg,
                                            opts.baseline, opts.baseline_steps)
@@ -303,6 +322,7 @@ def run_gpu(opts: GpuBench) -> dict:
                                            device="cuda"))["invert"]
     out["viz"] = {stem: bench_viz_stage(data, opts.viz_images, Path(opts.out) / f"gpu-viz-{stem}", stem=stem)
                   for stem in ("cifar", "imagenet")}
+    out["featviz_resnet50"] = bench_resnet50(150.0, torch.device("cuda"))
     out["ddp"] = run_ddp(data, Path(opts.out) / "gpu-ddp-run") if torch.cuda.device_count() >= 2 else None
     out["seconds"] = time.perf_counter() - t0
     _print_gpu_table(out)
@@ -352,6 +372,9 @@ def _print_gpu_table(out: dict) -> None:
         t.add_row(f"one array task, ResNet-18 {stem} stem (every block, 3 paths, default inversion)",
                   f"{v['images_per_s']:.1f} img/s ({v['images']} images in {v['seconds']:.0f} s); "
                   f"{v['projected_images']} images: {v['projected_s'] / 60:.1f} min (projected)")
+    f = out["featviz_resnet50"]
+    t.add_row("featviz, every channel of ResNet-50 at 224 px", f"{f['total_min']:.1f} min ({f['measured_channels']} "
+              f"channels measured in {f['measured_s']:.0f} s, {f['rest_channels']} extrapolated by FLOPs)")
     d = out["ddp"]
     ddp = "not run: fewer than 2 GPUs visible" if d is None else (
         f"ok: 1 epoch in {d['seconds']:.0f} s" if d["ok"] else f"FAILED after {d['seconds']:.0f} s: {d['error']}")

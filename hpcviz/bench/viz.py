@@ -324,6 +324,19 @@ def bench_invert(model: torch.nn.Module, images: torch.Tensor, mean, std, blocks
             "max_error": {b: float(out[b]["error"].max()) for b in blocks}}
 
 
+def bench_homotopy(model: torch.nn.Module, images: torch.Tensor, mean, std, blocks: list[str]) -> dict[str, Any]:
+    """The default inversion against the same without its homotopy (soft ReLU and soft max-pool off), on the
+    same images: seconds, and per block the median and 90th percentile relative error and the mean steps."""
+    out: dict[str, Any] = {"images": len(images), "blocks": blocks}
+    for name, cfg in (("without", InversionConfig(soft_relu=0.0, soft_pool=0.0)), ("default", InversionConfig())):
+        t0 = time.perf_counter()
+        r = invert(model, images=images, blocks=blocks, cfg=cfg, mean=mean, std=std)
+        out[name] = {"seconds": time.perf_counter() - t0, "blocks": {
+            b: {"median": float(v["error"].median()), "p90": float(v["error"].quantile(0.9)),
+                "mean_steps": float(v["steps"].float().mean())} for b, v in r.items()}}
+    return out
+
+
 def bench_viz(run_dir: Path, scratch: Path, images: int = 16, split: str = "val", device: str = "auto",
               batch_size: int = 64, baseline_steps: int = 1000) -> dict[str, Any]:
     """The whole array task per image on held-out images of a trained run: today's way (the baseline: every

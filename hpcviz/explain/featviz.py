@@ -49,7 +49,7 @@ from torch import nn
 from ..errors import InputError, JobError
 from .deconv import max_pool
 from .forward import ForwardPlan, PlanError, apply
-from .inversion import CIFAR10_MEAN, CIFAR10_STD
+from .inversion import CIFAR10_MEAN, CIFAR10_STD, autocast, resolve_precision
 
 # Lucid's ImageNet colour correlation: U sqrt(S) of the RGB covariance (lucid/optvis/param/color.py)
 LUCID_COLOR = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
@@ -79,6 +79,8 @@ class FeatvizConfig:
     batch: int = 0                    # rows optimised at once (0: all); more run in groups, one after another
     fast_forward: bool = True         # batch norm folded into the convolutions, channels-last on CPUs
     exact: bool = True                # deterministic max-pool backward on GPUs (ImageNet stem)
+    precision: str = "auto"           # of the steps, as the inversion's (auto: bf16 autocast with channels-last
+    #                                   on CUDA, exact fp32 elsewhere); the checks and the stored value: fp32
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,8 +233,9 @@ class Rows:
     `redirect` its gradient goes through the block's final ReLU as `RedirectedReLU`'s (the value is the same)."""
 
     def __init__(self, plan: ForwardPlan, names: list[str], channels: list[torch.Tensor], exact: bool,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, precision: str = "exact") -> None:
         self.plan, self.names, self.exact, self.channels_last = plan, names, exact, channels_last
+        self.precision = precision  # of the steps (`step`); `evaluate` alone runs in fp32
         dev = plan.device
         self.block = torch.cat([torch.full((len(c),), i, dtype=torch.int64) for i, c in enumerate(channels)]).to(dev)
         self.channel = torch.cat(channels).to(dev)
@@ -240,6 +243,12 @@ class Rows:
     def counts(self, rows: torch.Tensor) -> list[int]:
         """How many of the (sorted) rows belong to each block (one host sync)."""
         return torch.bincount(self.block[rows], minlength=len(self.names)).tolist()
+
+    def step(self, x: torch.Tensor, rows: torch.Tensor, counts: list[int], redirect: bool) -> torch.Tensor:
+        """`evaluate` in the steps' precision (bf16 autocast on GPUs: tensor cores, half the activations'
+        bytes; the value that leaves is float32)."""
+        with autocast(self.precision, x.device):
+            return self.evaluate(x, rows, counts, redirect)
 
     def evaluate(self, x: torch.Tensor, rows: torch.Tensor, counts: list[int], redirect: bool = False) -> torch.Tensor:
         wanted = [b for b, k in zip(self.names, counts) if k]
@@ -337,7 +346,7 @@ def _optimise(rows: Rows, param: Param, spec: torch.Tensor, theta: torch.Tensor,
     for step in range(cfg.steps):
         lr = cfg.lr * (cfg.lr_end + (1 - cfg.lr_end) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
         p.requires_grad_(True)
-        f = rows.evaluate(transform(param(p), theta[:, step]), active, counts, redirect=cfg.redirect)
+        f = rows.step(transform(param(p), theta[:, step]), active, counts, cfg.redirect)
         g, = torch.autograd.grad(f.sum(), p)
         p = p.detach()
         m.mul_(b1).add_(g, alpha=1 - b1)
@@ -409,7 +418,8 @@ def visualize(model: nn.Module, blocks: Mapping[str, Sequence[int] | None] | Seq
         plan = ForwardPlan(model)
     except PlanError as e:
         raise InputError(str(e)) from None
-    cl = cfg.fast_forward and plan.device.type == "cpu"
+    precision = resolve_precision(cfg.precision, plan.device)
+    cl = cfg.fast_forward and (plan.device.type == "cpu" or precision == "bf16")
     fast = plan.folded(channels_last=cl) if cfg.fast_forward else plan
     names, chans = _requests(plan, blocks, hw)
     param = Param(hw, cfg, mean, std, color, plan.device)
@@ -421,7 +431,8 @@ def visualize(model: nn.Module, blocks: Mapping[str, Sequence[int] | None] | Seq
         idx = sorted({i for i, _ in part})
         g_names, g_chans = [names[i] for i in idx], [torch.tensor([c for j, c in part if j == i]) for i in idx]
         spec, theta = _start(g_names, g_chans, cfg, hw, plan.device)
-        out, st, cu = _optimise(Rows(fast, g_names, g_chans, cfg.exact, cl), param, spec, theta, cfg, progress)
+        out, st, cu = _optimise(Rows(fast, g_names, g_chans, cfg.exact, cl, precision), param, spec, theta, cfg,
+                                progress)
         with torch.no_grad():
             x = param(out)
         values.append(channel_means(plan, g_names, g_chans, x, cfg.exact).cpu())

@@ -94,8 +94,8 @@ class RowOptConfig:
     lr: float = 0.05                  # adam: step size, times `scale`
     milestones: tuple[float, ...] = (0.8, 0.95)  # adam: fractions of `steps` where lr is multiplied by gamma
     gamma: float = 0.1
-    hold: int = 0                     # no row stops before this many steps (a homotopy's soft phase), and the
-    #                                   plateau rule looks only at steps after it
+    hold: int | tuple[int, ...] = 0   # no row stops before this many steps (a homotopy's soft phase), and the
+    #                                   plateau rule looks only at steps after it; a tuple: per group of rows
 
 
 @dataclass
@@ -132,6 +132,12 @@ class _Rows:
             raise ValueError(f"groups: need one non-decreasing group number per row ({n} rows)")
         self.grouped = groups is not None
         self.n_groups = max(self.groups, default=0) + 1
+        holds = cfg.hold if isinstance(cfg.hold, (tuple, list)) else (cfg.hold,) * self.n_groups
+        if len(holds) < self.n_groups:
+            raise ValueError(f"hold: need one number per group ({self.n_groups} groups), got {len(holds)}")
+        self.row_hold = [int(holds[g]) for g in self.groups]
+        self.hold = min(self.row_hold, default=0)  # rows held longer are masked per row (hold_t)
+        self.uneven = any(h != self.hold for h in self.row_hold)
         self.curves = x0.new_full((n, cfg.steps), float("nan"))
         self.errs = x0.new_full((n, cfg.steps), float("nan"))
         self.chunk = x0.new_zeros(0, cfg.check_every)
@@ -161,6 +167,7 @@ class _Rows:
         self.rows = _to(self.slot_rows, dev)                     # (P,) the row of each slot
         self.live = _to(real, dev, torch.bool)                   # (P,) False: padding
         self.real_t, self.running_t = _to(self.real, dev), _to(self.running, dev)
+        self.hold_t = _to([self.row_hold[r] for r in self.running], dev) if self.uneven else None
         self.chunk = self.chunk.new_zeros(len(pos), self.cfg.check_every)
         if old is None:
             return None
@@ -179,9 +186,10 @@ class _Rows:
         f, err = f[self.real_t], err[self.real_t].to(self.errs.dtype)
         self.curves[rows, self.since:step + 1] = self.chunk[self.real_t, :step + 1 - self.since]
         self.errs[rows, step] = err
-        done = err <= cfg.target if cfg.target > 0 and step + 1 >= cfg.hold else torch.zeros_like(err, dtype=torch.bool)
+        reached = cfg.target > 0 and step + 1 >= self.hold
+        done = err <= cfg.target if reached else torch.zeros_like(err, dtype=torch.bool)
         stuck = torch.zeros_like(done)
-        if cfg.window and step + 1 > cfg.window + cfg.hold:
+        if cfg.window and step + 1 > cfg.window + self.hold:
             now, then = self.curves[rows, step], self.curves[rows, step - cfg.window]
             stuck = (then - now) <= cfg.plateau * then.abs().clamp_min(1e-30)
             if cfg.target > 0:  # steps still needed at the recent rate of log(err); a rate <= 0: never
@@ -190,6 +198,9 @@ class _Rows:
                 need = torch.where(rate > 0, torch.log(e_now / cfg.target) / rate.clamp_min(1e-30),
                                    torch.full_like(rate, float("inf")))
                 stuck |= ~done & (step + 1 + need > cfg.steps)
+        if self.hold_t is not None:  # rows of groups held longer: no verdict yet, no plateau before the window
+            done = done & (step + 1 >= self.hold_t)
+            stuck = stuck & (step + 1 > cfg.window + self.hold_t)
         return torch.where(done, 1, torch.where(stuck, 2, 0))
 
     def check(self, step: int, f: torch.Tensor, err: torch.Tensor) -> list[int]:

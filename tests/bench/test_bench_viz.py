@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from hpcviz.bench.viz import bench_train_throughput, bench_viz, time_to_accuracy
 from hpcviz.config import TrainConfig
@@ -62,3 +63,44 @@ def test_the_gpu_projection_is_its_flops_at_the_stated_rates():
     conv1 = 2 * 16 * 16 * 16 * 3 * 9  # FLOPs (2 per multiply-add) of the 3x3 conv 3 -> 16 at 16 x 16, by hand
     assert costs["conv1"]["flops"] == 2 * conv1  # its forward, and the backward to the input (no weight grads)
     assert costs["layer3.2"]["flops"] > costs["layer1.0"]["flops"] > costs["conv1"]["flops"]
+
+
+@pytest.mark.slow
+def test_resnet50_featviz_timing_extrapolates_the_skipped_blocks_by_flops(monkeypatch):
+    """benchmark.py featviz --resnet50-seconds: the first block always runs; a block that would outlast the
+    budget is skipped and its time is its FLOPs (channels x FLOPs per row-step x the measured mean steps) at
+    the rate measured; the blocks measured and skipped cover every channel once."""
+    from hpcviz.bench import featviz as bf
+    from hpcviz.explain.featviz import FeatvizConfig
+    monkeypatch.setattr(bf, "FeatvizConfig", lambda **kw: FeatvizConfig(**{**kw, "steps": 4, "check_every": 2,
+                                                                             "window": 2}))
+    r = bf.bench_resnet50(1e-3, torch.device("cpu"), size=32)
+    assert list(r["blocks"]) == ["conv1"] and r["blocks"]["conv1"]["rows_at_once"] == 64
+    costs = bf.row_costs("resnet50", 32)
+    assert r["measured_channels"] + r["rest_channels"] == sum(c["channels"] for c in costs.values()) == 15168
+    m = r["blocks"]["conv1"]
+    assert r["tflop_per_s"] == pytest.approx(m["tflop"] / m["seconds"])
+    rest = sum(c["channels"] * c["flops"] for b, c in costs.items() if b != "conv1")
+    assert r["rest_s_extrapolated"] == pytest.approx(rest * m["mean_steps"] / 1e12 / r["tflop_per_s"])
+    assert r["total_min"] == pytest.approx((m["seconds"] + r["rest_s_extrapolated"]) / 60)
+
+
+@pytest.mark.slow
+def test_homotopy_comparison_runs_both_on_the_same_images(monkeypatch):
+    """benchmark.py invert --homotopy: the default and the same without its homotopy, per block the median and
+    90th percentile of the stored (exact) errors."""
+    from hpcviz.bench import viz as bv
+    from hpcviz.explain.inversion import InversionConfig
+    from hpcviz.models import build_model
+    seen = []
+    real = bv.invert
+    monkeypatch.setattr(bv, "invert", lambda *a, **kw: seen.append(kw["cfg"]) or real(*a, **kw))
+    monkeypatch.setattr(bv, "InversionConfig", lambda **kw: InversionConfig(**{"steps": 20, **kw}))
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 8, 8)
+    r = bv.bench_homotopy(build_model("resnet20", 10).eval(), x, (0.5,) * 3, (0.25,) * 3, ["conv1", "layer2.0"])
+    assert [(c.soft_relu, c.soft_pool) for c in seen] == [(0.0, 0.0), (0.5, 2.0)]
+    for name in ("without", "default"):
+        for b in ("conv1", "layer2.0"):
+            v = r[name]["blocks"][b]
+            assert 0 <= v["median"] <= v["p90"] and 5 <= v["mean_steps"] <= 20

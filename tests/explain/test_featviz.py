@@ -278,6 +278,27 @@ def test_batched_rows_equal_one_channel_runs(net):
         torch.testing.assert_close(groups[block]["x"], both[block]["x"], atol=1e-4, rtol=1e-4)
 
 
+def test_bf16_steps_keep_the_value_exact(net, monkeypatch):
+    """precision="bf16" (the default on CUDA) runs the steps under bf16 autocast (here on the CPU, as on a GPU but
+    with oneDNN): the result stays near fp32's and the stored value is still the plain fp32 forward of x."""
+    from hpcviz.explain import featviz
+    seen = []
+    real = featviz.autocast
+    monkeypatch.setattr(featviz, "autocast", lambda p, d: seen.append(p) or real(p, d))
+    cfg = FeatvizConfig(**{**FAST, "plateau": 0.0})
+    fp32 = visualize_channels(net, "layer2.0", [1, 5], cfg, MEAN, STD, 8)
+    assert set(seen) == {"exact"}  # "auto" on a CPU
+    seen.clear()
+    low = visualize_channels(net, "layer2.0", [1, 5], FeatvizConfig(**{**FAST, "plateau": 0.0, "precision": "bf16"}),
+                             MEAN, STD, 8)
+    assert set(seen) == {"bf16"} and len(seen) == cfg.steps  # every step, not the checks
+    with torch.no_grad():
+        assert torch.equal(low["value"], module_means(net, "layer2.0", low["x"], [1, 5]))
+    torch.testing.assert_close(low["value"], fp32["value"], rtol=0.1, atol=0.05)
+    with pytest.raises(InputError, match="precision 'half'.*auto, exact, bf16, tf32"):
+        visualize(net, "layer1.0", FeatvizConfig(steps=1, precision="half"))
+
+
 def test_bad_requests(net):
     with pytest.raises(InputError, match="layer9.0.*valid: conv1, layer1.0"):
         visualize(net, "layer9.0", FeatvizConfig(steps=1))

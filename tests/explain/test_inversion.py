@@ -85,7 +85,7 @@ def test_loss_decreases(net):
 
 
 def test_prior_none_reaches_small_error(net):
-    cfg = InversionConfig(steps=200, prior="none")
+    cfg = InversionConfig(steps=200, prior="none", soft_relu=0.0)  # the prior alone (the homotopy: below)
     out = invert(net, images=images(2), blocks=["conv1", "layer1.1"], cfg=cfg, mean=MEAN, std=STD)
     for b, o in out.items():
         assert o["error"].shape == (2,)
@@ -118,7 +118,9 @@ def test_targets_give_the_same_result_as_images(net):
     a = invert(net, images=x, blocks=["layer2.0"], cfg=cfg, mean=MEAN, std=STD)["layer2.0"]
     b = invert(net, targets={"layer2.0": acts["layer2.0"]}, cfg=cfg, mean=MEAN, std=STD)["layer2.0"]
     assert b["x"].shape == (2, 3, 8, 8)
-    torch.testing.assert_close(a["x"], b["x"], atol=1e-5, rtol=1e-5)
+    # the targets differ from the images' by float rounding (another forward); the soft phase's first steps
+    # carry that further than the hard network did (1e-5 before the homotopy, 1.3e-4 measured with it)
+    torch.testing.assert_close(a["x"], b["x"], atol=5e-4, rtol=1e-4)
 
 
 def test_forced_divergence_raises_a_clear_error(net):
@@ -192,3 +194,42 @@ def test_soft_max_pool_against_logsumexp_over_unfolded_windows(t):
     st = soft_max_pool(x, pool, temp, straight_through=True)  # the max's value, the soft gradient
     torch.testing.assert_close(st, hard, rtol=0, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad((st * w).sum(), x)[0], ref_grad)
+
+
+def test_the_homotopy_holds_only_the_blocks_it_changes():
+    """Defaults: every ReLU soft at first, so every block's rows run through the soft span (30% of the steps);
+    with the ReLU hard and only the ImageNet stem's max-pool soft, conv1 (before the pool) is free to stop
+    at once; without a max-pool and a soft ReLU nothing is held. The stored error is the hard network's."""
+    from hpcviz.explain.activations import dump_activations
+    torch.manual_seed(0)
+    r18 = build_model("resnet18", 10, "imagenet").eval()
+    x = images(2, size=32)
+    blocks = ["conv1", "layer1.1"]
+    base = dict(steps=100, target=0.9, window=0)  # a target every row meets at its first check when not held
+    cases = {(): [True, True], (("soft_relu", 0.0),): [False, True],
+             (("soft_relu", 0.0), ("soft_pool", 0.0)): [False, False]}
+    for change, held in cases.items():
+        cfg = InversionConfig(**base, **dict(change))
+        out = invert(r18, images=x, blocks=blocks, cfg=cfg, mean=MEAN, std=STD)
+        for b, h in zip(blocks, held):
+            steps = out[b]["steps"]
+            assert ((steps >= 30) & (steps <= 40)).all() if h else (steps == 5).all(), (change, b, steps)
+        _, phi0 = dump_activations(r18, x, blocks)
+        _, phi = dump_activations(r18, out["layer1.1"]["x"], ["layer1.1"])
+        torch.testing.assert_close(out["layer1.1"]["error"], relative_error(phi["layer1.1"], phi0["layer1.1"]),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_the_soft_relu_is_a_softplus_at_the_temperature(net):
+    from hpcviz.explain.forward import ForwardPlan
+    from hpcviz.explain.inversion import Objective
+    cfg = InversionConfig(steps=100, soft_relu=0.5, soft_steps=0.5)
+    obj = Objective(ForwardPlan(net), ["conv1"], [(16, 8, 8)], 1, (8, 8), cfg, MEAN, STD)
+    h = torch.linspace(-3, 3, 13)
+    assert obj.at_step(0) and obj.soft_span() == 50
+    torch.testing.assert_close(obj.relu(h), 0.5 * torch.nn.functional.softplus(h / 0.5))
+    obj.at_step(25)  # the second stage of 25 steps: half the temperature
+    torch.testing.assert_close(obj.relu(h), 0.25 * torch.nn.functional.softplus(h / 0.25))
+    assert obj.at_step(50) and torch.equal(obj.relu(h), h.clamp_min(0))  # hard after the span
+    with pytest.raises(Exception, match="soft_mode 'lse': not one of st, soft"):
+        invert(net, images=images(1), blocks=["conv1"], cfg=InversionConfig(soft_mode="lse"), mean=MEAN, std=STD)

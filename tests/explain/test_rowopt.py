@@ -104,6 +104,17 @@ def test_hold_and_a_changed_objective():
     assert (minimise(fun0, centres.clone(), at_target).steps == 5).all()  # the first check
     held = minimise(fun0, centres.clone(), RowOptConfig(**{**at_target.__dict__, "hold": 20}))
     assert (held.steps == 20).all() and held.stopped == ["target"] * 3
+    # per group: rows 0-1 (group 0) are not held, row 2 (group 1) is held to 20, the plateau rule after it too
+    fun_g, _ = quadratic(centres, curv)
+    per = minimise(lambda x, rows, sizes: fun_g(x, rows), centres.clone(),
+                   RowOptConfig(**{**at_target.__dict__, "hold": (0, 20)}), groups=[0, 0, 1])
+    assert per.steps.tolist() == [5, 5, 20] and per.stopped == ["target"] * 3
+    flat = RowOptConfig(method="lbfgs", steps=60, target=0.0, plateau=0.5, window=5)  # stuck at once
+    per = minimise(lambda x, rows, sizes: fun_g(x, rows), centres.clone(), RowOptConfig(**{**flat.__dict__,
+                   "hold": (0, 20)}), groups=[0, 0, 1])
+    assert per.steps.tolist() == [10, 10, 30] and per.stopped == ["plateau"] * 3
+    with pytest.raises(ValueError, match="hold: need one number per group"):
+        minimise(lambda x, rows, sizes: fun_g(x, rows), centres.clone(), RowOptConfig(hold=(0,)), groups=[0, 1, 2])
     shift, changes = {"c": 0.0}, []
 
     def fun(x, rows):
