@@ -308,8 +308,9 @@ class VizConfig:
     device: str = option("auto", "where each task computes", choices=DEVICES)
     seed: int = option(0, "seed of the image sample")
     fast: bool = option(False, "GPUs: TF32 convolutions and atomic unpooling (faster; ~1e-3 off the exact default)")
-    exact: bool = option(False, "GPUs: the inversion's optimisation in exact fp32 too (default: bf16 autocast, "
-                         "channels-last; the stored errors are recomputed exactly either way)")
+    exact: bool = option(False, "GPUs: the inversion's and the feature visualization's optimisation in exact fp32 "
+                         "too (default: bf16 autocast, channels-last; the stored errors and values are recomputed "
+                         "exactly either way)")
 
     def n_tasks(self, gpu: bool = False, image_size: int = 32) -> int:
         """Array tasks: --tasks, else enough tasks of --per-task images (default_per_task when not given); never more

@@ -31,11 +31,13 @@ import torch
 from torch import nn
 
 from ..config import default_stem
-from ..explain.featviz import FeatvizConfig, Rows, channel_means, visualize
+from ..data.placement import available_host_bytes
+from ..explain.featviz import FeatvizConfig, Rows, channel_means, row_bytes, visualize
 from ..explain.forward import ForwardPlan
 from ..models import block_names, build_model, from_checkpoint
 from ..rundir import RunDir
 from ..train.checkpoint import load_checkpoint
+from ..viz.featviz_parts import MEMORY_SHARE, ROW_OVERHEAD
 
 __all__ = ["bench_featviz", "bench_resnet50", "lucent_render", "pick_channels", "project_resnet50"]
 
@@ -154,17 +156,10 @@ def bench_all_channels(model: nn.Module, mean: Sequence[float], std: Sequence[fl
 H200_PEAK_TFLOPS = {"fp32": 67.0, "tf32": 495.0, "bf16": 989.0}
 
 
-def _recorder(saved: dict[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A saved-tensor pack hook noting each tensor's bytes once (a tensor saved twice counts once)."""
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[id(t)] = t.numel() * t.element_size()
-        return t
-    return pack
-
-
 def row_costs(arch: str = "resnet50", size: int = 224, stem: str = "") -> dict[str, dict[str, float]]:
     """Per block: channels, FLOPs of one row's step (forward to the block + backward to the input) and the
-    bytes autograd saves for that backward, fp32 - counted on the meta device (nothing is computed)."""
+    bytes autograd saves for that backward per row (`row_bytes`: the shared weights not counted), fp32 -
+    counted on the meta device (nothing is computed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -173,17 +168,15 @@ def row_costs(arch: str = "resnet50", size: int = 224, stem: str = "") -> dict[s
     out = {}
     for b in block_names(model):
         x = torch.zeros(1, 3, size, size, device="meta", requires_grad=True)
-        saved: dict[int, int] = {}
-        pack = _recorder(saved)
         rows = Rows(plan, [b], [torch.zeros(1, dtype=torch.int64, device="meta")], exact=False)
-        with FlopCounterMode(display=False) as fc, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with FlopCounterMode(display=False) as fc:
             f = rows.evaluate(x, torch.zeros(1, dtype=torch.int64, device="meta"), [1])
             torch.autograd.grad(f.sum(), x)
         with torch.no_grad():
             channels = plan.stacked(torch.zeros(1, 3, size, size, device="meta"), [b], [1],
                                     lambda h, p: p(h))[0].shape[1]
         out[b] = {"channels": int(channels), "flops": float(fc.get_total_flops()),
-                  "saved_bytes": float(sum(saved.values()))}
+                  "saved_bytes": float(row_bytes(model, [b], size)[b])}
     return out
 
 
@@ -214,8 +207,6 @@ def bench_resnet50(seconds: float, device: torch.device, size: int = 224, order:
     the array's parts size them (`rows_at_once`'s rule: half the free memory), until `seconds` are spent: a
     block that would outlast them at the rate measured so far is skipped, and the skipped blocks' time is
     extrapolated from that rate (TFLOP/s) by their FLOPs per row-step (`row_costs`) at the measured mean steps."""
-    from ..data.placement import available_host_bytes
-    from ..viz.featviz_parts import _MEMORY_SHARE, _ROW_OVERHEAD
     costs = row_costs("resnet50", size)
     torch.manual_seed(0)
     model = build_model("resnet50", 1000, "imagenet").eval().to(device)
@@ -227,7 +218,7 @@ def bench_resnet50(seconds: float, device: torch.device, size: int = 224, order:
         if spent and c["channels"] * c["flops"] * FeatvizConfig().steps / 1e12 / (tflop / spent) > seconds - spent:
             continue
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
-        rows = max(1, min(int(c["channels"]), int(_MEMORY_SHARE * free // (c["saved_bytes"] * _ROW_OVERHEAD))))
+        rows = max(1, min(int(c["channels"]), int(MEMORY_SHARE * free // (c["saved_bytes"] * ROW_OVERHEAD))))
         _sync(device)
         t0 = time.perf_counter()
         r = visualize(model, {b: None}, FeatvizConfig(exact=False, batch=rows), image_size=size)[b]

@@ -48,7 +48,7 @@ class Plan:
     featviz_steps: int = 0            # at most, per channel; 0 = featviz's default
     featviz_batch_size: int = 0       # channels optimised at once; 0 = from the memory there is
     extra: dict[str, Any] = field(default_factory=dict)  # room for later stages; never renamed
-    exact: bool = False               # the inversion optimised in exact fp32 (False: bf16 autocast on GPUs)
+    exact: bool = False               # the inversion and featviz optimised in exact fp32 (False: bf16 on GPUs)
 
     def shard_attrs(self) -> dict[str, Any]:
         """The root attrs by which a shard says which plan it belongs to."""

@@ -41,8 +41,8 @@ __all__ = ["Part", "split_featviz", "featviz_parts", "plan_featviz_parts", "feat
 log = logging.getLogger("hpcviz")
 Part = tuple[tuple[str, int, int], ...]  # (block, first channel, end) segments, in forward order
 PART_FORMAT = "hpcviz-featviz-part-v1"
-_MEMORY_SHARE = 0.5   # of the free memory the rows may take (the rest: the model, the allocator's slack)
-_ROW_OVERHEAD = 1.5   # a row's peak over what autograd saves for it (the backward's gradients, Adam's state)
+MEMORY_SHARE = 0.5   # of the free memory the rows may take (the rest: the model, the allocator's slack)
+ROW_OVERHEAD = 1.5   # a row's peak over what autograd saves for it (the backward's gradients, Adam's state)
 
 
 def split_featviz(channels: Mapping[str, int], parts: int) -> list[Part]:
@@ -88,7 +88,8 @@ def plan_featviz_parts(run: RunDir, plan: Plan) -> list[Part]:
 
 def featviz_config(plan: Plan) -> FeatvizConfig:
     """The optimisation of the plan's request (featviz's defaults but the steps and rows at once it sets)."""
-    cfg = FeatvizConfig(exact=not plan.fast, batch=plan.featviz_batch_size)
+    cfg = FeatvizConfig(exact=not plan.fast, batch=plan.featviz_batch_size,
+                        precision="exact" if plan.exact else "auto")
     return dataclasses.replace(cfg, steps=plan.featviz_steps) if plan.featviz_steps else cfg
 
 
@@ -194,9 +195,9 @@ def rows_at_once(plan: Plan, state: dict[str, Any], part: Part, device: torch.de
     tcfg = state["config"]
     with torch.device("meta"):
         model = build_model(tcfg["arch"], len(state["classes"]), tcfg.get("stem", "")).eval()
-    per_row = max(row_bytes(model, [part[-1][0]], int(tcfg["image_size"])).values()) * _ROW_OVERHEAD
+    per_row = max(row_bytes(model, [part[-1][0]], int(tcfg["image_size"])).values()) * ROW_OVERHEAD
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
-    return max(1, min(n, int(_MEMORY_SHARE * free // max(per_row, 1))))
+    return max(1, min(n, int(MEMORY_SHARE * free // max(per_row, 1))))
 
 
 def compute_part(run: RunDir, plan: Plan, state: dict[str, Any], i: int, part: Part, device: str) -> Path:

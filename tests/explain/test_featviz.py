@@ -356,3 +356,16 @@ def test_bench_featviz_with_the_loop_baseline(net):
     ours = visualize(net, small, FeatvizConfig(**FAST), MEAN, STD, 8)
     assert [p["ours"] for p in r["per_channel"]] == torch.cat([ours[b]["value"] for b in small]).tolist()
     assert 0 <= r["ours_ge_baseline"] <= 1 and r["time_ratio"] > 0
+
+
+def test_row_bytes_count_a_row_not_the_shared_weights():
+    """A row's bytes are what one more row adds: at 32 px ResNet-18's weights (45 MB, kept once for every
+    convolution's backward) dwarf a row, and counting them per row held 176 rows at once where thousands fit."""
+    from hpcviz.explain.featviz import row_bytes
+    from hpcviz.models import build_model
+    with torch.device("meta"):
+        r18 = build_model("resnet18", 10, "imagenet").eval()
+    small, big = row_bytes(r18, ["layer4.1"], 32)["layer4.1"], row_bytes(r18, ["layer4.1"], 64)["layer4.1"]
+    weights = sum(p.numel() * 4 for p in r18.parameters())
+    assert 0 < small < weights / 50
+    assert 3.5 * small < big < 4.5 * small  # activations: 4x the pixels, 4x the bytes

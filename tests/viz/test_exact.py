@@ -42,3 +42,9 @@ def test_the_array_task_inverts_with_the_plans_precision(monkeypatch):
         task._write_inversions(None, None, torch.zeros(1, 3, 8, 8), plan(exact=exact), state, 0, cache="task cache")
     assert seen == [("auto", "task cache"), ("exact", "task cache")]
     assert {f.name for f in dataclasses.fields(VizConfig)} >= {"exact", "fast"}
+
+
+def test_featviz_parts_optimise_with_the_plans_precision():
+    from hpcviz.viz.featviz_parts import featviz_config
+    assert featviz_config(plan()).precision == "auto"  # bf16 autocast on CUDA, exact fp32 on CPUs
+    assert featviz_config(plan(exact=True, config=VizConfig(exact=True))).precision == "exact"
