@@ -35,7 +35,8 @@ def test_viz_task_baseline_and_default_on_the_same_images(tmp_path):
     blocks = ["conv1", "layer1.2", "layer2.2", "layer3.2"]
     base, new = out["baseline"], out["default"]
     assert base["mean_steps"] == {b: 20.0 for b in blocks}  # no stopping rule: every step
-    assert all(1 <= new["mean_steps"][b] <= 300 for b in blocks)
+    held = 5 * round(0.3 * 800 / 5)  # the homotopy's soft phase: every row runs at least that long
+    assert all(held <= new["mean_steps"][b] <= 800 for b in blocks), new["mean_steps"]
     for m in (base, new):
         s = m["seconds_per_image"]
         assert set(s) == {"load", "forward", "topk", "deconv", "inversion", "write", "total"}
