@@ -31,13 +31,12 @@ import torch
 from torch import nn
 
 from ..config import default_stem
-from ..data.placement import available_host_bytes
 from ..explain.featviz import FeatvizConfig, Rows, channel_means, row_bytes, visualize
 from ..explain.forward import ForwardPlan
 from ..models import block_names, build_model, from_checkpoint
 from ..rundir import RunDir
 from ..train.checkpoint import load_checkpoint
-from ..viz.featviz_parts import MEMORY_SHARE, ROW_OVERHEAD
+from ..viz.featviz_parts import rows_that_fit
 
 __all__ = ["bench_featviz", "bench_resnet50", "lucent_render", "pick_channels", "project_resnet50"]
 
@@ -165,6 +164,7 @@ def row_costs(arch: str = "resnet50", size: int = 224, stem: str = "") -> dict[s
     with torch.device("meta"):
         model = build_model(arch, 1000, stem).eval()
     plan = ForwardPlan(model).folded()
+    kept = row_bytes(model, block_names(model), size)  # one plan for every block
     out = {}
     for b in block_names(model):
         x = torch.zeros(1, 3, size, size, device="meta", requires_grad=True)
@@ -176,7 +176,7 @@ def row_costs(arch: str = "resnet50", size: int = 224, stem: str = "") -> dict[s
             channels = plan.stacked(torch.zeros(1, 3, size, size, device="meta"), [b], [1],
                                     lambda h, p: p(h))[0].shape[1]
         out[b] = {"channels": int(channels), "flops": float(fc.get_total_flops()),
-                  "saved_bytes": float(row_bytes(model, [b], size)[b])}
+                  "saved_bytes": float(kept[b])}
     return out
 
 
@@ -217,8 +217,7 @@ def bench_resnet50(seconds: float, device: torch.device, size: int = 224, order:
         c = costs[b]
         if spent and c["channels"] * c["flops"] * FeatvizConfig().steps / 1e12 / (tflop / spent) > seconds - spent:
             continue
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
-        rows = max(1, min(int(c["channels"]), int(MEMORY_SHARE * free // (c["saved_bytes"] * ROW_OVERHEAD))))
+        rows = rows_that_fit(int(c["channels"]), c["saved_bytes"], device)
         _sync(device)
         t0 = time.perf_counter()
         r = visualize(model, {b: None}, FeatvizConfig(exact=False, batch=rows), image_size=size)[b]

@@ -41,8 +41,8 @@ __all__ = ["Part", "split_featviz", "featviz_parts", "plan_featviz_parts", "feat
 log = logging.getLogger("hpcviz")
 Part = tuple[tuple[str, int, int], ...]  # (block, first channel, end) segments, in forward order
 PART_FORMAT = "hpcviz-featviz-part-v1"
-MEMORY_SHARE = 0.5   # of the free memory the rows may take (the rest: the model, the allocator's slack)
-ROW_OVERHEAD = 1.5   # a row's peak over what autograd saves for it (the backward's gradients, Adam's state)
+_MEMORY_SHARE = 0.5   # of the free memory the rows may take (the rest: the model, the allocator's slack)
+_ROW_OVERHEAD = 1.5   # a row's peak over what autograd saves for it (the backward's gradients, Adam's state)
 
 
 def split_featviz(channels: Mapping[str, int], parts: int) -> list[Part]:
@@ -195,9 +195,14 @@ def rows_at_once(plan: Plan, state: dict[str, Any], part: Part, device: torch.de
     tcfg = state["config"]
     with torch.device("meta"):
         model = build_model(tcfg["arch"], len(state["classes"]), tcfg.get("stem", "")).eval()
-    per_row = max(row_bytes(model, [part[-1][0]], int(tcfg["image_size"])).values()) * ROW_OVERHEAD
+    return rows_that_fit(n, max(row_bytes(model, [part[-1][0]], int(tcfg["image_size"])).values()), device)
+
+
+def rows_that_fit(n: int, per_row: float, device: torch.device) -> int:
+    """At most n rows of `per_row` bytes each (what autograd keeps for one, see featviz.row_bytes) that fit in
+    _MEMORY_SHARE of the free memory: the device's, or this machine's available memory on a CPU."""
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
-    return max(1, min(n, int(MEMORY_SHARE * free // max(per_row, 1))))
+    return max(1, min(n, int(_MEMORY_SHARE * free // max(per_row * _ROW_OVERHEAD, 1))))
 
 
 def compute_part(run: RunDir, plan: Plan, state: dict[str, Any], i: int, part: Part, device: str) -> Path:
