@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 # A second `make demo` continues the same run (finished stages are skipped); `make clean-demo` starts afresh.
 demo: setup
 	$(PY) jobs/launch_pipeline.py --cluster local --run $(DEMO_RUN) --resume \
-		--arch resnet20 --data builtin --epochs 15 --batch-size 128 --lr 0.2 \
+		--arch resnet20 --data builtin --epochs 7 --batch-size 128 --lr 0.2 \
 		--images 16 --tasks 2 --featviz-steps 48
 	@echo "report: $(DEMO_RUN)/report/report.html (and report.md, figures/, tables/)"
 	@echo "atlas:  $(DEMO_RUN)/report/atlas/index.html (a card per channel: feature visualization, examples, classes)"

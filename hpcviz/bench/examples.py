@@ -9,7 +9,8 @@ map's share is the largest it can be). Measured:
 - the merge: collation of all the shards (virtual view + exact merge), and the reduce alone;
 - the exactness: the merged lists against a brute-force top-k over the stored activations of viz.h5, read
   back in blocks of images;
-- the projections: every block's first `project_channels` channels, in seconds per channel.
+- the projections: every block's first `project_channels` channels, in seconds per channel, computed in the
+  receptive field only (explain.window) and, the baseline, on the whole image then cropped.
 """
 from __future__ import annotations
 
@@ -87,9 +88,10 @@ def check_exact(path: Path, blocks: list[str], k: int) -> dict[str, Any]:
     return {"exact": not wrong, "blocks_checked": len(blocks), "wrong": wrong}
 
 
-def time_projection(run: RunDir, blocks: list[str], channels: int, device: str) -> dict[str, float]:
+def time_projection(run: RunDir, blocks: list[str], channels: int, device: str) -> dict[str, dict[str, float]]:
     """Seconds per channel (its k projections, patches, grid and part file) of each block, over its first
-    `channels` channels, by the projection array's own code (`projection.project_range`)."""
+    `channels` channels, by the projection array's own code (`projection.project_range`): {"windowed": {block:
+    s}, "full": {block: s}} (the receptive field only, explain.window; the whole image, then cropped)."""
     plan = run.read_plan()
     state = checkpoint.load_checkpoint(run.checkpoints)
     lists = merged_lists(run, plan)
@@ -97,12 +99,14 @@ def time_projection(run: RunDir, blocks: list[str], channels: int, device: str) 
 
     def images(positions: np.ndarray) -> np.ndarray:
         return store.read_shard(run.viz_file, ["images"], rows=[rows[int(p)] for p in positions])["images"]
-    out = {}
+    out: dict[str, dict[str, float]] = {"windowed": {}, "full": {}}
     for i, block in enumerate(blocks):
         c = min(channels, len(lists[block]["index"]))
-        t0 = time.perf_counter()
-        project_range(run, plan, state, 1000 + i, (block, 0, c), lists[block], images, device)
-        out[block] = (time.perf_counter() - t0) / c
+        for way in ("full", "windowed"):
+            t0 = time.perf_counter()
+            project_range(run, plan, state, 1000 + i, (block, 0, c), lists[block], images, device,
+                          window=way == "windowed")
+            out[way][block] = (time.perf_counter() - t0) / c
     return out
 
 
@@ -144,6 +148,8 @@ def bench_examples(scratch: Path, data: str, images: int = 10000, tasks: int = 4
     per = time_projection(run, plan.blocks, project_channels, device)
     channels = {b: int(store.read_shard(run.viz_file, [f"topk/{b}/index"])[f"topk/{b}/index"].shape[0])
                 for b in block_names(build_model(arch, 10, stem))}
-    out["projection"] = {"seconds_per_channel": per, "channels": channels,
-                         "all_channels_s": sum(per[b] * channels[b] for b in per)}
+    out["projection"] = {"seconds_per_channel": per["windowed"], "full_seconds_per_channel": per["full"],
+                         "channels": channels,
+                         "all_channels_s": sum(per["windowed"][b] * channels[b] for b in per["windowed"]),
+                         "full_all_channels_s": sum(per["full"][b] * channels[b] for b in per["full"])}
     return out

@@ -89,6 +89,14 @@ class VizBench(Bench):
     images: int = option(16, "images visualized", unit="images")
     split: str = option("val", "val (held out) | train")
     batch_size: int = option(64, "images per forward pass", unit="images")
+    command: bool = option(False, "also (without --run: only) the whole `launch_viz.py --cluster local --images "
+                           "N --tasks 1` here and at --baseline, each on a run its own code trains (hpcviz.bench."
+                           "command), broken down into start-up, shard, projections, feature visualization, the rest")
+    baseline: str = option("3cb6f04", "with --command: the git revision timed against this checkout (default: the "
+                           "release before the speed work)")
+    command_images: int = option(8, "with --command: images of the timed command", unit="images")
+    command_epochs: int = option(4, "with --command: epochs of each side's run (ResNet-20, built-in data)",
+                                 unit="epochs")
 
 
 @dataclass
@@ -143,7 +151,8 @@ BENCHMARKS: dict[str, tuple[type, str, tuple[str, ...]]] = {
     "invert": (InvertBench, "inversion: a batch vs one image at a time, error per block", ()),
     "deconv": (DeconvBench, "deconvnet: every block x 3 paths vs a Captum-style baseline", ()),
     "placement": (PlacementBench, "host/stream vs device-resident data: throughput and memory", ()),
-    "viz": (VizBench, "the whole array task per image: the default vs the way of before", ("run",)),
+    "viz": (VizBench, "the whole array task per image: the default vs the way of before; --command: the whole "
+            "local command against a baseline revision", ()),
     "examples": (ExamplesBench, "dataset examples: the map's cost in an array task, the merge, the projections per "
                  "channel, exactness against a brute-force top-k", ()),
     "featviz": (FeatvizBench, "feature visualization: every channel of a block batched vs Lucent's render_vis one "

@@ -28,6 +28,7 @@ from ..models import block_names, build_model, from_checkpoint
 from ..store import PackedReader, ShardWriter, write_packed
 from ..train.checkpoint import load_checkpoint
 from ..viz.plan import balanced_sample, load_split
+from .command import run_command
 from .examples import bench_examples
 from .featviz import bench_all_channels, bench_featviz, bench_resnet50, load_run, pick_channels, project_resnet50
 from .options import (
@@ -205,6 +206,14 @@ def run_deconv(opts: DeconvBench) -> dict:
 
 
 def run_viz(opts: VizBench) -> dict:
+    if not opts.run and not opts.command:
+        raise ConfigError("benchmark.py viz: needs --run (a trained run) or --command; hint: --run results/r20, "
+                          "or --command to time the whole local command against --baseline")
+    out = run_command(opts) if opts.command else {}
+    return {**out, **(run_task(opts) if opts.run else {})}
+
+
+def run_task(opts: VizBench) -> dict:
     r = bench_viz(Path(opts.run), Path(opts.out) / "viz-tmp", opts.images, opts.split, opts.device, opts.batch_size)
     for method in ("baseline", "default"):
         m = r[method]
@@ -231,8 +240,10 @@ def run_examples(opts: ExamplesBench) -> dict:
           f"for {g['n_images']} images")
     print(f"  exactness vs a brute-force top-k over viz.h5: {'EXACT' if x['exact'] else 'DIFFERS ' + str(x['wrong'])} "
           f"({x['blocks_checked']} blocks, {x['seconds']:.0f} s)")
-    print("  projection, s per channel: " + ", ".join(f"{b} {s:.3f}" for b, s in p["seconds_per_channel"].items())
-          + f"; every channel: {p['all_channels_s']:.0f} s")
+    print("  projection, s per channel, receptive field only (whole image then cropped): " + ", ".join(
+        f"{b} {s:.3f} ({p['full_seconds_per_channel'][b]:.3f})" for b, s in p["seconds_per_channel"].items())
+        + f"; every channel: {p['all_channels_s']:.0f} s ({p['full_all_channels_s']:.0f} s), "
+        f"{p['full_all_channels_s'] / max(p['all_channels_s'], 1e-9):.2f}x")
     return {"examples": r}
 
 

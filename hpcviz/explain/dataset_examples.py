@@ -30,8 +30,8 @@ from .activations import block_modules
 from .forward import ForwardPlan
 
 __all__ = ["TopK", "merge_topk", "merge_class_means", "selectivity", "reduce_summaries",
-           "receptive_field", "block_channels", "split_channels", "field_box", "crop", "shrink", "project",
-           "projection_footprint",
+           "receptive_field", "block_channels", "split_channels", "forward_hooked", "field_box", "crop", "shrink",
+           "project", "projection_footprint",
            "TOPK_FIELDS"]
 
 TOPK_FIELDS = ("value", "index", "y", "x")  # topk/<block>/<field>, each (C, k)
@@ -193,15 +193,17 @@ def block_channels(model: nn.Module) -> dict[str, int]:
     return {b: int(cast(nn.Conv2d, c[-1]).out_channels) for b, c in zip(plan.blocks, convs)}
 
 
-def split_channels(channels: Mapping[str, int], parts: int) -> list[tuple[str, int, int]]:
-    """(block, first channel, end) ranges for about `parts` projection tasks of similar cost: a channel of
-    the i-th block costs about i + 1 (its projection runs through every block before it; measured: 0.13 s
-    per channel at conv1 to 1.5 s at layer4.1 of ResNet-18); every block gets at least one range."""
-    cost = {b: c * (i + 1) for i, (b, c) in enumerate(channels.items())}
-    total = sum(cost.values())
+def split_channels(channels: Mapping[str, int], parts: int,
+                   cost: Mapping[str, float] | None = None) -> list[tuple[str, int, int]]:
+    """(block, first channel, end) ranges for about `parts` projection tasks of similar cost: `cost` is a
+    channel's at each block (default: i + 1 at the i-th block, whose projection runs through every block
+    before it); every block gets at least one range."""
+    per = cost if cost is not None else {b: float(i + 1) for i, b in enumerate(channels)}
+    weight = {b: c * per[b] for b, c in channels.items()}
+    total = sum(weight.values())
     out = []
     for b, c in channels.items():
-        n = max(1, min(c, round(parts * cost[b] / total)))
+        n = max(1, min(c, round(parts * weight[b] / total)))
         edges = np.linspace(0, c, n + 1).round().astype(int)
         out += [(b, int(lo), int(hi)) for lo, hi in zip(edges, edges[1:])]
     return out
@@ -309,14 +311,20 @@ def projection_footprint(model: nn.Module, block: str, hw: tuple[int, int]) -> t
         return hook
     hooks = [m.register_forward_hook(leaf) for m in model.modules() if not any(m.children())]
     hooks += [mods[n].register_forward_hook(at_block(n)) for n in names[:names.index(block) + 1]]
+    forward_hooked(model, hw, hooks)
+    fixed = 4 * (seen["weights"] + 2 * seen["widest"])
+    return fixed, 4 * seen["acts"] + 8 * seen["pool"] + 4 * _TRANSIENT * seen["largest"]
+
+
+def forward_hooked(model: nn.Module, hw: tuple[int, int], hooks: Sequence[Any]) -> None:
+    """One forward of a (1, 3, H, W) batch on the model's device (meta: shapes only) for the forward `hooks`
+    registered on it, which are removed after, whatever happens."""
     try:
         p = next(model.parameters())
         model(torch.empty(1, 3, *hw, device=p.device, dtype=p.dtype))
     finally:
         for h in hooks:
             h.remove()
-    fixed = 4 * (seen["weights"] + 2 * seen["widest"])
-    return fixed, 4 * seen["acts"] + 8 * seen["pool"] + 4 * _TRANSIENT * seen["largest"]
 
 
 @torch.no_grad()

@@ -53,7 +53,8 @@ from ..errors import InputError
 from .forward import Block, ForwardPlan, Op, PlanError, apply, bn_op, bn_scale, conv_op, relu_op
 
 __all__ = ["PATHS", "SEEDS", "DeconvError", "Deconvnet", "conv_transpose", "bn_scale", "bn_transpose", "unpool",
-           "max_pool", "soft_max_pool", "overlap", "seed_signal", "parse_paths", "apply", "conv_op", "bn_op", "relu_op"]
+           "max_pool", "soft_max_pool", "overlap", "seed_signal", "parse_paths", "apply", "conv_op", "bn_op", "relu_op",
+           "transpose_ops"]
 
 SEEDS = ("all", "channel", "topk")
 _PATH_HINT = "hint: e.g. 'both', or per block 'layer4.1=shortcut,layer4.0=residual' (blocks not named: both)"
@@ -267,7 +268,9 @@ class _Tape:
         return out
 
 
-def _back(ops: list[Op], g: torch.Tensor, tape: _Tape) -> torch.Tensor:
+def transpose_ops(ops: list[Op], g: torch.Tensor, tape: _Tape, conv_t: Any = conv_transpose) -> torch.Tensor:
+    """The ops' transposes on g, last op first; `conv_t(g, conv, input_shape, weight)` transposes a convolution
+    (hpcviz.explain.window passes one that follows a window)."""
     skip = False
     for i in range(len(ops) - 1, -1, -1):
         op = ops[i]
@@ -275,10 +278,10 @@ def _back(ops: list[Op], g: torch.Tensor, tape: _Tape) -> torch.Tensor:
             skip = False
         elif op.kind == "bn" and i > 0 and ops[i - 1].key in tape.folded:
             conv = cast(nn.Conv2d, ops[i - 1].module)
-            g = conv_transpose(g, conv, tape.shapes[ops[i - 1].key], tape.folded[ops[i - 1].key])
+            g = conv_t(g, conv, tape.shapes[ops[i - 1].key], tape.folded[ops[i - 1].key])
             skip = True
         elif op.kind == "conv":
-            g = conv_transpose(g, cast(nn.Conv2d, op.module), tape.shapes[op.key])
+            g = conv_t(g, cast(nn.Conv2d, op.module), tape.shapes[op.key])
         elif op.kind == "bn":
             g = bn_transpose(g, tape.scales[op.key])
         else:
@@ -353,6 +356,10 @@ class Deconvnet:
             tape.pool_input_shape = (n, *tape.pool_input_shape[1:])
 
     # --- backward -----------------------------------------------------------------------------
+    def tape(self, block: str) -> _Tape:
+        """The last forward's tape (shapes, bn slopes, switches, activations), checked to reach `block`."""
+        return self._need_tape(block)
+
     def _need_tape(self, block: str) -> _Tape:
         i = self._check_block(block)
         tape = self._tape
@@ -364,11 +371,11 @@ class Deconvnet:
     def _block_back(self, blk: Block, g: torch.Tensor, path: str, tape: _Tape) -> torch.Tensor:
         g = F.relu(g)  # the block's final ReLU
         if path == "shortcut":
-            return _back(blk.shortcut, g, tape)
-        r = _back(blk.residual, g, tape)
+            return transpose_ops(blk.shortcut, g, tape)
+        r = transpose_ops(blk.residual, g, tape)
         if path == "residual":
             return r
-        return r + _back(blk.shortcut, g, tape)
+        return r + transpose_ops(blk.shortcut, g, tape)
 
     @torch.no_grad()
     def backward_block(self, block: str, signal: torch.Tensor, path: str = "both") -> torch.Tensor:
@@ -393,7 +400,7 @@ class Deconvnet:
         if block != "conv1" and tape.pool_indices is not None:
             g = unpool(g, tape.pool_indices, tape.pool_input_shape,
                        overlap(self.plan.pool) if self.exact and self.plan.pool is not None else None)
-        return _back(self.plan.stem, g, tape).contiguous()  # the stem's ReLU, bn1, conv1
+        return transpose_ops(self.plan.stem, g, tape).contiguous()  # the stem's ReLU, bn1, conv1
 
     @torch.no_grad()
     def reconstruct(self, block: str, path: str | Mapping[str, str] = "both", seed: str = "all",

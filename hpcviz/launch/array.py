@@ -9,10 +9,8 @@ tasks submitted; each task receives the run directory and its shard number (hpcv
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import submitit
@@ -26,7 +24,7 @@ from ..viz.plan import VizError, make_plan, shard_problems
 from ..viz.projection import plan_parts, project_part, stale_parts
 from ..viz.state import describe_problems, run_state
 from ..viz.task import run_shard
-from .executors import GPU_SLOTS_VAR, LaunchError, OnGpuSlot, make_executor, stage_launch, submit_array, wait_result
+from .executors import GPU_SLOTS_VAR, LaunchError, Worker, make_executor, stage_launch, submit_array, wait_result
 
 log = logging.getLogger("hpcviz")
 
@@ -106,12 +104,7 @@ def submit_projections(run: RunDir, ex: submitit.Executor, parts: list[int], lau
                        lock: RunLock | None) -> tuple[list[str], list[submitit.Job]]:
     """The projection array (hpcviz.viz.projection.project_part): one task per part; the manifest and the lock
     learn its ids."""
-    with _local_share(run, project_part, len(parts), launch) as task:
-        jobs = submit_array(ex, task, str(run.path), parts, launch.cluster, launch.throttle)
-    ids = sorted({str(j.job_id).split("_")[0] for j in jobs}, key=lambda i: int(i) if i.isdigit() else 0)
-    if lock is not None:
-        lock.add_jobs([str(j.job_id) for j in jobs] if launch.cluster == "local" else ids, launch.cluster,
-                      array=launch.cluster == "slurm")
+    ids, jobs = _submit(run, ex, project_part, parts, launch, lock)
     run.update("viz", lambda rec: {"projection_ids": [*rec.projection_ids, *ids]})
     log.info("projections: %d part(s) submitted (%s)", len(parts), ", ".join(ids))
     return ids, jobs
@@ -121,12 +114,7 @@ def submit_featviz(run: RunDir, ex: submitit.Executor, parts: list[int], launch:
                    lock: RunLock | None) -> tuple[list[str], list[submitit.Job]]:
     """The feature visualization array (hpcviz.viz.featviz_parts.featviz_part): one task per part; the manifest
     and the lock learn its ids."""
-    with _local_share(run, featviz_part, len(parts), launch) as task:
-        jobs = submit_array(ex, task, str(run.path), parts, launch.cluster, launch.throttle)
-    ids = sorted({str(j.job_id).split("_")[0] for j in jobs}, key=lambda i: int(i) if i.isdigit() else 0)
-    if lock is not None:
-        lock.add_jobs([str(j.job_id) for j in jobs] if launch.cluster == "local" else ids, launch.cluster,
-                      array=launch.cluster == "slurm")
+    ids, jobs = _submit(run, ex, featviz_part, parts, launch, lock)
     run.update("viz", lambda rec: {"featviz_ids": [*rec.featviz_ids, *ids]})
     log.info("feature visualization: %d part(s) submitted (%s)", len(parts), ", ".join(ids))
     return ids, jobs
@@ -147,50 +135,62 @@ def featviz_array(run: RunDir, plan: Any, launch: LaunchConfig, lock: RunLock | 
 
 def submit_shards(run: RunDir, ex: submitit.Executor, fn: Any, shards: list[int], launch: LaunchConfig,
                   lock: RunLock | None) -> tuple[list[str], list[submitit.Job]]:
-    """Submit one task per shard; the manifest and the run's lock learn the task ids."""
+    """The shards' tasks (`_submit`: an array on SLURM, a pool of workers locally); the manifest learns which task
+    has which shard, and the run's lock the jobs."""
     try:
-        with _local_share(run, fn, len(shards), launch) as task:
-            jobs = submit_array(ex, task, str(run.path), shards, launch.cluster, launch.throttle)
+        ids, jobs = _submit(run, ex, fn, shards, launch, lock)
     except Exception as e:  # sbatch's refusal, in one of several submitit types
         run.update("viz", status="failed", error=f"submission refused: {str(e).strip().splitlines()[-1:]}")
         raise LaunchError(f"submission of the visualization array refused: "
                           f"{(str(e).strip().splitlines() or [type(e).__name__])[-1]}; hint: check --gpus/"
                           "--partition/--time against `sinfo` and the profile") from None
-    ids = sorted({str(j.job_id).split("_")[0] for j in jobs}, key=lambda i: int(i) if i.isdigit() else 0)
-    if lock is not None:
-        lock.add_jobs([str(j.job_id) for j in jobs] if launch.cluster == "local" else ids, launch.cluster,
-                      array=launch.cluster == "slurm")
-    tasks = {str(j.job_id): s for j, s in zip(jobs, shards)}
+    tasks = {str(j.job_id): s for j, s in zip(jobs, shards)} if launch.cluster != "local" else \
+        {f"{j.job_id}:{s}": s for j, group in zip(jobs, _groups(shards, len(jobs))) for s in group}
     run.update("viz", lambda rec: {"status": "submitted", "cluster": launch.cluster, "job_ids": [*rec.job_ids, *ids],
                                    "tasks": {**rec.tasks, **tasks}})
     return ids, jobs
 
 
-@contextlib.contextmanager
-def _local_share(run: RunDir, fn: Any, n: int, launch: LaunchConfig) -> Iterator[Any]:
-    """Local tasks all start at once. With GPUs, each first takes one of its own (OnGpuSlot: round
-    robin over the GPUs this process sees, one task on each, the rest queued); the cores are shared among the
-    tasks that run at once (dist.share_cores reads it; with every task on every core they run ~5x slower on
-    2 cores, measured). Yields the function to submit. SLURM: `fn`, nothing changed."""
+def _submit(run: RunDir, ex: submitit.Executor, fn: Any, items: list[int], launch: LaunchConfig,
+            lock: RunLock | None) -> tuple[list[str], list[submitit.Job]]:
+    """Submit `fn(run_dir, item)` for every item; the lock learns the jobs. Returns (array ids, jobs).
+
+    SLURM: an array, one task per item. Local: a pool of as many workers as the machine runs at once (one per
+    GPU this process sees, else one per core), each a process that takes its items in turn (Worker: one start-up
+    for all, where a process per item imported torch again and all of them ran, and held memory, at once); the
+    cores are shared among the workers (dist.share_cores reads it). Items i, i + w, i + 2w, ... go to worker i:
+    the items of an array cost about the same. The jobs are in `_groups(items, len(jobs))` order."""
     if launch.cluster != "local":
-        yield fn
-        return
+        jobs = submit_array(ex, fn, str(run.path), items, launch.cluster, launch.throttle)
+        ids = sorted({str(j.job_id).split("_")[0] for j in jobs}, key=lambda i: int(i) if i.isdigit() else 0)
+        if lock is not None:
+            lock.add_jobs(ids, launch.cluster, array=launch.cluster == "slurm")
+        return ids, jobs
     slots = dist.local_gpus() if launch.gpus else []
-    concurrent = min(n, len(slots)) if slots else n
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    groups = _groups(items, len(slots) or cores)
     env = {GPU_SLOTS_VAR: ",".join(slots)} if slots else {}
-    if concurrent > 1:
-        env[dist.THREADS_VAR] = str(max(1, cores // concurrent))
+    env[dist.THREADS_VAR] = str(max(1, cores // max(1, len(groups))))
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the local executor copies our environment
     try:
-        yield OnGpuSlot(fn, str(run.logs)) if slots else fn
+        jobs = ex.map_array(Worker(fn, str(run.logs)), [str(run.path)] * len(groups), groups)
     finally:
         for k, v in before.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    ids = [str(j.job_id) for j in jobs]
+    if lock is not None:
+        lock.add_jobs(ids, "local")
+    return ids, jobs
+
+
+def _groups(items: list[int], workers: int) -> list[list[int]]:
+    """The items of each of at most `workers` local workers (round robin)."""
+    n = min(len(items), max(1, workers))
+    return [items[j::n] for j in range(n)]
 
 
 def here(launch: LaunchConfig) -> bool:
@@ -213,14 +213,20 @@ def run_here(fn: Any, run: RunDir, items: list[int], what: str) -> list[str]:
     return failed
 
 
-def wait_all(jobs: list[submitit.Job], shards: list[int], launch: LaunchConfig, what: str = "shard") -> list[str]:
-    """One line per task that failed: 'shard K: why' (the task's own error, first line)."""
+def wait_all(jobs: list[submitit.Job], items: list[int], launch: LaunchConfig, what: str = "shard") -> list[str]:
+    """One line per item that failed: 'shard K: why' (the task's own error, first line). SLURM: a job per item;
+    local: a pool worker per `_groups(items, len(jobs))`, which says which of its items failed (a worker that
+    died fails the items it had)."""
+    groups = [[i] for i in items] if launch.cluster != "local" else _groups(items, len(jobs))
     failed = []
-    for job, shard in zip(jobs, shards):
+    for job, group in zip(jobs, groups):
         try:
-            wait_result(job, launch)
-        except Exception as e:  # LaunchError, JobRefused: either way the shard's cause, in one line
-            failed.append(f"{what} {shard}: {str(e).splitlines()[0]}")
+            result = wait_result(job, launch)
+        except Exception as e:  # LaunchError, JobRefused: either way the items' cause, in one line
+            failed += [f"{what} {i}: {str(e).splitlines()[0]}" for i in group]
+            continue
+        if isinstance(result, dict):  # a Worker's failed items
+            failed += [f"{what} {i}: {why}" for i, why in sorted(result.items())]
     return failed
 
 

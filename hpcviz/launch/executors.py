@@ -348,15 +348,24 @@ def gpu_slot(folder: str, task: int) -> Iterator[str | None]:
 
 
 @dataclass(frozen=True)
-class OnGpuSlot:
-    """A local array task that first takes a GPU of its own (gpu_slot: the launcher's GPUs round robin,
-    one task on each at a time, the rest queued), and holds it while it runs."""
+class Worker:
+    """A local pool worker: one process that runs its items in turn (one interpreter, torch import and start-up
+    for all of them), first taking a GPU of its own when the launcher gave slots (gpu_slot: round robin, one
+    worker on each), held throughout. An item's failure is logged and recorded; the next items still run.
+    Returns {item: the first line of its error} for the items that failed."""
     fn: Callable[[str, int], Any]
     folder: str  # where the slots' lock files are (the run's logs/)
 
-    def __call__(self, run_dir: str, item: int) -> Any:
-        with gpu_slot(self.folder, item):
-            return self.fn(run_dir, item)
+    def __call__(self, run_dir: str, items: list[int]) -> dict[int, str]:
+        failed: dict[int, str] = {}
+        with gpu_slot(self.folder, items[0] if items else 0):
+            for item in items:
+                try:
+                    self.fn(run_dir, item)
+                except Exception as e:  # noqa: BLE001 (the item's own error, whatever it is, is its line)
+                    log.exception("item %d failed", item)
+                    failed[item] = (str(e).splitlines() or [type(e).__name__])[0]
+        return failed
 
 
 def submit_array(ex: submitit.Executor, fn: Any, run_dir: str, items: list[int], cluster: str,

@@ -148,7 +148,7 @@ def submit_pipeline(train_cfg: TrainConfig, viz_cfg: VizConfig, agg_cfg: Aggrega
     try:
         stem = train_cfg.resolved_stem()
         blocks, _, _, featviz = resolve_request(build_model(train_cfg.arch, 10, stem), viz_cfg)
-        parts = len(projection_parts(train_cfg.arch, stem, blocks, n_tasks, viz_cfg.topk))
+        parts = len(projection_parts(train_cfg.arch, stem, blocks, n_tasks, viz_cfg.topk, train_cfg.image_size))
         fparts = len(featviz_parts(train_cfg.arch, stem, featviz, n_tasks))
         fids = submit_featviz(run, stage_executor(launch, run, "featviz", f"afterok:{train_job.job_id}"),
                               list(range(fparts)), launch, lock)[0] if fparts else []

@@ -83,7 +83,7 @@ def plan_featviz_parts(run: RunDir, plan: Plan) -> list[Part]:
     """The plan's featviz parts, for the model it was made for."""
     if not plan.featviz_blocks:
         return []
-    return featviz_parts(*plan_arch(run, plan), plan.featviz_blocks, len(plan.shards))
+    return featviz_parts(*plan_arch(run, plan)[:2], plan.featviz_blocks, len(plan.shards))
 
 
 def featviz_config(plan: Plan) -> FeatvizConfig:

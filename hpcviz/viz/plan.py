@@ -130,13 +130,13 @@ def resolve_invert_blocks(model: torch.nn.Module, spec: list[str]) -> list[str]:
     return resolve_blocks(model, None if spec == ["all"] else spec, "--invert-blocks") if spec else []
 
 
-def plan_arch(run: RunDir, plan: Plan) -> tuple[str, str]:
-    """(arch, stem) of the model the plan was made for: from viz.h5's root attrs once this plan is collated (no
-    checkpoint to read), else from the checkpoint. Sizes the parts of the per-channel arrays."""
+def plan_arch(run: RunDir, plan: Plan) -> tuple[str, str, int]:
+    """(arch, stem, image size) of the model the plan was made for: from viz.h5's root attrs once this plan is
+    collated (no checkpoint to read), else from the checkpoint. Sizes the parts of the per-channel arrays."""
     attrs = store.read_attrs(run.viz_file) if run.viz_file.is_file() else {}
-    if attrs.get("plan_checkpoint_sha256") != plan.checkpoint_sha256:
+    if attrs.get("plan_checkpoint_sha256") != plan.checkpoint_sha256 or "image_size" not in attrs:
         attrs = checkpoint.load_checkpoint(run.path / plan.checkpoint)["config"]
-    return attrs["arch"], attrs.get("stem", "")
+    return attrs["arch"], attrs.get("stem", ""), int(attrs.get("image_size", 32))
 
 
 def shard_problem(run: RunDir, k: int, plan: Plan) -> str | None:

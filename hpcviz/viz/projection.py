@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -38,6 +39,7 @@ from ..explain.dataset_examples import (
     split_channels,
 )
 from ..explain.deconv import Deconvnet
+from ..explain.window import project_field, projection_macs
 from ..log import setup_logging
 from ..models import build_model, from_checkpoint
 from ..rundir import Plan, RunDir, now
@@ -52,19 +54,32 @@ Part = tuple[str, int, int]  # (block, first channel, end)
 _LISTS = ("index", "y", "x")
 
 
-def projection_parts(arch: str, stem: str, blocks: list[str], tasks: int, topk: int) -> list[Part]:
-    """The projection tasks of a request: (block, channels) ranges of similar cost, about one per array task
-    of the first array; known from the architecture alone, so a pipeline sizes the array before training."""
+_PART_MACS = 2e12  # a projection part's work, about: ~50 s on 2 CPU cores (~40 GMAC/s measured), ~2 s on one H200
+_ROW_MACS = 4e7    # a row's fixed costs (seeding, cropping, the patch), as multiply-adds: ~1 ms on 2 cores
+
+
+def projection_parts(arch: str, stem: str, blocks: list[str], tasks: int, topk: int,
+                     image_size: int = 32) -> list[Part]:
+    """The projection tasks of a request: (block, channels) ranges of similar cost (window.projection_macs per
+    row), as many as the work is worth at `_PART_MACS` each, at most one per array task of the first array and
+    at least one per block; known from the architecture alone, so a pipeline sizes the array before training.
+    ResNet-18 at 32 px, k = 9: 10 parts, not one per task (100 for 10,000 images on CPUs)."""
     if not topk:
         return []
-    channels = block_channels(build_model(arch, 10, stem))
-    return split_channels({b: channels[b] for b in blocks}, tasks)
+    with torch.device("meta"):
+        model = build_model(arch, 10, stem).eval()
+    channels = block_channels(model)
+    macs = projection_macs(model, (image_size, image_size))
+    cost = {b: topk * (macs[b] + _ROW_MACS) for b in blocks}  # a channel's k projections
+    work = sum(channels[b] * cost[b] for b in blocks)
+    return split_channels({b: channels[b] for b in blocks}, max(1, min(tasks, math.ceil(work / _PART_MACS))), cost)
 
 
 def plan_parts(run: RunDir, plan: Plan) -> list[Part]:
     """The plan's parts, for the model it was made for: its architecture from viz.h5's root attrs once this
     plan is collated (no checkpoint to read), else from the checkpoint."""
-    return projection_parts(*plan_arch(run, plan), plan.blocks, len(plan.shards), plan.topk)
+    arch, stem, size = plan_arch(run, plan)
+    return projection_parts(arch, stem, plan.blocks, len(plan.shards), plan.topk, size)
 
 
 def stale_parts(run: RunDir, plan: Plan) -> list[int]:
@@ -164,7 +179,8 @@ def project_part(run_dir: str, part: int) -> str:
     plan = run.read_plan()
     state = _checkpoint(run, plan)
     tcfg = state["config"]
-    parts = projection_parts(tcfg["arch"], tcfg.get("stem", ""), plan.blocks, len(plan.shards), plan.topk)
+    parts = projection_parts(tcfg["arch"], tcfg.get("stem", ""), plan.blocks, len(plan.shards), plan.topk,
+                             int(tcfg.get("image_size", 32)))
     if part >= len(parts):
         log.info("projection part %d: the plan has %d parts, nothing to do", part, len(parts))
         return ""
@@ -213,9 +229,12 @@ def projection_batch(state: dict[str, Any], block: str, device: torch.device, fr
 
 
 def project_range(run: RunDir, plan: Plan, state: dict[str, Any], i: int, part: Part,
-                  lists: Mapping[str, np.ndarray], images: Callable[[np.ndarray], np.ndarray], device: str) -> Path:
+                  lists: Mapping[str, np.ndarray], images: Callable[[np.ndarray], np.ndarray], device: str,
+                  window: bool = True) -> Path:
     """Part i: each channel's top images projected by the deconvnet from that channel's strongest activation
-    alone, beside the input patch under its receptive field (see hpcviz.examples); written atomically."""
+    alone, beside the input patch under its receptive field (see hpcviz.examples); written atomically.
+    window=False: the whole image projected, then cropped (the way before explain.window; benchmark.py
+    examples compares them)."""
     t0 = time.perf_counter()
     block, lo, hi = part
     dev = dist.pick_device(device)
@@ -235,11 +254,15 @@ def project_range(run: RunDir, plan: Plan, state: dict[str, Any], i: int, part: 
         x = normalize(pixels.to(dev), state["mean"], state["std"])
         rows_t = torch.from_numpy(rows.reshape(-1)).long()
         ch = lo + torch.arange(start, start + len(rows_t)) // k
-        rec, value = project(deconvnet, x, block, ch, torch.from_numpy(ys.reshape(-1)[sel]).long(),
-                             torch.from_numpy(xs.reshape(-1)[sel]).long(), rows_t)
+        yy, xx = torch.from_numpy(ys.reshape(-1)[sel]).long(), torch.from_numpy(xs.reshape(-1)[sel]).long()
+        if window:
+            tiles, value = project_field(deconvnet, x, block, ch, yy, xx, rows_t)
+        else:
+            rec, value = project(deconvnet, x, block, ch, yy, xx, rows_t)
+            tiles = crop(rec.cpu(), boxes[sel], 0.0)
         size = plan.config.example_size
         patches.append(shrink(crop(pixels[rows_t], boxes[sel], fill), size))
-        projections.append(shrink(crop(rec.cpu(), boxes[sel], 0.0), size))
+        projections.append(shrink(tiles.cpu(), size))
         seeds.append(value.cpu())
     patch = torch.cat(patches).numpy().reshape(c, k, *patches[0].shape[1:])  # (c, k, 3, P, Q)
     deconv = torch.cat(projections).numpy().reshape(c, k, *projections[0].shape[1:])

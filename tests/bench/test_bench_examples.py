@@ -17,3 +17,4 @@ def test_examples_benchmark_reports_the_map_merge_exactness_and_projections(tmp_
     p = r["projection"]
     assert set(p["seconds_per_channel"]) == set(p["channels"]) and p["channels"]["layer3.2"] == 64
     assert p["all_channels_s"] == sum(p["seconds_per_channel"][b] * c for b, c in p["channels"].items())
+    assert set(p["full_seconds_per_channel"]) == set(p["channels"]) and p["full_all_channels_s"] > 0

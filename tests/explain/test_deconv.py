@@ -12,7 +12,6 @@ from hpcviz.explain.deconv import (
     PATHS,
     DeconvError,
     Deconvnet,
-    _back,
     _Tape,
     apply,
     bn_op,
@@ -22,6 +21,7 @@ from hpcviz.explain.deconv import (
     conv_transpose,
     parse_paths,
     seed_signal,
+    transpose_ops,
     unpool,
 )
 from hpcviz.models import block_names, build_model
@@ -146,7 +146,7 @@ def test_linear_chain_is_the_adjoint_of_its_forward():
     with torch.no_grad():
         fx = apply(ops, x, tape) - apply(ops, torch.zeros_like(x), tape)  # the linear part
         y = torch.randn_like(fx)
-        back = _back(ops, y, tape)
+        back = transpose_ops(ops, y, tape)
     assert back.shape == x.shape
     torch.testing.assert_close((back * x).sum(), (y * fx).sum(), rtol=1e-10, atol=0)
 

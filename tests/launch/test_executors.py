@@ -200,9 +200,24 @@ def test_without_gpu_slots_a_task_is_left_alone(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
-def test_local_arrays_share_every_visible_gpu(tmp_path, monkeypatch):
-    """The launcher gives local array tasks every GPU it sees (an allocation's own, by name) as slots, and the
-    cores among the tasks that run at once; CPU arrays and SLURM arrays are unchanged."""
+class _Recorder:
+    """An executor that records what map_array got, and the environment the local jobs would copy."""
+
+    def __init__(self):
+        self.calls = []
+
+    def map_array(self, fn, runs, items):
+        self.calls.append((fn, list(runs), [list(i) if isinstance(i, list) else i for i in items],
+                           {k: os.environ.get(k) for k in (launch_mod.GPU_SLOTS_VAR, dist.THREADS_VAR)}))
+        return [type("Job", (), {"job_id": str(100 + j)})() for j in range(len(items))]
+
+    def update_parameters(self, **kw):
+        pass
+
+
+def test_local_arrays_run_as_a_pool_of_one_worker_per_gpu_or_core(tmp_path, monkeypatch):
+    """Local items go to as many workers as there are GPUs (each takes one: gpu_slot's round robin) or, on
+    CPUs, cores, items round robin, the cores shared among the workers; SLURM arrays keep a task per item."""
     from hpcviz.config import LaunchConfig
     from hpcviz.launch import array
     from hpcviz.rundir import RunDir
@@ -211,13 +226,46 @@ def test_local_arrays_share_every_visible_gpu(tmp_path, monkeypatch):
         return item
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.delenv(launch_mod.GPU_SLOTS_VAR, raising=False)
+    monkeypatch.delenv(dist.THREADS_VAR, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     run = RunDir(tmp_path / "run")
-    with array._local_share(run, task, 6, LaunchConfig(cluster="local", gpus=1)) as fn:
-        assert isinstance(fn, launch_mod.OnGpuSlot) and fn.fn is task and fn.folder == str(run.logs)
-        assert os.environ[launch_mod.GPU_SLOTS_VAR] == "3,5" and os.environ[dist.THREADS_VAR] == "4"  # 2 at once
-    assert launch_mod.GPU_SLOTS_VAR not in os.environ
-    with array._local_share(run, task, 6, LaunchConfig(cluster="local", gpus=0)) as fn:
-        assert fn is task and launch_mod.GPU_SLOTS_VAR not in os.environ and os.environ[dist.THREADS_VAR] == "1"
-    with array._local_share(run, task, 6, LaunchConfig(cluster="slurm", gpus=1)) as fn:
-        assert fn is task and launch_mod.GPU_SLOTS_VAR not in os.environ
+    ex = _Recorder()
+    ids, jobs = array._submit(run, ex, task, [0, 1, 2, 3, 4, 5], LaunchConfig(cluster="local", gpus=1), None)
+    fn, runs, items, env = ex.calls[-1]
+    assert isinstance(fn, launch_mod.Worker) and fn.fn is task and fn.folder == str(run.logs)
+    assert items == [[0, 2, 4], [1, 3, 5]] and runs == [str(run.path)] * 2 and ids == ["100", "101"]
+    assert env == {launch_mod.GPU_SLOTS_VAR: "3,5", dist.THREADS_VAR: "4"}  # 2 workers on 8 cores
+    assert launch_mod.GPU_SLOTS_VAR not in os.environ and dist.THREADS_VAR not in os.environ
+    array._submit(run, ex, task, list(range(20)), LaunchConfig(cluster="local", gpus=0), None)
+    _, _, items, env = ex.calls[-1]
+    assert len(items) == 8 and sorted(sum(items, [])) == list(range(20)) and items[0] == [0, 8, 16]
+    assert env == {launch_mod.GPU_SLOTS_VAR: None, dist.THREADS_VAR: "1"}  # 8 workers, a core each
+    array._submit(run, ex, task, [4, 7], LaunchConfig(cluster="local", gpus=0), None)
+    assert ex.calls[-1][2] == [[4], [7]] and ex.calls[-1][3][dist.THREADS_VAR] == "4"  # never an idle worker
+
+
+def test_a_worker_runs_its_items_in_turn_and_names_the_ones_that_failed(tmp_path, monkeypatch):
+    monkeypatch.delenv(launch_mod.GPU_SLOTS_VAR, raising=False)
+    seen = []
+
+    def task(run_dir, item):
+        seen.append((run_dir, item))
+        if item == 3:
+            raise ValueError("shard 3 is broken\nmore")
+    assert launch_mod.Worker(task, str(tmp_path))("run", [1, 3, 5]) == {3: "shard 3 is broken"}
+    assert seen == [("run", 1), ("run", 3), ("run", 5)]  # the one after the failure ran too
+
+
+def test_waiting_for_a_pool_names_each_failed_item(monkeypatch):
+    from hpcviz.config import LaunchConfig
+    from hpcviz.launch import array
+    results = {"a": {2: "bad input"}, "b": RuntimeError("worker killed\n...")}
+
+    def fake_wait(job, launch):
+        r = results[job]
+        if isinstance(r, Exception):
+            raise r
+        return r
+    monkeypatch.setattr(array, "wait_result", fake_wait)
+    lines = array.wait_all(["a", "b"], [0, 1, 2, 3], LaunchConfig(cluster="local"), what="shard")
+    assert lines == ["shard 2: bad input", "shard 1: worker killed", "shard 3: worker killed"]

@@ -57,3 +57,26 @@ def test_rows_sized_from_free_memory():
     n = projection_batch(big, "layer4.2", gpu, free_bytes=141 * 10 ** 9)
     assert n & (n - 1) == 0 and fixed + n * per_row <= 0.5 * 141e9  # a power of two that fits
     assert n == 1024 or fixed + 2 * n * per_row > 0.5 * 141e9       # the largest, or the cap
+
+
+@pytest.mark.parametrize("arch,stem,size,tasks", [("resnet18", "cifar", 32, 100), ("resnet50", "imagenet", 224, 500),
+                                                  ("resnet20", "cifar", 32, 3)])
+def test_the_projection_parts_are_as_many_as_the_work_is_worth(arch, stem, size, tasks):
+    """At most one per task of the first array, at least one per block, else the work in parts of _PART_MACS;
+    every channel of every block exactly once."""
+    from hpcviz.explain.dataset_examples import block_channels
+    from hpcviz.models import block_names
+    from hpcviz.viz import projection
+    blocks = block_names(build_model(arch, 10, stem))
+    parts = projection.projection_parts(arch, stem, blocks, tasks, 9, size)
+    channels = block_channels(build_model(arch, 10, stem))
+    for b in blocks:
+        ranges = sorted((lo, hi) for blk, lo, hi in parts if blk == b)
+        assert ranges[0][0] == 0 and ranges[-1][1] == channels[b] and all(
+            r[1] == s[0] for r, s in zip(ranges, ranges[1:]))
+    assert len(blocks) <= len(parts) <= max(tasks, len(blocks))
+    if (arch, size) == ("resnet18", 32):
+        assert len(parts) == len(blocks)  # 100 tasks, but the work of a few parts (it was one part per task)
+    if arch == "resnet50":
+        assert len(blocks) < len(parts) < tasks
+    assert projection.projection_parts(arch, stem, blocks, tasks, 0, size) == []
