@@ -39,8 +39,8 @@ def test_model_within_a_quarter_of_the_peak_imagenet_stem(arch, size, rows, bloc
 
 
 def test_rows_sized_from_free_memory():
-    """The largest power of two of rows that fits half the free memory, at most 1024 on a GPU and 256 on a CPU,
-    at least 1; a faked 141 GB GPU takes ResNet-50 at 224 px in batches that fit."""
+    """The largest power of two of rows that fits half the free memory, at most 1024 on a GPU and 256 (and a GiB)
+    on a CPU, at least 1; a faked 141 GB GPU takes ResNet-50 at 224 px in batches that fit."""
     state = {"config": {"arch": "resnet20", "stem": "cifar", "image_size": 32}, "classes": list(range(10))}
     with torch.device("meta"):
         meta = build_model("resnet20", 10, "cifar").eval()
@@ -57,6 +57,12 @@ def test_rows_sized_from_free_memory():
     n = projection_batch(big, "layer4.2", gpu, free_bytes=141 * 10 ** 9)
     assert n & (n - 1) == 0 and fixed + n * per_row <= 0.5 * 141e9  # a power of two that fits
     assert n == 1024 or fixed + 2 * n * per_row > 0.5 * 141e9       # the largest, or the cap
+    # a CPU call holds at most a GiB of rows, where its maps still mostly fit the caches: 32 of ResNet-18's at 224 px
+    r18 = {"config": {"arch": "resnet18", "stem": "imagenet", "image_size": 224}, "classes": list(range(10))}
+    with torch.device("meta"):
+        _, per_row = projection_footprint(build_model("resnet18", 10, "imagenet").eval(), "layer4.1", (224, 224))
+    assert projection_batch(r18, "layer4.1", cpu, free_bytes=10 ** 12) == 32 and 32 * per_row <= 2 ** 30 < 64 * per_row
+    assert projection_batch(r18, "layer4.1", gpu, free_bytes=10 ** 12) == 1024  # a GPU's only bound is its memory
 
 
 @pytest.mark.parametrize("arch,stem,size,tasks", [("resnet18", "cifar", 32, 100), ("resnet50", "imagenet", 224, 500),
