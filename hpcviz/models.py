@@ -15,6 +15,7 @@ each residual block by module name ('layer1.0', ...).
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -102,6 +103,15 @@ def build_model(arch: str, num_classes: int, stem: str = "") -> nn.Module:
         torch_model.conv1, torch_model.maxpool = _make_stem("cifar", 3, 64)
         nn.init.kaiming_normal_(torch_model.conv1.weight, mode="fan_out", nonlinearity="relu")
     return torch_model
+
+
+@functools.lru_cache(maxsize=16)
+def shape_model(arch: str, num_classes: int = 10, stem: str = "") -> nn.Module:
+    """The architecture on the meta device, in eval mode, for shapes and costs (nothing is computed): built
+    once per architecture (its initialisation on meta costs ~0.07 s, asked for by every part and check).
+    Shared: read it, hook it (and remove the hooks), never change it."""
+    with torch.device("meta"):
+        return build_model(arch, num_classes, stem).eval()
 
 
 def from_checkpoint(state: Mapping[str, Any], device: torch.device | str = "cpu") -> nn.Module:

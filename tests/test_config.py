@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from hpcviz.config import ConfigError, TrainConfig, config_from_dict, config_to_dict, make_train_config
+from hpcviz.config import ConfigError, TrainConfig, VizConfig, config_from_dict, config_to_dict, make_train_config
 
 
 def test_recipe_then_flags():
@@ -49,3 +51,15 @@ def test_tasks_are_sized_by_their_work():
     sized = cfg.sized(gpu=True, image_size=64)
     assert sized.per_task == 256 and sized.n_tasks() == 20  # planned again anywhere, the same split
     assert VizConfig(per_task=7).sized(gpu=True, image_size=32).per_task == 7
+
+
+def test_featviz_blocks_auto_is_all_but_none_in_a_local_run_on_cpus():
+    cfg = VizConfig(run_dir="r")
+    assert cfg.featviz_blocks == ["auto"]
+    assert cfg.featviz_here("local").featviz_blocks == ["all"]  # device auto: the job's is not known to be a CPU
+    cpu = dataclasses.replace(cfg, device="cpu")
+    assert cpu.featviz_here("local").featviz_blocks == [] and cpu.featviz_here("debug").featviz_blocks == []
+    assert cpu.featviz_here("slurm").featviz_blocks == ["all"]  # an array spreads it over the nodes
+    assert dataclasses.replace(cfg, device="cuda").featviz_here("local").featviz_blocks == ["all"]
+    for asked in (["all"], [], ["layer1.0"]):  # what the user asked for is kept
+        assert dataclasses.replace(cpu, featviz_blocks=asked).featviz_here("local").featviz_blocks == asked

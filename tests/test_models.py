@@ -74,3 +74,11 @@ def test_unknown_arch_lists_choices():
     assert all(a in str(e.value) for a in ARCHS)
     with pytest.raises(UnknownArchError, match="--stem"):
         build_model("resnet18", 10, "tiny")
+
+
+def test_the_shape_model_is_built_once_on_meta():
+    from hpcviz.models import shape_model
+    m = shape_model("resnet20", 10, "")
+    assert m is shape_model("resnet20", 10, "") and not m.training
+    assert all(p.device.type == "meta" for p in m.parameters())
+    assert shape_model("resnet20", 10, "imagenet") is not m

@@ -8,10 +8,14 @@ to its exit. The baseline runs from a `git worktree` of the revision, its tree f
 launcher and its tasks import its own package. The parts come from
 what the command prints and from submitit's own stamped lines (ms) in the run's logs:
 - start-up: to the start of the shard's task process (the launcher's interpreter, imports, plan, submission);
-- task: the task's process, start to end (its interpreter, imports, checkpoint and the shard); its own clock
-  for the shard ("shard work", where its log says it: an older release's task logs nothing) is reported too;
+  where the shard runs in the launcher (one local worker, today's way), what the other parts leave: the
+  interpreter, imports, plan and exit;
+- task: the task's process, start to end (its interpreter, imports, checkpoint and the shard), or in the
+  launcher the shard's own clock; that clock ("shard work", where its log says it: an older release's task
+  logs nothing) is reported too;
 - projections and feature visualization: their parts' own clocks (in the launcher, after the task);
-- collation and figures: the rest (collation, figures drawn by the launcher, the waits between).
+- collation: its own clock, where the launcher logs it; else "collation and figures", the rest (collation,
+  figures drawn by the launcher, the waits between).
 With the median inversion error per block of each side's shard (equal or lower is the condition of a speed-up).
 """
 from __future__ import annotations
@@ -36,19 +40,28 @@ ROOT = Path(__file__).resolve().parents[2]
 _SHARD = re.compile(r"shard 0(?: done)?: \d+ images in ([\d.]+) s")
 _PARTS = {"projections": re.compile(r"projection part \d+: .* in ([\d.]+) s"),
           "feature visualization": re.compile(r"featviz part \d+: .* in ([\d.]+) s")}
+_COLLATION = re.compile(r"collation: \d+ of \d+ shards in ([\d.]+) s")
 _SUBMITIT = re.compile(r"submitit INFO \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\) - (Starting with|Job completed)")
 
 
-def parse_timeline(lines: list[str], total: float, task: tuple[float, float]) -> dict[str, float]:
+def parse_timeline(lines: list[str], total: float, task: tuple[float, float] | None) -> dict[str, float]:
     """The parts (seconds, summing to `total`) of a command from its printed lines and its task's process (start,
-    end, seconds since the command's start); "shard work" (not in the sum): the task's own clock, when it logs one
-    (an older release's task logs nothing), else its whole process."""
-    start, end = task
+    end, seconds since the command's start; None: the shard ran in the launcher's process, its own clock is the
+    task, and start-up is the rest: interpreter, imports, plan and exit); "shard work" (not in the sum): the
+    task's own clock, when it logs one (an older release's task logs nothing), else its whole process."""
+    work = [float(m.group(1)) for line in lines if (m := _SHARD.search(line))]
+    if task is None and not work:
+        raise RuntimeError("no local task process and no shard's clock in the command's output")
+    start, end = task if task is not None else (0.0, work[-1])
     out = {"start-up": start, "task": end - start}
     for name, pattern in _PARTS.items():
         out[name] = sum(float(m.group(1)) for line in lines if (m := pattern.search(line)))
-    out["collation and figures"] = max(0.0, total - sum(out.values()))
-    work = [float(m.group(1)) for line in lines if (m := _SHARD.search(line))]
+    collation = [float(m.group(1)) for line in lines if (m := _COLLATION.search(line))]
+    if task is None:
+        out["collation"] = sum(collation)
+        out["start-up"] = max(0.0, total - sum(out.values()))
+    else:
+        out["collation and figures"] = max(0.0, total - sum(out.values()))
     return {**out, "shard work": work[-1] if work else end - start}
 
 
@@ -75,7 +88,11 @@ def time_command(argv: list[str], cwd: Path, env: dict[str, str], logs: Path) ->
     lines = r.stdout.splitlines()
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exit {r.returncode}: " + " | ".join(lines[-5:]))
-    return total, parse_timeline(lines, total, task_span(logs, wall0))
+    try:
+        task: tuple[float, float] | None = task_span(logs, wall0)
+    except RuntimeError:  # no task process: the shard ran in the launcher (launch.array, one worker)
+        task = None
+    return total, parse_timeline(lines, total, task)
 
 
 def _tree(rev: str, scratch: Path) -> Path:

@@ -108,6 +108,7 @@ def _launch(args: argparse.Namespace, pl: ModuleType) -> int:
                                            "run_dir": cfg.run_dir})
     staged = stage_launch(launch, "viz")
     viz_cfg.device = staged.job_device(viz_cfg.device)
+    viz_cfg = viz_cfg.featviz_here(launch.cluster)
     viz_cfg = viz_cfg.sized(bool(staged.gpus) and viz_cfg.device != "cpu", cfg.image_size)  # as the plan will be
     agg_cfg = _report_config(args, cfg.run_dir)
     pl.check_pipeline_request(cfg, viz_cfg, agg_cfg, launch)

@@ -39,6 +39,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_dict(VizConfig, given(args, VizConfig)).validate()
     launch = check_launch(config_from_dict(LaunchConfig, given(args, LaunchConfig)), cfg.device)
     cfg.device = stage_launch(launch, "viz").job_device(cfg.device)
+    cfg = cfg.featviz_here(launch.cluster)
     run = RunDir(cfg.run_dir)
     if not run.checkpoints.is_dir():
         raise ConfigError(f"--run {run}: no checkpoints/ in it; hint: train first (jobs/launch_train.py), or check "

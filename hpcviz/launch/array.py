@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import submitit
@@ -21,7 +22,7 @@ from ..rundir import RunDir, RunLock
 from ..viz.collation import collate
 from ..viz.featviz_parts import featviz_part, stale_featviz
 from ..viz.plan import VizError, make_plan, shard_problems
-from ..viz.projection import plan_parts, project_part, stale_parts
+from ..viz.projection import plan_parts, project_part, project_parts, stale_parts
 from ..viz.state import describe_problems, run_state
 from ..viz.task import run_shard
 from .executors import GPU_SLOTS_VAR, LaunchError, Worker, make_executor, stage_launch, submit_array, wait_result
@@ -33,6 +34,8 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
                lock: RunLock | None = None) -> dict[str, Any]:
     """Plan, submit the missing shards (one array, or a few past MaxArraySize), wait unless it is SLURM without
     --wait, collate; then the projections (the report draws every figure) and the feature visualizations.
+    Locally on CPUs or one GPU (`here`): the shards in this process when one worker would take them all, else
+    in a pool; then the projections and feature visualizations in this process; then one collation.
     `launch` is a request check_launch resolved. Returns {"plan", "todo", "ids", "failed": [one line per failed
     task], "collation": collate's summary, or None when submitted and not waited for, "projection_ids",
     "projection_failed", "featviz_ids", "featviz_failed", "incomplete"}."""
@@ -46,7 +49,8 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
                        "hint: pass --fresh to replace them, or repeat the earlier request")
     todo = list(range(len(plan.shards))) if replace else sorted(shard_problems(run, plan))
     launch = staged
-    ex = make_executor(launch, run.logs, f"hpcviz-viz-{run.path.resolve().name}") if todo else None
+    inline = here(launch) and len(_groups(todo, _pool_width(launch))) <= 1  # one worker: this process is it
+    ex = make_executor(launch, run.logs, f"hpcviz-viz-{run.path.resolve().name}") if todo and not inline else None
     # ---- nothing was written before this line: the whole request has been checked
     if replace:
         log.info("--fresh: removed %d shard(s) of the earlier request", run.remove_shards())
@@ -58,6 +62,33 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
                            "featviz_failed": []}
     run.update("viz", status="submitted", cluster=launch.cluster, n_shards=len(plan.shards),
                n_images=plan.n_images, planned=plan.planned, error="", missing_shards=[])
+    if here(launch):  # everything in this process, or its pool: collated once, at the end
+        if inline and todo:
+            pid = str(os.getpid())
+            out["ids"] = [pid]
+            run.update("viz", lambda rec: {"job_ids": [*rec.job_ids, pid],
+                                           "tasks": {**rec.tasks, **{f"{pid}:{k}": k for k in todo}}})
+            out["failed"] = run_here(run_shard, run, todo, "shard")
+        elif todo:
+            assert ex is not None  # made for a pool of several workers
+            out["ids"], jobs = submit_shards(run, ex, run_shard, todo, launch, lock)
+            out["failed"] = wait_all(jobs, todo, launch)
+        if plan.topk and len(shard_problems(run, plan)) < len(plan.shards):  # a shard to take examples from
+            out["projection_failed"] = project_here(run, plan)
+        out["featviz_ids"], out["featviz_failed"] = featviz_array(run, plan, launch, lock, wait=True)
+        out["collation"] = finish(run, plan)
+    elif not _launch_elsewhere(run, plan, launch, ex, todo, lock, out):
+        return out  # submitted: the jobs and the aggregation finish it
+    bad = run_state(run).problems(("viz",))  # shards, viz.h5 and parts, verified ('' when whole)
+    out["incomplete"] = describe_problems(run, bad) if bad else ""
+    return out
+
+
+def _launch_elsewhere(run: RunDir, plan: Any, launch: LaunchConfig, ex: submitit.Executor | None, todo: list[int],
+                      lock: RunLock | None, out: dict[str, Any]) -> bool:
+    """The arrays of SLURM (submitted, or waited for with --wait) or of several local GPUs (a pool each), into
+    `out`; viz.h5 collated after the shards, then again as the projections and feature visualizations land (a
+    SLURM run without --wait leaves both to its jobs and the aggregation). Returns whether it waited for all."""
     if ex is not None:
         out["ids"], jobs = submit_shards(run, ex, run_shard, todo, launch, lock)
         if launch.cluster == "slurm" and not launch.wait:
@@ -66,18 +97,15 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
                 pex = stage_executor(launch, run, "project", "afterany:" + ":".join(out["ids"]))
                 out["projection_ids"], _ = submit_projections(run, pex, list(range(parts)), launch, lock)
             out["featviz_ids"], _ = featviz_array(run, plan, launch, lock, wait=False)  # needs no shard: at once
-            return out
+            return False
         out["failed"] = wait_all(jobs, todo, launch)
     out["collation"] = finish(run, plan)
     if launch.cluster == "slurm" and not launch.wait:  # collating again: the projections are the aggregation's
         out["featviz_ids"], _ = featviz_array(run, plan, launch, lock, wait=False)
-        return out
+        return False
     if plan.topk and out["collation"]["path"] is not None:
         stale = stale_parts(run, plan)
-        if stale and here(launch):  # the projections of every channel's top images, then collate again
-            out["projection_failed"] = run_here(project_part, run, stale, "projection part")
-            out["collation"] = finish(run, plan)
-        elif stale:  # the second array
+        if stale:  # the second array, then collate again
             pex = stage_executor(launch, run, "project", "")
             out["projection_ids"], jobs = submit_projections(run, pex, stale, launch, lock)
             out["projection_failed"] = wait_all(jobs, stale, launch, what="projection part")
@@ -85,9 +113,7 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
     out["featviz_ids"], out["featviz_failed"] = featviz_array(run, plan, launch, lock, wait=True)
     if out["featviz_ids"] and out["collation"]["path"] is not None:  # viz.h5 presents the new parts
         out["collation"] = finish(run, plan)
-    bad = run_state(run).problems(("viz",))  # shards, viz.h5 and parts, verified ('' when whole)
-    out["incomplete"] = describe_problems(run, bad) if bad else ""
-    return out
+    return True
 
 
 def stage_executor(launch: LaunchConfig, run: RunDir, stage: str, dependency: str) -> submitit.Executor:
@@ -167,8 +193,8 @@ def _submit(run: RunDir, ex: submitit.Executor, fn: Any, items: list[int], launc
             lock.add_jobs(ids, launch.cluster, array=launch.cluster == "slurm")
         return ids, jobs
     slots = dist.local_gpus() if launch.gpus else []
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    groups = _groups(items, len(slots) or cores)
+    cores = _cores()
+    groups = _groups(items, _pool_width(launch))
     env = {GPU_SLOTS_VAR: ",".join(slots)} if slots else {}
     env[dist.THREADS_VAR] = str(max(1, cores // max(1, len(groups))))
     before = {k: os.environ.get(k) for k in env}
@@ -187,6 +213,16 @@ def _submit(run: RunDir, ex: submitit.Executor, fn: Any, items: list[int], launc
     return ids, jobs
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _pool_width(launch: LaunchConfig) -> int:
+    """The local pool's workers at most: one per GPU this process sees (where the request has GPUs), else one
+    per core."""
+    return len(dist.local_gpus() if launch.gpus else []) or _cores()
+
+
 def _groups(items: list[int], workers: int) -> list[list[int]]:
     """The items of each of at most `workers` local workers (round robin)."""
     n = min(len(items), max(1, workers))
@@ -195,9 +231,10 @@ def _groups(items: list[int], workers: int) -> list[list[int]]:
 
 def here(launch: LaunchConfig) -> bool:
     """The per-channel work (projections, feature visualizations) runs in this process, not as an array of
-    its own, when its tasks would share this machine's one device anyway: a local run on CPUs or on one GPU.
-    A task's start (~3-5 s: interpreter, torch, the checkpoint) would cost more than a small run's part, and
-    torch already uses every core in one process. Several local GPUs, or SLURM: an array."""
+    its own, when its tasks would share this machine's one device anyway: a local run on CPUs or on one GPU;
+    so do the shards when the pool would have one worker (one shard, or one GPU). A task's start (~3-5 s:
+    interpreter, torch, the checkpoint) would cost more than a small run's part, and torch already uses every
+    core in one process. Several local GPUs, or SLURM: an array."""
     return launch.cluster == "local" and len(dist.local_gpus() if launch.gpus else []) <= 1
 
 
@@ -211,6 +248,17 @@ def run_here(fn: Any, run: RunDir, items: list[int], what: str) -> list[str]:
         except Exception as e:  # noqa: BLE001 (the part's own error, whatever it is, is its line)
             failed.append(f"{what} {i}: {(str(e).splitlines() or [type(e).__name__])[0]}")
     return failed
+
+
+def project_here(run: RunDir, plan: Any) -> list[str]:
+    """The stale projection parts in this process (projection.project_parts: the checkpoint and the merged lists
+    read once); one line per part that failed, every part's line if they could not start."""
+    which = list(range(len(plan_parts(run, plan))))
+    try:
+        return project_parts(str(run.path), which)
+    except Exception as e:  # noqa: BLE001 (a changed checkpoint, an unreadable shard: every part's cause)
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        return [f"projection part {i}: {why}" for i in which]
 
 
 def wait_all(jobs: list[submitit.Job], items: list[int], launch: LaunchConfig, what: str = "shard") -> list[str]:
@@ -232,7 +280,10 @@ def wait_all(jobs: list[submitit.Job], items: list[int], launch: LaunchConfig, w
 
 def finish(run: RunDir, plan: Any) -> dict[str, Any]:
     """Collate into viz/viz.h5 and record the outcome in the manifest."""
+    t0 = time.perf_counter()
     summary = collate(run, plan)
+    log.info("collation: %d of %d shards in %.1f s", summary["n_shards"] - len(summary["missing"]),
+             summary["n_shards"], time.perf_counter() - t0)
     missing = [run.shard(k).name for k in sorted(summary["missing"])]
     whole = summary["path"] is not None and not missing and not summary.get("examples_error") \
         and not summary.get("featviz_error")

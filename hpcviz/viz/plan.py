@@ -114,8 +114,8 @@ def resolve_request(model: torch.nn.Module, cfg: VizConfig) -> tuple[list[str], 
     blocks = resolve_blocks(model, cfg.blocks, "--blocks")
     deconv = [] if not cfg.deconv_blocks else resolve_blocks(
         model, None if cfg.deconv_blocks == ["all"] else cfg.deconv_blocks, "--deconv-blocks")
-    featviz = [] if not cfg.featviz_blocks else resolve_blocks(
-        model, None if cfg.featviz_blocks == ["all"] else cfg.featviz_blocks, "--featviz-blocks")
+    featviz = [] if not cfg.featviz_blocks else resolve_blocks(  # auto: all (a local CPU launch said none first)
+        model, None if cfg.featviz_blocks in (["all"], ["auto"]) else cfg.featviz_blocks, "--featviz-blocks")
     return blocks, deconv, resolve_invert_blocks(model, cfg.invert_blocks), featviz
 
 

@@ -12,6 +12,7 @@ missing or stale: a part is current while the checkpoint and its channels' merge
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -41,13 +42,13 @@ from ..explain.dataset_examples import (
 from ..explain.deconv import Deconvnet
 from ..explain.window import project_field, projection_macs
 from ..log import setup_logging
-from ..models import build_model, from_checkpoint
+from ..models import from_checkpoint, shape_model
 from ..rundir import Plan, RunDir, now
 from ..train import checkpoint
 from .plan import VizError, plan_arch, shard_problem
 
 __all__ = ["Part", "projection_parts", "plan_parts", "stale_parts", "part_states", "current_parts", "project_part",
-           "projection_batch", "project_range", "merged_lists"]
+           "project_parts", "projection_batch", "project_range", "merged_lists"]
 
 log = logging.getLogger("hpcviz")
 Part = tuple[str, int, int]  # (block, first channel, end)
@@ -66,13 +67,18 @@ def projection_parts(arch: str, stem: str, blocks: list[str], tasks: int, topk: 
     ResNet-18 at 32 px, k = 9: 10 parts, not one per task (100 for 10,000 images on CPUs)."""
     if not topk:
         return []
-    with torch.device("meta"):
-        model = build_model(arch, 10, stem).eval()
-    channels = block_channels(model)
-    macs = projection_macs(model, (image_size, image_size))
+    channels, macs = _architecture_costs(arch, stem, image_size)
     cost = {b: topk * (macs[b] + _ROW_MACS) for b in blocks}  # a channel's k projections
     work = sum(channels[b] * cost[b] for b in blocks)
     return split_channels({b: channels[b] for b in blocks}, max(1, min(tasks, math.ceil(work / _PART_MACS))), cost)
+
+
+@functools.lru_cache(maxsize=16)
+def _architecture_costs(arch: str, stem: str, image_size: int) -> tuple[dict[str, int], dict[str, float]]:
+    """(channels, a row's multiply-adds) of every block: a forward on the meta device with a FLOP counter,
+    ~0.1 s, asked for by every staleness check and part; the same for the same architecture."""
+    model = shape_model(arch, 10, stem)
+    return block_channels(model), projection_macs(model, (image_size, image_size))
 
 
 def plan_parts(run: RunDir, plan: Plan) -> list[Part]:
@@ -174,6 +180,16 @@ def current_parts(run: RunDir, plan: Plan, project: bool, device: str) -> tuple[
 def project_part(run_dir: str, part: int) -> str:
     """One task of the projection array: part `part` of the plan's projections, from the lists merged over the
     shards present now; skipped when its file is current. Returns the part file ('' when there is no such part)."""
+    project_parts(run_dir, [part], keep_going=False)
+    run = RunDir(run_dir)
+    return str(run.examples_part(part)) if part < len(plan_parts(run, run.read_plan())) else ""
+
+
+def project_parts(run_dir: str, which: list[int], keep_going: bool = True) -> list[str]:
+    """Parts `which` of the plan's projections in this process, one after another, the checkpoint read and each
+    block's lists merged over the shards present once for all (a local run's projections, where a task each
+    would start an interpreter and read them again); a current part is skipped. Returns one line per part that
+    failed ('projection part K: why'); the others still run (keep_going=False: the first failure is raised)."""
     setup_logging()
     run = RunDir(run_dir)
     plan = run.read_plan()
@@ -181,16 +197,16 @@ def project_part(run_dir: str, part: int) -> str:
     tcfg = state["config"]
     parts = projection_parts(tcfg["arch"], tcfg.get("stem", ""), plan.blocks, len(plan.shards), plan.topk,
                              int(tcfg.get("image_size", 32)))
-    if part >= len(parts):
-        log.info("projection part %d: the plan has %d parts, nothing to do", part, len(parts))
-        return ""
+    if any(i >= len(parts) for i in which):
+        log.info("projection parts %s: the plan has %d parts, nothing to do for those", which, len(parts))
+    which = [i for i in which if i < len(parts)]
     good = [k for k in range(len(plan.shards)) if shard_problem(run, k, plan) is None]
-    if not good:
-        raise store.StoreError(f"projection part {part}: no shard of the plan is present; hint: run the "
-                               "visualization array first")
-    block = parts[part][0]
-    summaries = [store.read_summaries(run.shard(k)) for k in good]
-    lists = merge_topk([{f: s[f"topk/{block}/{f}"] for f in ("value", *_LISTS)} for s in summaries], plan.topk)
+    if which and not good:
+        why = "no shard of the plan is present; hint: run the visualization array first"
+        if not keep_going:
+            raise store.StoreError(f"projection part {which[0]}: {why}")
+        return [f"projection part {i}: {why}" for i in which]
+    summaries = [store.read_summaries(run.shard(k)) for k in good] if which else []
     where = {int(p): (k, r) for k in good for r, p in enumerate(plan.shards[k])}
 
     def images(positions: np.ndarray) -> np.ndarray:  # (R, 3, H, W), read shard by shard
@@ -201,12 +217,26 @@ def project_part(run_dir: str, part: int) -> str:
             for i, img in zip(mine, got["images"]):
                 out[i] = img
         return np.stack(out)
-    if _is_current(run.examples_part(part), _digest(plan, parts[part], lists)):
-        log.info("projection part %d: %s is current, skipped", part, run.examples_part(part))
-        return str(run.examples_part(part))
+    merged: dict[str, dict[str, np.ndarray]] = {}
+    failed = []
     dist.share_cores()
-    with dist.numerics(exact=not plan.fast):
-        return str(project_range(run, plan, state, part, parts[part], lists, images, plan.config.device))
+    for i in which:
+        block = parts[i][0]
+        try:
+            if block not in merged:
+                merged[block] = merge_topk([{f: s[f"topk/{block}/{f}"] for f in ("value", *_LISTS)}
+                                            for s in summaries], plan.topk)
+            if _is_current(run.examples_part(i), _digest(plan, parts[i], merged[block])):
+                log.info("projection part %d: %s is current, skipped", i, run.examples_part(i))
+                continue
+            with dist.numerics(exact=not plan.fast):
+                project_range(run, plan, state, i, parts[i], merged[block], images, plan.config.device)
+        except Exception as e:  # noqa: BLE001 (the part's own error, whatever it is, is its line)
+            if not keep_going:
+                raise
+            log.exception("projection part %d failed", i)
+            failed.append(f"projection part {i}: {(str(e).splitlines() or [type(e).__name__])[0]}")
+    return failed
 
 
 _HEADROOM = 0.5  # of the free memory for a projection call: on a CPU the host's memory is everyone's
@@ -222,16 +252,18 @@ def projection_batch(state: dict[str, Any], block: str, device: torch.device, fr
     host's MemAvailable) by the projection's memory model (dataset_examples.projection_footprint), and on a CPU
     in _CPU_CALL_BYTES."""
     cfg = state["config"]
-    with torch.device("meta"):
-        model = build_model(cfg["arch"], len(state["classes"]), cfg["stem"]).eval()
-    size = int(cfg["image_size"])
-    fixed, per_row = projection_footprint(model, block, (size, size))
+    fixed, per_row = _footprint(cfg["arch"], len(state["classes"]), cfg["stem"], block, int(cfg["image_size"]))
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
     fit = max(int(_HEADROOM * free_bytes) - fixed, 0) // max(per_row, 1)
     if device.type == "cpu":
         fit = min(fit, _CPU_CALL_BYTES // max(per_row, 1))
     return max(1, min(_MOST_ROWS.get(device.type, 256), 1 << max(fit.bit_length() - 1, 0)))
+
+
+@functools.lru_cache(maxsize=64)
+def _footprint(arch: str, classes: int, stem: str, block: str, size: int) -> tuple[int, int]:
+    return projection_footprint(shape_model(arch, classes, stem), block, (size, size))
 
 
 def project_range(run: RunDir, plan: Plan, state: dict[str, Any], i: int, part: Part,

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow  # whole commands on finished runs: make test runs
 
 TRAIN = ["--cluster", "local", "--device", "cpu", "--data", "builtin:20", "--image-size", "16", "--arch", "resnet20",
          "--epochs", "1", "--batch-size", "32", "--lr", "0.05"]
-VIZ = ["--cluster", "local", "--device", "cpu", "--images", "4", "--tasks", "2", "--featviz-steps", "2",
-       "--invert-steps", "5"]
+VIZ = ["--cluster", "local", "--device", "cpu", "--images", "4", "--tasks", "2", "--featviz-blocks", "all",
+       "--featviz-steps", "2", "--invert-steps", "5"]
 PIPE = [*TRAIN, *VIZ[4:], "--report-images", "1", "--invert-images", "1"]
 T, V, P = "launch_train.py", "launch_viz.py", "launch_pipeline.py"
 

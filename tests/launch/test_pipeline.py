@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # whole pipelines: make test runs them, make chec
 
 TINY = ["--data", "builtin:20", "--image-size", "16", "--arch", "resnet20", "--epochs", "1", "--batch-size", "32",
         "--lr", "0.05", "--device", "cpu", "--images", "8", "--tasks", "2", "--invert-steps", "5",
-        "--featviz-steps", "2", "--report-images", "1", "--invert-images", "2"]
+        "--featviz-blocks", "all", "--featviz-steps", "2", "--report-images", "1", "--invert-images", "2"]
 
 
 def pipeline(*args) -> int:
