@@ -51,7 +51,8 @@ def parse_timeline(lines: list[str], total: float, task: tuple[float, float] | N
     task's own clock, when it logs one (an older release's task logs nothing), else its whole process."""
     work = [float(m.group(1)) for line in lines if (m := _SHARD.search(line))]
     if task is None and not work:
-        raise RuntimeError("no local task process and no shard's clock in the command's output")
+        raise RuntimeError("no local task process and no shard's clock in the command's output: "
+                           + " | ".join(lines[-5:]))
     start, end = task if task is not None else (0.0, work[-1])
     out = {"start-up": start, "task": end - start}
     for name, pattern in _PARTS.items():
@@ -118,6 +119,7 @@ def bench_command(scratch: Path, baseline: str = "3cb6f04", images: int = 8, epo
     """Both sides (this checkout, then the baseline), each trained and visualized in scratch; returns per side
     {"rev", "seconds", "parts", "median_error"} and the ratio of the baseline's seconds to ours. `data` and
     `viz_args` (options added to the command) make small versions for the tests."""
+    scratch = scratch.resolve()  # each side runs in its own tree: a relative run path would land there
     out: dict[str, Any] = {"images": images, "epochs": epochs, "command": " ".join(
         ["launch_viz.py --cluster local", f"--images {images} --tasks 1", *viz_args])}
     for side, rev in (("ours", ""), ("baseline", baseline)):

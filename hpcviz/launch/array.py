@@ -1,6 +1,6 @@
-"""Launching the visualization array: plan the request, submit the shards that are missing, wait, collate; then the
+"""Launching the visualization array: plan the request, submit the shards that are missing and wait; then the
 projection array of the dataset examples, and the feature visualization array (per channel: it needs only the
-checkpoint, so on SLURM it is submitted at once, beside the first array).
+checkpoint, so on SLURM without --wait it is submitted at once, beside the first array); then collate, once.
 
 Everything about the request is checked before anything is written: the plan against the run's
 checkpoint and data, the plan against the one already in the run (another request needs `fresh`), and
@@ -32,10 +32,10 @@ log = logging.getLogger("hpcviz")
 
 def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
                lock: RunLock | None = None) -> dict[str, Any]:
-    """Plan, submit the missing shards (one array, or a few past MaxArraySize), wait unless it is SLURM without
-    --wait, collate; then the projections (the report draws every figure) and the feature visualizations.
-    Locally on CPUs or one GPU (`here`): the shards in this process when one worker would take them all, else
-    in a pool; then the projections and feature visualizations in this process; then one collation.
+    """Plan, run the missing shards (one array, or a few past MaxArraySize; locally a pool, or this process when
+    one worker would take them all), then the projections of the dataset examples (the report draws every
+    figure) and the feature visualizations (in this process on CPUs or one GPU, `here`; else arrays), then
+    collate once. SLURM without --wait: the arrays are submitted with their dependencies and not collated.
     `launch` is a request check_launch resolved. Returns {"plan", "todo", "ids", "failed": [one line per failed
     task], "collation": collate's summary, or None when submitted and not waited for, "projection_ids",
     "projection_failed", "featviz_ids", "featviz_failed", "incomplete"}."""
@@ -62,34 +62,13 @@ def launch_viz(cfg: VizConfig, launch: LaunchConfig, *, fresh: bool = False,
                            "featviz_failed": []}
     run.update("viz", status="submitted", cluster=launch.cluster, n_shards=len(plan.shards),
                n_images=plan.n_images, planned=plan.planned, error="", missing_shards=[])
-    if here(launch):  # everything in this process, or its pool: collated once, at the end
-        if inline and todo:
-            pid = str(os.getpid())
-            out["ids"] = [pid]
-            run.update("viz", lambda rec: {"job_ids": [*rec.job_ids, pid],
-                                           "tasks": {**rec.tasks, **{f"{pid}:{k}": k for k in todo}}})
-            out["failed"] = run_here(run_shard, run, todo, "shard")
-        elif todo:
-            assert ex is not None  # made for a pool of several workers
-            out["ids"], jobs = submit_shards(run, ex, run_shard, todo, launch, lock)
-            out["failed"] = wait_all(jobs, todo, launch)
-        if plan.topk and len(shard_problems(run, plan)) < len(plan.shards):  # a shard to take examples from
-            out["projection_failed"] = project_here(run, plan)
-        out["featviz_ids"], out["featviz_failed"] = featviz_array(run, plan, launch, lock, wait=True)
-        out["collation"] = finish(run, plan)
-    elif not _launch_elsewhere(run, plan, launch, ex, todo, lock, out):
-        return out  # submitted: the jobs and the aggregation finish it
-    bad = run_state(run).problems(("viz",))  # shards, viz.h5 and parts, verified ('' when whole)
-    out["incomplete"] = describe_problems(run, bad) if bad else ""
-    return out
-
-
-def _launch_elsewhere(run: RunDir, plan: Any, launch: LaunchConfig, ex: submitit.Executor | None, todo: list[int],
-                      lock: RunLock | None, out: dict[str, Any]) -> bool:
-    """The arrays of SLURM (submitted, or waited for with --wait) or of several local GPUs (a pool each), into
-    `out`; viz.h5 collated after the shards, then again as the projections and feature visualizations land (a
-    SLURM run without --wait leaves both to its jobs and the aggregation). Returns whether it waited for all."""
-    if ex is not None:
+    if inline and todo:  # this process is the one worker
+        pid = str(os.getpid())
+        out["ids"] = [pid]
+        run.update("viz", lambda rec: {"job_ids": [*rec.job_ids, pid],
+                                       "tasks": {**rec.tasks, **{f"{pid}:{k}": k for k in todo}}})
+        out["failed"] = run_here(run_shard, run, todo, "shard")
+    elif ex is not None:
         out["ids"], jobs = submit_shards(run, ex, run_shard, todo, launch, lock)
         if launch.cluster == "slurm" and not launch.wait:
             parts = len(plan_parts(run, plan))
@@ -97,23 +76,31 @@ def _launch_elsewhere(run: RunDir, plan: Any, launch: LaunchConfig, ex: submitit
                 pex = stage_executor(launch, run, "project", "afterany:" + ":".join(out["ids"]))
                 out["projection_ids"], _ = submit_projections(run, pex, list(range(parts)), launch, lock)
             out["featviz_ids"], _ = featviz_array(run, plan, launch, lock, wait=False)  # needs no shard: at once
-            return False
+            return out
         out["failed"] = wait_all(jobs, todo, launch)
-    out["collation"] = finish(run, plan)
-    if launch.cluster == "slurm" and not launch.wait:  # collating again: the projections are the aggregation's
-        out["featviz_ids"], _ = featviz_array(run, plan, launch, lock, wait=False)
-        return False
-    if plan.topk and out["collation"]["path"] is not None:
-        stale = stale_parts(run, plan)
-        if stale:  # the second array, then collate again
-            pex = stage_executor(launch, run, "project", "")
-            out["projection_ids"], jobs = submit_projections(run, pex, stale, launch, lock)
-            out["projection_failed"] = wait_all(jobs, stale, launch, what="projection part")
-            out["collation"] = finish(run, plan)
-    out["featviz_ids"], out["featviz_failed"] = featviz_array(run, plan, launch, lock, wait=True)
-    if out["featviz_ids"] and out["collation"]["path"] is not None:  # viz.h5 presents the new parts
+    elif launch.cluster == "slurm" and not launch.wait:  # nothing to redo: collated now, the rest is the jobs'
         out["collation"] = finish(run, plan)
-    return True
+        out["featviz_ids"], _ = featviz_array(run, plan, launch, lock, wait=False)
+        return out
+    if plan.topk and len(shard_problems(run, plan)) < len(plan.shards):  # a shard to take examples from
+        out["projection_ids"], out["projection_failed"] = _projections(run, plan, launch, lock)
+    out["featviz_ids"], out["featviz_failed"] = featviz_array(run, plan, launch, lock, wait=True)
+    out["collation"] = finish(run, plan)  # once, with everything this command made
+    bad = run_state(run).problems(("viz",))  # shards, viz.h5 and parts, verified ('' when whole)
+    out["incomplete"] = describe_problems(run, bad) if bad else ""
+    return out
+
+
+def _projections(run: RunDir, plan: Any, launch: LaunchConfig, lock: RunLock | None) -> tuple[list[str], list[str]]:
+    """The projection parts that are not current against the shards' lists, in this process (`here`) or as an
+    array waited for. Returns (array ids, one line per failed part)."""
+    if here(launch):
+        return [], project_here(run, plan)
+    stale = stale_parts(run, plan, from_shards=True)
+    if not stale:
+        return [], []
+    ids, jobs = submit_projections(run, stage_executor(launch, run, "project", ""), stale, launch, lock)
+    return ids, wait_all(jobs, stale, launch, what="projection part")
 
 
 def stage_executor(launch: LaunchConfig, run: RunDir, stage: str, dependency: str) -> submitit.Executor:

@@ -48,7 +48,7 @@ from ..train import checkpoint
 from .plan import VizError, plan_arch, shard_problem
 
 __all__ = ["Part", "projection_parts", "plan_parts", "stale_parts", "part_states", "current_parts", "project_part",
-           "project_parts", "projection_batch", "project_range", "merged_lists"]
+           "project_parts", "projection_batch", "project_range", "merged_lists", "shard_lists"]
 
 log = logging.getLogger("hpcviz")
 Part = tuple[str, int, int]  # (block, first channel, end)
@@ -88,9 +88,17 @@ def plan_parts(run: RunDir, plan: Plan) -> list[Part]:
     return projection_parts(arch, stem, plan.blocks, len(plan.shards), plan.topk, size)
 
 
-def stale_parts(run: RunDir, plan: Plan) -> list[int]:
-    """The parts whose file does not match viz.h5's merged lists (all of them without viz.h5)."""
-    return _staleness(run, plan)[2]
+def stale_parts(run: RunDir, plan: Plan, from_shards: bool = False) -> list[int]:
+    """The parts whose file does not match viz.h5's merged lists (all of them without viz.h5); `from_shards`:
+    the lists merged from the shards present now, as the parts are made (a launcher that collates after them)."""
+    if not from_shards:
+        return _staleness(run, plan)[2]
+    parts = plan_parts(run, plan)
+    good = [k for k in range(len(plan.shards)) if shard_problem(run, k, plan) is None]
+    if not parts or not good:
+        return list(range(len(parts)))
+    lists = shard_lists(run, plan, good)
+    return [i for i, p in enumerate(parts) if not _is_current(run.examples_part(i), _digest(plan, p, lists[p[0]]))]
 
 
 def part_states(run: RunDir, plan: Plan) -> list[tuple[int, str, str]]:
@@ -116,6 +124,14 @@ def _staleness(run: RunDir, plan: Plan) -> tuple[list[Part], dict[str, dict[str,
     lists = merged_lists(run, plan)
     return parts, lists, [i for i, p in enumerate(parts)
                           if not _is_current(run.examples_part(i), _digest(plan, p, lists[p[0]]))]
+
+
+def shard_lists(run: RunDir, plan: Plan, good: list[int]) -> dict[str, dict[str, np.ndarray]]:
+    """Every block's top-k lists ({index,y,x} (C, k)) merged over the shards `good`: what collation will merge
+    into viz.h5 (exactly: explain.dataset_examples.merge_topk), without viz.h5."""
+    summaries = [store.read_summaries(run.shard(k)) for k in good]
+    return {b: merge_topk([{f: s[f"topk/{b}/{f}"] for f in ("value", *_LISTS)} for s in summaries], plan.topk)
+            for b in plan.blocks}
 
 
 def merged_lists(run: RunDir, plan: Plan) -> dict[str, dict[str, np.ndarray]]:
@@ -206,7 +222,7 @@ def project_parts(run_dir: str, which: list[int], keep_going: bool = True) -> li
         if not keep_going:
             raise store.StoreError(f"projection part {which[0]}: {why}")
         return [f"projection part {i}: {why}" for i in which]
-    summaries = [store.read_summaries(run.shard(k)) for k in good] if which else []
+    lists = shard_lists(run, plan, good) if which else {}
     where = {int(p): (k, r) for k in good for r, p in enumerate(plan.shards[k])}
 
     def images(positions: np.ndarray) -> np.ndarray:  # (R, 3, H, W), read shard by shard
@@ -217,20 +233,16 @@ def project_parts(run_dir: str, which: list[int], keep_going: bool = True) -> li
             for i, img in zip(mine, got["images"]):
                 out[i] = img
         return np.stack(out)
-    merged: dict[str, dict[str, np.ndarray]] = {}
     failed = []
     dist.share_cores()
     for i in which:
         block = parts[i][0]
         try:
-            if block not in merged:
-                merged[block] = merge_topk([{f: s[f"topk/{block}/{f}"] for f in ("value", *_LISTS)}
-                                            for s in summaries], plan.topk)
-            if _is_current(run.examples_part(i), _digest(plan, parts[i], merged[block])):
+            if _is_current(run.examples_part(i), _digest(plan, parts[i], lists[block])):
                 log.info("projection part %d: %s is current, skipped", i, run.examples_part(i))
                 continue
             with dist.numerics(exact=not plan.fast):
-                project_range(run, plan, state, i, parts[i], merged[block], images, plan.config.device)
+                project_range(run, plan, state, i, parts[i], lists[block], images, plan.config.device)
         except Exception as e:  # noqa: BLE001 (the part's own error, whatever it is, is its line)
             if not keep_going:
                 raise

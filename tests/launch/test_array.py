@@ -88,3 +88,19 @@ def test_the_projections_here_read_once_and_a_failed_part_is_one_line(trained, m
     run.examples_part(0).unlink()
     with pytest.raises(MemoryError):
         projection.project_part(str(run.path), 0)  # an array task: its failure is its exception
+
+
+def test_arrays_waited_for_are_collated_once_after_the_projections_and_featviz(trained, counted, monkeypatch):
+    """Several local GPUs or SLURM --wait (`here` false): shards, projection and featviz parts as arrays (here a
+    local pool each), the projections judged stale against the shards' own lists, then one collation."""
+    monkeypatch.setattr(array, "here", lambda launch: False)
+    run = RunDir(trained)
+    for made in run.viz_dir.glob("*/*-*.h5"):  # the other tests' shards and parts would be current
+        made.unlink()
+    out = array.launch_viz(_request(trained, 1), LaunchConfig(cluster="local", gpus=0), fresh=True)
+    assert counted["collate"] == 1 and counted["executors"] == 3  # shards, projections, featviz
+    assert out["projection_ids"] and out["featviz_ids"] and out["incomplete"] == ""
+    assert projection.stale_parts(run, run.read_plan()) == []  # current against viz.h5's lists too
+    counted.update(collate=0, executors=0)
+    again = array.launch_viz(_request(trained, 1), LaunchConfig(cluster="local", gpus=0))
+    assert counted == {"collate": 1, "executors": 0} and again["projection_ids"] == []  # all current
