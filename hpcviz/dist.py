@@ -354,18 +354,23 @@ def local_gpus() -> list[str]:
     return visible if "CUDA_VISIBLE_DEVICES" in os.environ else [str(i) for i in range(torch.cuda.device_count())]
 
 
+def cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def share_cores() -> int:
     """Give this process its share of the node's cores instead of all of them (torch's default), so that
     several processes of one node (DDP ranks on CPUs, GPU ranks decoding and gathering data, local array
     tasks) do not fight over them: SLURM's --cpus-per-task when it says so (one task per node included),
     else $HPCVIZ_THREADS, else an even share of this process's affinity mask. Returns the thread count."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = cores()
     for value in (os.environ.get("SLURM_CPUS_PER_TASK", ""), os.environ.get(THREADS_VAR, "")):
         if value.isdigit() and int(value) > 0:
-            torch.set_num_threads(max(1, min(cores, int(value))))
+            torch.set_num_threads(max(1, min(n, int(value))))
             return torch.get_num_threads()
     if local_world_size() > 1:
-        torch.set_num_threads(max(1, cores // local_world_size()))
+        torch.set_num_threads(max(1, n // local_world_size()))
     return torch.get_num_threads()
 
 

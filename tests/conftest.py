@@ -25,6 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def train_tiny(run: Path) -> Path:
+    """A ResNet-20 trained one epoch on 180 built-in images at 16 px, in this process (a few seconds): the run the
+    visualization tests take their checkpoint from."""
+    from hpcviz.config import TrainConfig
+    from hpcviz.train.loop import train
+    train(TrainConfig(data="builtin:20", image_size=16, arch="resnet20", epochs=1, batch_size=32, lr=0.05,
+                      device="cpu", run_dir=str(run), log_every=1000))
+    return run
+
+
 def run_job(script: str, *args: object, timeout: float = 600, cpu: bool = False,
             **kw: object) -> subprocess.CompletedProcess:
     """`python jobs/SCRIPT ARGS` from the checkout, stdout and stderr captured as text: how tests run a command.

@@ -180,7 +180,7 @@ def _submit(run: RunDir, ex: submitit.Executor, fn: Any, items: list[int], launc
             lock.add_jobs(ids, launch.cluster, array=launch.cluster == "slurm")
         return ids, jobs
     slots = dist.local_gpus() if launch.gpus else []
-    cores = _cores()
+    cores = dist.cores()
     groups = _groups(items, _pool_width(launch))
     env = {GPU_SLOTS_VAR: ",".join(slots)} if slots else {}
     env[dist.THREADS_VAR] = str(max(1, cores // max(1, len(groups))))
@@ -200,14 +200,10 @@ def _submit(run: RunDir, ex: submitit.Executor, fn: Any, items: list[int], launc
     return ids, jobs
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _pool_width(launch: LaunchConfig) -> int:
     """The local pool's workers at most: one per GPU this process sees (where the request has GPUs), else one
     per core."""
-    return len(dist.local_gpus() if launch.gpus else []) or _cores()
+    return len(dist.local_gpus() if launch.gpus else []) or dist.cores()
 
 
 def _groups(items: list[int], workers: int) -> list[list[int]]:
@@ -240,12 +236,11 @@ def run_here(fn: Any, run: RunDir, items: list[int], what: str) -> list[str]:
 def project_here(run: RunDir, plan: Any) -> list[str]:
     """The stale projection parts in this process (projection.project_parts: the checkpoint and the merged lists
     read once); one line per part that failed, every part's line if they could not start."""
-    which = list(range(len(plan_parts(run, plan))))
     try:
-        return project_parts(str(run.path), which)
+        return project_parts(str(run.path))
     except Exception as e:  # noqa: BLE001 (a changed checkpoint, an unreadable shard: every part's cause)
         why = (str(e).splitlines() or [type(e).__name__])[0]
-        return [f"projection part {i}: {why}" for i in which]
+        return [f"projection part {i}: {why}" for i in range(len(plan_parts(run, plan)))]
 
 
 def wait_all(jobs: list[submitit.Job], items: list[int], launch: LaunchConfig, what: str = "shard") -> list[str]:

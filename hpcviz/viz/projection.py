@@ -196,16 +196,21 @@ def current_parts(run: RunDir, plan: Plan, project: bool, device: str) -> tuple[
 def project_part(run_dir: str, part: int) -> str:
     """One task of the projection array: part `part` of the plan's projections, from the lists merged over the
     shards present now; skipped when its file is current. Returns the part file ('' when there is no such part)."""
-    project_parts(run_dir, [part], keep_going=False)
-    run = RunDir(run_dir)
-    return str(run.examples_part(part)) if part < len(plan_parts(run, run.read_plan())) else ""
+    done = _project(run_dir, [part], keep_going=False)[0]
+    return str(RunDir(run_dir).examples_part(part)) if done else ""
 
 
-def project_parts(run_dir: str, which: list[int], keep_going: bool = True) -> list[str]:
-    """Parts `which` of the plan's projections in this process, one after another, the checkpoint read and each
-    block's lists merged over the shards present once for all (a local run's projections, where a task each
-    would start an interpreter and read them again); a current part is skipped. Returns one line per part that
-    failed ('projection part K: why'); the others still run (keep_going=False: the first failure is raised)."""
+def project_parts(run_dir: str, which: list[int] | None = None, keep_going: bool = True) -> list[str]:
+    """Parts `which` (None: every one) of the plan's projections in this process, one after another, the
+    checkpoint read and each block's lists merged over the shards present once for all (a local run's
+    projections, where a task each would start an interpreter and read them again); a current part is skipped.
+    Returns one line per part that failed ('projection part K: why'); the others still run (keep_going=False:
+    the first failure is raised)."""
+    return _project(run_dir, which, keep_going)[1]
+
+
+def _project(run_dir: str, which: list[int] | None, keep_going: bool) -> tuple[list[int], list[str]]:
+    """(the parts of `which` the plan has, one line per failed part): project_parts."""
     setup_logging()
     run = RunDir(run_dir)
     plan = run.read_plan()
@@ -213,6 +218,8 @@ def project_parts(run_dir: str, which: list[int], keep_going: bool = True) -> li
     tcfg = state["config"]
     parts = projection_parts(tcfg["arch"], tcfg.get("stem", ""), plan.blocks, len(plan.shards), plan.topk,
                              int(tcfg.get("image_size", 32)))
+    if which is None:
+        which = list(range(len(parts)))
     if any(i >= len(parts) for i in which):
         log.info("projection parts %s: the plan has %d parts, nothing to do for those", which, len(parts))
     which = [i for i in which if i < len(parts)]
@@ -221,7 +228,7 @@ def project_parts(run_dir: str, which: list[int], keep_going: bool = True) -> li
         why = "no shard of the plan is present; hint: run the visualization array first"
         if not keep_going:
             raise store.StoreError(f"projection part {which[0]}: {why}")
-        return [f"projection part {i}: {why}" for i in which]
+        return which, [f"projection part {i}: {why}" for i in which]
     lists = shard_lists(run, plan, good) if which else {}
     where = {int(p): (k, r) for k in good for r, p in enumerate(plan.shards[k])}
 
@@ -248,7 +255,7 @@ def project_parts(run_dir: str, which: list[int], keep_going: bool = True) -> li
                 raise
             log.exception("projection part %d failed", i)
             failed.append(f"projection part {i}: {(str(e).splitlines() or [type(e).__name__])[0]}")
-    return failed
+    return which, failed
 
 
 _HEADROOM = 0.5  # of the free memory for a projection call: on a CPU the host's memory is everyone's

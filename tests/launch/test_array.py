@@ -4,19 +4,17 @@ import os
 
 import pytest
 
-from hpcviz.config import LaunchConfig, TrainConfig, VizConfig
+from hpcviz.config import LaunchConfig, VizConfig
 from hpcviz.launch import array
 from hpcviz.rundir import RunDir
 from hpcviz.viz import projection
 
+from conftest import train_tiny
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from hpcviz.train.loop import train
-    run = tmp_path_factory.mktemp("arrayrun") / "run"
-    train(TrainConfig(data="builtin:20", image_size=16, arch="resnet20", epochs=1, batch_size=32, lr=0.05,
-                      device="cpu", run_dir=str(run), log_every=1000))
-    return run
+    return train_tiny(tmp_path_factory.mktemp("arrayrun") / "run")
 
 
 def _request(run, tasks: int) -> VizConfig:
@@ -55,7 +53,7 @@ def test_one_worker_is_this_process_and_the_run_is_collated_once(trained, counte
 
 
 def test_several_workers_are_a_pool_and_the_run_is_still_collated_once(trained, counted, monkeypatch):
-    monkeypatch.setattr(array, "_cores", lambda: 2)
+    monkeypatch.setattr(array.dist, "cores", lambda: 2)
     out = array.launch_viz(_request(trained, 2), LaunchConfig(cluster="local", gpus=0), fresh=True)
     assert counted == {"collate": 1, "executors": 1} and len(out["ids"]) == 2  # two workers, one shard each
     assert out["failed"] == [] and out["incomplete"] == ""

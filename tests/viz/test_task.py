@@ -19,6 +19,8 @@ from hpcviz.viz import task
 from hpcviz.viz.plan import VizError, balanced_sample, load_split, make_plan, plan_shards, shard_problem
 from hpcviz.viz.task import run_shard
 
+from conftest import train_tiny
+
 
 def shard_path(run, k):
     return RunDir(run).shard(k)
@@ -30,12 +32,7 @@ def shard_done(run, k, plan):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from hpcviz.config import TrainConfig
-    from hpcviz.train.loop import train
-    run = tmp_path_factory.mktemp("vizrun") / "run"
-    train(TrainConfig(data="builtin:20", image_size=16, arch="resnet20", epochs=1, batch_size=32, lr=0.05,
-                      device="cpu", run_dir=str(run), log_every=1000))
-    return run
+    return train_tiny(tmp_path_factory.mktemp("vizrun") / "run")
 
 
 def test_balanced_sample_and_plan():
