@@ -217,8 +217,10 @@ class ForwardPlan:
         def leave(i: int) -> None:
             nonlocal h, k
             while k < len(idx) and idx[k] == i:
-                out.append(h[:sizes[k]].float())
-                h = h[sizes[k]:]
+                # split, not two slices: a slice's backward is a zero-filled contiguous tensor, which turns
+                # every gradient before it out of channels-last (mixed layouts: ~6x slower elementwise ops)
+                leaving, h = h.split([sizes[k], len(h) - sizes[k]]) if sizes[k] < len(h) else (h, h[:0])
+                out.append(leaving.float())
                 k += 1
         leave(0)
         if k < len(idx):
