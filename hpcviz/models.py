@@ -1,13 +1,16 @@
 """ResNets with stable block names and torchvision's parameter names.
 
-- resnet18/34/50: torchvision's own ResNet class, so a checkpoint loads into
-  `torchvision.models.resnetXX` and torchvision's weights can initialise training.
+- resnet18/34/50: torchvision's ResNets, module for module (`ResNet` with `BasicBlock` or `Bottleneck`): the
+  same parameter names, initialisation (the same weights for a seed) and forward, so a checkpoint loads into
+  `torchvision.models.resnetXX` and torchvision's weights can initialise training (both tested).
   Stem `imagenet` = 7x7 stride-2 conv1 + 3x3 stride-2 max-pool (the course report's);
   stem `cifar` = 3x3 stride-1 conv1 and no max-pool (an nn.Identity keeps the name).
 - resnet20/32/56: the CIFAR ResNets of He et al. 2016 (three stages of 16/32/64
-  channels, 3 n BasicBlocks each), built from torchvision's BasicBlock with 1x1
-  projection shortcuts where the shape changes (the paper's option B), so the
-  parameter names follow the same scheme (`layerX.Y.conv1`, `...downsample.0`, `fc`).
+  channels, 3 n BasicBlocks each), with 1x1 projection shortcuts where the shape changes (the paper's
+  option B), so the parameter names follow the same scheme (`layerX.Y.conv1`, `...downsample.0`, `fc`).
+
+The classes are the project's own, not torchvision's, because importing torchvision costs every process
+~1 s on 2 cores (its ops import torch._dynamo); torchvision is imported only where its data code is used.
 
 Every model has the modules conv1, bn1, relu, maxpool, layer1..layerN, avgpool, fc;
 `block_names` lists the explainable blocks: 'conv1' (the stem after its ReLU) and
@@ -22,53 +25,100 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import resnet as tvr
 
 from .config import ARCHS, STEMS, default_stem
 from .errors import InputError
 
 log = logging.getLogger("hpcviz")
 
-_TORCHVISION = {"resnet18": (tvr.BasicBlock, [2, 2, 2, 2]),
-                "resnet34": (tvr.BasicBlock, [3, 4, 6, 3]),
-                "resnet50": (tvr.Bottleneck, [3, 4, 6, 3])}
-_CIFAR_DEPTH = {"resnet20": 3, "resnet32": 5, "resnet56": 9}
-
 
 class UnknownArchError(InputError):
     """An architecture or stem name that is not offered."""
 
 
-class CifarResNet(nn.Module):
-    """He et al. 2016 CIFAR ResNet (6n+2 layers), with torchvision's module names."""
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions, batch norm, ReLU, and the shortcut (`downsample` where the shape changes)."""
+    expansion = 1
 
-    def __init__(self, n: int, num_classes: int = 10, stem: str = "cifar", width: int = 16) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()  # the modules in torchvision's order: the same parameter names and random draws
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, inplanes, H, W) -> (B, planes, H/s, W/s)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """1x1, 3x3 (with the stride), 1x1 to 4x the width, and the shortcut (torchvision's ResNet v1.5)."""
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, inplanes, H, W) -> (B, 4 planes, H/s, W/s)
+        out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+        out = self.bn3(self.conv3(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """A stem, len(layers) stages of blocks (widths width, 2 width, ...; every stage after the first halves the
+    resolution), global average pooling and the classifier, with torchvision's module names."""
+
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 10,
+                 stem: str = "imagenet", width: int = 64) -> None:
         super().__init__()
         self.inplanes = width
         self.conv1, self.maxpool = _make_stem(stem, 3, width)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(width, n, stride=1)
-        self.layer2 = self._make_layer(2 * width, n, stride=2)
-        self.layer3 = self._make_layer(4 * width, n, stride=2)
+        for i, n in enumerate(layers):
+            setattr(self, f"layer{i + 1}", self._make_layer(block, width << i, n, stride=2 if i else 1))
+        self.depth = len(layers)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(4 * width, num_classes)
+        self.fc = nn.Linear((width << (len(layers) - 1)) * block.expansion, num_classes)
         _init_weights(self)
 
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int,
+                    stride: int) -> nn.Sequential:
         downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False),
-                                       nn.BatchNorm2d(planes))
-        layers = [tvr.BasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        layers += [tvr.BasicBlock(planes, planes) for _ in range(1, blocks)]
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, K)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        for i in range(1, self.depth + 1):
+            x = getattr(self, f"layer{i}")(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+_TORCHVISION: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3])}
+_CIFAR_DEPTH = {"resnet20": 3, "resnet32": 5, "resnet56": 9}
 
 
 def _make_stem(stem: str, in_ch: int, width: int) -> tuple[nn.Conv2d, nn.Module]:
@@ -77,11 +127,16 @@ def _make_stem(stem: str, in_ch: int, width: int) -> tuple[nn.Conv2d, nn.Module]
     return (nn.Conv2d(in_ch, width, 3, 1, 1, bias=False), nn.Identity())
 
 
+def _init_conv(conv: nn.Conv2d) -> None:
+    if not conv.weight.is_meta:  # (shape_model) on meta, normal_ would import torch._dynamo: ~1 s
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+
+
 def _init_weights(model: nn.Module) -> None:
     # torchvision's initialisation, so that all archs start alike
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            _init_conv(m)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -96,22 +151,27 @@ def build_model(arch: str, num_classes: int, stem: str = "") -> nn.Module:
         raise UnknownArchError(f"--stem {stem!r}: not one of {', '.join(STEMS)}; "
                                "hint: e.g. --stem cifar for 32 px images")
     if arch in _CIFAR_DEPTH:
-        return CifarResNet(_CIFAR_DEPTH[arch], num_classes, stem)
-    block, layers = _TORCHVISION[arch]
-    torch_model = tvr.ResNet(block, layers, num_classes=num_classes)
-    if stem == "cifar":
-        torch_model.conv1, torch_model.maxpool = _make_stem("cifar", 3, 64)
-        nn.init.kaiming_normal_(torch_model.conv1.weight, mode="fan_out", nonlinearity="relu")
-    return torch_model
+        return ResNet(BasicBlock, [_CIFAR_DEPTH[arch]] * 3, num_classes, stem, width=16)
+    model = ResNet(*_TORCHVISION[arch], num_classes=num_classes)
+    if stem == "cifar":  # swapped in after the ImageNet stem's draws: the same weights for a seed as before
+        model.conv1, model.maxpool = _make_stem("cifar", 3, 64)
+        _init_conv(model.conv1)
+    return model
 
 
 @functools.lru_cache(maxsize=16)
 def shape_model(arch: str, num_classes: int = 10, stem: str = "") -> nn.Module:
-    """The architecture on the meta device, in eval mode, for shapes and costs (nothing is computed): built
-    once per architecture (its initialisation on meta costs ~0.07 s, asked for by every part and check).
-    Shared: read it, hook it (and remove the hooks), never change it."""
+    """The architecture for shapes and costs, in eval mode, its tensors on the CPU and never initialised (built on
+    meta, then given empty CPU tensors: nothing is drawn, no page is touched); an empty batch's forward
+    (dataset_examples.forward_hooked) gives every shape without computing. Not left on the meta device: the first
+    op there (to_empty's too) imports sympy and torch._dynamo, ~1.4 s of every process that plans costs. Built
+    once per architecture, asked for by every part and check. Shared: read it, hook it (and remove the hooks),
+    never change it."""
     with torch.device("meta"):
-        return build_model(arch, num_classes, stem).eval()
+        model = build_model(arch, num_classes, stem)
+    model.load_state_dict({k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()},
+                          assign=True)
+    return model.eval()
 
 
 def from_checkpoint(state: Mapping[str, Any], device: torch.device | str = "cpu") -> nn.Module:

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 import torchvision
@@ -76,9 +79,49 @@ def test_unknown_arch_lists_choices():
         build_model("resnet18", 10, "tiny")
 
 
-def test_the_shape_model_is_built_once_on_meta():
+def test_the_shape_model_is_built_once_uninitialised():
     from hpcviz.models import shape_model
     m = shape_model("resnet20", 10, "")
     assert m is shape_model("resnet20", 10, "") and not m.training
-    assert all(p.device.type == "meta" for p in m.parameters())
+    assert all(t.device.type == "cpu" for t in (*m.parameters(), *m.buffers()))
     assert shape_model("resnet20", 10, "imagenet") is not m
+    assert m(torch.empty(0, 3, 32, 32)).shape == (0, 10)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+def test_a_seed_gives_torchvisions_weights(arch):
+    """The project's own classes, module for module torchvision's: the same parameter names in the same order,
+    the same random draws (bit-identical weights for a seed) and the same function."""
+    torch.manual_seed(3)
+    ours = build_model(arch, 10, "imagenet").eval()
+    torch.manual_seed(3)
+    theirs = getattr(torchvision.models, arch)(num_classes=10).eval()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_a_cifar_block_computes_torchvisions_block():
+    model = build_model("resnet20", 10).eval()
+    x = torch.randn(2, 16, 32, 32)
+    for ours, h in ((model.layer1[0], x), (model.layer2[0], x)):  # identity and projection shortcut
+        theirs = torchvision.models.resnet.BasicBlock(ours.conv1.in_channels, ours.conv1.out_channels,
+                                                      ours.stride, ours.downsample).eval()
+        theirs.load_state_dict(ours.state_dict())
+        assert torch.equal(ours(h), theirs(h))
+
+
+def test_a_model_and_its_costs_import_neither_torchvision_nor_dynamo():
+    """~1 s each of every process on 2 cores: torchvision's ops import torch._dynamo, and so does a first op on
+    the meta device (with sympy). A visualization process builds, loads and plans without them."""
+    code = ("import sys, torch\n"
+            "from hpcviz.models import build_model, shape_model\n"
+            "from hpcviz.viz.projection import projection_parts\n"
+            "from hpcviz.explain.dataset_examples import projection_footprint\n"
+            "projection_parts('resnet18', 'imagenet', ['conv1', 'layer4.1'], 4, 9, 224)\n"
+            "projection_footprint(shape_model('resnet20', 10, ''), 'layer3.2', (32, 32))\n"
+            "build_model('resnet50', 10).eval()(torch.randn(1, 3, 32, 32))\n"
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo', 'sympy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +33,6 @@ from ..train.loop import Split, make_optimizer, prepare_data, train, train_steps
 from ..viz.plan import make_plan, resolve_invert_blocks
 from ..viz.task import run_shard, visualize_shard
 from .featviz import H200_PEAK_TFLOPS, row_costs
-
-if TYPE_CHECKING:  # annotations only; torchvision ships no stubs, so mypy takes its blocks as Any
-    from torchvision.models import resnet as tvr
 
 
 class _UInt8Images(Dataset):
@@ -229,7 +226,7 @@ class _DeconvReLU(torch.nn.Module):
         return _DeconvReLUFn.apply(x)
 
 
-def _path_forward(block: tvr.BasicBlock | tvr.Bottleneck, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _path_forward(block: Any, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """A residual block's forward in which `path` decides which branch the backward signal may take."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         identity = x if block.downsample is None else block.downsample(x)

@@ -78,27 +78,41 @@ def labels(n_per_class: int, seed: int) -> np.ndarray:
     return _builtin_labels(np.random.Generator(np.random.PCG64(seed)), n_per_class)
 
 
-def draw(n_per_class: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 3, S, S) uint8, labels (N,)) of the set, N = 10 * n_per_class."""
+def draw(n_per_class: int, size: int, seed: int,
+         rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 3, S, S) uint8, labels (N,)) of the set, N = 10 * n_per_class; with `rows` (indices into the
+    set) only those images, in that order, byte-identical to the whole set's: the generator still makes every
+    draw up to the last chunk holding one of them (the noise is drawn chunk by chunk, in a fixed order), but
+    the shapes, most of the work, are drawn for those rows only."""
     rng = np.random.Generator(np.random.PCG64(seed))
     n = n_per_class * len(BUILTIN_CLASSES)
     label_of = _builtin_labels(rng, n_per_class)  # (N,)
     q = _builtin_params(rng, n)
+    wanted = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    assert not wanted.size or 0 <= wanted.min() <= wanted.max() < n, (wanted.min(), wanted.max(), n)
     grid = (np.arange(size, dtype=np.float64) + 0.5) / size  # pixel centres
     x, y = grid[None, None, :], grid[None, :, None]  # (1, 1, S), (1, S, 1)
-    images = np.empty((n, 3, size, size), np.uint8)
+    images = np.empty((len(wanted), 3, size, size), np.uint8)
     chunk = max(1, 2 ** 20 // (size * size))  # bounds the float64 temporaries to ~100 MB at any size
-    for lo in range(0, n, chunk):
+    end = int(wanted.max()) + 1 if wanted.size else 0
+    for lo in range(0, end, chunk):
         hi = min(n, lo + chunk)
-        mask = np.empty((hi - lo, size, size))  # (k, S, S)
-        for label, name in enumerate(BUILTIN_CLASSES):
-            sel = np.flatnonzero(label_of[lo:hi] == label)
-            if sel.size:
-                mask[sel] = _builtin_mask(name, x, y, {k: v[lo:hi][sel, None, None] for k, v in q.items()
-                                                       if v.ndim == 1})
-        bg, fg = q["bg"][lo:hi, None, None, :], q["fg"][lo:hi, None, None, :]  # (k, 1, 1, 3)
         amp = q["noise"][lo:hi, None, None, None]
-        noise = rng.integers(-amp, amp + 1, (hi - lo, size, size, 3))  # (k, S, S, 3)
-        pixels = np.rint(bg + (fg - bg) * mask[..., None]) + noise
-        images[lo:hi] = np.clip(pixels, 0, 255).astype(np.uint8).transpose(0, 3, 1, 2)
+        noise = rng.integers(-amp, amp + 1, (hi - lo, size, size, 3))  # (k, S, S, 3): every row, in order
+        out = np.flatnonzero((wanted >= lo) & (wanted < hi))  # positions in the result drawn from this chunk
+        if out.size:
+            images[out] = _draw_rows(wanted[out], label_of, q, noise[wanted[out] - lo], x, y)
     return images, label_of
+
+
+def _draw_rows(rows: np.ndarray, label_of: np.ndarray, q: dict[str, np.ndarray], noise: np.ndarray,
+               x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The images (k, 3, S, S) uint8 of `rows`, given their noise (k, S, S, 3)."""
+    mask = np.empty(noise.shape[:3])  # (k, S, S)
+    for label, name in enumerate(BUILTIN_CLASSES):
+        sel = np.flatnonzero(label_of[rows] == label)
+        if sel.size:
+            mask[sel] = _builtin_mask(name, x, y, {k: v[rows[sel], None, None] for k, v in q.items() if v.ndim == 1})
+    bg, fg = q["bg"][rows, None, None, :], q["fg"][rows, None, None, :]  # (k, 1, 1, 3)
+    pixels = np.rint(bg + (fg - bg) * mask[..., None]) + noise
+    return np.clip(pixels, 0, 255).astype(np.uint8).transpose(0, 3, 1, 2)

@@ -72,10 +72,7 @@ def load_images(spec: str, image_size: int | None = None, *, download: bool = Fa
     if image_size is not None and image_size < 1:
         raise _error(spec, f"--image-size {image_size} must be a positive integer", "e.g. --image-size 32")
     if spec == "builtin" or spec.startswith("builtin:"):
-        n_text = spec.partition(":")[2] or "500"
-        if not n_text.isdigit() or int(n_text) < 1:
-            raise _error(spec, f"N_PER_CLASS {n_text!r} is not a positive integer", "e.g. builtin:500")
-        return replace(make_builtin(int(n_text), image_size or 32, seed), source=spec)
+        return replace(make_builtin(_builtin_n(spec), image_size or 32, seed), source=spec)
     for prefix, train in (("cifar10:", True), ("cifar10-test:", False)):
         if spec.startswith(prefix):
             images, labels, classes = _load_cifar10(spec, spec[len(prefix):] or ".", train, download)
@@ -89,13 +86,19 @@ def load_images(spec: str, image_size: int | None = None, *, download: bool = Fa
     raise _error(spec, problem, "check the path, or use --data builtin for the embedded set")
 
 
+def _builtin_n(spec: str) -> int:
+    """N_PER_CLASS of a `builtin[:N_PER_CLASS]` spec (default 500), checked."""
+    n_text = spec.partition(":")[2] or "500"
+    if not n_text.isdigit() or int(n_text) < 1:
+        raise _error(spec, f"N_PER_CLASS {n_text!r} is not a positive integer", "e.g. builtin:500")
+    return int(n_text)
+
+
 def check_source(spec: str, download: bool = False) -> None:
     """The cheap part of load_images' checks (names, paths, folder layout), without decoding
     anything: launchers run it before submitting, so a typo fails at once, not in the queue."""
     if spec == "builtin" or spec.startswith("builtin:"):
-        n_text = spec.partition(":")[2] or "500"
-        if not n_text.isdigit() or int(n_text) < 1:
-            raise _error(spec, f"N_PER_CLASS {n_text!r} is not a positive integer", "e.g. builtin:500")
+        _builtin_n(spec)
         return
     for prefix in ("cifar10:", "cifar10-test:"):
         if spec.startswith(prefix):
@@ -129,7 +132,7 @@ def peek(spec: str, image_size: int) -> SourceFacts:
     """The cheap facts of a source that check_source accepted: launchers check a request with them (an empty
     validation split, a --resume of another class count or data set) before anything is queued or written."""
     if spec == "builtin" or spec.startswith("builtin:"):
-        n = int(spec.partition(":")[2] or "500")
+        n = _builtin_n(spec)
         small = n * len(BUILTIN_CLASSES) * image_size ** 2 <= 2 ** 25  # drawn in about a second at most
         return SourceFacts(BUILTIN_CLASSES, (n,) * len(BUILTIN_CLASSES),
                            fingerprint(make_builtin(n, image_size)) if small else None)
@@ -173,8 +176,7 @@ def source_labels(spec: str, skip_bad: bool = False) -> tuple[torch.Tensor, tupl
     """(labels (N,) int64, classes) of a source without decoding its images, or None where that cannot be
     known (CIFAR batches, an image folder with skip_bad: which files are unreadable is only known by decoding)."""
     if spec == "builtin" or spec.startswith("builtin:"):
-        n = int(spec.partition(":")[2] or "500")
-        return torch.from_numpy(builtin.labels(n, 0)), BUILTIN_CLASSES
+        return torch.from_numpy(builtin.labels(_builtin_n(spec), 0)), BUILTIN_CLASSES
     if spec.lower().endswith((".h5", ".hdf5")):
         try:
             with PackedReader(spec) as reader:
@@ -189,9 +191,12 @@ def source_labels(spec: str, skip_bad: bool = False) -> tuple[torch.Tensor, tupl
 
 def load_rows(spec: str, image_size: int, rows: Sequence[int], skip_bad: bool = False) -> torch.Tensor:
     """The images at positions `rows` of the source (N, 3, S, S) uint8, in the order given, reading only
-    those: rows of a packed file at `image_size`, the files of an image folder. Other sources (builtin,
-    CIFAR batches, a packed file of another size, a folder with skip_bad) are loaded whole, then indexed."""
+    those: rows of a packed file at `image_size`, the files of an image folder, the built-in set's images (its
+    generator still runs up to the last of them). Other sources (CIFAR batches, a packed file of another size, a
+    folder with skip_bad) are loaded whole, then indexed."""
     idx = np.asarray(rows, dtype=np.int64)
+    if spec == "builtin" or spec.startswith("builtin:"):
+        return torch.from_numpy(builtin.draw(_builtin_n(spec), image_size, 0, idx)[0])
     if spec.lower().endswith((".h5", ".hdf5")):
         with PackedReader(spec) as reader:
             if tuple(reader.shape[2:]) == (image_size, image_size):

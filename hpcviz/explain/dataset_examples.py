@@ -17,6 +17,7 @@ Pure: tensors and arrays in and out; hpcviz.viz reads and writes the files.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -30,8 +31,8 @@ from .activations import block_modules
 from .forward import ForwardPlan
 
 __all__ = ["TopK", "merge_topk", "merge_class_means", "selectivity", "reduce_summaries",
-           "receptive_field", "block_channels", "split_channels", "forward_hooked", "field_box", "crop", "shrink",
-           "project", "projection_footprint",
+           "receptive_field", "block_channels", "split_channels", "forward_hooked", "per_image", "field_box", "crop",
+           "shrink", "project", "projection_footprint",
            "TOPK_FIELDS"]
 
 TOPK_FIELDS = ("value", "index", "y", "x")  # topk/<block>/<field>, each (C, k)
@@ -286,8 +287,8 @@ def projection_footprint(model: nn.Module, block: str, hw: tuple[int, int]) -> t
     """(fixed, per row) bytes of `project` from `block` in float32. Fixed: the tape's BN-folded copy of every
     convolution's weights up to the block, and two of the largest (a transposed convolution's weights in
     another layout, for a moment). Per row: every block's activation up to the block (the tape keeps them),
-    the stem max-pool's int64 switches, and _TRANSIENT copies of the largest layer output. From the shapes:
-    pass a model on the meta device (nothing is computed). Within 25% of the peak a CPU run allocates for
+    the stem max-pool's int64 switches, and _TRANSIENT copies of the largest layer output. From the shapes of
+    an empty batch's forward (forward_hooked: nothing is computed). Within 25% of the peak a CPU run allocates for
     ResNet-20 at 32 px, ResNet-18 at 64 px and ResNet-50 at 224 px (tests/viz/test_projection.py)."""
     names, mods = block_names(model), block_modules(model)
     seen: dict[str, int] = {"acts": 0, "largest": 0, "pool": 0, "weights": 0, "widest": 0}
@@ -296,9 +297,9 @@ def projection_footprint(model: nn.Module, block: str, hw: tuple[int, int]) -> t
     def leaf(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
         if done[0]:
             return
-        seen["largest"] = max(seen["largest"], out.numel())
+        seen["largest"] = max(seen["largest"], per_image(out))
         if isinstance(module, nn.MaxPool2d):
-            seen["pool"] += out.numel()
+            seen["pool"] += per_image(out)
         if isinstance(module, nn.Conv2d):
             seen["weights"] += module.weight.numel()
             seen["widest"] = max(seen["widest"], module.weight.numel())
@@ -306,7 +307,7 @@ def projection_footprint(model: nn.Module, block: str, hw: tuple[int, int]) -> t
     def at_block(name: str) -> Any:
         def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
             if not done[0]:
-                seen["acts"] += out.numel()
+                seen["acts"] += per_image(out)
                 done[0] = name == block
         return hook
     hooks = [m.register_forward_hook(leaf) for m in model.modules() if not any(m.children())]
@@ -317,14 +318,20 @@ def projection_footprint(model: nn.Module, block: str, hw: tuple[int, int]) -> t
 
 
 def forward_hooked(model: nn.Module, hw: tuple[int, int], hooks: Sequence[Any]) -> None:
-    """One forward of a (1, 3, H, W) batch on the model's device (meta: shapes only) for the forward `hooks`
-    registered on it, which are removed after, whatever happens."""
+    """One forward of an empty (0, 3, H, W) batch, which computes nothing but every output's shape, on the model's
+    device for the forward `hooks` registered on it (which count per image: `per_image`); removed after, whatever
+    happens."""
     try:
         p = next(model.parameters())
-        model(torch.empty(1, 3, *hw, device=p.device, dtype=p.dtype))
+        model(torch.empty(0, 3, *hw, device=p.device, dtype=p.dtype))
     finally:
         for h in hooks:
             h.remove()
+
+
+def per_image(out: torch.Tensor) -> int:
+    """Elements of one image's share of a batch's output (B, ...)."""
+    return math.prod(out.shape[1:])
 
 
 @torch.no_grad()

@@ -290,7 +290,7 @@ def transpose_ops(ops: list[Op], g: torch.Tensor, tape: _Tape, conv_t: Any = con
 
 
 class Deconvnet:
-    """Deconvnet for one of the project's ResNets (torchvision ResNet-18/34/50, either stem; CifarResNet).
+    """Deconvnet for one of the project's ResNets (ResNet-18/34/50, either stem; ResNet-20/32/56).
 
     Usage: `acts = d.forward(x)` once per batch, then `d.reconstruct(block, path, seed)` as often as
     needed; or `d.reconstruct_all(x, blocks, paths)`. Runs on the model's device, in its dtype

@@ -26,11 +26,11 @@ from typing import Any, Protocol, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet as tvr
 
 from ..errors import InputError
-from ..models import block_names
+from ..models import BasicBlock, Bottleneck, block_names
 
+_TORCHVISION = "torchvision.models.resnet"
 _HINT = "hint: the deconvnet and the inversion support the ResNets of hpcviz.models"
 
 
@@ -80,21 +80,23 @@ def relu_op(module: nn.Module, key: str) -> Op:
 
 def _block(name: str, block: nn.Module) -> Block:
     convs: tuple[str, ...]
-    if isinstance(block, tvr.Bottleneck):
+    kind = type(block).__name__  # torchvision's own blocks, not imported here (see hpcviz.models), work alike
+    if isinstance(block, Bottleneck) or (kind == "Bottleneck" and type(block).__module__ == _TORCHVISION):
         convs = ("conv1", "conv2", "conv3")
-    elif isinstance(block, tvr.BasicBlock):
+    elif isinstance(block, BasicBlock) or (kind == "BasicBlock" and type(block).__module__ == _TORCHVISION):
         convs = ("conv1", "conv2")
     else:
-        raise PlanError(f"{name}: {type(block).__name__} is not a torchvision BasicBlock or Bottleneck; {_HINT}")
+        raise PlanError(f"{name}: {kind} is not a BasicBlock or Bottleneck of hpcviz.models or torchvision; {_HINT}")
     residual: list[Op] = []
+    relu, downsample = cast(nn.Module, block.relu), cast("nn.Module | None", block.downsample)
     for i, c in enumerate(convs, 1):
         if i > 1:
-            residual.append(relu_op(block.relu, f"{name}.relu"))
+            residual.append(relu_op(relu, f"{name}.relu"))
         residual += [conv_op(getattr(block, c), f"{name}.{c}"), bn_op(getattr(block, f"bn{i}"), f"{name}.bn{i}")]
-    relu_op(block.relu, f"{name}.relu")
+    relu_op(relu, f"{name}.relu")
     shortcut: list[Op] = []
-    if block.downsample is not None:
-        parts = block.downsample.children() if isinstance(block.downsample, nn.Sequential) else [block.downsample]
+    if downsample is not None:
+        parts = downsample.children() if isinstance(downsample, nn.Sequential) else [downsample]
         for j, m in enumerate(parts):
             key = f"{name}.downsample.{j}"
             shortcut.append(conv_op(m, key) if isinstance(m, nn.Conv2d) else bn_op(m, key))

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..models import block_names
 from .activations import block_modules
-from .dataset_examples import crop, field_box, forward_hooked, project, receptive_field
+from .dataset_examples import crop, field_box, forward_hooked, per_image, project, receptive_field
 from .deconv import Deconvnet, overlap, transpose_ops
 
 __all__ = ["project_field", "windowed", "projection_macs"]
@@ -172,13 +172,13 @@ def project_field(deconvnet: Deconvnet, x: torch.Tensor, block: str, channel: to
 def projection_macs(model: nn.Module, hw: tuple[int, int]) -> dict[str, float]:
     """{block: multiply-adds of one projection (a row) from it}, about: its transposed convolutions are the
     forward's convolutions up to the block, at the share of the image `project_field` computes (its receptive
-    field's area, where it windows). From the shapes: pass a model on the meta device (nothing is computed)."""
+    field's area, where it windows). From the shapes of an empty batch's forward (nothing is computed)."""
     names, mods = block_names(model), block_modules(model)
     macs, seen = [0.0], dict[str, float]()
 
     def conv(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
         w = cast(nn.Conv2d, module).weight
-        macs[0] += out[0].numel() * w[0].numel()  # per output element: C_in / groups * kh * kw
+        macs[0] += per_image(out) * w[0].numel()  # per output element: C_in / groups * kh * kw
 
     def at(name: str) -> Any:
         def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:

@@ -75,8 +75,8 @@ def projection_parts(arch: str, stem: str, blocks: list[str], tasks: int, topk: 
 
 @functools.lru_cache(maxsize=16)
 def _architecture_costs(arch: str, stem: str, image_size: int) -> tuple[dict[str, int], dict[str, float]]:
-    """(channels, a row's multiply-adds) of every block: a forward on the meta device with a FLOP counter,
-    ~0.1 s, asked for by every staleness check and part; the same for the same architecture."""
+    """(channels, a row's multiply-adds) of every block, from the shape model's empty forward: asked for by
+    every staleness check and part, the same for the same architecture."""
     model = shape_model(arch, 10, stem)
     return block_channels(model), projection_macs(model, (image_size, image_size))
 

@@ -219,7 +219,7 @@ def test_rows_and_labels_without_loading_the_whole_source(tmp_path, monkeypatch,
     else:
         assert labels is not None and torch.equal(labels[0], whole.labels) and labels[1] == whole.classes
     decoded = []
-    if source in ("packed", "folder"):
+    if source in ("packed", "folder", "builtin:3"):
         def refuse(*a, **k):
             raise AssertionError("load_images called: the whole source was read")
         monkeypatch.setattr(data, "load_images", refuse)
@@ -243,6 +243,18 @@ def test_builtin_deterministic_and_balanced():
     assert a.labels[:20].unique().numel() > 3  # shuffled, not sorted by class
     per_image_std = a.images.float().std(dim=(1, 2, 3))
     assert (per_image_std > 5).all()  # every image has some structure or noise
+
+
+@pytest.mark.parametrize("n,size", [(500, 32), (4, 224)])
+def test_builtin_rows_are_the_whole_sets(n, size):
+    """The built-in set's images at some rows, byte for byte those of the whole set: rows in any order, twice,
+    in several of the generator's chunks (1,024 images at 32 px, 20 at 224 px) and in the last one."""
+    from hpcviz.data import builtin
+    whole, labels = builtin.draw(n, size, 0)
+    rows = np.array([10 * n - 1, 3, 1500 % (10 * n), 3, 21, 0])
+    got, got_labels = builtin.draw(n, size, 0, rows)
+    assert got.dtype == np.uint8 and np.array_equal(got, whole[rows]) and np.array_equal(got_labels, labels)
+    assert builtin.draw(n, size, 0, np.array([], np.int64))[0].shape == (0, 3, size, size)
 
 
 def test_builtin_via_spec():

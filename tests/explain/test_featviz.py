@@ -24,7 +24,7 @@ from hpcviz.explain.featviz import (
     visualize_channels,
 )
 from hpcviz.explain.forward import ForwardPlan
-from hpcviz.models import CifarResNet
+from hpcviz.models import BasicBlock, ResNet
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.2, 0.3)
 
@@ -41,7 +41,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
-    model = CifarResNet(1, 10, "cifar", width=4).eval()  # blocks conv1, layer1.0, layer2.0, layer3.0: 4, 4, 8, 16 ch
+    model = ResNet(BasicBlock, [1, 1, 1], 10, "cifar", width=4).eval()  # blocks conv1, layer1.0, layer2.0, layer3.0: 4, 4, 8, 16 ch
     with torch.no_grad():  # batch norm statistics that are not the identity, so folding them is exercised
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -176,7 +176,7 @@ def test_random_affines_ranges_and_off():
 
 @pytest.mark.parametrize("stem", ["cifar", "imagenet"])
 def test_objective_against_the_module_forward_and_autograd(net, stem):
-    model = net if stem == "cifar" else CifarResNet(1, 10, "imagenet", width=4).eval()
+    model = net if stem == "cifar" else ResNet(BasicBlock, [1, 1, 1], 10, "imagenet", width=4).eval()
     size = 8 if stem == "cifar" else 16
     blocks = ["conv1", "layer1.0", "layer3.0"]
     chans = [torch.tensor([1, 3]), torch.tensor([0, 2, 3]), torch.tensor([15, 0])]
@@ -322,7 +322,7 @@ def test_redirected_relu_by_hand():
 
 def test_pre_relu_forward_is_the_plain_forward_before_its_relu(net):
     from hpcviz.explain.featviz import stacked_pre_relu
-    for model, size in ((net, 8), (CifarResNet(1, 10, "imagenet", width=4).eval(), 16)):
+    for model, size in ((net, 8), (ResNet(BasicBlock, [1, 1, 1], 10, "imagenet", width=4).eval(), 16)):
         plan = ForwardPlan(model)
         x = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(0))
         blocks, sizes = ["conv1", "layer1.0", "layer3.0"], [1, 2, 3]

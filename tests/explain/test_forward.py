@@ -64,6 +64,17 @@ def test_folding_changes_nothing_in_the_model_and_halves_the_ops():
         assert torch.equal(v, state[k]), k
 
 
+def test_torchvisions_own_resnet_plans_alike():
+    """torchvision's blocks, which hpcviz.models mirrors without importing them, are read by name."""
+    import torchvision
+    ours = build_model("resnet18", 10).eval()
+    theirs = torchvision.models.resnet18(num_classes=10).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    a, b = ForwardPlan(ours).run(x, "layer4.1", pool), ForwardPlan(theirs).run(x, "layer4.1", pool)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_not_a_project_resnet_is_one_line():
     with pytest.raises(PlanError, match="maxpool") as e:
         model = build_model("resnet18", 10)
