@@ -364,22 +364,36 @@ def _project(deconvnet: Any, x: torch.Tensor, block: str, channel: torch.Tensor,
 
 # ============================================================ the grid as pixels (stored with the projections)
 def tile_rgb(image: np.ndarray) -> np.ndarray:
-    """(3, H, W) -> (H, W, 3) for imshow: uint8 as is, anything else min-max scaled to [0, 1]."""
-    tile = np.moveaxis(image, 0, -1)
+    """(3, H, W) -> (H, W, 3) for imshow: uint8 as is, anything else min-max scaled to [0, 1] over its finite
+    values (NaN and -inf show black, +inf white); an image without two different finite values shows grey."""
+    return tiles_rgb(np.asarray(image)[None])[0]
+
+
+def tiles_rgb(tiles: np.ndarray) -> np.ndarray:
+    """tile_rgb of every tile of (n, 3, H, W) at once -> (n, H, W, 3), each scaled over its own values."""
+    tile = np.moveaxis(tiles, 1, -1)
     if tile.dtype == np.uint8:
         return tile
     tile = tile.astype(np.float32)
-    finite = tile[np.isfinite(tile)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    scaled = (tile - lo) / (hi - lo) if hi > lo else np.full_like(tile, 0.5)  # a constant image shows grey
+    finite = np.isfinite(tile)
+    axes = tuple(range(1, tile.ndim))
+    lo = np.where(finite, tile, np.inf).min(axis=axes, initial=np.inf)  # (n,)
+    hi = np.where(finite, tile, -np.inf).max(axis=axes, initial=-np.inf)
+    lo[~np.isfinite(lo)], hi[~np.isfinite(hi)] = 0.0, 0.0  # no finite value
+    span = (hi.astype(np.float64) - lo).astype(np.float32)  # rounded once, as a scalar's would be
+    shape = (-1,) + (1,) * (tile.ndim - 1)
+    flat = span <= 0
+    scaled = (tile - lo.reshape(shape)) / np.where(flat, 1, span).reshape(shape)
+    scaled[flat] = 0.5
     return np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
 
 
 def _to_uint8(tiles: np.ndarray) -> np.ndarray:
     """(n, 3, P, Q) -> (n, P, Q, 3) uint8: uint8 as is, anything else min-max scaled per tile (a projection's
     scale is arbitrary); an all-zero tile stays black."""
-    return np.stack([np.round(255 * tile_rgb(t)).astype(np.uint8) if t.dtype != np.uint8 else np.moveaxis(t, 0, -1)
-                     for t in tiles]) if len(tiles) else np.zeros((0, *tiles.shape[2:], 3), np.uint8)
+    if tiles.dtype == np.uint8:
+        return np.moveaxis(tiles, 1, -1)
+    return np.round(255 * tiles_rgb(tiles)).astype(np.uint8)
 
 
 def montage(patch: np.ndarray, deconv: np.ndarray, cell: int = 24, gap: int = 2) -> np.ndarray:

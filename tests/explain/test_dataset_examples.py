@@ -189,3 +189,28 @@ def test_shrink_averages_areas_and_keeps_the_aspect():
     assert shrink(tiles, 12) is tiles  # small enough already
     u = shrink(torch.full((1, 3, 10, 10), 200, dtype=torch.uint8), 5)
     assert u.dtype == torch.uint8 and (u == 200).all()
+
+
+def test_tiles_are_scaled_each_over_its_own_finite_values():
+    """tiles_rgb (all tiles at once, for the montages) against the rule computed tile by tile: min-max over the
+    finite values, NaN and -inf black, +inf white; a tile without two different finite values grey; uint8
+    untouched."""
+    from hpcviz.explain.dataset_examples import tile_rgb, tiles_rgb
+    rng = np.random.default_rng(0)
+    tiles = (rng.standard_normal((12, 3, 5, 4)) * rng.uniform(1e-6, 1e6, (12, 1, 1, 1))).astype(np.float32)
+    tiles[1], tiles[2], tiles[6], tiles[7] = 0, 3.5, np.nan, np.inf
+    tiles[3, 0, 0, 0], tiles[4, 1, 2, 3], tiles[5, 0, 1, 1] = np.nan, np.inf, -np.inf
+    out = tiles_rgb(tiles)
+    assert out.shape == (12, 5, 4, 3) and out.dtype == np.float32
+    for i, t in enumerate(tiles):
+        hwc = np.moveaxis(t, 0, -1)
+        finite = hwc[np.isfinite(hwc)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        want = (hwc - lo) / (hi - lo) if hi > lo else None
+        want = np.full_like(hwc, 0.5) if want is None else \
+            np.where(np.isnan(hwc) | (hwc == -np.inf), 0.0, np.where(hwc == np.inf, 1.0, want))
+        np.testing.assert_array_equal(out[i], want)
+        np.testing.assert_array_equal(tile_rgb(t), want)
+    assert out[1].min() == out[1].max() == 0.5 and out[3].min() == 0.0 and out[3].max() == 1.0
+    u = rng.integers(0, 256, (2, 3, 4, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(tiles_rgb(u), np.moveaxis(u, 1, -1))
