@@ -65,7 +65,8 @@ def featviz_pixels(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 
 def _png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG", compress_level=9)
+    # zlib level 6, not 9: 1.5 vs 5.0 ms a tile for 0.4% more bytes (measured on a ResNet-20 atlas's 704 PNGs)
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
 
 
