@@ -91,14 +91,8 @@ def plan_parts(run: RunDir, plan: Plan) -> list[Part]:
 def stale_parts(run: RunDir, plan: Plan, from_shards: bool = False) -> list[int]:
     """The parts whose file does not match viz.h5's merged lists (all of them without viz.h5); `from_shards`:
     the lists merged from the shards present now, as the parts are made (a launcher that collates after them)."""
-    if not from_shards:
-        return _staleness(run, plan)[2]
-    parts = plan_parts(run, plan)
-    good = [k for k in range(len(plan.shards)) if shard_problem(run, k, plan) is None]
-    if not parts or not good:
-        return list(range(len(parts)))
-    lists = shard_lists(run, plan, good)
-    return [i for i, p in enumerate(parts) if not _is_current(run.examples_part(i), _digest(plan, p, lists[p[0]]))]
+    good = [k for k in range(len(plan.shards)) if shard_problem(run, k, plan) is None] if from_shards else None
+    return _staleness(run, plan, good)[2]
 
 
 def part_states(run: RunDir, plan: Plan) -> list[tuple[int, str, str]]:
@@ -116,12 +110,14 @@ def part_states(run: RunDir, plan: Plan) -> list[tuple[int, str, str]]:
     return out
 
 
-def _staleness(run: RunDir, plan: Plan) -> tuple[list[Part], dict[str, dict[str, np.ndarray]], list[int]]:
-    """(the plan's parts, viz.h5's merged lists, the parts whose file does not match them)."""
+def _staleness(run: RunDir, plan: Plan, shards: list[int] | None = None
+               ) -> tuple[list[Part], dict[str, dict[str, np.ndarray]], list[int]]:
+    """(the plan's parts, viz.h5's merged lists, the parts whose file does not match them); `shards`: the lists
+    merged from those shards instead (what collating them will write to viz.h5), viz.h5 not read."""
     parts = plan_parts(run, plan)
-    if not parts or not run.viz_file.is_file():
+    if not parts or (not shards if shards is not None else not run.viz_file.is_file()):
         return parts, {}, list(range(len(parts)))
-    lists = merged_lists(run, plan)
+    lists = merged_lists(run, plan) if shards is None else shard_lists(run, plan, shards)
     return parts, lists, [i for i, p in enumerate(parts)
                           if not _is_current(run.examples_part(i), _digest(plan, p, lists[p[0]]))]
 
@@ -166,12 +162,15 @@ def _is_current(path: Path, digest: str) -> bool:
         return False
 
 
-def current_parts(run: RunDir, plan: Plan, project: bool, device: str) -> tuple[list[Path], str]:
+def current_parts(run: RunDir, plan: Plan, project: bool, device: str,
+                  shards: list[int] | None = None) -> tuple[list[Path], str]:
     """(the part files of the blocks whose every part matches viz.h5's merged lists, in order; why the other
     blocks' are not presented, '' when all are). `project`: the stale parts are computed here first (on
-    `device`); a part that fails stops the computing (the same cause would fail the next) but takes nothing
-    away: the blocks whose parts are all current are still presented."""
-    parts, lists, stale = _staleness(run, plan)
+    `device`, from viz.h5's images); a part that fails stops the computing (the same cause would fail the next)
+    but takes nothing away: the blocks whose parts are all current are still presented. `shards` (without
+    `project`): judged against the lists merged from those shards, before viz.h5 is written."""
+    assert not (project and shards is not None), "computing reads viz.h5"
+    parts, lists, stale = _staleness(run, plan, shards)
     error = ""
     if stale and project:
         try:

@@ -247,3 +247,36 @@ def test_a_plan_from_before_the_dataset_examples_keeps_its_meaning(run):
     old = Plan.from_dict(values, str(run))
     assert old.topk == 0 and old.config.topk == 0
     assert old.mismatch({k: v for k, v in old.shard_attrs().items() if k != "topk"}) is None  # an old shard
+
+
+def test_current_parts_are_collated_in_one_write_and_a_bad_part_takes_nothing(run, tmp_path, monkeypatch):
+    """Nothing to compute: the parts are judged against the shards' merged lists and viz.h5 is written once, the
+    same file as the two writes of a collation that projects (the view, then with the parts). A part that
+    cannot be presented (not an HDF5 file, though its digest was read before) leaves viz.h5 as the shards make it,
+    and says why."""
+    import shutil
+
+    import hpcviz.viz.collation as collation
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    r = RunDir(copy)
+    plan = r.read_plan()
+    collate(r, plan, project=True)
+    with_parts = {n: store.read_shard(r.viz_file, [n])[n] for n in store.list_datasets(r.viz_file)}
+    r.viz_file.unlink()
+    writes = []
+    real = store.write_view
+    monkeypatch.setattr(collation.store, "write_view", lambda *a, **k: writes.append(k["attach"]) or real(*a, **k))
+    out = collate(r, plan)
+    assert len(writes) == 1 and len(writes[0]) == len(list(r.examples_dir.glob("part-*.h5")))
+    assert "examples_error" not in out and out["path"] == r.viz_file
+    once = {n: store.read_shard(r.viz_file, [n])[n] for n in store.list_datasets(r.viz_file)}
+    assert set(once) == set(with_parts) and all(np.array_equal(once[n], with_parts[n]) for n in once)
+
+    writes.clear()
+    monkeypatch.setattr(collation, "_current", lambda *a: {"examples": [r.examples_part(0), tmp_path / "x.h5"]})
+    (tmp_path / "x.h5").write_bytes(b"not hdf5")
+    out = collate(r, plan)
+    assert len(writes) == 2 and writes[1] == [] and "could not be presented" in out["examples_error"]
+    assert out["path"] == r.viz_file and out["n_images"] == 11
+    assert not [n for n in store.list_datasets(r.viz_file) if n.startswith("examples/")]
