@@ -88,6 +88,20 @@ def test_the_shape_model_is_built_once_uninitialised():
     assert m(torch.empty(0, 3, 32, 32)).shape == (0, 10)
 
 
+def test_a_checkpoints_model_has_its_weights_in_the_default_layout():
+    """Training saves channels-last weights; the model given them (not copied into fresh ones) is NCHW, as a
+    model loaded by load_state_dict was, and computes what the trained one does."""
+    from hpcviz.models import from_checkpoint
+    trained = build_model("resnet20", 10).to(memory_format=torch.channels_last).eval()
+    state = {"config": {"arch": "resnet20", "stem": ""}, "classes": list(range(10)), "model": trained.state_dict()}
+    assert not state["model"]["conv1.weight"].is_contiguous()
+    model = from_checkpoint(state)
+    assert not model.training and all(t.is_contiguous() for t in (*model.parameters(), *model.buffers()))
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in model.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), trained(x))
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
 def test_a_seed_gives_torchvisions_weights(arch):
     """The project's own classes, module for module torchvision's: the same parameter names in the same order,

@@ -89,7 +89,8 @@ def draw(n_per_class: int, size: int, seed: int,
     label_of = _builtin_labels(rng, n_per_class)  # (N,)
     q = _builtin_params(rng, n)
     wanted = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
-    assert not wanted.size or 0 <= wanted.min() <= wanted.max() < n, (wanted.min(), wanted.max(), n)
+    if wanted.size and not 0 <= wanted.min() <= wanted.max() < n:
+        raise IndexError(f"rows {wanted.min()}..{wanted.max()}: the built-in set has rows 0..{n - 1}")
     grid = (np.arange(size, dtype=np.float64) + 0.5) / size  # pixel centres
     x, y = grid[None, None, :], grid[None, :, None]  # (1, 1, S), (1, S, 1)
     images = np.empty((len(wanted), 3, size, size), np.uint8)

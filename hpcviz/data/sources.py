@@ -69,10 +69,9 @@ def load_images(spec: str, image_size: int | None = None, *, download: bool = Fa
 
     `seed` only affects ``builtin``; `download` only ``cifar10*``; `skip_bad` only ImageFolder.
     """
-    if image_size is not None and image_size < 1:
-        raise _error(spec, f"--image-size {image_size} must be a positive integer", "e.g. --image-size 32")
-    if spec == "builtin" or spec.startswith("builtin:"):
-        return replace(make_builtin(_builtin_n(spec), image_size or 32, seed), source=spec)
+    _check_size(spec, image_size)
+    if (n := _builtin_n(spec)) is not None:
+        return replace(make_builtin(n, image_size or 32, seed), source=spec)
     for prefix, train in (("cifar10:", True), ("cifar10-test:", False)):
         if spec.startswith(prefix):
             images, labels, classes = _load_cifar10(spec, spec[len(prefix):] or ".", train, download)
@@ -86,8 +85,15 @@ def load_images(spec: str, image_size: int | None = None, *, download: bool = Fa
     raise _error(spec, problem, "check the path, or use --data builtin for the embedded set")
 
 
-def _builtin_n(spec: str) -> int:
-    """N_PER_CLASS of a `builtin[:N_PER_CLASS]` spec (default 500), checked."""
+def _check_size(spec: str, image_size: int | None) -> None:
+    if image_size is not None and image_size < 1:
+        raise _error(spec, f"--image-size {image_size} must be a positive integer", "e.g. --image-size 32")
+
+
+def _builtin_n(spec: str) -> int | None:
+    """N_PER_CLASS of a `builtin[:N_PER_CLASS]` spec (default 500), checked; None for any other source."""
+    if not (spec == "builtin" or spec.startswith("builtin:")):
+        return None
     n_text = spec.partition(":")[2] or "500"
     if not n_text.isdigit() or int(n_text) < 1:
         raise _error(spec, f"N_PER_CLASS {n_text!r} is not a positive integer", "e.g. builtin:500")
@@ -97,8 +103,7 @@ def _builtin_n(spec: str) -> int:
 def check_source(spec: str, download: bool = False) -> None:
     """The cheap part of load_images' checks (names, paths, folder layout), without decoding
     anything: launchers run it before submitting, so a typo fails at once, not in the queue."""
-    if spec == "builtin" or spec.startswith("builtin:"):
-        _builtin_n(spec)
+    if _builtin_n(spec) is not None:
         return
     for prefix in ("cifar10:", "cifar10-test:"):
         if spec.startswith(prefix):
@@ -131,8 +136,7 @@ class SourceFacts:
 def peek(spec: str, image_size: int) -> SourceFacts:
     """The cheap facts of a source that check_source accepted: launchers check a request with them (an empty
     validation split, a --resume of another class count or data set) before anything is queued or written."""
-    if spec == "builtin" or spec.startswith("builtin:"):
-        n = _builtin_n(spec)
+    if (n := _builtin_n(spec)) is not None:
         small = n * len(BUILTIN_CLASSES) * image_size ** 2 <= 2 ** 25  # drawn in about a second at most
         return SourceFacts(BUILTIN_CLASSES, (n,) * len(BUILTIN_CLASSES),
                            fingerprint(make_builtin(n, image_size)) if small else None)
@@ -175,8 +179,8 @@ def check_split(spec: str, facts: SourceFacts, val_fraction: float) -> None:
 def source_labels(spec: str, skip_bad: bool = False) -> tuple[torch.Tensor, tuple[str, ...]] | None:
     """(labels (N,) int64, classes) of a source without decoding its images, or None where that cannot be
     known (CIFAR batches, an image folder with skip_bad: which files are unreadable is only known by decoding)."""
-    if spec == "builtin" or spec.startswith("builtin:"):
-        return torch.from_numpy(builtin.labels(_builtin_n(spec), 0)), BUILTIN_CLASSES
+    if (n := _builtin_n(spec)) is not None:
+        return torch.from_numpy(builtin.labels(n, 0)), BUILTIN_CLASSES
     if spec.lower().endswith((".h5", ".hdf5")):
         try:
             with PackedReader(spec) as reader:
@@ -195,8 +199,9 @@ def load_rows(spec: str, image_size: int, rows: Sequence[int], skip_bad: bool = 
     generator still runs up to the last of them). Other sources (CIFAR batches, a packed file of another size, a
     folder with skip_bad) are loaded whole, then indexed."""
     idx = np.asarray(rows, dtype=np.int64)
-    if spec == "builtin" or spec.startswith("builtin:"):
-        return torch.from_numpy(builtin.draw(_builtin_n(spec), image_size, 0, idx)[0])
+    if (n := _builtin_n(spec)) is not None:
+        _check_size(spec, image_size)
+        return torch.from_numpy(builtin.draw(n, image_size, 0, idx)[0])
     if spec.lower().endswith((".h5", ".hdf5")):
         with PackedReader(spec) as reader:
             if tuple(reader.shape[2:]) == (image_size, image_size):
@@ -416,8 +421,7 @@ class ImageFolderStream:
 
     def __init__(self, spec: str, image_size: int | None = None, *, skip_bad: bool = False,
                  batch: int = 256) -> None:
-        if image_size is not None and image_size < 1:
-            raise _error(spec, f"--image-size {image_size} must be a positive integer", "e.g. --image-size 32")
+        _check_size(spec, image_size)
         if not os.path.isdir(spec):
             raise _error(spec, "no such directory" if not os.path.exists(spec) else "not a directory",
                          "check the path")

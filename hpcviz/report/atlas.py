@@ -26,7 +26,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from ..explain.dataset_examples import tile_rgb
+from ..explain.tiles import tile_rgb
 from .render import html_text as esc
 
 __all__ = ["BlockData", "PAGE", "atlas_files", "block_files", "index_page", "page_name", "card_href",

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputError
-from ..explain.dataset_examples import montage, tile_rgb
+from ..explain.tiles import montage, tile_rgb
 from .render import terminal_text
 
 if TYPE_CHECKING:

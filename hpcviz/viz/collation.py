@@ -57,16 +57,14 @@ def collate(run: RunDir, plan: Plan | None, project: bool = False, device: str =
     # again with the parts. Otherwise the parts are judged against the lists merged from the shards (what viz.h5
     # will hold) and viz.h5 is written once (0.3 s a write for 8 images).
     once = not (project or featviz)
-    attach = _current(run, plan, out, False, False, device, good) if once else {}
-    first = [p for files in attach.values() for p in files]
-    try:
+    attach: dict[str, list[Path]] = {}
+    if once:
         try:
-            summary = write(first)
-        except store.StoreError as e:
-            if not first:
-                raise
-            _not_presented(out, attach, e)  # the parts take nothing from a good collation: it is written without
-            summary = write([])
+            attach = _current(run, plan, out, False, False, device, good)
+        except Exception:  # noqa: BLE001 (an unreadable summary or part): judged as below, once viz.h5 is written
+            once = False
+    try:
+        summary = _write_first(write, attach, out)
     except store.StoreError as e:  # shards that disagree among themselves, or viz.h5 cannot be written
         return {**out, "reason": f"the shards could not be collated: {e}"}
     out.update(n_images=summary["n_images"], path=run.viz_file)
@@ -98,6 +96,20 @@ def _current(run: RunDir, plan: Plan, out: dict[str, Any], project: bool, featvi
                 log.warning("%s", error)
         out[key] = time.perf_counter() - t0 if compute else None
     return attach
+
+
+def _write_first(write: Any, attach: dict[str, list[Path]], out: dict[str, Any]) -> dict[str, Any]:
+    """viz.h5 with the parts `attach`; where they cannot be presented, without them (they take nothing from a
+    good collation), saying why in `out`. A StoreError of the shards themselves is raised."""
+    files = [p for files in attach.values() for p in files]
+    try:
+        return write(files)
+    except store.StoreError as e:
+        if not files:
+            raise
+        summary = write([])  # raises where the shards are the cause
+        _not_presented(out, attach, e)
+        return summary
 
 
 def _not_presented(out: dict[str, Any], attach: dict[str, list[Path]], e: Exception) -> None:

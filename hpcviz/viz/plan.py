@@ -132,11 +132,18 @@ def resolve_invert_blocks(model: torch.nn.Module, spec: list[str]) -> list[str]:
 
 def plan_arch(run: RunDir, plan: Plan) -> tuple[str, str, int]:
     """(arch, stem, image size) of the model the plan was made for: from viz.h5's root attrs once this plan is
-    collated (no checkpoint to read), else from the checkpoint. Sizes the parts of the per-channel arrays."""
-    attrs = store.read_attrs(run.viz_file) if run.viz_file.is_file() else {}
-    if attrs.get("plan_checkpoint_sha256") != plan.checkpoint_sha256 or "image_size" not in attrs:
-        attrs = checkpoint.load_checkpoint(run.path / plan.checkpoint)["config"]
-    return attrs["arch"], attrs.get("stem", ""), int(attrs.get("image_size", 32))
+    collated, else from a shard of the plan's checkpoint, else (none written yet) from the checkpoint itself, the
+    only one of the three that costs a read of the weights. Sizes the parts of the per-channel arrays."""
+    for path, key in ((run.viz_file, "plan_checkpoint_sha256"), *((run.shard(k), "checkpoint_sha256")
+                                                                   for k in range(len(plan.shards)))):
+        try:
+            attrs = store.read_attrs(path) if path.is_file() else {}
+        except store.StoreError:  # a half-written or foreign file: the next one, or the checkpoint, says it
+            continue
+        if attrs.get(key) == plan.checkpoint_sha256 and "image_size" in attrs:
+            return attrs["arch"], attrs.get("stem", ""), int(attrs["image_size"])
+    cfg = checkpoint.load_checkpoint(run.path / plan.checkpoint)["config"]
+    return cfg["arch"], cfg.get("stem", ""), int(cfg.get("image_size", 32))
 
 
 def shard_problem(run: RunDir, k: int, plan: Plan) -> str | None:

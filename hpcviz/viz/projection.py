@@ -32,7 +32,6 @@ from ..explain.dataset_examples import (
     crop,
     field_box,
     merge_topk,
-    montage,
     project,
     projection_footprint,
     receptive_field,
@@ -40,6 +39,7 @@ from ..explain.dataset_examples import (
     split_channels,
 )
 from ..explain.deconv import Deconvnet
+from ..explain.tiles import montage
 from ..explain.window import project_field, projection_macs
 from ..log import setup_logging
 from ..models import from_checkpoint, shape_model

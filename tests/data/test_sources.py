@@ -255,6 +255,9 @@ def test_builtin_rows_are_the_whole_sets(n, size):
     got, got_labels = builtin.draw(n, size, 0, rows)
     assert got.dtype == np.uint8 and np.array_equal(got, whole[rows]) and np.array_equal(got_labels, labels)
     assert builtin.draw(n, size, 0, np.array([], np.int64))[0].shape == (0, 3, size, size)
+    for bad in (10 * n, -1):
+        with pytest.raises(IndexError, match=f"rows 0..{10 * n - 1}"):
+            builtin.draw(n, size, 0, np.array([0, bad]))
 
 
 def test_builtin_via_spec():

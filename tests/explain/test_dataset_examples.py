@@ -195,7 +195,7 @@ def test_tiles_are_scaled_each_over_its_own_finite_values():
     """tiles_rgb (all tiles at once, for the montages) against the rule computed tile by tile: min-max over the
     finite values, NaN and -inf black, +inf white; a tile without two different finite values grey; uint8
     untouched."""
-    from hpcviz.explain.dataset_examples import tile_rgb, tiles_rgb
+    from hpcviz.explain.tiles import tile_rgb, tiles_rgb
     rng = np.random.default_rng(0)
     tiles = (rng.standard_normal((12, 3, 5, 4)) * rng.uniform(1e-6, 1e6, (12, 1, 1, 1))).astype(np.float32)
     tiles[1], tiles[2], tiles[6], tiles[7] = 0, 3.5, np.nan, np.inf

@@ -251,7 +251,8 @@ def test_a_plan_from_before_the_dataset_examples_keeps_its_meaning(run):
 
 def test_current_parts_are_collated_in_one_write_and_a_bad_part_takes_nothing(run, tmp_path, monkeypatch):
     """Nothing to compute: the parts are judged against the shards' merged lists and viz.h5 is written once, the
-    same file as the two writes of a collation that projects (the view, then with the parts). A part that
+    same file as the two writes of a collation that projects (the view, then with the parts), without reading the
+    checkpoint (the shards say the architecture: the parts' plan needs it). A part that
     cannot be presented (not an HDF5 file, though its digest was read before) leaves viz.h5 as the shards make it,
     and says why."""
     import shutil
@@ -272,6 +273,13 @@ def test_current_parts_are_collated_in_one_write_and_a_bad_part_takes_nothing(ru
     assert "examples_error" not in out and out["path"] == r.viz_file
     once = {n: store.read_shard(r.viz_file, [n])[n] for n in store.list_datasets(r.viz_file)}
     assert set(once) == set(with_parts) and all(np.array_equal(once[n], with_parts[n]) for n in once)
+
+    shutil.rmtree(r.path / "checkpoints")  # the architecture comes from the shards, not the weights
+    r.viz_file.unlink()
+    writes.clear()
+    out = collate(r, plan)
+    assert len(writes) == 1 and "examples_error" not in out and out["n_images"] == 11
+    assert "examples/layer3.2/patch" in store.list_datasets(r.viz_file)
 
     writes.clear()
     monkeypatch.setattr(collation, "_current", lambda *a: {"examples": [r.examples_part(0), tmp_path / "x.h5"]})
