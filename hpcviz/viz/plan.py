@@ -26,7 +26,8 @@ from ..rundir import Plan, RunDir, now
 from ..train import checkpoint
 
 __all__ = ["VizError", "balanced_sample", "plan_shards", "split_rows", "load_split", "make_plan", "resolve_request",
-           "resolve_invert_blocks", "plan_arch", "shard_problem", "shard_problems"]
+           "resolve_invert_blocks", "plan_arch", "shard_problem", "shard_problems",
+           "usable_shards"]
 
 
 class VizError(InputError):
@@ -167,3 +168,8 @@ def shard_problems(run: RunDir, plan: Plan) -> dict[int, str]:
         if problem:
             out[k] = problem
     return out
+
+
+def usable_shards(run: RunDir, plan: Plan) -> list[int]:
+    """The plan's shards that verify (complete and the plan's), in order."""
+    return [k for k in range(len(plan.shards)) if shard_problem(run, k, plan) is None]

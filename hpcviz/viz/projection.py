@@ -45,7 +45,7 @@ from ..log import setup_logging
 from ..models import from_checkpoint, shape_model
 from ..rundir import Plan, RunDir, now
 from ..train import checkpoint
-from .plan import VizError, plan_arch, shard_problem
+from .plan import VizError, plan_arch, usable_shards
 
 __all__ = ["Part", "projection_parts", "plan_parts", "stale_parts", "part_states", "current_parts", "project_part",
            "project_parts", "projection_batch", "project_range", "merged_lists", "shard_lists"]
@@ -91,7 +91,7 @@ def plan_parts(run: RunDir, plan: Plan) -> list[Part]:
 def stale_parts(run: RunDir, plan: Plan, from_shards: bool = False) -> list[int]:
     """The parts whose file does not match viz.h5's merged lists (all of them without viz.h5); `from_shards`:
     the lists merged from the shards present now, as the parts are made (a launcher that collates after them)."""
-    good = [k for k in range(len(plan.shards)) if shard_problem(run, k, plan) is None] if from_shards else None
+    good = usable_shards(run, plan) if from_shards else None
     return _staleness(run, plan, good)[2]
 
 
@@ -115,7 +115,8 @@ def _staleness(run: RunDir, plan: Plan, shards: list[int] | None = None
     """(the plan's parts, viz.h5's merged lists, the parts whose file does not match them); `shards`: the lists
     merged from those shards instead (what collating them will write to viz.h5), viz.h5 not read."""
     parts = plan_parts(run, plan)
-    if not parts or (not shards if shards is not None else not run.viz_file.is_file()):
+    nothing_merged = not run.viz_file.is_file() if shards is None else not shards
+    if not parts or nothing_merged:
         return parts, {}, list(range(len(parts)))
     lists = merged_lists(run, plan) if shards is None else shard_lists(run, plan, shards)
     return parts, lists, [i for i, p in enumerate(parts)
@@ -222,7 +223,7 @@ def _project(run_dir: str, which: list[int] | None, keep_going: bool) -> tuple[l
     if any(i >= len(parts) for i in which):
         log.info("projection parts %s: the plan has %d parts, nothing to do for those", which, len(parts))
     which = [i for i in which if i < len(parts)]
-    good = [k for k in range(len(plan.shards)) if shard_problem(run, k, plan) is None]
+    good = usable_shards(run, plan)
     if which and not good:
         why = "no shard of the plan is present; hint: run the visualization array first"
         if not keep_going:

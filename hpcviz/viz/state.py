@@ -30,7 +30,7 @@ from ..errors import InputError, JobError
 from ..rundir import Plan, RunDir
 from ..train import checkpoint
 from .featviz_parts import featviz_states
-from .plan import shard_problem, shard_problems
+from .plan import shard_problems, usable_shards
 from .projection import part_states
 
 __all__ = ["Item", "RunState", "run_state", "report_inputs", "check_outcome", "describe_problems", "StageFailed",
@@ -177,7 +177,7 @@ def report_inputs(run: RunDir, plan: Plan | None, sha: str | None) -> dict[str, 
                            "plan": None, "shards": {}, "parts": {}, "featviz": {}}
     if plan is not None:
         out["plan"] = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
-        good = [run.shard(k) for k in range(len(plan.shards)) if shard_problem(run, k, plan) is None]
+        good = [run.shard(k) for k in usable_shards(run, plan)]
         out["shards"] = shard_ids(run, good)
         for key, folder in (("parts", run.examples_dir), ("featviz", run.featviz_dir)):
             for p in sorted(folder.glob("part-*.h5")) if folder.is_dir() else []:
